@@ -1,0 +1,45 @@
+"""Who may use which topic: the protocol's "who may use it" column as one pure function.
+
+The embedded broker's topic plugin calls :func:`may`; Mosquitto gets the same
+rules from broker_config/acl (pattern lines with %u).
+"""
+
+from __future__ import annotations
+
+from . import protocol as p
+
+PUBLISH, SUBSCRIBE, RECEIVE = "publish", "subscribe", "receive"
+
+
+def owns_client_id(uid: str, client_id: str) -> bool:
+    """A user's MQTT client id is its uid, or uid:device (':' never appears in a uid)."""
+    return client_id == uid or client_id.startswith(uid + ":")
+
+
+def may(username: str | None, worker_username: str, action: str, topic: str) -> bool:
+    if not username:
+        return False
+    if username == worker_username:
+        return _worker_may(action, topic)
+    if not p.valid_uid(username):
+        return False
+    uid = username
+    if action == PUBLISH:
+        return topic in (p.send_topic(uid), p.ack_topic(uid), p.req_topic(uid), p.status_topic(uid))
+    if action == SUBSCRIBE and topic == f"{p.PREFIX}/status/+":
+        return True
+    if topic in (p.inbox_topic(uid), p.reply_topic(uid)):
+        return action in (SUBSCRIBE, RECEIVE)
+    parsed = p.parse_topic(topic)
+    return parsed is not None and parsed.kind == "status" and action in (SUBSCRIBE, RECEIVE)
+
+
+def _worker_may(action: str, topic: str) -> bool:
+    if action == SUBSCRIBE:
+        return topic in p.WORKER_SUBSCRIPTIONS
+    parsed = p.parse_topic(topic)
+    if parsed is None:
+        return False
+    if action == PUBLISH:
+        return parsed.kind in ("inbox", "reply")
+    return parsed.kind in ("send", "ack", "req", "status")  # RECEIVE

@@ -1,0 +1,174 @@
+"""Command line: ``python -m backend serve | worker | user``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+
+DEFAULT_DATABASE_URL = "sqlite:///data/im.db"
+DEFAULT_PORT = 1883  # MQTT's IANA port
+
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", default=os.environ.get("IM_DATABASE_URL", DEFAULT_DATABASE_URL),
+                   help="any playhouse.db_url URL: sqlite:///path, postgresql://..., mysql://... "
+                        f"(default: $IM_DATABASE_URL or {DEFAULT_DATABASE_URL})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m backend",
+                                     description="MQTT instant-messaging backend: no message lost, none shown twice.")
+    parser.add_argument("--log-level", default=os.environ.get("IM_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the embedded MQTT broker (amqtt) and the worker in one process",
+                       description="Run the embedded MQTT broker (amqtt, MQTT 3.1.1) with the worker beside it. "
+                                   "Only accounts made with `user add` may connect. Ctrl-C stops both.")
+    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"MQTT port (default: {DEFAULT_PORT})")
+    _db_arg(s)
+
+    w = sub.add_parser("worker", help="run the worker alone, beside any MQTT 3.1.1/5 broker",
+                       description="Run the worker beside an existing broker (Mosquitto, EMQX, ...). "
+                                   "The broker must enforce the per-user topic ACL (see broker_config/).")
+    w.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
+                   help="mqtt://[user[:pass]@]host:port (default: $IM_BROKER_URL or mqtt://127.0.0.1:1883); "
+                        "prefer $IM_BROKER_PASSWORD or --password-file to a password in the URL")
+    w.add_argument("--password-file", help="file holding the worker's broker password")
+    w.add_argument("--client-id", default="im-worker",
+                   help="MQTT client id of the worker's persistent session (default: im-worker)")
+    _db_arg(w)
+
+    u = sub.add_parser("user", help="manage accounts of the embedded broker")
+    usub = u.add_subparsers(dest="user_command", required=True)
+    ua = usub.add_parser("add", help="add a user, or set its password (kept as a salted scrypt hash)")
+    ua.add_argument("uid")
+    ua.add_argument("--password", help="the password (default: $IM_USER_PASSWORD, else asked on the terminal)")
+    _db_arg(ua)
+    ur = usub.add_parser("remove", help="remove a user")
+    ur.add_argument("uid")
+    _db_arg(ur)
+    ul = usub.add_parser("list", help="list users")
+    _db_arg(ul)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        for noisy in ("amqtt", "transitions"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "user":
+        return _user(args)
+    if args.command == "worker":
+        return _worker(args)
+    return _serve(args)
+
+
+def _user(args: argparse.Namespace) -> int:
+    from . import accounts
+    from .store import open_database
+    open_database(args.database_url)
+    if args.user_command == "add":
+        password = args.password or os.environ.get("IM_USER_PASSWORD")
+        if not password:
+            import getpass
+            password = getpass.getpass(f"password for {args.uid}: ")
+        try:
+            accounts.add_user(args.uid, password)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"user {args.uid} saved")
+    elif args.user_command == "remove":
+        if not accounts.remove_user(args.uid):
+            print(f"error: no user {args.uid}", file=sys.stderr)
+            return 1
+        print(f"user {args.uid} removed")
+    else:
+        for uid in accounts.list_users():
+            print(uid)
+    return 0
+
+
+def _wait_for_signal() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .store import Store, open_database
+    from .transport.worker import Worker, parse_broker_url
+    password = os.environ.get("IM_BROKER_PASSWORD")
+    if args.password_file:
+        with open(args.password_file, encoding="utf-8") as f:
+            password = f.read().strip()
+    try:
+        address = parse_broker_url(args.broker, password)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    db = open_database(args.database_url)
+    worker = Worker(address, Store(db), client_id=args.client_id)
+    stop = _wait_for_signal()
+    worker.start()
+    logging.getLogger("backend").info("worker running beside %s:%s; Ctrl-C stops", address.host, address.port)
+    stop.wait()
+    worker.stop()
+    return 0
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if port_in_use(args.host, args.port):
+        print(f"error: port {args.port} is already in use (another MQTT broker?). Pick a free one with "
+              f"--port, or run the worker beside that broker: python -m backend worker "
+              f"--broker mqtt://127.0.0.1:{args.port} --database-url {args.database_url}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve_async(args))
+
+
+async def _serve_async(args: argparse.Namespace) -> int:
+    from .accounts import WORKER_USERNAME
+    from .store import Store, open_database
+    from .transport.embedded import start_broker
+    from .transport.worker import BrokerAddress, Worker
+    log = logging.getLogger("backend")
+    db = open_database(args.database_url)
+    worker_password = secrets.token_urlsafe(24)  # lives only in this process
+    broker = await start_broker(args.host, args.port, worker_password)
+    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+    worker = Worker(BrokerAddress(connect_host, args.port, WORKER_USERNAME, worker_password),
+                    Store(db, known_accounts=True), client_id="!im-worker")
+    worker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving MQTT on %s:%s with database %s; Ctrl-C stops", args.host, args.port, args.database_url)
+    await stop.wait()
+    log.info("stopping")
+    await asyncio.to_thread(worker.stop)
+    await broker.shutdown()
+    return 0

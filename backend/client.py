@@ -1,0 +1,335 @@
+"""The reference client (paho): what an app does to never lose or repeat a message.
+
+* connects with a retained ``offline`` last will, then publishes a retained
+  ``online`` once its inbox and reply subscriptions are in place;
+* sends with retransmission of the same msg_id until a receipt, with backoff
+  and a bound, and reports a message failed only when the bound runs out;
+* receives pushes, drops duplicates by seq, acks in small batches;
+* counts, and drains pages with the next request as the ack of the previous.
+
+All waiting happens in the caller's thread or the client's helper thread,
+never in paho's callbacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+
+from . import protocol as p
+from .transport.worker import set_nodelay
+
+log = logging.getLogger("backend.client")
+
+# MobileIMSDK resends an unanswered message after 2-3 s; we start at 3 s and double.
+RESEND_TIMEOUT_S = 3.0
+# ...up to this many resends (3+6+12+24+30 s: about 75 s) before reporting the message failed.
+MAX_RESENDS = 5
+RESEND_WAIT_MAX_S = 30.0
+# Acks of pushes are gathered this long (or until ACK_BATCH seqs) and sent as one.
+ACK_DELAY_S = 0.05
+ACK_BATCH = 100
+# How long a request (count, pull) waits for its answer before giving up.
+REQUEST_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Outgoing:
+    msg_id: str
+    to: str
+    payload: bytes
+    attempts: int = 1
+    deadline: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+    receipt: dict[str, Any] | None = None  # stored / duplicate receipt, or the error
+    failed: bool = False
+    delivered: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        self.done.wait(timeout)
+        return self.receipt
+
+
+class IMClient:
+    def __init__(self, uid: str, password: str | None = None, host: str = "127.0.0.1", port: int = 1883, *,
+                 client_id: str | None = None, clean_session: bool = True, auto_sync: bool = True,
+                 resend_timeout: float = RESEND_TIMEOUT_S, max_resends: int = MAX_RESENDS,
+                 on_message: Callable[[dict[str, Any]], None] | None = None):
+        if not p.valid_uid(uid):
+            raise ValueError(f"invalid uid {uid!r}")
+        self.uid, self.host, self.port = uid, host, port
+        self.auto_sync = auto_sync
+        self.resend_timeout, self.max_resends = resend_timeout, max_resends
+        self.on_message = on_message
+        self.messages: list[dict[str, Any]] = []  # every message received, once, in arrival order
+        self.duplicates_dropped = 0
+        self.errors: list[dict[str, Any]] = []
+        self.announcements: list[dict[str, Any]] = []
+        self._seen: set[int] = set()
+        self._lock = threading.Condition()
+        self._outgoing: dict[str, Outgoing] = {}
+        self._by_msg_id: dict[str, Outgoing] = {}
+        self._requests: dict[str, list] = {}
+        self._pending_acks: list[int] = []
+        self._ack_due: float | None = None
+        self._sync_wanted = False
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4).hex()
+        self._ready = threading.Event()
+        self._closing = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or uid,
+                                  clean_session=clean_session, protocol=mqtt.MQTTv311)
+        if password is not None:
+            self.client.username_pw_set(uid, password)
+        self.client.will_set(p.status_topic(uid), p.OFFLINE, qos=1, retain=True)
+        self.client.max_inflight_messages_set(100)
+        self.client.reconnect_delay_set(1, 16)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_msg
+        self.client.on_disconnect = self._on_disconnect
+        self.connect_result: Any = None
+        self._helper = threading.Thread(target=self._helper_loop, name=f"im-client-{uid}", daemon=True)
+
+    # -- connection ------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> "IMClient":
+        """Connect and wait until subscribed and announced online; raises ConnectionError if refused."""
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        if not self._helper.is_alive():
+            self._helper.start()
+        if not self._ready.wait(timeout):
+            self.client.loop_stop()
+            raise ConnectionError(f"{self.uid}: not connected within {timeout}s ({self.connect_result})")
+        return self
+
+    def close(self) -> None:
+        """Leave politely: retained offline status, then DISCONNECT."""
+        self._closing.set()
+        try:
+            self.flush_acks()
+            if self.client.is_connected():
+                self.client.publish(p.status_topic(self.uid), p.OFFLINE, qos=1, retain=True).wait_for_publish(5)
+        except (RuntimeError, ValueError):
+            pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def kill(self) -> None:
+        """Vanish without DISCONNECT, as a phone losing its network: the broker fires the last will."""
+        self._closing.set()
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self.connect_result = reason_code
+        if reason_code.is_failure:
+            log.warning("%s: connect refused: %s", self.uid, reason_code)
+            if not self._ready.is_set():
+                client.disconnect()  # stop paho's retries; connect() reports the failure
+            return
+        set_nodelay(client)
+        client.subscribe([(p.inbox_topic(self.uid), 1), (p.reply_topic(self.uid), 1)])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        client.publish(p.status_topic(self.uid), p.ONLINE, qos=1, retain=True)
+        self._ready.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if not self._closing.is_set():
+            log.info("%s: disconnected (%s)", self.uid, reason_code)
+
+    # -- inbound ------------------------------------------------------------------
+    def _on_msg(self, client, userdata, msg):
+        try:
+            obj = p.decode_object(msg.payload)
+        except p.ProtocolError:
+            log.warning("%s: unreadable payload on %s", self.uid, msg.topic)
+            return
+        if msg.topic == p.inbox_topic(self.uid):
+            if obj.get("kind") == "msg" and isinstance(obj.get("seq"), int):
+                with self._lock:
+                    self._accept(obj)
+                    self._pending_acks.append(obj["seq"])  # a repeat is acked again: our ack may have been lost
+                    if self._ack_due is None:
+                        self._ack_due = time.monotonic() + ACK_DELAY_S
+                    self._lock.notify_all()
+            return
+        self._on_reply(obj)
+
+    def _accept(self, m: dict[str, Any]) -> bool:
+        """Record a message unless its seq was seen (push and pull of the same seq, a resend). Lock held."""
+        if m["seq"] in self._seen:
+            self.duplicates_dropped += 1
+            return False
+        self._seen.add(m["seq"])
+        self.messages.append(m)
+        self._lock.notify_all()
+        if self.on_message is not None:
+            try:
+                self.on_message(m)
+            except Exception:  # noqa: BLE001 - a user callback must not break delivery
+                log.exception("on_message callback failed")
+        return True
+
+    def _on_reply(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("kind")
+        with self._lock:
+            if kind == "receipt":
+                out = self._by_msg_id.get(obj.get("msg_id"))
+                if out is not None:
+                    if obj.get("status") == "delivered":
+                        out.delivered.set()
+                    elif out.receipt is None or out.receipt.get("kind") != "receipt":
+                        out.receipt = obj
+                        out.done.set()
+                        self._outgoing.pop(out.msg_id, None)
+            elif obj.get("req_id") in self._requests:
+                slot = self._requests[obj["req_id"]]
+                slot.append(obj)
+            elif kind == "error":
+                self.errors.append(obj)
+                out = self._by_msg_id.get(obj.get("msg_id"))
+                if out is not None and not out.done.is_set():
+                    out.receipt, out.failed = obj, True
+                    out.done.set()
+                    self._outgoing.pop(out.msg_id, None)
+            elif kind == "count":
+                self.announcements.append(obj)
+                if self.auto_sync and obj.get("total", 0) > 0:
+                    self._sync_wanted = True
+            self._lock.notify_all()
+
+    # -- sending -----------------------------------------------------------------
+    def send(self, to: str, content: str, *, type: str = "text", msg_id: str | None = None,
+             extra: dict[str, Any] | None = None) -> Outgoing:
+        """Publish a message and keep resending the same msg_id until a receipt (or the bound)."""
+        msg_id = msg_id or f"{self._prefix}-{next(self._ids)}"
+        body = {"msg_id": msg_id, "to": to, "type": type, "content": content, "ts": int(time.time() * 1000)}
+        body.update(extra or {})
+        out = Outgoing(msg_id, to, p.encode(body))
+        with self._lock:
+            out.deadline = time.monotonic() + self.resend_timeout
+            self._outgoing[msg_id] = out
+            self._by_msg_id[msg_id] = out
+            self._lock.notify_all()
+        self.client.publish(p.send_topic(self.uid), out.payload, qos=1)
+        return out
+
+    def send_raw(self, topic_kind: str, payload: bytes) -> None:
+        """Publish bytes as they are on one of our client topics (tests of bad input)."""
+        topic = {"send": p.send_topic, "ack": p.ack_topic, "req": p.req_topic}[topic_kind](self.uid)
+        self.client.publish(topic, payload, qos=1)
+
+    # -- requests ------------------------------------------------------------------
+    def request(self, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        req_id = body.setdefault("req_id", f"{self._prefix}-r{next(self._ids)}")
+        with self._lock:
+            self._requests[req_id] = slot = []
+        try:
+            self.client.publish(p.req_topic(self.uid), p.encode(body), qos=1)
+            end = time.monotonic() + timeout
+            with self._lock:
+                while not slot:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id}")
+                    self._lock.wait(left)
+                return slot[0]
+        finally:
+            with self._lock:
+                self._requests.pop(req_id, None)
+
+    def count(self, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        return self.request({"op": "count"}, timeout)
+
+    def pull(self, limit: int | None = None, from_uid: str | None = None, ack: str | None = None,
+             timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        body: dict[str, Any] = {"op": "pull"}
+        if limit is not None:
+            body["limit"] = limit
+        if from_uid is not None:
+            body["from"] = from_uid
+        if ack is not None:
+            body["ack"] = ack
+        return self.request(body, timeout)
+
+    def drain(self, limit: int = 100, from_uid: str | None = None) -> list[dict[str, Any]]:
+        """Pull pages until the empty one; each request acks the page before. Returns the new messages."""
+        new: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = self.pull(limit=limit, from_uid=from_uid, ack=cursor)
+            if page.get("kind") == "error":
+                raise RuntimeError(f"{self.uid}: pull failed: {page}")
+            with self._lock:
+                for m in page["messages"]:
+                    if self._accept(m):
+                        new.append(m)
+            cursor = page["cursor"]
+            if cursor is None:
+                return new
+
+    # -- waiting helpers -------------------------------------------------------------
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        with self._lock:
+            while not predicate():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+            return True
+
+    def wait_for_messages(self, n: int, timeout: float = 10.0) -> bool:
+        return self.wait_for(lambda: len(self.messages) >= n, timeout)
+
+    def flush_acks(self) -> None:
+        with self._lock:
+            seqs, self._pending_acks, self._ack_due = self._pending_acks, [], None
+        for i in range(0, len(seqs), ACK_BATCH):
+            self.client.publish(p.ack_topic(self.uid), p.encode({"seqs": seqs[i:i + ACK_BATCH]}), qos=1)
+
+    # -- helper thread: resends, batched acks, sync on announcement ----------------------
+    def _helper_loop(self) -> None:
+        while not self._closing.is_set():
+            resend: list[Outgoing] = []
+            sync = flush = False
+            with self._lock:
+                now = time.monotonic()
+                waits = [o.deadline for o in self._outgoing.values()]
+                if self._ack_due is not None:
+                    waits.append(self._ack_due)
+                if not self._sync_wanted:
+                    self._lock.wait(max(0.0, min(waits, default=now + 0.5) - now))
+                now = time.monotonic()
+                for o in list(self._outgoing.values()):
+                    if o.deadline <= now:
+                        if o.attempts > self.max_resends:
+                            o.failed = True
+                            o.done.set()
+                            del self._outgoing[o.msg_id]
+                            continue
+                        o.attempts += 1
+                        o.deadline = now + min(self.resend_timeout * 2 ** (o.attempts - 1), RESEND_WAIT_MAX_S)
+                        resend.append(o)
+                flush = self._ack_due is not None and (self._ack_due <= now or len(self._pending_acks) >= ACK_BATCH)
+                sync, self._sync_wanted = self._sync_wanted, False
+            for o in resend:
+                self.client.publish(p.send_topic(self.uid), o.payload, qos=1)
+            if flush:
+                self.flush_acks()
+            if sync:
+                try:
+                    self.drain()
+                except (TimeoutError, RuntimeError) as e:
+                    log.warning("%s: sync failed: %s", self.uid, e)

@@ -1,0 +1,311 @@
+"""The delivery logic, sans I/O: events in, operations and actions out.
+
+No sockets, no database handles, no clock: the transport hands the core what
+arrived (a topic and payload) and the time, and the core answers with
+
+* a :class:`Plan` - the store operations to run in ONE transaction, and the
+  replies that need no store (validation errors); and then, once that
+  transaction committed, with
+* :class:`Publish` actions computed from the store's :class:`Outcome`.
+
+So "store first, ack after commit" is a property of the call order: nothing is
+published and no inbound packet is acknowledged before ``after_commit``.  A
+crash between any two steps is a unit test (tests/test_core.py).
+
+The core also owns the in-memory state that is allowed to be lost: who is
+online (rebuilt from retained status topics) and which pushes await an ack
+(retransmitted with backoff, then left for pull).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as p
+
+# --- timing defaults --------------------------------------------------------
+# MobileIMSDK resends an unacked message after 2-3 s (its QoS4 "resend interval").
+PUSH_ACK_TIMEOUT_MS = 3000
+# MobileIMSDK gives up after 2 resends; we do the same, then the message waits for pull.
+PUSH_MAX_RETRIES = 2
+# Each retry waits twice as long as the one before (3 s, 6 s): a slow link gets room.
+PUSH_BACKOFF = 2.0
+# Bound the retransmit table so a flood of unacked pushes cannot grow memory without end;
+# past it the oldest entries are simply left for pull (the store still holds them).
+PENDING_PUSH_MAX = 100_000
+
+
+# --- operations the store runs (one transaction per plan) -------------------
+@dataclass(frozen=True)
+class StoreMessage:
+    sender: str
+    msg_id: str
+    to: str
+    type: str
+    content: str
+    ts: int | None
+    sent_at: int
+
+
+@dataclass(frozen=True)
+class DeleteAcked:
+    receiver: str
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CountBacklog:
+    receiver: str
+    req_id: str | None  # None: the announcement sent when the receiver comes online
+
+
+@dataclass(frozen=True)
+class PullPage:
+    receiver: str
+    req_id: str
+    limit: int
+    from_uid: str | None
+    ack: str | None
+
+
+Operation = StoreMessage | DeleteAcked | CountBacklog | PullPage
+
+
+# --- what the store reports back --------------------------------------------
+@dataclass(frozen=True)
+class DeletedRow:
+    receiver: str
+    seq: int
+    sender: str
+    msg_id: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    op: StoreMessage
+    seq: int
+    duplicate: bool = False
+    to: str = ""  # the first message's receiver, for a duplicate
+
+
+@dataclass(frozen=True)
+class Deleted:
+    op: DeleteAcked
+    rows: tuple[DeletedRow, ...]
+
+
+@dataclass(frozen=True)
+class Counted:
+    op: CountBacklog
+    total: int
+    by_sender: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Paged:
+    op: PullPage
+    messages: tuple[dict[str, Any], ...]
+    cursor: str | None
+    more: bool
+    deleted: tuple[DeletedRow, ...] = ()
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The store refused an operation for a reason the sender must hear (unknown cursor...)."""
+
+    op: Operation
+    code: str
+    message: str
+
+
+Outcome = Stored | Deleted | Counted | Paged | Refused
+
+
+# --- actions for the transport ----------------------------------------------
+@dataclass(frozen=True)
+class Publish:
+    topic: str
+    payload: dict[str, Any]
+    qos: int = 1
+
+
+@dataclass
+class Plan:
+    """What one batch of inbound packets asks of the store, in arrival order."""
+
+    ops: list[Operation] = field(default_factory=list)
+    replies: list[Publish] = field(default_factory=list)  # validation errors: need no store
+
+
+@dataclass
+class _Pending:
+    receiver: str
+    seq: int
+    payload: dict[str, Any]
+    attempts: int
+    deadline: int
+
+
+def push_payload(seq: int, msg_id: str, sender: str, to: str, msg_type: str, content: str, sent_at: int) -> dict[str, Any]:
+    return {"kind": "msg", "seq": seq, "msg_id": msg_id, "from": sender, "to": to,
+            "type": msg_type, "content": content, "sent_at": sent_at}
+
+
+class Delivery:
+    """The worker's brain. Not thread-safe: one worker thread drives it."""
+
+    def __init__(self, *, content_max: int = p.CONTENT_MAX, ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS,
+                 max_retries: int = PUSH_MAX_RETRIES, backoff: float = PUSH_BACKOFF):
+        self.content_max = content_max
+        self.ack_timeout_ms = ack_timeout_ms
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.online: set[str] = set()
+        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._timers: list[tuple[int, str, int]] = []  # (deadline, receiver, seq), lazily invalidated
+
+    # -- inbound -------------------------------------------------------------
+    def plan(self, inbound: list[tuple[str, bytes]], now_ms: int) -> Plan:
+        """Turn a batch of (topic, payload) into store operations and error replies."""
+        plan = Plan()
+        for topic, payload in inbound:
+            self._plan_one(plan, topic, payload, now_ms)
+        return plan
+
+    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int) -> None:
+        parsed = p.parse_topic(topic)
+        if parsed is None or parsed.kind in ("inbox", "reply"):
+            return  # not ours to answer: no valid uid to reply to (logged by the transport)
+        uid = parsed.uid
+        if parsed.kind == "status":
+            self._presence(plan, uid, p.parse_status(payload))
+            return
+        try:
+            if parsed.kind == "send":
+                m = p.parse_send(payload, self.content_max)
+                plan.ops.append(StoreMessage(sender=uid, msg_id=m.msg_id, to=m.to, type=m.type,
+                                             content=m.content, ts=m.ts, sent_at=now_ms))
+            elif parsed.kind == "ack":
+                a = p.parse_ack(payload)
+                if a.seqs:
+                    plan.ops.append(DeleteAcked(receiver=uid, seqs=a.seqs))
+            else:
+                r = p.parse_request(payload)
+                if isinstance(r, p.CountRequest):
+                    plan.ops.append(CountBacklog(receiver=uid, req_id=r.req_id))
+                else:
+                    plan.ops.append(PullPage(receiver=uid, req_id=r.req_id, limit=r.limit,
+                                             from_uid=r.from_uid, ack=r.ack))
+        except p.ProtocolError as e:
+            plan.replies.append(Publish(p.reply_topic(uid), e.to_wire()))
+
+    def _presence(self, plan: Plan, uid: str, status: str | None) -> None:
+        if status == p.ONLINE:
+            if uid not in self.online:
+                self.online.add(uid)
+                plan.ops.append(CountBacklog(receiver=uid, req_id=None))
+        elif status == p.OFFLINE or status is None:
+            # An empty retained payload clears the status: treat it as offline.
+            self.set_offline(uid)
+
+    def set_offline(self, uid: str) -> None:
+        """Forget a receiver's presence and its pending pushes: they wait for its next pull."""
+        self.online.discard(uid)
+        for key in [k for k in self._pending if k[0] == uid]:
+            del self._pending[key]
+
+    def reset_presence(self) -> None:
+        """Called on (re)connect to the broker: retained statuses will rebuild presence."""
+        self.online.clear()
+        self._pending.clear()
+        self._timers.clear()
+
+    # -- after the transaction committed ----------------------------------------
+    def after_commit(self, outcomes: list[Outcome], now_ms: int) -> list[Publish]:
+        out: list[Publish] = []
+        for o in outcomes:
+            if isinstance(o, Stored):
+                self._stored(out, o, now_ms)
+            elif isinstance(o, Deleted):
+                self._delivered(out, o.rows)
+            elif isinstance(o, Counted):
+                payload: dict[str, Any] = {"kind": "count", "total": o.total, "by_sender": o.by_sender}
+                if o.op.req_id is not None:
+                    payload["req_id"] = o.op.req_id
+                elif o.total == 0:
+                    continue  # nothing waits: no announcement
+                out.append(Publish(p.reply_topic(o.op.receiver), payload))
+            elif isinstance(o, Paged):
+                self._delivered(out, o.deleted)
+                out.append(Publish(p.reply_topic(o.op.receiver), {
+                    "kind": "page", "req_id": o.op.req_id, "messages": list(o.messages),
+                    "cursor": o.cursor, "more": o.more}))
+            elif isinstance(o, Refused):
+                op = o.op
+                ids: dict[str, str | None] = {}
+                if isinstance(op, StoreMessage):
+                    uid, ids["msg_id"] = op.sender, op.msg_id
+                elif isinstance(op, (CountBacklog, PullPage)):
+                    uid, ids["req_id"] = op.receiver, op.req_id
+                else:
+                    uid = op.receiver
+                out.append(Publish(p.reply_topic(uid), p.error_payload(o.code, o.message, **ids)))
+        return out
+
+    def _stored(self, out: list[Publish], o: Stored, now_ms: int) -> None:
+        op = o.op
+        if o.duplicate:
+            out.append(Publish(p.reply_topic(op.sender), p.receipt(op.msg_id, o.to, o.seq, "duplicate")))
+            return
+        out.append(Publish(p.reply_topic(op.sender), p.receipt(op.msg_id, op.to, o.seq, "stored")))
+        if op.to in self.online:
+            push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at)
+            out.append(Publish(p.inbox_topic(op.to), push))
+            self._track(op.to, o.seq, push, now_ms)
+
+    def _delivered(self, out: list[Publish], rows: tuple[DeletedRow, ...]) -> None:
+        for r in rows:
+            self._pending.pop((r.receiver, r.seq), None)
+            out.append(Publish(p.reply_topic(r.sender), p.receipt(r.msg_id, r.receiver, r.seq, "delivered")))
+
+    # -- retransmission ---------------------------------------------------------
+    def _track(self, receiver: str, seq: int, push: dict[str, Any], now_ms: int) -> None:
+        if len(self._pending) >= PENDING_PUSH_MAX:
+            return  # left for pull: the store has it
+        deadline = now_ms + self.ack_timeout_ms
+        self._pending[(receiver, seq)] = _Pending(receiver, seq, push, 1, deadline)
+        heapq.heappush(self._timers, (deadline, receiver, seq))
+
+    def next_deadline(self) -> int | None:
+        while self._timers:
+            deadline, receiver, seq = self._timers[0]
+            entry = self._pending.get((receiver, seq))
+            if entry is not None and entry.deadline == deadline:
+                return deadline
+            heapq.heappop(self._timers)
+        return None
+
+    def tick(self, now_ms: int) -> list[Publish]:
+        """Resend pushes whose ack is overdue; give up after max_retries (the message waits for pull)."""
+        out: list[Publish] = []
+        while self._timers and self._timers[0][0] <= now_ms:
+            deadline, receiver, seq = heapq.heappop(self._timers)
+            entry = self._pending.get((receiver, seq))
+            if entry is None or entry.deadline != deadline:
+                continue
+            if entry.attempts > self.max_retries or receiver not in self.online:
+                del self._pending[(receiver, seq)]
+                continue
+            wait = int(self.ack_timeout_ms * self.backoff ** entry.attempts)
+            entry.attempts += 1
+            entry.deadline = now_ms + wait
+            heapq.heappush(self._timers, (entry.deadline, receiver, seq))
+            out.append(Publish(p.inbox_topic(receiver), entry.payload))
+        return out
+
+    @property
+    def pending_pushes(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,298 @@
+"""Wire protocol v1: topics, limits, the JSON codec and payload validation.
+
+Everything here is pure: it turns topic strings and payload bytes into typed
+requests (plain dataclasses) or raises :class:`ProtocolError` with the
+snake_case code that goes back to the sender on its reply topic.  The field
+names are a public contract (docs/PROTOCOL.md): fields may be added, never
+renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "im"
+
+# --- limits (each a default with its reason) --------------------------------
+# The articles' offline table uses varchar(50) for uids; we keep that bound.
+UID_MAX = 50
+# The articles' offline table uses varchar(70) for msg_id (room for a UUID and a prefix).
+MSG_ID_MAX = 70
+# A request id only has to be unique among a client's outstanding requests; 64 fits a UUID twice.
+REQ_ID_MAX = 64
+# 64 KiB of content: WhatsApp caps a text at 65,536 characters; larger media go by URL.
+CONTENT_MAX = 64 * 1024
+# A message type is a short label ("text", "image"...); 32 bytes is plenty and keeps rows small.
+TYPE_MAX = 32
+# Whole payload: content plus envelope; Mosquitto's default message_size_limit is far larger,
+# so this is our own guard against a JSON blow-up before parsing.
+PAYLOAD_MAX = CONTENT_MAX + 4 * 1024
+# An ack carries at most one page's worth of seqs (a page is at most PULL_LIMIT_MAX messages),
+# plus slack for batched acks of pushes.
+ACK_SEQS_MAX = 1000
+# Default and largest page: 100 keeps a typical page well under 1 MiB; 500 x 64 KiB stays
+# under Mosquitto's and amqtt's default packet limits (256 MiB) and a phone's patience.
+PULL_LIMIT_DEFAULT = 100
+PULL_LIMIT_MAX = 500
+# A cursor is a token we issued (32 hex chars); anything longer is not ours.
+CURSOR_MAX = 64
+
+UID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % UID_MAX)
+
+CLIENT_TOPICS = ("send", "ack", "req")
+REQUEST_OPS = ("count", "pull")
+
+
+# --- topics -----------------------------------------------------------------
+def send_topic(uid: str) -> str:
+    return f"{PREFIX}/u/{uid}/send"
+
+
+def ack_topic(uid: str) -> str:
+    return f"{PREFIX}/u/{uid}/ack"
+
+
+def req_topic(uid: str) -> str:
+    return f"{PREFIX}/u/{uid}/req"
+
+
+def inbox_topic(uid: str) -> str:
+    return f"{PREFIX}/u/{uid}/inbox"
+
+
+def reply_topic(uid: str) -> str:
+    return f"{PREFIX}/u/{uid}/reply"
+
+
+def status_topic(uid: str) -> str:
+    return f"{PREFIX}/status/{uid}"
+
+
+# What the worker subscribes to (beside any broker).
+WORKER_SUBSCRIPTIONS = tuple(f"{PREFIX}/u/+/{kind}" for kind in CLIENT_TOPICS) + (f"{PREFIX}/status/+",)
+
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+def valid_uid(uid: Any) -> bool:
+    return isinstance(uid, str) and UID_RE.match(uid) is not None
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A parsed protocol topic: ``kind`` is send/ack/req/inbox/reply/status."""
+
+    kind: str
+    uid: str
+
+
+def parse_topic(topic: str) -> Topic | None:
+    """Return the topic's kind and uid, or None when it is not a protocol topic or its uid is invalid."""
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[0] == PREFIX and parts[1] == "u" and parts[3] in CLIENT_TOPICS + ("inbox", "reply"):
+        uid = parts[2]
+    elif len(parts) == 3 and parts[0] == PREFIX and parts[1] == "status":
+        uid = parts[2]
+        parts = [PREFIX, "status", uid, "status"]
+    else:
+        return None
+    if not valid_uid(uid):
+        return None
+    return Topic(kind=parts[3], uid=uid)
+
+
+# --- errors -----------------------------------------------------------------
+class ProtocolError(Exception):
+    """A payload we refuse; ``code`` is the stable, machine-readable part."""
+
+    def __init__(self, code: str, message: str, *, msg_id: str | None = None, req_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.msg_id = msg_id
+        self.req_id = req_id
+
+    def to_wire(self) -> dict[str, Any]:
+        return error_payload(self.code, self.message, msg_id=self.msg_id, req_id=self.req_id)
+
+
+def error_payload(code: str, message: str, *, msg_id: str | None = None, req_id: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": "error", "code": code, "message": message}
+    if msg_id is not None:
+        out["msg_id"] = msg_id
+    if req_id is not None:
+        out["req_id"] = req_id
+    return out
+
+
+# --- codec ------------------------------------------------------------------
+def encode(obj: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON (non-ASCII kept as is: sizes are counted in UTF-8 bytes)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_object(payload: bytes) -> dict[str, Any]:
+    """Parse a payload into a JSON object or raise ProtocolError."""
+    if len(payload) > PAYLOAD_MAX:
+        raise ProtocolError("payload_too_large", f"payload is {len(payload)} bytes; the limit is {PAYLOAD_MAX}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("bad_json", "payload is not UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad_json", "payload is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("not_an_object", "payload must be a JSON object")
+    return obj
+
+
+def _utf8_len(s: str) -> int:
+    try:
+        return len(s.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates from \ud800 escapes
+        return -1
+
+
+def _string(obj: dict[str, Any], field: str, max_bytes: int, *, required: bool = True, default: str | None = None,
+            **ids: str | None) -> str | None:
+    if field not in obj or obj[field] is None and not required:
+        if required:
+            raise ProtocolError("missing_field", f"'{field}' is required", **ids)
+        return default
+    value = obj[field]
+    if not isinstance(value, str):
+        raise ProtocolError("bad_field", f"'{field}' must be a string", **ids)
+    size = _utf8_len(value)
+    if size < 0:
+        raise ProtocolError("bad_field", f"'{field}' is not valid Unicode", **ids)
+    if size > max_bytes:
+        raise ProtocolError("too_long", f"'{field}' is {size} bytes; the limit is {max_bytes}", **ids)
+    return value
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- client -> server payloads ----------------------------------------------
+@dataclass(frozen=True)
+class Send:
+    msg_id: str
+    to: str
+    type: str
+    content: str
+    ts: int | None
+
+
+@dataclass(frozen=True)
+class Ack:
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CountRequest:
+    req_id: str
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    req_id: str
+    limit: int
+    from_uid: str | None
+    ack: str | None
+
+
+def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
+    obj = decode_object(payload)
+    raw_id = obj.get("msg_id")
+    msg_id = raw_id if isinstance(raw_id, str) and 0 < _utf8_len(raw_id) <= MSG_ID_MAX else None
+    ids = {"msg_id": msg_id}
+    if "msg_id" not in obj:
+        raise ProtocolError("missing_field", "'msg_id' is required")
+    if not isinstance(raw_id, str) or not raw_id:
+        raise ProtocolError("bad_field", "'msg_id' must be a non-empty string")
+    if _utf8_len(raw_id) > MSG_ID_MAX or _utf8_len(raw_id) < 0:
+        raise ProtocolError("too_long", f"'msg_id' must be at most {MSG_ID_MAX} bytes")
+    to = _string(obj, "to", UID_MAX + 1, **ids)
+    if not valid_uid(to):
+        raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    msg_type = _string(obj, "type", TYPE_MAX, required=False, default="text", **ids)
+    if not msg_type:
+        raise ProtocolError("bad_field", "'type' must not be empty", **ids)
+    if "content" not in obj:
+        raise ProtocolError("missing_field", "'content' is required", **ids)
+    content = obj["content"]
+    if not isinstance(content, str):
+        raise ProtocolError("bad_field", "'content' must be a string", **ids)
+    size = _utf8_len(content)
+    if size < 0:
+        raise ProtocolError("bad_field", "'content' is not valid Unicode", **ids)
+    if size > content_max:
+        raise ProtocolError("content_too_large", f"content is {size} bytes; the limit is {content_max}", **ids)
+    ts = obj.get("ts")
+    if ts is not None and not (_int(ts) and 0 <= ts < 2**53):
+        raise ProtocolError("bad_field", "'ts' must be integer milliseconds since the epoch", **ids)
+    return Send(msg_id=msg_id, to=to, type=msg_type, content=content, ts=ts)
+
+
+def parse_ack(payload: bytes) -> Ack:
+    obj = decode_object(payload)
+    if "seqs" not in obj:
+        raise ProtocolError("missing_field", "'seqs' is required")
+    seqs = obj["seqs"]
+    if not isinstance(seqs, list) or not all(_int(s) and 0 < s < 2**63 for s in seqs):
+        raise ProtocolError("bad_field", "'seqs' must be a list of positive integers")
+    if len(seqs) > ACK_SEQS_MAX:
+        raise ProtocolError("too_many", f"at most {ACK_SEQS_MAX} seqs per ack")
+    return Ack(seqs=tuple(dict.fromkeys(seqs)))
+
+
+def parse_request(payload: bytes) -> CountRequest | PullRequest:
+    obj = decode_object(payload)
+    raw = obj.get("req_id")
+    req_id = raw if isinstance(raw, str) and 0 < _utf8_len(raw) <= REQ_ID_MAX else None
+    if "req_id" not in obj:
+        raise ProtocolError("missing_field", "'req_id' is required")
+    if not isinstance(raw, str) or not raw:
+        raise ProtocolError("bad_field", "'req_id' must be a non-empty string")
+    if req_id is None:
+        raise ProtocolError("too_long", f"'req_id' must be at most {REQ_ID_MAX} bytes")
+    ids = {"req_id": req_id}
+    op = obj.get("op")
+    if op is None:
+        raise ProtocolError("missing_field", "'op' is required", **ids)
+    if op not in REQUEST_OPS:
+        raise ProtocolError("unknown_op", f"'op' must be one of {', '.join(REQUEST_OPS)}", **ids)
+    if op == "count":
+        return CountRequest(req_id=req_id)
+    limit = obj.get("limit", PULL_LIMIT_DEFAULT)
+    if not _int(limit) or not 1 <= limit <= PULL_LIMIT_MAX:
+        raise ProtocolError("bad_limit", f"'limit' must be an integer from 1 to {PULL_LIMIT_MAX}", **ids)
+    from_uid = obj.get("from")
+    if from_uid is not None and not valid_uid(from_uid):
+        raise ProtocolError("bad_uid", "'from' must be a valid uid", **ids)
+    ack = obj.get("ack")
+    if ack is not None and (not isinstance(ack, str) or not ack or len(ack) > CURSOR_MAX):
+        raise ProtocolError("unknown_cursor", "'ack' is not a cursor this server issued", **ids)
+    return PullRequest(req_id=req_id, limit=limit, from_uid=from_uid, ack=ack)
+
+
+def parse_status(payload: bytes) -> str | None:
+    """A status payload is the bare word online or offline; anything else is ignored."""
+    text = payload.strip().decode("utf-8", "replace")
+    return text if text in (ONLINE, OFFLINE) else None
+
+
+# --- server -> client payloads ----------------------------------------------
+def receipt(msg_id: str, to: str, seq: int, status: str) -> dict[str, Any]:
+    return {"kind": "receipt", "msg_id": msg_id, "to": to, "seq": seq, "status": status}

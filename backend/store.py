@@ -1,0 +1,228 @@
+"""Storage: peewee models that read like the schema, and the queries the core's plans need.
+
+The store runs a :class:`~backend.core.Plan`'s operations in one transaction
+and reports :mod:`backend.core` outcomes.  It knows SQL, not MQTT.  Any
+``playhouse.db_url`` URL works; SQLite (the default) gets WAL and full fsync.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from typing import Iterable
+
+import peewee as pw
+from playhouse.db_url import connect as db_url_connect
+
+from . import core
+
+# A page's cursor stays valid this long; a page is normally acked within seconds, and a client
+# holding an expired cursor just pulls again without it and drops the repeats by seq.
+PAGE_TTL_MS = 24 * 3600 * 1000
+# (sender, msg_id) pairs are remembered at least this long after their message left the store,
+# so a late retransmit is still answered "duplicate"; 14 days is Signal's offline-queue age.
+ACCEPTED_RETENTION_MS = 14 * 24 * 3600 * 1000
+# SQLite: how long a writer waits for another (e.g. `user add` while `serve` runs) before failing.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+database_proxy = pw.DatabaseProxy()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database_proxy
+        legacy_table_names = False
+
+
+class SeqField(pw.BigAutoField):
+    """The message seq: never reused, even after the newest row is deleted.
+
+    SQLite reuses the largest rowid once that row is gone unless the column says
+    AUTOINCREMENT; a reused seq would be dropped as a duplicate by receivers.
+    PostgreSQL sequences and MariaDB's (persistent, 10.2.4+) auto-increment never reuse.
+    """
+
+    def ddl(self, ctx):
+        node = super().ddl(ctx)
+        db = self.model._meta.database
+        if isinstance(getattr(db, "obj", db), pw.SqliteDatabase):
+            return pw.NodeList((node, pw.SQL("AUTOINCREMENT")))
+        return node
+
+
+class User(BaseModel):
+    """Accounts for the embedded broker. Only a salted slow hash of the password is kept."""
+
+    uid = pw.CharField(max_length=50, primary_key=True)
+    password_hash = pw.CharField(max_length=255)
+    created_at = pw.BigIntegerField()
+
+
+class Message(BaseModel):
+    """The offline store: one row per (receiver, message) until the receiver acks it.
+
+    The columns are the articles' offline table (receiver_uid, msg_id, send_time,
+    sender_uid, msg_type, msg_content) plus seq.  One row per receiver keeps the
+    shape open to groups and several devices (fan-out rows, each with its own seq).
+    """
+
+    seq = SeqField()
+    receiver_uid = pw.CharField(max_length=50)
+    sender_uid = pw.CharField(max_length=50)
+    msg_id = pw.CharField(max_length=70)
+    msg_type = pw.CharField(max_length=32)
+    msg_content = pw.TextField()
+    send_time = pw.BigIntegerField()  # server time, ms since the epoch
+    client_ts = pw.BigIntegerField(null=True)  # the sender's own clock, as it sent it
+
+    class Meta:
+        indexes = (
+            (("receiver_uid", "seq"), False),
+            (("receiver_uid", "sender_uid", "seq"), False),
+        )
+
+
+class Accepted(BaseModel):
+    """Every (sender, msg_id) ever stored, kept after delivery so resends are recognised."""
+
+    sender_uid = pw.CharField(max_length=50)
+    msg_id = pw.CharField(max_length=70)
+    receiver_uid = pw.CharField(max_length=50)
+    seq = pw.BigIntegerField()
+    accepted_at = pw.BigIntegerField(index=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("sender_uid", "msg_id")
+
+
+class Page(BaseModel):
+    """A page handed to a receiver: its cursor names exactly these seqs, nothing else."""
+
+    cursor = pw.CharField(max_length=32, primary_key=True)
+    receiver_uid = pw.CharField(max_length=50)
+    seqs = pw.TextField()  # comma-separated
+    created_at = pw.BigIntegerField(index=True)
+    acked = pw.BooleanField(default=False)
+
+
+MODELS = (User, Message, Accepted, Page)
+
+
+def open_database(url: str) -> pw.Database:
+    """Connect to ``url`` (any playhouse.db_url URL), bind the models and create missing tables."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        db = db_url_connect(url, pragmas={
+            "journal_mode": "wal",
+            # FULL: a receipt promises the message survives power loss, not only a process crash.
+            "synchronous": "full",
+            "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+        })
+    else:
+        db = db_url_connect(url)
+    database_proxy.initialize(db)
+    db.create_tables(MODELS, safe=True)
+    return db
+
+
+def _push_dict(m: Message) -> dict:
+    return core.push_payload(m.seq, m.msg_id, m.sender_uid, m.receiver_uid, m.msg_type, m.msg_content, m.send_time)
+
+
+class Store:
+    """Runs plans against the database. One instance per worker thread."""
+
+    def __init__(self, db: pw.Database, *, known_accounts: bool = False):
+        self.db = db
+        # With the embedded broker the worker knows every account: a message to nobody is an error.
+        self.known_accounts = known_accounts
+
+    def apply(self, ops: Iterable[core.Operation]) -> list[core.Outcome]:
+        """Run the operations in one transaction; the caller publishes only after this returns."""
+        with self.db.atomic():
+            return [self._run(op) for op in ops]
+
+    def _run(self, op: core.Operation) -> core.Outcome:
+        if isinstance(op, core.StoreMessage):
+            return self.store_message(op)
+        if isinstance(op, core.DeleteAcked):
+            return core.Deleted(op, self.delete(op.receiver, op.seqs))
+        if isinstance(op, core.CountBacklog):
+            total, by_sender = self.count(op.receiver)
+            return core.Counted(op, total, by_sender)
+        return self.pull(op)
+
+    # -- operations -----------------------------------------------------------
+    def store_message(self, op: core.StoreMessage) -> core.Outcome:
+        first = Accepted.get_or_none((Accepted.sender_uid == op.sender) & (Accepted.msg_id == op.msg_id))
+        if first is not None:
+            return core.Stored(op, first.seq, duplicate=True, to=first.receiver_uid)
+        if self.known_accounts and not User.select().where(User.uid == op.to).exists():
+            return core.Refused(op, "unknown_receiver", f"no user '{op.to}'")
+        seq = Message.insert(receiver_uid=op.to, sender_uid=op.sender, msg_id=op.msg_id, msg_type=op.type,
+                             msg_content=op.content, send_time=op.sent_at, client_ts=op.ts).execute()
+        inserted = self.db.execute(Accepted.insert(
+            sender_uid=op.sender, msg_id=op.msg_id, receiver_uid=op.to, seq=seq,
+            accepted_at=op.sent_at).on_conflict_ignore()).rowcount
+        if inserted != 1:
+            # Another worker stored the same (sender, msg_id) after our look-up: theirs wins.
+            Message.delete().where(Message.seq == seq).execute()
+            first = Accepted.get((Accepted.sender_uid == op.sender) & (Accepted.msg_id == op.msg_id))
+            return core.Stored(op, first.seq, duplicate=True, to=first.receiver_uid)
+        return core.Stored(op, seq)
+
+    def delete(self, receiver: str, seqs: Iterable[int]) -> tuple[core.DeletedRow, ...]:
+        seqs = list(seqs)
+        if not seqs:
+            return ()
+        where = (Message.receiver_uid == receiver) & (Message.seq.in_(seqs))
+        rows = tuple(core.DeletedRow(receiver, m.seq, m.sender_uid, m.msg_id) for m in
+                     Message.select(Message.seq, Message.sender_uid, Message.msg_id).where(where))
+        if rows:
+            Message.delete().where(where).execute()
+        return rows
+
+    def count(self, receiver: str) -> tuple[int, dict[str, int]]:
+        q = (Message.select(Message.sender_uid, pw.fn.COUNT(Message.seq).alias("n"))
+             .where(Message.receiver_uid == receiver).group_by(Message.sender_uid).tuples())
+        by_sender = {sender: n for sender, n in q}
+        return sum(by_sender.values()), by_sender
+
+    def pull(self, op: core.PullPage) -> core.Outcome:
+        deleted: tuple[core.DeletedRow, ...] = ()
+        if op.ack is not None:
+            page = Page.get_or_none((Page.cursor == op.ack) & (Page.receiver_uid == op.receiver))
+            if page is None:
+                return core.Refused(op, "unknown_cursor", "'ack' is not a cursor this server issued to you, "
+                                                          "or it expired; pull again without it")
+            if not page.acked:  # a repeated ack (lost answer) deletes nothing more
+                deleted = self.delete(op.receiver, (int(s) for s in page.seqs.split(",")))
+                Page.update(acked=True).where(Page.cursor == page.cursor).execute()
+        q = Message.select().where(Message.receiver_uid == op.receiver)
+        if op.from_uid is not None:
+            q = q.where(Message.sender_uid == op.from_uid)
+        rows = list(q.order_by(Message.seq).limit(op.limit + 1))
+        more = len(rows) > op.limit
+        rows = rows[:op.limit]
+        cursor = None
+        if rows:
+            cursor = secrets.token_hex(16)
+            Page.create(cursor=cursor, receiver_uid=op.receiver, seqs=",".join(str(m.seq) for m in rows),
+                        created_at=now_ms())
+        return core.Paged(op, tuple(_push_dict(m) for m in rows), cursor, more, deleted)
+
+    # -- maintenance ----------------------------------------------------------
+    def purge(self, now: int | None = None) -> None:
+        """Forget old cursors, and (sender, msg_id) pairs whose message is gone and retention passed."""
+        now = now_ms() if now is None else now
+        with self.db.atomic():
+            Page.delete().where(Page.created_at < now - PAGE_TTL_MS).execute()
+            gone = ~pw.fn.EXISTS(Message.select(Message.seq).where(Message.seq == Accepted.seq))
+            Accepted.delete().where((Accepted.accepted_at < now - ACCEPTED_RETENTION_MS) & gone).execute()
