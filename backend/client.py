@@ -108,6 +108,8 @@ class IMClient:
         if not self._ready.wait(timeout):
             self.client.loop_stop()
             raise ConnectionError(f"{self.uid}: not connected within {timeout}s ({self.connect_result})")
+        # Return once the broker has our `online`: the worker sees it before anything sent to us later.
+        self._online_info.wait_for_publish(timeout)
         return self
 
     def close(self) -> None:
@@ -141,7 +143,9 @@ class IMClient:
         client.subscribe([(p.inbox_topic(self.uid), 1), (p.reply_topic(self.uid), 1)])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        client.publish(p.status_topic(self.uid), p.ONLINE, qos=1, retain=True)
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("%s: subscription refused: %s", self.uid, reason_codes)
+        self._online_info = client.publish(p.status_topic(self.uid), p.ONLINE, qos=1, retain=True)
         self._ready.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -218,6 +222,8 @@ class IMClient:
         body.update(extra or {})
         out = Outgoing(msg_id, to, p.encode(body))
         with self._lock:
+            if msg_id in self._by_msg_id:  # a deliberate resend: one delivered event for both
+                out.delivered = self._by_msg_id[msg_id].delivered
             out.deadline = time.monotonic() + self.resend_timeout
             self._outgoing[msg_id] = out
             self._by_msg_id[msg_id] = out

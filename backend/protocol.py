@@ -27,9 +27,9 @@ REQ_ID_MAX = 64
 CONTENT_MAX = 64 * 1024
 # A message type is a short label ("text", "image"...); 32 bytes is plenty and keeps rows small.
 TYPE_MAX = 32
-# Whole payload: content plus envelope; Mosquitto's default message_size_limit is far larger,
-# so this is our own guard against a JSON blow-up before parsing.
-PAYLOAD_MAX = CONTENT_MAX + 4 * 1024
+# Whole payload, checked before parsing: JSON may escape every content byte as \uXXXX (6 bytes),
+# plus 4 KiB of envelope. Mosquitto's and amqtt's packet limits are far larger (256 MiB).
+PAYLOAD_MAX = 6 * CONTENT_MAX + 4 * 1024
 # An ack carries at most one page's worth of seqs (a page is at most PULL_LIMIT_MAX messages),
 # plus slack for batched acks of pushes.
 ACK_SEQS_MAX = 1000

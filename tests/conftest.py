@@ -1,0 +1,148 @@
+"""Fixtures that run the real thing: `python -m backend serve` as a subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from backend.client import IMClient  # noqa: E402
+
+PASSWORDS = {uid: f"{uid}-pw" for uid in ("alice", "bob", "carol", "dave", "erin")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eventually(predicate, timeout: float = 10, interval: float = 0.05) -> bool:
+    """Poll server-side state (a count) until it holds; for client-side events, wait on the event instead."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def backend_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "backend", *args]
+
+
+def run_cli(*args: str, timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(backend_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+class Server:
+    """`python -m backend serve` in a subprocess; start() waits until its worker is connected."""
+
+    def __init__(self, db_url: str, port: int | None = None):
+        self.db_url = db_url
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+
+    def start(self, timeout: float = 20) -> "Server":
+        self.lines = []
+        self.proc = subprocess.Popen(
+            backend_cmd("serve", "--host", "127.0.0.1", "--port", str(self.port), "--database-url", self.db_url),
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        if not self.wait_log("backend.worker: connected", timeout):
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+        return self
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_log(self, text: str, timeout: float = 10, after: int = 0) -> bool:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not any(text in line for line in self.lines[after:]):
+                left = end - time.monotonic()
+                if left <= 0 or (self.proc is not None and self.proc.poll() is not None and text not in "".join(self.lines)):
+                    return any(text in line for line in self.lines[after:])
+                self._cond.wait(min(left, 0.2))
+            return True
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, no last wills sent politely."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            return self.proc.wait(15)
+        return self.proc.returncode if self.proc else 0
+
+
+def add_users(db_url: str, *uids: str) -> None:
+    from backend import accounts
+    from backend.store import open_database
+    db = open_database(db_url)
+    for uid in uids:
+        accounts.add_user(uid, PASSWORDS.get(uid, f"{uid}-pw"))
+    db.close()
+
+
+@pytest.fixture
+def db_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/im.db"
+
+
+@pytest.fixture
+def server(db_url):
+    add_users(db_url, *PASSWORDS)
+    srv = Server(db_url).start()
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for a module of independent tests (bad input)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('srv')}/im.db"
+    add_users(url, *PASSWORDS)
+    srv = Server(url).start()
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture
+def clients(request):
+    """clients(server, uid, **kw) -> a connected IMClient, closed at teardown."""
+    made: list[IMClient] = []
+
+    def make(srv: Server, uid: str, **kw) -> IMClient:
+        kw.setdefault("password", PASSWORDS.get(uid, f"{uid}-pw"))
+        c = IMClient(uid, host="127.0.0.1", port=srv.port, **kw)
+        c.connect()
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        try:
+            c.kill()
+        except Exception:  # noqa: BLE001
+            pass

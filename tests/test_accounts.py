@@ -1,0 +1,43 @@
+"""Password hashing and the ACL function (pure logic)."""
+
+from backend import accounts, acl
+from backend import protocol as p
+
+W = accounts.WORKER_USERNAME
+
+
+def test_hash_is_salted_and_verifies():
+    h1, h2 = accounts.hash_password("secret"), accounts.hash_password("secret")
+    assert h1 != h2 and h1.startswith("scrypt$") and "secret" not in h1
+    assert accounts.verify_password("secret", h1)
+    assert not accounts.verify_password("Secret", h1)
+    assert not accounts.verify_password("secret", "garbage")
+
+
+def test_users_act_only_as_themselves():
+    for t in (p.send_topic("alice"), p.ack_topic("alice"), p.req_topic("alice"), p.status_topic("alice")):
+        assert acl.may("alice", W, acl.PUBLISH, t)
+        assert not acl.may("bob", W, acl.PUBLISH, t)
+    for t in (p.inbox_topic("alice"), p.reply_topic("alice")):
+        assert acl.may("alice", W, acl.SUBSCRIBE, t) and acl.may("alice", W, acl.RECEIVE, t)
+        assert not acl.may("bob", W, acl.SUBSCRIBE, t) and not acl.may("bob", W, acl.RECEIVE, t)
+        assert not acl.may("alice", W, acl.PUBLISH, t)
+    for f in ("im/u/+/inbox", "im/#", "#", "$SYS/#", "im/u/alice/#", "im/u/+/send"):
+        assert not acl.may("alice", W, acl.SUBSCRIBE, f)
+    assert acl.may("alice", W, acl.SUBSCRIBE, "im/status/+")
+    assert acl.may("alice", W, acl.RECEIVE, p.status_topic("bob"))
+    assert not acl.may(None, W, acl.SUBSCRIBE, "im/status/+")
+
+
+def test_worker_has_what_it_needs_and_no_more():
+    for f in p.WORKER_SUBSCRIPTIONS:
+        assert acl.may(W, W, acl.SUBSCRIBE, f)
+    assert not acl.may(W, W, acl.SUBSCRIBE, "#")
+    assert acl.may(W, W, acl.PUBLISH, p.inbox_topic("bob")) and acl.may(W, W, acl.PUBLISH, p.reply_topic("bob"))
+    assert not acl.may(W, W, acl.PUBLISH, p.send_topic("bob"))
+    assert not acl.may(W, W, acl.PUBLISH, p.status_topic("bob"))
+
+
+def test_client_ids():
+    assert acl.owns_client_id("alice", "alice") and acl.owns_client_id("alice", "alice:phone")
+    assert not acl.owns_client_id("alice", "alice2") and not acl.owns_client_id("alice", "bob")

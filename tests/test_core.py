@@ -1,0 +1,152 @@
+"""The sans-I/O core: events in, operations and actions out. No broker, no database.
+
+"A crash at any step" is modelled by simply not calling the next step: what
+the core has returned so far is all the transport could have done.
+"""
+
+from __future__ import annotations
+
+import json
+
+from backend import core
+from backend import protocol as p
+
+T0 = 1_000_000
+
+
+def send(uid, to, msg_id, content="hi"):
+    return (p.send_topic(uid), json.dumps({"msg_id": msg_id, "to": to, "content": content}).encode())
+
+
+def status(uid, word):
+    return (p.status_topic(uid), word.encode())
+
+
+def stored(op, seq):
+    return core.Stored(op, seq)
+
+
+def test_send_plans_a_store_and_publishes_nothing_before_commit():
+    d = core.Delivery()
+    plan = d.plan([status("bob", "online"), send("alice", "bob", "m1")], T0)
+    assert [type(o) for o in plan.ops] == [core.CountBacklog, core.StoreMessage]
+    assert plan.replies == []  # nothing to tell anyone until the store committed
+    op = plan.ops[1]
+    assert (op.sender, op.to, op.msg_id, op.sent_at) == ("alice", "bob", "m1", T0)
+    # Crash here (no after_commit): no receipt went out, so the sender resends; nothing was promised.
+
+
+def test_after_commit_receipt_then_push_when_online():
+    d = core.Delivery()
+    plan = d.plan([status("bob", "online"), send("alice", "bob", "m1")], T0)
+    out = d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(plan.ops[1], 7)], T0)
+    assert [a.topic for a in out] == [p.reply_topic("alice"), p.inbox_topic("bob")]
+    assert out[0].payload == {"kind": "receipt", "msg_id": "m1", "to": "bob", "seq": 7, "status": "stored"}
+    assert out[1].payload["seq"] == 7 and out[1].payload["from"] == "alice"
+    assert d.pending_pushes == 1
+
+
+def test_offline_receiver_gets_no_push():
+    d = core.Delivery()
+    plan = d.plan([send("alice", "bob", "m1")], T0)
+    out = d.after_commit([stored(plan.ops[0], 1)], T0)
+    assert [a.topic for a in out] == [p.reply_topic("alice")]
+
+
+def test_coming_online_announces_count_only_when_something_waits():
+    d = core.Delivery()
+    plan = d.plan([status("bob", "online")], T0)
+    assert plan.ops == [core.CountBacklog("bob", None)]
+    assert d.after_commit([core.Counted(plan.ops[0], 0, {})], T0) == []
+    d.plan([status("bob", "offline")], T0)
+    plan = d.plan([status("bob", "online")], T0)
+    out = d.after_commit([core.Counted(plan.ops[0], 3, {"alice": 3})], T0)
+    assert out == [core.Publish(p.reply_topic("bob"), {"kind": "count", "total": 3, "by_sender": {"alice": 3}})]
+    # A repeated `online` (a retained replay) is not a new transition.
+    assert d.plan([status("bob", "online")], T0).ops == []
+
+
+def test_duplicate_gets_duplicate_receipt_and_no_push():
+    d = core.Delivery()
+    d.plan([status("bob", "online")], T0)
+    plan = d.plan([send("alice", "bob", "m1")], T0)
+    out = d.after_commit([core.Stored(plan.ops[0], 3, duplicate=True, to="bob")], T0)
+    assert out == [core.Publish(p.reply_topic("alice"), p.receipt("m1", "bob", 3, "duplicate"))]
+
+
+def test_push_retransmitted_with_backoff_then_left_for_pull():
+    d = core.Delivery(ack_timeout_ms=100, max_retries=2, backoff=2)
+    plan = d.plan([status("bob", "online"), send("alice", "bob", "m1")], T0)
+    d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(plan.ops[1], 5)], T0)
+    assert d.tick(T0 + 99) == []
+    assert d.next_deadline() == T0 + 100
+    r1 = d.tick(T0 + 100)
+    assert [a.payload["seq"] for a in r1] == [5]
+    assert d.tick(T0 + 299) == []           # second wait is doubled: 200 ms
+    assert len(d.tick(T0 + 300)) == 1
+    assert d.tick(T0 + 300 + 399) == []
+    assert d.tick(T0 + 700) == []           # retries exhausted: it waits for pull
+    assert d.pending_pushes == 0 and d.next_deadline() is None
+
+
+def test_ack_stops_retransmission_and_tells_the_sender():
+    d = core.Delivery(ack_timeout_ms=100)
+    plan = d.plan([status("bob", "online"), send("alice", "bob", "m1")], T0)
+    d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(plan.ops[1], 5)], T0)
+    ack = d.plan([(p.ack_topic("bob"), b'{"seqs":[5, 5, 9]}')], T0 + 10)
+    assert ack.ops == [core.DeleteAcked("bob", (5, 9))]
+    out = d.after_commit([core.Deleted(ack.ops[0], (core.DeletedRow("bob", 5, "alice", "m1"),))], T0 + 10)
+    assert out == [core.Publish(p.reply_topic("alice"), p.receipt("m1", "bob", 5, "delivered"))]
+    assert d.tick(T0 + 1000) == []
+
+
+def test_going_offline_drops_pending_pushes():
+    d = core.Delivery(ack_timeout_ms=100)
+    plan = d.plan([status("bob", "online"), send("alice", "bob", "m1")], T0)
+    d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(plan.ops[1], 5)], T0)
+    d.plan([status("bob", "offline")], T0 + 1)
+    assert d.tick(T0 + 1000) == [] and d.pending_pushes == 0
+
+
+def test_reconnect_resets_presence():
+    d = core.Delivery()
+    d.plan([status("bob", "online")], T0)
+    d.reset_presence()
+    assert d.online == set()
+    assert d.plan([status("bob", "online")], T0).ops == [core.CountBacklog("bob", None)]
+
+
+def test_bad_payloads_become_error_replies_and_valid_ones_still_plan():
+    d = core.Delivery()
+    plan = d.plan([(p.send_topic("alice"), b"{"), send("alice", "bob", "ok"),
+                   (p.req_topic("alice"), b'{"req_id":"r","op":"pull","limit":501}')], T0)
+    assert [type(o) for o in plan.ops] == [core.StoreMessage]
+    assert [(r.topic, r.payload["code"]) for r in plan.replies] == [
+        (p.reply_topic("alice"), "bad_json"), (p.reply_topic("alice"), "bad_limit")]
+    assert plan.replies[1].payload["req_id"] == "r"
+
+
+def test_payload_on_topic_with_invalid_uid_is_dropped_silently():
+    d = core.Delivery()
+    plan = d.plan([("im/u/bad uid!/send", b"{}"), ("im/u/" + "x" * 51 + "/req", b"{}"), ("other/topic", b"x"),
+                   (p.inbox_topic("bob"), b"{}")], T0)
+    assert plan.ops == [] and plan.replies == []
+
+
+def test_refused_store_op_is_an_error_to_the_right_user():
+    d = core.Delivery()
+    plan = d.plan([send("alice", "nobody", "m1"), (p.req_topic("bob"), b'{"req_id":"q","op":"pull","ack":"c"}')], T0)
+    out = d.after_commit([core.Refused(plan.ops[0], "unknown_receiver", "no user"),
+                          core.Refused(plan.ops[1], "unknown_cursor", "nope")], T0)
+    assert out[0].topic == p.reply_topic("alice") and out[0].payload["msg_id"] == "m1"
+    assert out[1].topic == p.reply_topic("bob") and out[1].payload["req_id"] == "q"
+
+
+def test_page_answer_carries_delivered_receipts_first():
+    d = core.Delivery()
+    plan = d.plan([(p.req_topic("bob"), b'{"req_id":"q","op":"pull","ack":"c1","limit":2}')], T0)
+    op = plan.ops[0]
+    assert (op.limit, op.ack, op.from_uid) == (2, "c1", None)
+    out = d.after_commit([core.Paged(op, (), None, False, (core.DeletedRow("bob", 4, "carol", "x"),))], T0)
+    assert out[0].topic == p.reply_topic("carol") and out[0].payload["status"] == "delivered"
+    assert out[1].payload == {"kind": "page", "req_id": "q", "messages": [], "cursor": None, "more": False}

@@ -1,0 +1,266 @@
+"""The worker beside a real Mosquitto run with broker_config/ (mosquitto.conf and acl).
+
+Each test starts its own Mosquitto on a free port (scripts/mosquitto.py) with the accounts
+alice, bob and im-worker, and runs ``python -m backend worker`` as a subprocess, as an
+operator would. Skipped when the mosquitto binaries are missing, unless
+IM_REQUIRE_SERVICES=1, in which case that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from backend import protocol as p  # noqa: E402
+from backend.client import IMClient  # noqa: E402
+from scripts.mosquitto import find_mosquitto, find_mosquitto_passwd, start_mosquitto  # noqa: E402
+
+REQUIRE_SERVICES = os.environ.get("IM_REQUIRE_SERVICES") == "1"
+MISSING = [name for name, path in (("mosquitto", find_mosquitto()), ("mosquitto_passwd", find_mosquitto_passwd()))
+           if path is None]
+MISSING_REASON = (f"{' and '.join(MISSING)} not found (Debian: apt-get install mosquitto); "
+                  "set IM_REQUIRE_SERVICES=1 to make this a failure instead of a skip")
+
+pytestmark = pytest.mark.skipif(bool(MISSING) and not REQUIRE_SERVICES, reason=MISSING_REASON)
+
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "im-worker": "worker-pw"}
+WORKER_CLIENT_ID = "im-worker"
+# Upper bound for anything that should take milliseconds; waits return as soon as the event happens.
+WAIT_S = 15.0
+
+
+class WorkerProcess:
+    """``python -m backend worker`` beside the broker, its output in a log file."""
+
+    def __init__(self, port: int, database: Path, log_path: Path):
+        self.port, self.database, self.log_path = port, database, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        connects_before = self._connects()
+        env = dict(os.environ, IM_BROKER_PASSWORD=PASSWORDS["im-worker"], PYTHONUNBUFFERED="1")
+        env.pop("IM_DATABASE_URL", None)
+        env.pop("IM_BROKER_URL", None)
+        cmd = [sys.executable, "-m", "backend", "worker",
+               "--broker", f"mqtt://im-worker@127.0.0.1:{self.port}",
+               "--database-url", f"sqlite:///{self.database}",
+               "--client-id", WORKER_CLIENT_ID]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        # The worker logs "connected to host:port as id" from paho's on_connect, after it sent SUBSCRIBE.
+        end = time.monotonic() + WAIT_S
+        while self._connects() <= connects_before:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > end:
+                raise AssertionError(f"worker did not connect within {WAIT_S}s:\n{self.log_tail()}")
+            time.sleep(0.02)  # poll interval while the subprocess starts
+        return self
+
+    def _connects(self) -> int:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return 0
+        return text.count(f"connected to 127.0.0.1:{self.port} as {WORKER_CLIENT_ID}")
+
+    def kill(self) -> None:
+        """SIGKILL: no DISCONNECT, no PUBACK for whatever it had not committed yet."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(WAIT_S)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture
+def broker():
+    if MISSING:
+        pytest.fail(f"IM_REQUIRE_SERVICES=1 but {MISSING_REASON}")
+    b = start_mosquitto(PASSWORDS)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def worker(broker, tmp_path):
+    w = WorkerProcess(broker.port, tmp_path / "im.db", tmp_path / "worker.log").start()
+    yield w
+    w.stop()
+    # pytest shows this only for a failed test.
+    print(f"--- worker log ---\n{w.log_tail()}\n--- mosquitto log ---\n{broker.log_tail()}")
+
+
+@pytest.fixture
+def clients():
+    made: list[IMClient] = []
+
+    def connect(uid: str, **kw) -> IMClient:
+        c = IMClient(uid, PASSWORDS[uid], "127.0.0.1", kw.pop("port"), **kw).connect(WAIT_S)
+        made.append(c)
+        return c
+
+    yield connect
+    for c in made:
+        c.close()
+
+
+class RawSubscriber:
+    """A plain paho client logged in as ``uid`` that records every message it receives."""
+
+    def __init__(self, uid: str, port: int, client_id: str):
+        self.received: list[tuple[str, bytes]] = []
+        self.granted: list[str] = []
+        self._connected, self._subscribed = threading.Event(), threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                                  protocol=mqtt.MQTTv311)
+        self.client.username_pw_set(uid, PASSWORDS[uid])
+        self.client.on_connect = lambda c, u, f, rc, props: self._connected.set()
+        self.client.on_message = lambda c, u, m: self.received.append((m.topic, m.payload))
+
+        def on_subscribe(c, u, mid, reason_codes, props):
+            self.granted = [str(rc) for rc in reason_codes]
+            self._subscribed.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._connected.wait(WAIT_S), f"raw client {client_id} did not connect"
+
+    def subscribe(self, *filters: str) -> None:
+        self._subscribed.clear()
+        self.client.subscribe([(f, 1) for f in filters])
+        assert self._subscribed.wait(WAIT_S), "no SUBACK"
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 1 and wait for the PUBACK: Mosquitto has then handled (or refused) it."""
+        self.client.publish(topic, payload, qos=1).wait_for_publish(WAIT_S)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_online_offline_and_acl(broker, worker, clients):
+    port = broker.port
+    alice = clients("alice", port=port)
+    bob = clients("bob", port=port)
+    # Alice's second connection, as a plain MQTT client: it tries to read what is Bob's.
+    spy = RawSubscriber("alice", port, client_id="alice:spy")
+    try:
+        spy.subscribe(p.inbox_topic("bob"), p.reply_topic("bob"), "im/u/+/inbox", p.send_topic("bob"))
+        # bob's count is answered only after the worker took in bob's earlier "online" status
+        # (both come from bob's connection, in order): the next message to bob is a push.
+        assert bob.count(WAIT_S)["total"] == 0
+
+        # Alice, allowed only her own send topic, forges a send as Bob: Mosquitto drops it.
+        spy.publish(p.send_topic("bob"), p.encode({"msg_id": "forged-1", "to": "bob", "content": "forged"}))
+
+        # --- online: stored receipt, push, ack, delivered receipt ---
+        out = alice.send("bob", "hello bob")
+        receipt = out.wait(WAIT_S)
+        assert receipt is not None and receipt["kind"] == "receipt", receipt
+        assert receipt["status"] == "stored" and receipt["to"] == "bob" and receipt["msg_id"] == out.msg_id
+        assert bob.wait_for_messages(1, WAIT_S), "bob got no push"
+        pushed = bob.messages[0]
+        assert (pushed["msg_id"], pushed["from"], pushed["to"], pushed["content"]) == \
+            (out.msg_id, "alice", "bob", "hello bob")
+        assert pushed["seq"] == receipt["seq"]
+        assert bob.announcements == []  # it came as a push, not through a backlog pull
+        assert out.delivered.wait(WAIT_S), "bob's ack did not lead to a delivered receipt"
+
+        # --- ACL: the spy got none of bob's traffic, and the forged send went nowhere ---
+        assert spy.received == [], f"alice read bob's topics: {spy.received}"
+        assert [m["msg_id"] for m in bob.messages] == [out.msg_id]
+        assert alice.errors == [] and bob.errors == []
+    finally:
+        spy.close()
+
+    # --- offline: three messages wait in the store ---
+    # close() publishes the retained "offline" and waits for its PUBACK, so the worker hears it
+    # before any of the sends below (one queue, in order): they are stored, not pushed.
+    bob.close()
+    outs = [alice.send("bob", f"offline {i}") for i in range(3)]
+    for o in outs:
+        r = o.wait(WAIT_S)
+        assert r is not None and r.get("status") == "stored", r
+
+    bob2 = clients("bob", port=port, auto_sync=False)
+    count = bob2.count(WAIT_S)
+    assert count["kind"] == "count" and count["total"] == 3 and count["by_sender"] == {"alice": 3}, count
+    drained = bob2.drain(limit=2)
+    assert [m["msg_id"] for m in drained] == [o.msg_id for o in outs]
+    assert [m["content"] for m in drained] == ["offline 0", "offline 1", "offline 2"]
+    assert [m["seq"] for m in drained] == sorted(m["seq"] for m in drained)
+    # Each page's ack (the next pull) deleted it: alice hears "delivered" for all three.
+    for o in outs:
+        assert o.delivered.wait(WAIT_S), f"no delivered receipt for {o.msg_id}"
+    assert bob2.count(WAIT_S)["total"] == 0
+
+
+def test_worker_sigkill_loses_nothing(broker, worker, clients):
+    port = broker.port
+    alice = clients("alice", port=port)
+    n, kill_after = 50, 10
+    outs: list = []
+
+    def send_all():
+        for i in range(n):
+            outs.append(alice.send("bob", f"m{i}"))
+            time.sleep(0.002)  # pace the stream so the kill lands in the middle of it
+
+    sender = threading.Thread(target=send_all, name="alice-sender")
+    sender.start()
+    assert alice.wait_for(lambda: sum(o.done.is_set() for o in outs) >= kill_after, WAIT_S), worker.log_tail()
+    worker.kill()  # mid-stream: whatever it had taken but not committed is not PUBACKed
+    done_at_kill, sent_at_kill = sum(o.done.is_set() for o in outs), len(outs)
+    sender.join(WAIT_S)
+    assert len(outs) == n
+    # Mosquitto kept the rest for the persistent session: the un-PUBACKed ones are sent again.
+    worker.start()
+
+    for o in outs:
+        r = o.wait(WAIT_S)
+        assert r is not None and r.get("kind") == "receipt" and r["status"] in ("stored", "duplicate"), \
+            (o.msg_id, r, worker.log_tail())
+        assert not o.failed
+    assert len({o.receipt["seq"] for o in outs}) == n  # one seq per msg_id: repeats answered "duplicate"
+    statuses = [o.receipt["status"] for o in outs]
+    resent = sum(o.attempts > 1 for o in outs)
+    print(f"at the kill: {sent_at_kill} sent, {done_at_kill} with a receipt; "
+          f"{statuses.count('duplicate')} first answered 'duplicate', {resent} resent by alice")
+
+    bob = clients("bob", port=port, auto_sync=False)
+    assert bob.count(WAIT_S)["total"] == n
+    drained = bob.drain(limit=20)
+    ids = [m["msg_id"] for m in drained]
+    assert len(ids) == n and len(set(ids)) == n, f"{len(ids)} messages, {len(set(ids))} distinct"
+    assert set(ids) == {o.msg_id for o in outs}
+    assert bob.count(WAIT_S)["total"] == 0

@@ -1,0 +1,117 @@
+"""The store on a real SQLite file: exact deletes, duplicates, pages, seqs never reused."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend import core
+from backend.store import Accepted, Message, Page, Store, open_database
+
+
+@pytest.fixture
+def store(tmp_path):
+    db = open_database(f"sqlite:///{tmp_path}/s.db")
+    yield Store(db)
+    db.close()
+
+
+def msg(sender, to, msg_id, t=1000):
+    return core.StoreMessage(sender=sender, msg_id=msg_id, to=to, type="text", content=f"{msg_id}!", ts=None, sent_at=t)
+
+
+def pull(receiver, limit=100, ack=None, from_uid=None):
+    return core.PullPage(receiver=receiver, req_id="r", limit=limit, from_uid=from_uid, ack=ack)
+
+
+def test_store_then_duplicate_gives_first_seq(store):
+    a, b = store.apply([msg("alice", "bob", "1"), msg("alice", "bob", "1")])
+    assert not a.duplicate and b.duplicate and b.seq == a.seq and b.to == "bob"
+    assert Message.select().count() == 1
+
+
+def test_duplicate_is_recognised_after_delivery(store):
+    (a,) = store.apply([msg("alice", "bob", "1")])
+    (d,) = store.apply([core.DeleteAcked("bob", (a.seq,))])
+    assert d.rows == (core.DeletedRow("bob", a.seq, "alice", "1"),)
+    (again,) = store.apply([msg("alice", "bob", "1")])
+    assert again.duplicate and again.seq == a.seq
+    assert Message.select().count() == 0
+
+
+def test_seq_is_never_reused_after_the_newest_row_is_deleted(store):
+    (a,) = store.apply([msg("alice", "bob", "1")])
+    store.apply([core.DeleteAcked("bob", (a.seq,))])
+    (b,) = store.apply([msg("alice", "bob", "2")])
+    assert b.seq > a.seq
+
+
+def test_ack_deletes_only_the_receivers_own_rows(store):
+    (a,) = store.apply([msg("alice", "bob", "1")])
+    (d,) = store.apply([core.DeleteAcked("carol", (a.seq,))])
+    assert d.rows == () and Message.select().count() == 1
+
+
+def test_count_by_sender(store):
+    store.apply([msg("alice", "bob", "1"), msg("alice", "bob", "2"), msg("carol", "bob", "3"), msg("x", "dave", "4")])
+    (c,) = store.apply([core.CountBacklog("bob", "r")])
+    assert (c.total, c.by_sender) == (3, {"alice": 2, "carol": 1})
+
+
+def test_pages_ack_exactly_their_own_messages(store):
+    store.apply([msg("alice", "bob", str(i)) for i in range(5)])
+    (p1,) = store.apply([pull("bob", limit=2)])
+    assert [m["msg_id"] for m in p1.messages] == ["0", "1"] and p1.more
+    # A message that arrives after page 1 was handed out must survive page 1's ack.
+    (late,) = store.apply([msg("carol", "bob", "late")])
+    (p2,) = store.apply([pull("bob", limit=2, ack=p1.cursor)])
+    assert [r.msg_id for r in p2.deleted] == ["0", "1"]
+    assert [m["msg_id"] for m in p2.messages] == ["2", "3"]
+    (p3,) = store.apply([pull("bob", limit=10, ack=p2.cursor)])
+    assert [m["msg_id"] for m in p3.messages] == ["4", "late"] and not p3.more
+    (p4,) = store.apply([pull("bob", ack=p3.cursor)])
+    assert p4.messages == () and p4.cursor is None and not p4.more
+    assert Message.select().count() == 0
+
+
+def test_repeated_ack_of_a_cursor_deletes_nothing_more(store):
+    store.apply([msg("alice", "bob", str(i)) for i in range(3)])
+    (p1,) = store.apply([pull("bob", limit=1)])
+    store.apply([pull("bob", limit=1, ack=p1.cursor)])
+    (again,) = store.apply([pull("bob", limit=1, ack=p1.cursor)])
+    assert again.deleted == () and Message.select().count() == 2
+
+
+def test_unknown_and_foreign_cursors_are_refused(store):
+    store.apply([msg("alice", "bob", "1")])
+    (p1,) = store.apply([pull("bob")])
+    (r1,) = store.apply([pull("bob", ack="f" * 32)])
+    (r2,) = store.apply([pull("carol", ack=p1.cursor)])
+    assert isinstance(r1, core.Refused) and r1.code == "unknown_cursor"
+    assert isinstance(r2, core.Refused) and r2.code == "unknown_cursor"
+    assert Message.select().count() == 1
+
+
+def test_from_filter(store):
+    store.apply([msg("alice", "bob", "1"), msg("carol", "bob", "2"), msg("alice", "bob", "3")])
+    (pg,) = store.apply([pull("bob", from_uid="alice")])
+    assert [m["msg_id"] for m in pg.messages] == ["1", "3"]
+
+
+def test_unknown_receiver_when_accounts_are_known(store):
+    from backend import accounts
+    accounts.add_user("bob", "pw")
+    strict = Store(store.db, known_accounts=True)
+    r, ok = strict.apply([msg("alice", "nobody", "1"), msg("alice", "bob", "2")])
+    assert isinstance(r, core.Refused) and r.code == "unknown_receiver"
+    assert not ok.duplicate and Message.select().count() == 1
+
+
+def test_purge_keeps_ids_of_waiting_messages(store):
+    from backend.store import ACCEPTED_RETENTION_MS, PAGE_TTL_MS, now_ms
+    (a,) = store.apply([msg("alice", "bob", "waiting", t=0)])
+    (b,) = store.apply([msg("alice", "bob", "gone", t=0)])
+    store.apply([pull("bob")])
+    store.apply([core.DeleteAcked("bob", (b.seq,))])
+    store.purge(now=now_ms() + max(ACCEPTED_RETENTION_MS, PAGE_TTL_MS) + 1)
+    assert [x.msg_id for x in Accepted.select()] == ["waiting"]
+    assert Page.select().count() == 0
