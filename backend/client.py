@@ -61,18 +61,27 @@ class IMClient:
     def __init__(self, uid: str, password: str | None = None, host: str = "127.0.0.1", port: int = 1883, *,
                  client_id: str | None = None, clean_session: bool = True, auto_sync: bool = True,
                  resend_timeout: float = RESEND_TIMEOUT_S, max_resends: int = MAX_RESENDS,
+                 resend_wait_max: float = RESEND_WAIT_MAX_S, request_timeout: float = REQUEST_TIMEOUT_S, seen: set[int] | None = None,
+                 messages: list[dict[str, Any]] | None = None, receiver: bool = True,
                  on_message: Callable[[dict[str, Any]], None] | None = None):
+        """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
+        user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
+        likewise. ``receiver=False`` makes a send-only client (a sensor, or a second connection used only
+        to send): no inbox subscription, no presence, no last will."""
         if not p.valid_uid(uid):
             raise ValueError(f"invalid uid {uid!r}")
         self.uid, self.host, self.port = uid, host, port
         self.auto_sync = auto_sync
         self.resend_timeout, self.max_resends = resend_timeout, max_resends
+        self.request_timeout, self.resend_wait_max = request_timeout, resend_wait_max
         self.on_message = on_message
-        self.messages: list[dict[str, Any]] = []  # every message received, once, in arrival order
+        self.receiver = receiver
+        # every message received, once, in arrival order
+        self.messages: list[dict[str, Any]] = messages if messages is not None else []
         self.duplicates_dropped = 0
         self.errors: list[dict[str, Any]] = []
         self.announcements: list[dict[str, Any]] = []
-        self._seen: set[int] = set()
+        self._seen: set[int] = seen if seen is not None else set()
         self._lock = threading.Condition()
         self._outgoing: dict[str, Outgoing] = {}
         self._by_msg_id: dict[str, Outgoing] = {}
@@ -83,12 +92,14 @@ class IMClient:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self._ready = threading.Event()
+        self._online_info: mqtt.MQTTMessageInfo | None = None
         self._closing = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or uid,
                                   clean_session=clean_session, protocol=mqtt.MQTTv311)
         if password is not None:
             self.client.username_pw_set(uid, password)
-        self.client.will_set(p.status_topic(uid), p.OFFLINE, qos=1, retain=True)
+        if receiver:
+            self.client.will_set(p.status_topic(uid), p.OFFLINE, qos=1, retain=True)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(1, 16)
         self.client.on_connect = self._on_connect
@@ -109,7 +120,8 @@ class IMClient:
             self.client.loop_stop()
             raise ConnectionError(f"{self.uid}: not connected within {timeout}s ({self.connect_result})")
         # Return once the broker has our `online`: the worker sees it before anything sent to us later.
-        self._online_info.wait_for_publish(timeout)
+        if self._online_info is not None:
+            self._online_info.wait_for_publish(timeout)
         return self
 
     def close(self) -> None:
@@ -117,7 +129,7 @@ class IMClient:
         self._closing.set()
         try:
             self.flush_acks()
-            if self.client.is_connected():
+            if self.client.is_connected() and self.receiver:
                 self.client.publish(p.status_topic(self.uid), p.OFFLINE, qos=1, retain=True).wait_for_publish(5)
         except (RuntimeError, ValueError):
             pass
@@ -140,12 +152,15 @@ class IMClient:
                 client.disconnect()  # stop paho's retries; connect() reports the failure
             return
         set_nodelay(client)
-        client.subscribe([(p.inbox_topic(self.uid), 1), (p.reply_topic(self.uid), 1)])
+        topics = [(p.inbox_topic(self.uid), 1), (p.reply_topic(self.uid), 1)] if self.receiver else \
+            [(p.reply_topic(self.uid), 1)]
+        client.subscribe(topics)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         if any(rc.is_failure for rc in reason_codes):
             log.error("%s: subscription refused: %s", self.uid, reason_codes)
-        self._online_info = client.publish(p.status_topic(self.uid), p.ONLINE, qos=1, retain=True)
+        if self.receiver:
+            self._online_info = client.publish(p.status_topic(self.uid), p.ONLINE, qos=1, retain=True)
         self._ready.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -237,7 +252,8 @@ class IMClient:
         self.client.publish(topic, payload, qos=1)
 
     # -- requests ------------------------------------------------------------------
-    def request(self, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+    def request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        timeout = self.request_timeout if timeout is None else timeout
         req_id = body.setdefault("req_id", f"{self._prefix}-r{next(self._ids)}")
         with self._lock:
             self._requests[req_id] = slot = []
@@ -255,11 +271,11 @@ class IMClient:
             with self._lock:
                 self._requests.pop(req_id, None)
 
-    def count(self, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+    def count(self, timeout: float | None = None) -> dict[str, Any]:
         return self.request({"op": "count"}, timeout)
 
     def pull(self, limit: int | None = None, from_uid: str | None = None, ack: str | None = None,
-             timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+             timeout: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"op": "pull"}
         if limit is not None:
             body["limit"] = limit
@@ -326,7 +342,7 @@ class IMClient:
                             del self._outgoing[o.msg_id]
                             continue
                         o.attempts += 1
-                        o.deadline = now + min(self.resend_timeout * 2 ** (o.attempts - 1), RESEND_WAIT_MAX_S)
+                        o.deadline = now + min(self.resend_timeout * 2 ** (o.attempts - 1), self.resend_wait_max)
                         resend.append(o)
                 flush = self._ack_due is not None and (self._ack_due <= now or len(self._pending_acks) >= ACK_BATCH)
                 sync, self._sync_wanted = self._sync_wanted, False
