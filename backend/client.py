@@ -63,6 +63,7 @@ class IMClient:
                  resend_timeout: float = RESEND_TIMEOUT_S, max_resends: int = MAX_RESENDS,
                  resend_wait_max: float = RESEND_WAIT_MAX_S, request_timeout: float = REQUEST_TIMEOUT_S, seen: set[int] | None = None,
                  messages: list[dict[str, Any]] | None = None, receiver: bool = True,
+                 ack_delay: float = ACK_DELAY_S,
                  on_message: Callable[[dict[str, Any]], None] | None = None):
         """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
         user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
@@ -74,6 +75,7 @@ class IMClient:
         self.auto_sync = auto_sync
         self.resend_timeout, self.max_resends = resend_timeout, max_resends
         self.request_timeout, self.resend_wait_max = request_timeout, resend_wait_max
+        self.ack_delay = ack_delay
         self.on_message = on_message
         self.receiver = receiver
         # every message received, once, in arrival order
@@ -139,6 +141,17 @@ class IMClient:
     def kill(self) -> None:
         """Vanish without DISCONNECT, as a phone losing its network: the broker fires the last will."""
         self._closing.set()
+        with self._lock:
+            self._lock.notify_all()
+        # paho's loop_stop waits out the network thread's 1 s select(); wake it through paho's own
+        # wake-up socket (as publish() does) so a vanishing client takes milliseconds, not a second.
+        self.client._thread_terminate = True
+        wake = getattr(self.client, "_sockpairW", None)
+        if wake is not None:
+            try:
+                wake.send(b"0")
+            except OSError:
+                pass
         self.client.loop_stop()
         sock = self.client.socket()
         if sock is not None:
@@ -180,7 +193,7 @@ class IMClient:
                     self._accept(obj)
                     self._pending_acks.append(obj["seq"])  # a repeat is acked again: our ack may have been lost
                     if self._ack_due is None:
-                        self._ack_due = time.monotonic() + ACK_DELAY_S
+                        self._ack_due = time.monotonic() + self.ack_delay
                     self._lock.notify_all()
             return
         self._on_reply(obj)
@@ -253,20 +266,32 @@ class IMClient:
 
     # -- requests ------------------------------------------------------------------
     def request(self, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Publish a request and wait for its answer, resending it (same req_id) while none comes.
+
+        Resending is safe: count and pull are reads, and a pull's ``ack`` deletes its page once only.
+        """
         timeout = self.request_timeout if timeout is None else timeout
         req_id = body.setdefault("req_id", f"{self._prefix}-r{next(self._ids)}")
+        payload = p.encode(body)
         with self._lock:
             self._requests[req_id] = slot = []
         try:
-            self.client.publish(p.req_topic(self.uid), p.encode(body), qos=1)
             end = time.monotonic() + timeout
-            with self._lock:
-                while not slot:
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id}")
-                    self._lock.wait(left)
-                return slot[0]
+            wait = self.resend_timeout
+            while True:
+                self.client.publish(p.req_topic(self.uid), payload, qos=1)
+                resend_at = time.monotonic() + wait
+                wait = min(wait * 2, self.resend_wait_max)
+                with self._lock:
+                    while not slot:
+                        left = min(end, resend_at) - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._lock.wait(left)
+                    if slot:
+                        return slot[0]
+                if time.monotonic() >= end:
+                    raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id}")
         finally:
             with self._lock:
                 self._requests.pop(req_id, None)

@@ -149,9 +149,13 @@ class _Pending:
     deadline: int
 
 
-def push_payload(seq: int, msg_id: str, sender: str, to: str, msg_type: str, content: str, sent_at: int) -> dict[str, Any]:
-    return {"kind": "msg", "seq": seq, "msg_id": msg_id, "from": sender, "to": to,
-            "type": msg_type, "content": content, "sent_at": sent_at}
+def push_payload(seq: int, msg_id: str, sender: str, to: str, msg_type: str, content: str, sent_at: int,
+                 ts: int | None = None) -> dict[str, Any]:
+    out = {"kind": "msg", "seq": seq, "msg_id": msg_id, "from": sender, "to": to,
+           "type": msg_type, "content": content, "sent_at": sent_at}
+    if ts is not None:
+        out["ts"] = ts  # the sender's own clock, as it sent it
+    return out
 
 
 class Delivery:
@@ -207,9 +211,9 @@ class Delivery:
             if uid not in self.online:
                 self.online.add(uid)
                 plan.ops.append(CountBacklog(receiver=uid, req_id=None))
-        elif status == p.OFFLINE or status is None:
-            # An empty retained payload clears the status: treat it as offline.
+        elif status == p.OFFLINE:
             self.set_offline(uid)
+        # Any other word (a client's "away") says nothing about reachability: ignored.
 
     def set_offline(self, uid: str) -> None:
         """Forget a receiver's presence and its pending pushes: they wait for its next pull."""
@@ -262,7 +266,7 @@ class Delivery:
             return
         out.append(Publish(p.reply_topic(op.sender), p.receipt(op.msg_id, op.to, o.seq, "stored")))
         if op.to in self.online:
-            push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at)
+            push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts)
             out.append(Publish(p.inbox_topic(op.to), push))
             self._track(op.to, o.seq, push, now_ms)
 

@@ -223,7 +223,11 @@ def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
         raise ProtocolError("bad_field", "'msg_id' must be a non-empty string")
     if _utf8_len(raw_id) > MSG_ID_MAX or _utf8_len(raw_id) < 0:
         raise ProtocolError("too_long", f"'msg_id' must be at most {MSG_ID_MAX} bytes")
-    to = _string(obj, "to", UID_MAX + 1, **ids)
+    if "to" not in obj:
+        raise ProtocolError("missing_field", "'to' is required", **ids)
+    to = obj["to"]
+    if not isinstance(to, str):
+        raise ProtocolError("bad_field", "'to' must be a string", **ids)
     if not valid_uid(to):
         raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
     msg_type = _string(obj, "type", TYPE_MAX, required=False, default="text", **ids)
@@ -288,8 +292,11 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest:
 
 
 def parse_status(payload: bytes) -> str | None:
-    """A status payload is the bare word online or offline; anything else is ignored."""
+    """A status payload is the bare word online or offline; an empty one (a cleared retained
+    status) means offline; any other word is ignored (None)."""
     text = payload.strip().decode("utf-8", "replace")
+    if not text:
+        return OFFLINE
     return text if text in (ONLINE, OFFLINE) else None
 
 

@@ -94,7 +94,9 @@ class Accepted(BaseModel):
     msg_id = pw.CharField(max_length=70)
     receiver_uid = pw.CharField(max_length=50)
     seq = pw.BigIntegerField()
-    accepted_at = pw.BigIntegerField(index=True)
+    accepted_at = pw.BigIntegerField()
+    # When the housekeeping first saw the message gone (acked); retention counts from here.
+    released_at = pw.BigIntegerField(null=True, index=True)
 
     class Meta:
         primary_key = pw.CompositeKey("sender_uid", "msg_id")
@@ -133,7 +135,8 @@ def open_database(url: str) -> pw.Database:
 
 
 def _push_dict(m: Message) -> dict:
-    return core.push_payload(m.seq, m.msg_id, m.sender_uid, m.receiver_uid, m.msg_type, m.msg_content, m.send_time)
+    return core.push_payload(m.seq, m.msg_id, m.sender_uid, m.receiver_uid, m.msg_type, m.msg_content, m.send_time,
+                             m.client_ts)
 
 
 class Store:
@@ -220,9 +223,12 @@ class Store:
 
     # -- maintenance ----------------------------------------------------------
     def purge(self, now: int | None = None) -> None:
-        """Forget old cursors, and (sender, msg_id) pairs whose message is gone and retention passed."""
+        """Forget old cursors, and (sender, msg_id) pairs whose message left the store over
+        ACCEPTED_RETENTION_MS ago (counted from the first purge that saw it gone: at most one
+        purge interval late, never early)."""
         now = now_ms() if now is None else now
         with self.db.atomic():
             Page.delete().where(Page.created_at < now - PAGE_TTL_MS).execute()
             gone = ~pw.fn.EXISTS(Message.select(Message.seq).where(Message.seq == Accepted.seq))
-            Accepted.delete().where((Accepted.accepted_at < now - ACCEPTED_RETENTION_MS) & gone).execute()
+            Accepted.update(released_at=now).where(Accepted.released_at.is_null() & gone).execute()
+            Accepted.delete().where(Accepted.released_at < now - ACCEPTED_RETENTION_MS).execute()

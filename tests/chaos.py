@@ -30,12 +30,14 @@ class Report:
     left_in_store: int = 0
     worker_kills: int = 0
     broker_restarts: int = 0
+    phases: dict = field(default_factory=dict)
 
     def line(self) -> str:
         return (f"sent={self.sent} confirmed={self.confirmed} received={self.received} "
                 f"duplicates_dropped_by_clients={self.duplicates_dropped} lost={len(self.lost)} "
                 f"received_twice={len(self.received_twice)} left_in_store={self.left_in_store} "
-                f"worker_kills={self.worker_kills} broker_restarts={self.broker_restarts}")
+                f"worker_kills={self.worker_kills} broker_restarts={self.broker_restarts} "
+                f"phases(s)={ {k: round(v, 1) for k, v in self.phases.items()} }")
 
 
 class User:
@@ -83,6 +85,7 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
     restart_at = set(rng.sample(sorted(set(range(messages // 5, messages - messages // 5)) - kill_at),
                                 broker_restarts))
     report = Report()
+    t0 = time.monotonic()
     sent = []
     for i in range(messages):
         if i in kill_at:
@@ -102,6 +105,7 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
         sent.append(users[s].sender.send(r, f"{s}->{r} #{i}"))
         time.sleep(pace_s)  # pacing, not synchronisation
     report.sent = len(sent)
+    report.phases["send"] = time.monotonic() - t0
 
     # Everyone comes back; every send must be confirmed, every message received.
     for u in users.values():
@@ -109,6 +113,7 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
     deadline = time.monotonic() + 40
     for o in sent:
         o.wait(max(0.1, deadline - time.monotonic()))
+    report.phases["confirm"] = time.monotonic() - t0
     report.confirmed = sum(1 for o in sent if o.receipt and o.receipt.get("status") in ("stored", "duplicate"))
     expected: dict[str, set[str]] = {u: set() for u in uids}
     for o in sent:
@@ -127,6 +132,7 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
         counts = Counter((m["from"], m["msg_id"]) for m in u.messages)
         report.received_twice += [k for k, n in counts.items() if n > 1]
         report.received += len(u.messages)
+    report.phases["receive"] = time.monotonic() - t0
     for u in users.values():
         u.receiver.flush_acks()
     db = open_database(system.db_url)
@@ -134,6 +140,7 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
     while Message.select().count() and time.monotonic() < end:
         time.sleep(0.1)  # acks in flight; polling the database is the only way to see them land
     report.left_in_store = Message.select().count()
+    report.phases["store_empty"] = time.monotonic() - t0
     db.close()
     report.duplicates_dropped = sum(c.duplicates_dropped for u in users.values() for c in u.instances)
     for u in users.values():

@@ -150,3 +150,19 @@ def test_page_answer_carries_delivered_receipts_first():
     out = d.after_commit([core.Paged(op, (), None, False, (core.DeletedRow("bob", 4, "carol", "x"),))], T0)
     assert out[0].topic == p.reply_topic("carol") and out[0].payload["status"] == "delivered"
     assert out[1].payload == {"kind": "page", "req_id": "q", "messages": [], "cursor": None, "more": False}
+
+
+def test_status_words():
+    d = core.Delivery()
+    d.plan([status("bob", "online")], T0)
+    assert d.plan([status("bob", "away")], T0).ops == [] and "bob" in d.online, "unknown words are ignored"
+    d.plan([(p.status_topic("bob"), b"")], T0)
+    assert "bob" not in d.online, "a cleared retained status means offline"
+
+
+def test_push_carries_the_senders_ts():
+    d = core.Delivery()
+    d.plan([status("bob", "online")], T0)
+    plan = d.plan([(p.send_topic("alice"), b'{"msg_id":"m","to":"bob","content":"x","ts":123}')], T0)
+    out = d.after_commit([stored(plan.ops[0], 1)], T0)
+    assert out[1].payload["ts"] == 123 and out[1].payload["sent_at"] == T0

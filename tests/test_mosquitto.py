@@ -119,11 +119,12 @@ def worker(broker, tmp_path):
 
 
 @pytest.fixture
-def clients():
+def clients(broker):
+    """connect(uid, **IMClient options): a reference client logged in to the test broker."""
     made: list[IMClient] = []
 
     def connect(uid: str, **kw) -> IMClient:
-        c = IMClient(uid, PASSWORDS[uid], "127.0.0.1", kw.pop("port"), **kw).connect(WAIT_S)
+        c = IMClient(uid, PASSWORDS[uid], broker.host, broker.port, **kw).connect(WAIT_S)
         made.append(c)
         return c
 
@@ -139,11 +140,18 @@ class RawSubscriber:
         self.received: list[tuple[str, bytes]] = []
         self.granted: list[str] = []
         self._connected, self._subscribed = threading.Event(), threading.Event()
+        self._arrived = threading.Condition()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
                                   protocol=mqtt.MQTTv311)
         self.client.username_pw_set(uid, PASSWORDS[uid])
         self.client.on_connect = lambda c, u, f, rc, props: self._connected.set()
-        self.client.on_message = lambda c, u, m: self.received.append((m.topic, m.payload))
+
+        def on_message(c, u, m):
+            with self._arrived:
+                self.received.append((m.topic, m.payload))
+                self._arrived.notify_all()
+
+        self.client.on_message = on_message
 
         def on_subscribe(c, u, mid, reason_codes, props):
             self.granted = [str(rc) for rc in reason_codes]
@@ -159,6 +167,10 @@ class RawSubscriber:
         self.client.subscribe([(f, 1) for f in filters])
         assert self._subscribed.wait(WAIT_S), "no SUBACK"
 
+    def wait_for_messages(self, n: int, timeout: float = WAIT_S) -> bool:
+        with self._arrived:
+            return self._arrived.wait_for(lambda: len(self.received) >= n, timeout)
+
     def publish(self, topic: str, payload: bytes) -> None:
         """QoS 1 and wait for the PUBACK: Mosquitto has then handled (or refused) it."""
         self.client.publish(topic, payload, qos=1).wait_for_publish(WAIT_S)
@@ -170,8 +182,8 @@ class RawSubscriber:
 
 def test_online_offline_and_acl(broker, worker, clients):
     port = broker.port
-    alice = clients("alice", port=port)
-    bob = clients("bob", port=port)
+    alice = clients("alice")
+    bob = clients("bob")
     # Alice's second connection, as a plain MQTT client: it tries to read what is Bob's.
     spy = RawSubscriber("alice", port, client_id="alice:spy")
     try:
@@ -212,7 +224,7 @@ def test_online_offline_and_acl(broker, worker, clients):
         r = o.wait(WAIT_S)
         assert r is not None and r.get("status") == "stored", r
 
-    bob2 = clients("bob", port=port, auto_sync=False)
+    bob2 = clients("bob", auto_sync=False)
     count = bob2.count(WAIT_S)
     assert count["kind"] == "count" and count["total"] == 3 and count["by_sender"] == {"alice": 3}, count
     drained = bob2.drain(limit=2)
@@ -226,8 +238,7 @@ def test_online_offline_and_acl(broker, worker, clients):
 
 
 def test_worker_sigkill_loses_nothing(broker, worker, clients):
-    port = broker.port
-    alice = clients("alice", port=port)
+    alice = clients("alice")
     n, kill_after = 50, 10
     outs: list = []
 
@@ -257,10 +268,37 @@ def test_worker_sigkill_loses_nothing(broker, worker, clients):
     print(f"at the kill: {sent_at_kill} sent, {done_at_kill} with a receipt; "
           f"{statuses.count('duplicate')} first answered 'duplicate', {resent} resent by alice")
 
-    bob = clients("bob", port=port, auto_sync=False)
+    bob = clients("bob", auto_sync=False)
     assert bob.count(WAIT_S)["total"] == n
     drained = bob.drain(limit=20)
     ids = [m["msg_id"] for m in drained]
     assert len(ids) == n and len(set(ids)) == n, f"{len(ids)} messages, {len(set(ids))} distinct"
     assert set(ids) == {o.msg_id for o in outs}
     assert bob.count(WAIT_S)["total"] == 0
+
+
+def test_broker_restart_keeps_the_worker_session(broker, worker, clients):
+    """persistence true: what Mosquitto queued for the offline worker survives a broker restart."""
+    worker.stop()  # clean DISCONNECT: its persistent session stays, and queues from now on
+    # A raw publisher, so no client resend can stand in for what the broker kept.
+    raw = RawSubscriber("alice", broker.port, client_id="alice:raw")
+    ids = [f"kept-{i}" for i in range(5)]
+    for msg_id in ids:
+        raw.publish(p.send_topic("alice"), p.encode({"msg_id": msg_id, "to": "bob", "content": msg_id}))
+    raw.close()
+
+    broker.restart()  # SIGTERM (Mosquitto writes mosquitto.db), then the same port and directory
+    listener = RawSubscriber("alice", broker.port, client_id="alice:raw")
+    try:
+        listener.subscribe(p.reply_topic("alice"))
+        worker.start()
+        # The worker stores what the broker kept and answers each with a receipt.
+        assert listener.wait_for_messages(len(ids)), (listener.received, worker.log_tail())
+        receipts = [p.decode_object(payload) for _, payload in listener.received]
+    finally:
+        listener.close()
+    assert [(r["kind"], r["msg_id"], r["status"]) for r in receipts] == [("receipt", i, "stored") for i in ids]
+
+    bob = clients("bob", auto_sync=False)
+    assert bob.count(WAIT_S)["total"] == len(ids)
+    assert [m["msg_id"] for m in bob.drain()] == ids

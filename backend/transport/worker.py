@@ -11,7 +11,9 @@ keeps what arrives while the worker is away.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -40,6 +42,12 @@ DB_RETRY_MIN_S, DB_RETRY_MAX_S = 0.2, 5.0
 PURGE_INTERVAL_S = 3600
 # Outgoing QoS 1 messages paho keeps in flight (its default is 20, which throttles pushes).
 MAX_INFLIGHT = 1000
+
+
+# Fault injection, for the tests that kill the worker inside one delivery window: when set, the
+# process SIGKILLs itself the first time it reaches the named point (after_store, before_push,
+# after_push, after_page). Unset in production; checking it costs one comparison.
+CRASH_AT = os.environ.get("IM_CRASH_AT") or None
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
+        self._last_info: mqtt.MQTTMessageInfo | None = None
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
                                   protocol=mqtt.MQTTv311, manual_ack=True)
         if broker.username:
@@ -181,6 +190,8 @@ class Worker:
         outcomes = self._apply(plan.ops)
         if outcomes is None:
             return  # stopping: nothing acked, the broker redelivers to our persistent session
+        if any(isinstance(op, core.StoreMessage) for op in plan.ops):
+            self._crash("after_store")
         self._publish(plan.replies)
         self._publish(self.core.after_commit(outcomes, now_ms()))
         for m in msgs:
@@ -218,4 +229,22 @@ class Worker:
 
     def _publish(self, actions: list[core.Publish]) -> None:
         for a in actions:
-            self.client.publish(a.topic, protocol.encode(a.payload), qos=a.qos)
+            kind = a.payload.get("kind")
+            if kind == "msg":
+                self._crash("before_push")
+            self._last_info = self.client.publish(a.topic, protocol.encode(a.payload), qos=a.qos)
+            if kind == "msg":
+                self._crash("after_push")
+            elif kind == "page":
+                self._crash("after_page")
+
+    def _crash(self, point: str) -> None:
+        if CRASH_AT != point:
+            return
+        log.warning("IM_CRASH_AT=%s: killing this process now", point)
+        if self._last_info is not None:
+            try:  # let what was published so far reach the broker, so the crash falls exactly here
+                self._last_info.wait_for_publish(5)
+            except (RuntimeError, ValueError):
+                pass
+        os.kill(os.getpid(), signal.SIGKILL)
