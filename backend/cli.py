@@ -163,7 +163,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
     broker = await start_broker(args.host, args.port, worker_password)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     worker = Worker(BrokerAddress(connect_host, args.port, WORKER_USERNAME, worker_password),
-                    Store(db, known_accounts=True), client_id="!im-worker")
+                    Store(db, known_accounts=True), client_id="!im-worker", skip_retained=False)
     worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -94,6 +94,7 @@ class IMClient:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self._ready = threading.Event()
+        self._refused = threading.Event()
         self._online_info: mqtt.MQTTMessageInfo | None = None
         self._closing = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or uid,
@@ -118,7 +119,10 @@ class IMClient:
         self.client.loop_start()
         if not self._helper.is_alive():
             self._helper.start()
-        if not self._ready.wait(timeout):
+        end = time.monotonic() + timeout
+        while not self._ready.is_set() and not self._refused.is_set() and time.monotonic() < end:
+            self._ready.wait(0.05)  # either event ends the wait; a refused login fails at once
+        if not self._ready.is_set():
             self.client.loop_stop()
             raise ConnectionError(f"{self.uid}: not connected within {timeout}s ({self.connect_result})")
         # Return once the broker has our `online`: the worker sees it before anything sent to us later.
@@ -161,6 +165,7 @@ class IMClient:
         self.connect_result = reason_code
         if reason_code.is_failure:
             log.warning("%s: connect refused: %s", self.uid, reason_code)
+            self._refused.set()
             if not self._ready.is_set():
                 client.disconnect()  # stop paho's retries; connect() reports the failure
             return

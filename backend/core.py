@@ -47,6 +47,9 @@ class StoreMessage:
     content: str
     ts: int | None
     sent_at: int
+    # Was the receiver online at this message's place in the batch? Decided when planning, so a
+    # batch [send to bob, bob online] counts the message in bob's announcement and does not also push it.
+    push: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ class Delivery:
             if parsed.kind == "send":
                 m = p.parse_send(payload, self.content_max)
                 plan.ops.append(StoreMessage(sender=uid, msg_id=m.msg_id, to=m.to, type=m.type,
-                                             content=m.content, ts=m.ts, sent_at=now_ms))
+                                             content=m.content, ts=m.ts, sent_at=now_ms, push=m.to in self.online))
             elif parsed.kind == "ack":
                 a = p.parse_ack(payload)
                 if a.seqs:
@@ -265,7 +268,7 @@ class Delivery:
             out.append(Publish(p.reply_topic(op.sender), p.receipt(op.msg_id, o.to, o.seq, "duplicate")))
             return
         out.append(Publish(p.reply_topic(op.sender), p.receipt(op.msg_id, op.to, o.seq, "stored")))
-        if op.to in self.online:
+        if op.push and op.to in self.online:
             push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts)
             out.append(Publish(p.inbox_topic(op.to), push))
             self._track(op.to, o.seq, push, now_ms)

@@ -166,3 +166,13 @@ def test_push_carries_the_senders_ts():
     plan = d.plan([(p.send_topic("alice"), b'{"msg_id":"m","to":"bob","content":"x","ts":123}')], T0)
     out = d.after_commit([stored(plan.ops[0], 1)], T0)
     assert out[1].payload["ts"] == 123 and out[1].payload["sent_at"] == T0
+
+
+def test_presence_is_decided_at_the_messages_place_in_the_batch():
+    d = core.Delivery()
+    plan = d.plan([send("alice", "bob", "before"), status("bob", "online"), send("alice", "bob", "after")], T0)
+    before, count, after = plan.ops
+    assert not before.push and after.push
+    out = d.after_commit([stored(before, 1), core.Counted(count, 1, {"alice": 1}), stored(after, 2)], T0)
+    pushed = [a.payload["seq"] for a in out if a.topic == p.inbox_topic("bob")]
+    assert pushed == [2], "the message counted in the announcement is pulled, not also pushed"

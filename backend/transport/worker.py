@@ -85,11 +85,17 @@ _CONNECTED, _DISCONNECTED = object(), object()
 
 class Worker:
     def __init__(self, broker: BrokerAddress, store: Store, *, client_id: str = "im-worker",
-                 delivery: core.Delivery | None = None):
+                 delivery: core.Delivery | None = None, skip_retained: bool = True):
+        """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
+        broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
+        delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
+        retained publishes itself, and amqtt flags its replay of queued messages retain=1, so
+        `serve` passes False."""
         self.broker = broker
         self.store = store
         self.core = delivery or core.Delivery()
         self.client_id = client_id
+        self.skip_retained = skip_retained
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,8 +189,12 @@ class Worker:
         now = now_ms()
         inbound = []
         for m in msgs:
-            if protocol.parse_topic(m.topic) is None:
+            parsed = protocol.parse_topic(m.topic)
+            if parsed is None:
                 log.warning("dropped a payload on %r: not a protocol topic with a valid uid", m.topic)
+            elif m.retain and self.skip_retained and parsed.kind != "status":
+                log.warning("dropped a retained replay on %s (retained sends are not messages)", m.topic)
+                continue
             inbound.append((m.topic, m.payload))
         plan = self.core.plan(inbound, now)
         outcomes = self._apply(plan.ops)

@@ -1,0 +1,334 @@
+"""Start a real Mosquitto with the project's config, for tests and manual use.
+
+    from scripts.mosquitto import start_mosquitto
+    broker = start_mosquitto({"alice": "pw", "im-worker": "secret"})
+    ... broker.host, broker.port ...
+    broker.kill(); broker.restart()   # same port, same persistence directory
+    broker.close()                    # stop and remove the temporary directory
+
+or from a shell (Ctrl-C stops it):
+
+    python scripts/mosquitto.py --port 18830 --user alice:pw --user bob:pw --user im-worker:secret
+
+broker_config/mosquitto.conf is the base: its first active ``listener`` line becomes
+``listener <port> <host>`` and persistence_location, password_file and acl_file point
+into a fresh temporary directory (a copy of broker_config/acl goes there, and a password
+file made with ``mosquitto_passwd -U``); every other line is used as written. Started as
+root, Mosquitto drops its privileges to the user named by the config's ``user`` option
+(default ``mosquitto``), so the directory and its files are handed to that user.
+
+This module needs nothing but the standard library and the mosquitto binaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO_ROOT / "broker_config" / "mosquitto.conf"
+BASE_ACL = REPO_ROOT / "broker_config" / "acl"
+# Debian and Ubuntu install the broker in /usr/sbin, which a non-root PATH often lacks.
+_EXTRA_PATH = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/local/opt/mosquitto/sbin")
+# How long start() waits for the port to accept connections; Mosquitto needs milliseconds.
+START_TIMEOUT_S = 10.0
+# How long stop() waits after SIGTERM (Mosquitto then writes its persistence file) before SIGKILL.
+STOP_TIMEOUT_S = 10.0
+
+
+def _which(name: str) -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
+    return shutil.which(name, path=path)
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto broker binary, or None."""
+    return _which("mosquitto")
+
+
+def find_mosquitto_passwd() -> str | None:
+    return _which("mosquitto_passwd")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel says is free now (another process may still take it before we bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _directives(text: str) -> list[tuple[str, str]]:
+    """(keyword, line) for each line; keyword is '' for comments and blank lines."""
+    out = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        keyword = "" if not stripped or stripped.startswith("#") else stripped.split()[0]
+        out.append((keyword, line))
+    return out
+
+
+def render_config(base: str, *, host: str, port: int, workdir: Path) -> str:
+    """The base config with its listener, persistence and auth paths moved to host:port and workdir."""
+    replace = {
+        "persistence_location": f"persistence_location {workdir / 'data'}/",
+        "password_file": f"password_file {workdir / 'passwd'}",
+        "acl_file": f"acl_file {workdir / 'acl'}",
+    }
+    lines, seen, listeners = [], set(), 0
+    for keyword, line in _directives(base):
+        if keyword == "listener":
+            listeners += 1
+            if listeners > 1:
+                raise ValueError("the base config has more than one active listener; comment out the others")
+            line = f"listener {port} {host}"
+        elif keyword in replace:
+            line = replace[keyword]
+        elif keyword == "pid_file":
+            line = "# pid_file dropped: scripts/mosquitto.py tracks the process itself"
+        elif keyword == "log_dest":
+            # Whatever the base says, log to stderr, which start() sends to workdir/mosquitto.log.
+            line = "log_dest stderr" if "log_dest" not in seen else "# second log_dest dropped"
+        seen.add(keyword)
+        lines.append(line)
+    if listeners == 0:
+        lines.append(f"listener {port} {host}")
+    for keyword, line in replace.items():
+        if keyword not in seen:
+            lines.append(line)
+    if "persistence" not in seen:
+        lines.append("persistence true")
+    return "\n".join(lines) + "\n"
+
+
+def _run_as(base: str) -> tuple[int, int] | None:
+    """The uid and gid Mosquitto will drop to when started as root (None when it will not switch)."""
+    if os.geteuid() != 0:
+        return None
+    name = "mosquitto"
+    for keyword, line in _directives(base):
+        if keyword == "user":
+            parts = line.split()
+            name = parts[1] if len(parts) > 1 else name
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if name != "mosquitto":
+            raise RuntimeError(f"the config asks Mosquitto to run as {name!r}, which does not exist") from None
+        entry = pwd.getpwnam("nobody")  # what Mosquitto itself falls back to
+    return entry.pw_uid, entry.pw_gid
+
+
+def write_password_file(path: Path, users: Mapping[str, str], passwd_binary: str | None = None) -> None:
+    """Hashed password file: plain user:password lines, then ``mosquitto_passwd -U`` (no secret on argv)."""
+    binary = passwd_binary or find_mosquitto_passwd()
+    if binary is None:
+        raise FileNotFoundError("mosquitto_passwd not found (Debian: apt-get install mosquitto)")
+    for user, password in users.items():
+        if not user or any(c in user for c in ":\n\r") or any(c in password for c in "\n\r"):
+            raise ValueError(f"user {user!r}: no ':' or newline in a username, no newline in a password")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(f"{user}:{password}\n" for user, password in users.items())
+    subprocess.run([binary, "-U", str(path)], check=True, capture_output=True, timeout=30)
+
+
+class Mosquitto:
+    """A Mosquitto process on host:port with its config, passwords, ACL and persistence in workdir."""
+
+    def __init__(self, host: str, port: int, workdir: Path, binary: str, owner: tuple[int, int] | None):
+        self.host, self.port, self.workdir = host, port, workdir
+        self.binary, self._owner = binary, owner
+        self.config_path = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> "Mosquitto":
+        """Run the broker and return once its port accepts TCP connections."""
+        if self.running:
+            raise RuntimeError("already running")
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        finally:
+            log.close()
+        end = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise RuntimeError(f"mosquitto exited with {code} on start:\n{self.log_tail()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    pass
+            except OSError:
+                if time.monotonic() > end:
+                    self.kill()
+                    raise TimeoutError(f"mosquitto not accepting on {self.host}:{self.port} "
+                                       f"after {timeout}s:\n{self.log_tail()}") from None
+                time.sleep(0.02)  # poll interval, not a guess at the start-up time
+                continue
+            if self.proc.poll() is None:  # the port is ours, not another process's
+                return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM (Mosquitto saves its persistence file on the way out); SIGKILL if it lingers."""
+        if not self.running:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self) -> int | None:
+        """SIGKILL: a crash; whatever arrived since the last autosave is lost."""
+        if not self.running:
+            return self.proc.returncode if self.proc else None
+        self.proc.kill()
+        return self.proc.wait()
+
+    def restart(self, timeout: float = START_TIMEOUT_S) -> "Mosquitto":
+        """Stop if running, then start again on the same port with the same persistence directory."""
+        self.stop()
+        return self.start(timeout)
+
+    def save(self) -> None:
+        """SIGUSR1: write the persistence file now (so a following kill() loses nothing before it)."""
+        if self.running:
+            self.proc.send_signal(signal.SIGUSR1)
+
+    def add_user(self, user: str, password: str) -> None:
+        """Add or change a user, then SIGHUP so the running broker reloads the password file."""
+        binary = find_mosquitto_passwd()
+        if binary is None:
+            raise FileNotFoundError("mosquitto_passwd not found")
+        subprocess.run([binary, "-b", str(self.workdir / "passwd"), user, password], check=True,
+                       capture_output=True, timeout=30)
+        self._chown(self.workdir / "passwd")
+        if self.running:
+            self.proc.send_signal(signal.SIGHUP)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        """Stop and remove the temporary directory."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "Mosquitto":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _chown(self, path: Path) -> None:
+        if self._owner is not None:
+            os.chown(path, *self._owner)
+
+
+def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port: int | None = None,
+                    host: str = "127.0.0.1", config: Path | str = BASE_CONFIG, acl: Path | str = BASE_ACL,
+                    timeout: float = START_TIMEOUT_S) -> Mosquitto:
+    """Lay out a temporary directory, start Mosquitto on host:port (a free port if None) and return it.
+
+    ``users`` maps usernames to passwords; include the worker's account (im-worker).
+    """
+    binary = find_mosquitto()
+    if binary is None:
+        raise FileNotFoundError("mosquitto not found (Debian: apt-get install mosquitto)")
+    users = dict(users)
+    base = Path(config).read_text(encoding="utf-8")
+    owner = _run_as(base)
+    # Under /tmp, not pytest's tmp_path: that sits in a 0700 directory the mosquitto user cannot enter.
+    workdir = Path(tempfile.mkdtemp(prefix="im-mosquitto-"))
+    try:
+        (workdir / "data").mkdir()
+        shutil.copyfile(acl, workdir / "acl")
+        write_password_file(workdir / "passwd", users)
+        attempts = 1 if port is not None else 3  # a port picked by free_port() may be taken before we bind
+        for attempt in range(attempts):
+            chosen = port if port is not None else free_port(host)
+            (workdir / "mosquitto.conf").write_text(render_config(base, host=host, port=chosen, workdir=workdir),
+                                                    encoding="utf-8")
+            for path in (workdir, workdir / "data", workdir / "acl", workdir / "passwd", workdir / "mosquitto.conf"):
+                os.chmod(path, 0o700 if path.is_dir() else 0o600)
+                if owner is not None:
+                    os.chown(path, *owner)
+            broker = Mosquitto(host, chosen, workdir, binary, owner)
+            try:
+                return broker.start(timeout)
+            except RuntimeError:
+                if attempt + 1 == attempts or "in use" not in broker.log_tail():
+                    raise
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    raise AssertionError("unreachable")
+
+
+def _parse_user(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError(f"expected USER:PASSWORD, got {text!r}")
+    return user, password
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run Mosquitto with broker_config/ on a given or free port "
+                                                 "until Ctrl-C; the temporary directory is removed on exit.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    parser.add_argument("--user", action="append", type=_parse_user, default=[], metavar="USER:PASSWORD",
+                        help="an account; repeat for each, e.g. --user alice:pw --user im-worker:secret")
+    parser.add_argument("--config", default=str(BASE_CONFIG), help=f"base config (default: {BASE_CONFIG})")
+    parser.add_argument("--acl", default=str(BASE_ACL), help=f"ACL file (default: {BASE_ACL})")
+    args = parser.parse_args(argv)
+    if not args.user:
+        parser.error("give at least one --user USER:PASSWORD (anonymous clients are refused)")
+    try:
+        broker = start_mosquitto(args.user, port=args.port, host=args.host, config=args.config, acl=args.acl)
+    except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"mosquitto listening on {broker.host}:{broker.port} (pid {broker.proc.pid}); files and log in "
+          f"{broker.workdir}; Ctrl-C stops", flush=True)
+    try:
+        while broker.running and not stop.wait(0.5):  # wake up now and then to notice a dead broker
+            pass
+    finally:
+        code = broker.proc.poll()
+        if code is not None:
+            print(f"mosquitto exited with {code}:\n{broker.log_tail()}", file=sys.stderr)
+        broker.close()
+    return 0 if code is None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
