@@ -26,11 +26,24 @@ def _db_arg(p: argparse.ArgumentParser) -> None:
                         f"(default: $IM_DATABASE_URL or {DEFAULT_DATABASE_URL})")
 
 
+def _metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on /metrics and a health check on /healthz here (default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: 127.0.0.1)")
+
+
+def default_worker_id() -> str:
+    """Stable per host, so a restarted worker resumes its own persistent session."""
+    return socket.gethostname() or "worker"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m backend",
                                      description="MQTT instant-messaging backend: no message lost, none shown twice.")
     parser.add_argument("--log-level", default=os.environ.get("IM_LOG_LEVEL", "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default: INFO)")
+    parser.add_argument("--log-format", default=os.environ.get("IM_LOG_FORMAT", "text"), choices=["text", "json"],
+                        help="text lines, or one JSON object per line for log collectors (default: text)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the embedded MQTT broker (amqtt) and the worker in one process",
@@ -39,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"MQTT port (default: {DEFAULT_PORT})")
     _db_arg(s)
+    _metrics_args(s)
 
     w = sub.add_parser("worker", help="run the worker alone, beside any MQTT 3.1.1/5 broker",
                        description="Run the worker beside an existing broker (Mosquitto, EMQX, ...). "
@@ -47,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mqtt://[user[:pass]@]host:port (default: $IM_BROKER_URL or mqtt://127.0.0.1:1883); "
                         "prefer $IM_BROKER_PASSWORD or --password-file to a password in the URL")
     w.add_argument("--password-file", help="file holding the worker's broker password")
-    w.add_argument("--client-id", default="im-worker",
-                   help="MQTT client id of the worker's persistent session (default: im-worker)")
+    w.add_argument("--id", default=None,
+                   help="this worker's stable name; its MQTT client id is im-worker-NAME, so two workers never "
+                        "share a session and a restarted one drains its own (default: the host name)")
+    w.add_argument("--client-id", default=None,
+                   help="exact MQTT client id instead of im-worker-NAME (default: derived from --id)")
+    w.add_argument("--share-group", default="im-workers",
+                   help="MQTT shared-subscription group for send/ack/req ($share/GROUP/...), so several workers "
+                        "split the load; '' subscribes plainly, for brokers without $share (default: im-workers)")
     _db_arg(w)
+    _metrics_args(w)
 
     u = sub.add_parser("user", help="manage accounts of the embedded broker")
     usub = u.add_subparsers(dest="user_command", required=True)
@@ -67,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=args.log_level, handlers=[handler])
+    else:
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         for noisy in ("amqtt", "transitions"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -76,6 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         return _worker(args)
     return _serve(args)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _start_metrics(args: argparse.Namespace, worker) -> None:
+    if args.metrics_port is not None:
+        from .metrics import serve_http
+        serve_http(worker.metrics, worker.healthy, args.metrics_host, args.metrics_port)
+        logging.getLogger("backend").info("metrics on http://%s:%s/metrics", args.metrics_host, args.metrics_port)
 
 
 def _user(args: argparse.Namespace) -> int:
@@ -124,8 +167,10 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     db = open_database(args.database_url)
-    worker = Worker(address, Store(db), client_id=args.client_id)
+    client_id = args.client_id or f"im-worker-{args.id or default_worker_id()}"
+    worker = Worker(address, Store(db), client_id=client_id, share_group=args.share_group or None)
     stop = _wait_for_signal()
+    _start_metrics(args, worker)
     worker.start()
     logging.getLogger("backend").info("worker running beside %s:%s; Ctrl-C stops", address.host, address.port)
     stop.wait()
@@ -164,6 +209,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     worker = Worker(BrokerAddress(connect_host, args.port, WORKER_USERNAME, worker_password),
                     Store(db, known_accounts=True), client_id="!im-worker", skip_retained=False)
+    _start_metrics(args, worker)
     worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

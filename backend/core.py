@@ -295,9 +295,10 @@ class Delivery:
             heapq.heappop(self._timers)
         return None
 
-    def tick(self, now_ms: int) -> list[Publish]:
-        """Resend pushes whose ack is overdue; give up after max_retries (the message waits for pull)."""
-        out: list[Publish] = []
+    def due(self, now_ms: int) -> list[tuple[str, int]]:
+        """Pushes whose ack is overdue and that still have retries left; exhausted ones are dropped
+        (they wait for pull). The caller asks the store which of them still exist, then calls resend."""
+        out: list[tuple[str, int]] = []
         while self._timers and self._timers[0][0] <= now_ms:
             deadline, receiver, seq = heapq.heappop(self._timers)
             entry = self._pending.get((receiver, seq))
@@ -306,12 +307,30 @@ class Delivery:
             if entry.attempts > self.max_retries or receiver not in self.online:
                 del self._pending[(receiver, seq)]
                 continue
+            out.append((receiver, seq))
+        return out
+
+    def resend(self, due: list[tuple[str, int]], alive: set[int] | None, now_ms: int) -> list[Publish]:
+        """Resend the due pushes whose message is still stored (``alive``; None: all). A message
+        acked through another worker is gone from the store, so it is not pushed again."""
+        out: list[Publish] = []
+        for receiver, seq in due:
+            entry = self._pending.get((receiver, seq))
+            if entry is None:
+                continue
+            if alive is not None and seq not in alive:
+                del self._pending[(receiver, seq)]
+                continue
             wait = int(self.ack_timeout_ms * self.backoff ** entry.attempts)
             entry.attempts += 1
             entry.deadline = now_ms + wait
             heapq.heappush(self._timers, (entry.deadline, receiver, seq))
             out.append(Publish(p.inbox_topic(receiver), entry.payload))
         return out
+
+    def tick(self, now_ms: int) -> list[Publish]:
+        """Resend overdue pushes, taking every one as still stored (single worker, tests)."""
+        return self.resend(self.due(now_ms), None, now_ms)
 
     @property
     def pending_pushes(self) -> int:

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import peewee as pw
 from playhouse.db_url import connect as db_url_connect
+from playhouse.migrate import SchemaMigrator, migrate
 
 from . import core
 
@@ -25,6 +26,14 @@ PAGE_TTL_MS = 24 * 3600 * 1000
 ACCEPTED_RETENTION_MS = 14 * 24 * 3600 * 1000
 # SQLite: how long a writer waits for another (e.g. `user add` while `serve` runs) before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# Pooled server databases: a worker uses one thread for the store, plus the embedded broker's
+# login checks; 8 leaves room. Connections idle for 5 minutes are recycled (PgBouncer's
+# server_idle_timeout is 600 s; MySQL's wait_timeout 8 h would otherwise cut them silently).
+POOL_MAX_CONNECTIONS = 8
+POOL_STALE_TIMEOUT_S = 300
+# Several workers starting at once must not race creating the schema: they take this lock first.
+SCHEMA_LOCK_NAME = "im_backend_schema"
+SCHEMA_LOCK_ID = 0x494D5343  # PostgreSQL advisory locks take an integer ("IMSC")
 
 database_proxy = pw.DatabaseProxy()
 
@@ -55,6 +64,16 @@ class SeqField(pw.BigAutoField):
         return node
 
 
+class ContentField(pw.TextField):
+    """Message content: up to 64 KiB of UTF-8; MySQL's TEXT holds only 65,535 bytes, so MEDIUMTEXT there."""
+
+    def ddl_datatype(self, ctx):
+        db = self.model._meta.database
+        if isinstance(getattr(db, "obj", db), pw.MySQLDatabase):
+            return pw.SQL("MEDIUMTEXT")
+        return super().ddl_datatype(ctx)
+
+
 class User(BaseModel):
     """Accounts for the embedded broker. Only a salted slow hash of the password is kept."""
 
@@ -76,7 +95,7 @@ class Message(BaseModel):
     sender_uid = pw.CharField(max_length=50)
     msg_id = pw.CharField(max_length=70)
     msg_type = pw.CharField(max_length=32)
-    msg_content = pw.TextField()
+    msg_content = ContentField()
     send_time = pw.BigIntegerField()  # server time, ms since the epoch
     client_ts = pw.BigIntegerField(null=True)  # the sender's own clock, as it sent it
 
@@ -115,8 +134,19 @@ class Page(BaseModel):
 MODELS = (User, Message, Accepted, Page)
 
 
-def open_database(url: str) -> pw.Database:
-    """Connect to ``url`` (any playhouse.db_url URL), bind the models and create missing tables."""
+def _pooled(url: str) -> str:
+    """postgresql:// and mysql:// (or mariadb://) get peewee's connection pool."""
+    for plain, pooled in (("postgresql://", "postgresql+pool://"), ("postgres://", "postgres+pool://"),
+                          ("mysql://", "mysql+pool://"), ("mariadb://", "mysql+pool://")):
+        if url.startswith(plain):
+            sep = "&" if "?" in url else "?"
+            return (pooled + url[len(plain):] + f"{sep}max_connections={POOL_MAX_CONNECTIONS}"
+                    f"&stale_timeout={POOL_STALE_TIMEOUT_S}")
+    return url
+
+
+def open_database(url: str, *, create: bool = True) -> pw.Database:
+    """Connect to ``url`` (any playhouse.db_url URL), bind the models, create or migrate the schema."""
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
@@ -128,10 +158,56 @@ def open_database(url: str) -> pw.Database:
             "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
         })
     else:
-        db = db_url_connect(url)
+        kwargs = {"charset": "utf8mb4"} if url.startswith(("mysql", "mariadb")) else {}
+        db = db_url_connect(_pooled(url), **kwargs)
     database_proxy.initialize(db)
-    db.create_tables(MODELS, safe=True)
+    if create:
+        with _schema_lock(db):
+            create_schema(db)
     return db
+
+
+class _schema_lock:
+    """Serialise schema changes between workers that start together (advisory lock / GET_LOCK)."""
+
+    def __init__(self, db: pw.Database):
+        self.db = db
+
+    def __enter__(self):
+        if isinstance(self.db, pw.PostgresqlDatabase):
+            self.db.execute_sql("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_ID,))
+        elif isinstance(self.db, pw.MySQLDatabase):
+            self.db.execute_sql("SELECT GET_LOCK(%s, 60)", (SCHEMA_LOCK_NAME,))
+
+    def __exit__(self, *exc):
+        if isinstance(self.db, pw.PostgresqlDatabase):
+            self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_ID,))
+        elif isinstance(self.db, pw.MySQLDatabase):
+            self.db.execute_sql("SELECT RELEASE_LOCK(%s)", (SCHEMA_LOCK_NAME,))
+
+
+def create_schema(db: pw.Database) -> None:
+    """Create missing tables and indexes, and add columns that newer versions added (never drops)."""
+    # MySQL/MariaDB: binary collation, so uids and msg_ids compare byte for byte ("Alice" is not "alice").
+    settings = ["DEFAULT CHARSET=utf8mb4 COLLATE utf8mb4_bin"] if isinstance(db, pw.MySQLDatabase) else []
+    for model in MODELS:
+        model._meta.table_settings = settings
+    # Columns first (an index on a new column needs the column), then missing tables and indexes.
+    migrator = SchemaMigrator.from_database(db)
+    tables = set(db.get_tables())
+    for model in MODELS:
+        if model._meta.table_name not in tables:
+            continue
+        have = {c.name for c in db.get_columns(model._meta.table_name)}
+        missing = [f for f in model._meta.sorted_fields if f.column_name not in have]
+        if missing:
+            migrate(*(migrator.add_column(model._meta.table_name, f.column_name, f) for f in missing))
+    db.create_tables(MODELS, safe=True)
+
+
+def drop_schema(db: pw.Database) -> None:
+    """Remove every table of ours (tests)."""
+    db.drop_tables(MODELS, safe=True)
 
 
 def _push_dict(m: Message) -> dict:
@@ -220,6 +296,16 @@ class Store:
             Page.create(cursor=cursor, receiver_uid=op.receiver, seqs=",".join(str(m.seq) for m in rows),
                         created_at=now_ms())
         return core.Paged(op, tuple(_push_dict(m) for m in rows), cursor, more, deleted)
+
+    def backlog(self) -> int:
+        return Message.select().count()
+
+    def alive(self, seqs: Iterable[int]) -> set[int]:
+        """Which of these seqs are still stored (not yet acked, here or through another worker)."""
+        seqs = list(seqs)
+        if not seqs:
+            return set()
+        return {s for (s,) in Message.select(Message.seq).where(Message.seq.in_(seqs)).tuples()}
 
     # -- maintenance ----------------------------------------------------------
     def purge(self, now: int | None = None) -> None:

@@ -36,8 +36,10 @@ def mosquitto(users: dict[str, str]):
 class WorkerProcess:
     """`python -m backend worker` beside a broker; start() returns once it is connected."""
 
-    def __init__(self, port: int, db_url: str, client_id: str = "im-worker", host: str = "127.0.0.1"):
+    def __init__(self, port: int, db_url: str, client_id: str = "im-worker", host: str = "127.0.0.1",
+                 extra: list[str] | None = None, username: str | None = WORKER_USER):
         self.port, self.db_url, self.client_id, self.host = port, db_url, client_id, host
+        self.extra, self.username = extra or [], username
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -46,8 +48,9 @@ class WorkerProcess:
         self.lines = []
         env = {**os.environ, "IM_BROKER_PASSWORD": WORKER_PASSWORD, **(env or {})}
         self.proc = subprocess.Popen(
-            backend_cmd("worker", "--broker", f"mqtt://{WORKER_USER}@{self.host}:{self.port}",
-                        "--database-url", self.db_url, "--client-id", self.client_id),
+            backend_cmd("worker", "--broker",
+                        f"mqtt://{self.username + '@' if self.username else ''}{self.host}:{self.port}",
+                        "--database-url", self.db_url, "--client-id", self.client_id, *self.extra),
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         if wait and not self.wait_log("backend.worker: connected", timeout):
@@ -77,3 +80,34 @@ class WorkerProcess:
             self.proc.send_signal(signal.SIGINT)
             return self.proc.wait(15)
         return self.proc.returncode if self.proc else 0
+
+
+# The machine's own database servers (DEVELOPERS.md); override with IM_TEST_POSTGRES_URL / IM_TEST_MYSQL_URL.
+POSTGRES_URL = os.environ.get("IM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("IM_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
+
+
+def reachable(url: str) -> str | None:
+    """None if the database answers, else why not."""
+    import peewee as pw
+    from playhouse.db_url import connect
+    try:
+        db = connect(url, **({"charset": "utf8mb4"} if url.startswith("mysql") else {}))
+        db.connect()
+        db.execute_sql("SELECT 1")
+        db.close()
+        return None
+    except (pw.OperationalError, pw.InterfaceError, ImportError) as e:
+        return f"{url.split('://')[0]} not reachable at {url.split('@')[-1]}: {str(e).strip()[:120]}"
+
+
+def fresh_database(url: str):
+    """Open ``url`` with an empty schema of ours (drops our tables first)."""
+    from backend.store import create_schema, drop_schema, open_database
+    if not url.startswith("sqlite"):
+        why = reachable(url)
+        require(why is None, why or "")
+    db = open_database(url, create=False)
+    drop_schema(db)
+    create_schema(db)
+    return db

@@ -17,7 +17,7 @@ def test_help_says_what_and_defaults(args):
     if args == ["serve"]:
         assert "default: 1883" in r.stdout and "sqlite:///data/im.db" in r.stdout
     if args == ["worker"]:
-        assert "mqtt://127.0.0.1:1883" in r.stdout and "default: im-worker" in r.stdout
+        assert "mqtt://127.0.0.1:1883" in r.stdout and "im-worker-NAME" in r.stdout and "default: im-workers" in r.stdout
 
 
 def test_user_add_list_remove(db_url):

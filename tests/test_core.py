@@ -176,3 +176,13 @@ def test_presence_is_decided_at_the_messages_place_in_the_batch():
     out = d.after_commit([stored(before, 1), core.Counted(count, 1, {"alice": 1}), stored(after, 2)], T0)
     pushed = [a.payload["seq"] for a in out if a.topic == p.inbox_topic("bob")]
     assert pushed == [2], "the message counted in the announcement is pulled, not also pushed"
+
+
+def test_a_push_acked_through_another_worker_is_not_resent():
+    d = core.Delivery(ack_timeout_ms=100)
+    plan = d.plan([status("bob", "online"), send("alice", "bob", "m1"), send("alice", "bob", "m2")], T0)
+    d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(plan.ops[1], 5), stored(plan.ops[2], 6)], T0)
+    due = d.due(T0 + 100)
+    assert sorted(due) == [("bob", 5), ("bob", 6)]
+    out = d.resend(due, alive={6}, now_ms=T0 + 100)  # seq 5 was acked on another worker
+    assert [a.payload["seq"] for a in out] == [6] and d.pending_pushes == 1

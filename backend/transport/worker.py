@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 import peewee as pw
 
 from .. import core, protocol
+from ..metrics import Metrics
 from ..store import Store, now_ms
 
 log = logging.getLogger("backend.worker")
@@ -42,6 +43,18 @@ DB_RETRY_MIN_S, DB_RETRY_MAX_S = 0.2, 5.0
 PURGE_INTERVAL_S = 3600
 # Outgoing QoS 1 messages paho keeps in flight (its default is 20, which throttles pushes).
 MAX_INFLIGHT = 1000
+# How often the backlog gauge is sampled (a COUNT over the message table): Prometheus scrapes every 15-60 s.
+BACKLOG_SAMPLE_S = 30
+# Workers share send/ack/req through this MQTT shared-subscription group by default ($share/<group>/...):
+# with one worker it changes nothing; with several, the broker spreads the load between them.
+DEFAULT_SHARE_GROUP = "im-workers"
+
+
+def worker_subscriptions(share_group: str | None) -> list[str]:
+    """send/ack/req through the shared group (if any); statuses always plain: every worker sees all presence."""
+    prefix = f"$share/{share_group}/" if share_group else ""
+    return [prefix + t for t in protocol.WORKER_SUBSCRIPTIONS if "/status/" not in t] + \
+        [t for t in protocol.WORKER_SUBSCRIPTIONS if "/status/" in t]
 
 
 # Fault injection, for the tests that kill the worker inside one delivery window: when set, the
@@ -85,7 +98,8 @@ _CONNECTED, _DISCONNECTED = object(), object()
 
 class Worker:
     def __init__(self, broker: BrokerAddress, store: Store, *, client_id: str = "im-worker",
-                 delivery: core.Delivery | None = None, skip_retained: bool = True):
+                 delivery: core.Delivery | None = None, skip_retained: bool = True,
+                 share_group: str | None = None, metrics: Metrics | None = None):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
@@ -96,6 +110,9 @@ class Worker:
         self.core = delivery or core.Delivery()
         self.client_id = client_id
         self.skip_retained = skip_retained
+        self.subscriptions = worker_subscriptions(share_group)
+        self.metrics = metrics or Metrics()
+        self.db_ok = True
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -121,12 +138,14 @@ class Worker:
         set_nodelay(client)
         # The marker goes first so presence is reset before the retained statuses arrive.
         self._queue.put(_CONNECTED)
-        client.subscribe([(t, 1) for t in protocol.WORKER_SUBSCRIPTIONS])
+        client.subscribe([(t, 1) for t in self.subscriptions])
         self.connected.set()
+        self.metrics.connected.set(1)
         log.info("connected to %s:%s as %s", self.broker.host, self.broker.port, self.client_id)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
+        self.metrics.connected.set(0)
         if not self._stop.is_set():
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
@@ -149,8 +168,12 @@ class Worker:
         self.client.loop_stop()
 
     # -- the worker thread -------------------------------------------------------
+    def healthy(self) -> bool:
+        return self.connected.is_set() and self.db_ok
+
     def _run(self) -> None:
         next_purge = time.monotonic() + 5
+        next_sample = time.monotonic()
         while not self._stop.is_set():
             deadline = self.core.next_deadline()
             timeout = 1.0 if deadline is None else max(0.0, min(1.0, (deadline - now_ms()) / 1000))
@@ -164,10 +187,13 @@ class Worker:
             try:
                 if batch:
                     self._process(batch)
-                self._publish(self.core.tick(now_ms()))
+                self._retransmit()
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + PURGE_INTERVAL_S
                     self.store.purge()
+                if time.monotonic() >= next_sample:
+                    next_sample = time.monotonic() + BACKLOG_SAMPLE_S
+                    self.metrics.backlog.set(self.store.backlog())
             except Exception:  # never let one bad batch kill the worker; nothing was acked
                 log.exception("worker loop error")
                 time.sleep(DB_RETRY_MIN_S)
@@ -197,13 +223,18 @@ class Worker:
                 continue
             inbound.append((m.topic, m.payload))
         plan = self.core.plan(inbound, now)
+        started = time.perf_counter()
         outcomes = self._apply(plan.ops)
         if outcomes is None:
             return  # stopping: nothing acked, the broker redelivers to our persistent session
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        self._count(inbound, outcomes)
         if any(isinstance(op, core.StoreMessage) for op in plan.ops):
             self._crash("after_store")
         self._publish(plan.replies)
-        self._publish(self.core.after_commit(outcomes, now_ms()))
+        actions = self.core.after_commit(outcomes, now_ms())
+        self.metrics.pushed.inc(sum(1 for a in actions if a.payload.get("kind") == "msg"))
+        self._publish(actions)
         for m in msgs:
             if m.qos > 0:
                 self.client.ack(m.mid, m.qos)
@@ -214,15 +245,43 @@ class Worker:
         while not self._stop.is_set():
             try:
                 try:
-                    return self.store.apply(ops)
+                    result = self.store.apply(ops)
                 except (pw.IntegrityError, pw.DataError, pw.ProgrammingError, ValueError):
-                    return [self._apply_one(op) for op in ops]
+                    result = [self._apply_one(op) for op in ops]
+                self.db_ok = True
+                return result
             except (pw.OperationalError, pw.InterfaceError) as e:
+                self.db_ok = False
                 log.error("database unavailable (%s); retrying in %.1fs", e, wait)
                 self._close_db()
                 time.sleep(wait)
                 wait = min(wait * 2, DB_RETRY_MAX_S)
         return None
+
+    def _retransmit(self) -> None:
+        due = self.core.due(now_ms())
+        if not due:
+            return
+        try:
+            alive = self.store.alive(seq for _, seq in due)
+        except (pw.OperationalError, pw.InterfaceError):
+            alive = None  # cannot tell: resend all; receivers drop repeats by seq
+        again = self.core.resend(due, alive, now_ms())
+        self.metrics.retransmitted.inc(len(again))
+        self._publish(again)
+
+    def _count(self, inbound: list[tuple[str, bytes]], outcomes: list[core.Outcome]) -> None:
+        m = self.metrics
+        for topic, _ in inbound:
+            parsed = protocol.parse_topic(topic)
+            m.inbound.labels(parsed.kind if parsed else "invalid").inc()
+        for o in outcomes:
+            if isinstance(o, core.Stored):
+                (m.duplicates if o.duplicate else m.stored).inc()
+            elif isinstance(o, core.Deleted):
+                m.acked.inc(len(o.rows))
+            elif isinstance(o, core.Paged):
+                m.acked.inc(len(o.deleted))
 
     def _apply_one(self, op: core.Operation) -> core.Outcome:
         try:
@@ -240,6 +299,8 @@ class Worker:
     def _publish(self, actions: list[core.Publish]) -> None:
         for a in actions:
             kind = a.payload.get("kind")
+            if kind == "error":
+                self.metrics.errors.labels(a.payload.get("code", "unknown")).inc()
             if kind == "msg":
                 self._crash("before_push")
             self._last_info = self.client.publish(a.topic, protocol.encode(a.payload), qos=a.qos)

@@ -1,0 +1,173 @@
+"""Beside any broker, beyond one machine: several workers on Mosquitto + PostgreSQL, the machine's own
+unconfigured Mosquitto, metrics and the health check."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import urllib.error
+import urllib.request
+
+import chaos
+from backend.client import IMClient
+from conftest import eventually, free_port
+from services import MYSQL_URL, POSTGRES_URL, WorkerProcess, fresh_database, mosquitto, reachable, require
+
+UIDS = [f"s{i:02d}" for i in range(12)]
+PASSWORDS = {u: f"{u}-pw" for u in UIDS}
+
+
+class ThreeWorkers:
+    """Mosquitto from broker_config/, three workers (distinct --id) sharing one database."""
+
+    def __init__(self, db_url: str):
+        self.db_url = db_url
+        self.broker = mosquitto(PASSWORDS)
+        self.port = self.broker.port
+        self.workers = [WorkerProcess(self.port, db_url, client_id=f"im-worker-w{i}") for i in range(3)]
+        for w in self.workers:
+            w.start()
+        self.rng = random.Random(3)
+        self.victim: WorkerProcess | None = None
+
+    def kill_worker(self) -> None:
+        self.victim = self.rng.choice(self.workers)
+        self.victim.kill()
+
+    def start_worker(self) -> None:
+        self.victim.start(wait=False)  # same id: it resumes its own persistent session
+
+    def restart_broker(self) -> None:
+        self.broker.kill()
+        self.broker.start()
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill()
+        self.broker.close()
+
+
+def _scale_out(db_url: str, capsys) -> None:
+    fresh_database(db_url).close()
+    system = ThreeWorkers(db_url)
+    try:
+        report = chaos.run(system, UIDS, PASSWORDS, messages=1500, worker_kills=3, broker_restarts=0, seed=5,
+                           pace_s=0.004)
+        served = [sum("connected to" in ln for ln in w.lines) for w in system.workers]
+    finally:
+        system.close()
+    with capsys.disabled():
+        print(f"\nscale-out chaos ({db_url.split(':')[0]}, 3 workers):", report.line())
+    assert report.worker_kills == 3
+    assert report.confirmed == report.sent
+    assert report.lost == [], f"lost: {report.lost[:10]}"
+    assert report.received_twice == []
+    assert report.received == report.sent
+    assert report.left_in_store == 0
+    assert all(served), "every worker connected"
+
+
+def test_three_workers_on_postgresql_one_killed_mid_load(capsys):
+    _scale_out(POSTGRES_URL, capsys)
+
+
+def test_three_workers_on_mariadb_one_killed_mid_load(capsys):
+    require(reachable(MYSQL_URL) is None, reachable(MYSQL_URL) or "")
+    _scale_out(MYSQL_URL, capsys)
+
+
+def test_beside_the_machines_own_unconfigured_mosquitto(db_url):
+    """The machine's Mosquitto at 127.0.0.1:1883 (anonymous, no ACL): the worker works beside it."""
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", 1883), timeout=2).close()
+    except OSError:
+        require(False, "no MQTT broker at 127.0.0.1:1883")
+    tag = os.urandom(3).hex()
+    alice, bob = f"alice-{tag}", f"bob-{tag}"
+    worker = WorkerProcess(1883, db_url, client_id=f"im-worker-test-{tag}", username=None,
+                           extra=["--share-group", f"g{tag}"]).start()
+    clients = []
+    try:
+        b = IMClient(bob, port=1883).connect()
+        a = IMClient(alice, port=1883).connect()
+        clients += [a, b]
+        out = a.send(bob, "hello beside mosquitto")
+        assert out.wait(10)["status"] == "stored"
+        assert b.wait_for_messages(1) and out.delivered.wait(10)
+        b.close()
+        a.send(bob, "while you were away").wait(10)
+        b2 = IMClient(bob, port=1883, auto_sync=False).connect()
+        clients.append(b2)
+        assert b2.count()["by_sender"] == {alice: 1}
+        assert [m["content"] for m in b2.drain()] == ["while you were away"]
+    finally:
+        for c in clients:
+            c.kill()
+        worker.stop()
+        # Leave the shared broker as we found it: clear our retained statuses.
+        import paho.mqtt.publish as publish
+        publish.multiple([{"topic": f"im/status/{u}", "payload": b"", "retain": True, "qos": 1}
+                          for u in (alice, bob)], hostname="127.0.0.1", port=1883)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_move_as_messages_flow(db_url):
+    broker = mosquitto({"alice": "alice-pw", "bob": "bob-pw"})
+    port = free_port()
+    worker = WorkerProcess(broker.port, db_url, extra=["--metrics-port", str(port)]).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert eventually(lambda: _get(base + "/healthz")[0] == 200)
+        before = _get(base + "/metrics")[1]
+        assert _metric(before, "im_messages_stored_total") == 0 and _metric(before, "im_broker_connected") == 1
+        bob = IMClient("bob", "bob-pw", port=broker.port).connect()
+        alice = IMClient("alice", "alice-pw", port=broker.port).connect()
+        outs = [alice.send("bob", f"m{i}") for i in range(5)]
+        assert all(o.delivered.wait(10) for o in outs)
+        alice.send_raw("send", b"not json")
+        assert alice.wait_for(lambda: alice.errors, 10)
+        text = _get(base + "/metrics")[1]
+        assert _metric(text, "im_messages_stored_total") == 5
+        assert _metric(text, "im_messages_pushed_total") == 5
+        assert _metric(text, "im_messages_acked_total") == 5
+        assert _metric(text, 'im_errors_total{code="bad_json"}') == 1
+        assert _metric(text, "im_store_batch_seconds_count") >= 1
+        alice.kill()
+        bob.kill()
+        broker.kill()  # the broker goes away: the health check says so
+        assert eventually(lambda: _get(base + "/healthz")[0] == 503, 15)
+        assert _metric(_get(base + "/metrics")[1], "im_broker_connected") == 0
+    finally:
+        worker.kill()
+        broker.close()
+
+
+def test_json_logs_are_one_object_per_line():
+    import logging
+    from backend.cli import JsonFormatter
+    rec = logging.LogRecord("backend.worker", logging.WARNING, __file__, 1, "dropped %s", ("x",), None)
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["level"] == "WARNING" and out["logger"] == "backend.worker" and out["message"] == "dropped x"
+
+
+def test_bad_broker_url_is_a_clear_error(db_url):
+    from conftest import run_cli
+    r = run_cli("worker", "--broker", "ftp://nowhere", "--database-url", db_url)
+    assert r.returncode == 2 and "mqtt://" in r.stderr
