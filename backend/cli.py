@@ -26,6 +26,20 @@ def _db_arg(p: argparse.ArgumentParser) -> None:
                         f"(default: $IM_DATABASE_URL or {DEFAULT_DATABASE_URL})")
 
 
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expire-after", type=float, default=14 * 24 * 3600,
+                   help="seconds an unread message waits before it expires; the receiver's next count says how "
+                        "many did (default: 1209600, 14 days, as Signal's server)")
+    p.add_argument("--quota", type=int, default=0,
+                   help="most messages waiting for one receiver; past it senders get quota_exceeded "
+                        "(default: 0, no limit)")
+
+
+def _store(args: argparse.Namespace, db, **kw):
+    from .store import Store
+    return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), **kw)
+
+
 def _metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on /metrics and a health check on /healthz here (default: off)")
@@ -52,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"MQTT port (default: {DEFAULT_PORT})")
     _db_arg(s)
+    _store_args(s)
     _metrics_args(s)
 
     w = sub.add_parser("worker", help="run the worker alone, beside any MQTT 3.1.1/5 broker",
@@ -70,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MQTT shared-subscription group for send/ack/req ($share/GROUP/...), so several workers "
                         "split the load; '' subscribes plainly, for brokers without $share (default: im-workers)")
     _db_arg(w)
+    _store_args(w)
     _metrics_args(w)
 
     u = sub.add_parser("user", help="manage accounts of the embedded broker")
@@ -155,7 +171,7 @@ def _wait_for_signal() -> threading.Event:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .store import Store, open_database
+    from .store import open_database
     from .transport.worker import Worker, parse_broker_url
     password = os.environ.get("IM_BROKER_PASSWORD")
     if args.password_file:
@@ -168,7 +184,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     db = open_database(args.database_url)
     client_id = args.client_id or f"im-worker-{args.id or default_worker_id()}"
-    worker = Worker(address, Store(db), client_id=client_id, share_group=args.share_group or None)
+    worker = Worker(address, _store(args, db), client_id=client_id, share_group=args.share_group or None)
     stop = _wait_for_signal()
     _start_metrics(args, worker)
     worker.start()
@@ -199,7 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_async(args: argparse.Namespace) -> int:
     from .accounts import WORKER_USERNAME
-    from .store import Store, open_database
+    from .store import open_database
     from .transport.embedded import start_broker
     from .transport.worker import BrokerAddress, Worker
     log = logging.getLogger("backend")
@@ -208,7 +224,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
     broker = await start_broker(args.host, args.port, worker_password)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     worker = Worker(BrokerAddress(connect_host, args.port, WORKER_USERNAME, worker_password),
-                    Store(db, known_accounts=True), client_id="!im-worker", skip_retained=False)
+                    _store(args, db, known_accounts=True), client_id="!im-worker", skip_retained=False)
     _start_metrics(args, worker)
     worker.start()
     stop = asyncio.Event()

@@ -71,6 +71,7 @@ class PullPage:
     limit: int
     from_uid: str | None
     ack: str | None
+    order: str = "oldest"  # or "newest": the latest page first, scrolling back
 
 
 Operation = StoreMessage | DeleteAcked | CountBacklog | PullPage
@@ -104,6 +105,8 @@ class Counted:
     op: CountBacklog
     total: int
     by_sender: dict[str, int]
+    previews: dict[str, dict[str, Any]] = field(default_factory=dict)  # each sender's newest message
+    expired: int = 0  # messages that expired unread since the last count
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ class Delivery:
                     plan.ops.append(CountBacklog(receiver=uid, req_id=r.req_id))
                 else:
                     plan.ops.append(PullPage(receiver=uid, req_id=r.req_id, limit=r.limit,
-                                             from_uid=r.from_uid, ack=r.ack))
+                                             from_uid=r.from_uid, ack=r.ack, order=r.order))
         except p.ProtocolError as e:
             plan.replies.append(Publish(p.reply_topic(uid), e.to_wire()))
 
@@ -239,10 +242,11 @@ class Delivery:
             elif isinstance(o, Deleted):
                 self._delivered(out, o.rows)
             elif isinstance(o, Counted):
-                payload: dict[str, Any] = {"kind": "count", "total": o.total, "by_sender": o.by_sender}
+                payload: dict[str, Any] = {"kind": "count", "total": o.total, "by_sender": o.by_sender,
+                                           "previews": o.previews, "expired": o.expired}
                 if o.op.req_id is not None:
                     payload["req_id"] = o.op.req_id
-                elif o.total == 0:
+                elif o.total == 0 and o.expired == 0:
                     continue  # nothing waits: no announcement
                 out.append(Publish(p.reply_topic(o.op.receiver), payload))
             elif isinstance(o, Paged):

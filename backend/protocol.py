@@ -39,6 +39,9 @@ PULL_LIMIT_DEFAULT = 100
 PULL_LIMIT_MAX = 500
 # A cursor is a token we issued (32 hex chars); anything longer is not ours.
 CURSOR_MAX = 64
+# A count's preview of each sender's newest message: enough characters for a conversation list line.
+PREVIEW_CHARS = 100
+PULL_ORDERS = ("oldest", "newest")
 
 UID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % UID_MAX)
 
@@ -210,6 +213,7 @@ class PullRequest:
     limit: int
     from_uid: str | None
     ack: str | None
+    order: str = "oldest"
 
 
 def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
@@ -288,7 +292,10 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest:
     ack = obj.get("ack")
     if ack is not None and (not isinstance(ack, str) or not ack or len(ack) > CURSOR_MAX):
         raise ProtocolError("unknown_cursor", "'ack' is not a cursor this server issued", **ids)
-    return PullRequest(req_id=req_id, limit=limit, from_uid=from_uid, ack=ack)
+    order = obj.get("order", "oldest")
+    if order not in PULL_ORDERS:
+        raise ProtocolError("bad_field", "'order' must be \"oldest\" or \"newest\"", **ids)
+    return PullRequest(req_id=req_id, limit=limit, from_uid=from_uid, ack=ack, order=order)
 
 
 def parse_status(payload: bytes) -> str | None:

@@ -17,13 +17,16 @@ from playhouse.db_url import connect as db_url_connect
 from playhouse.migrate import SchemaMigrator, migrate
 
 from . import core
+from . import protocol as p
 
 # A page's cursor stays valid this long; a page is normally acked within seconds, and a client
 # holding an expired cursor just pulls again without it and drops the repeats by seq.
 PAGE_TTL_MS = 24 * 3600 * 1000
+# Unread messages expire after this age; 14 days is how long Signal's server keeps an offline queue.
+EXPIRE_AFTER_MS = 14 * 24 * 3600 * 1000
 # (sender, msg_id) pairs are remembered at least this long after their message left the store,
-# so a late retransmit is still answered "duplicate"; 14 days is Signal's offline-queue age.
-ACCEPTED_RETENTION_MS = 14 * 24 * 3600 * 1000
+# so a late retransmit is still answered "duplicate" (at least the expiry age, as the protocol says).
+ACCEPTED_RETENTION_MS = EXPIRE_AFTER_MS
 # SQLite: how long a writer waits for another (e.g. `user add` while `serve` runs) before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
 # Pooled server databases: a worker uses one thread for the store, plus the embedded broker's
@@ -96,7 +99,7 @@ class Message(BaseModel):
     msg_id = pw.CharField(max_length=70)
     msg_type = pw.CharField(max_length=32)
     msg_content = ContentField()
-    send_time = pw.BigIntegerField()  # server time, ms since the epoch
+    send_time = pw.BigIntegerField(index=True)  # server time, ms since the epoch (indexed for expiry)
     client_ts = pw.BigIntegerField(null=True)  # the sender's own clock, as it sent it
 
     class Meta:
@@ -131,7 +134,14 @@ class Page(BaseModel):
     acked = pw.BooleanField(default=False)
 
 
-MODELS = (User, Message, Accepted, Page)
+class Expired(BaseModel):
+    """How many of a receiver's messages expired unread since its last count (reported, then reset)."""
+
+    receiver_uid = pw.CharField(max_length=50, primary_key=True)
+    count = pw.BigIntegerField(default=0)
+
+
+MODELS = (User, Message, Accepted, Page, Expired)
 
 
 def _pooled(url: str) -> str:
@@ -158,7 +168,13 @@ def open_database(url: str, *, create: bool = True) -> pw.Database:
             "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
         })
     else:
-        kwargs = {"charset": "utf8mb4"} if url.startswith(("mysql", "mariadb")) else {}
+        kwargs = {}
+        if url.startswith(("mysql", "mariadb")):
+            # READ COMMITTED, as PostgreSQL's default: InnoDB's REPEATABLE READ takes gap locks on
+            # the deletes of acks, which deadlock with other workers' inserts. A lock wait gives up
+            # after 5 s (InnoDB's default is 50 s) and the worker retries the batch, still unacked.
+            kwargs = {"charset": "utf8mb4", "init_command": "SET SESSION tx_isolation = 'READ-COMMITTED', "
+                                                            "SESSION innodb_lock_wait_timeout = 5"}
         db = db_url_connect(_pooled(url), **kwargs)
     database_proxy.initialize(db)
     if create:
@@ -218,10 +234,15 @@ def _push_dict(m: Message) -> dict:
 class Store:
     """Runs plans against the database. One instance per worker thread."""
 
-    def __init__(self, db: pw.Database, *, known_accounts: bool = False):
+    def __init__(self, db: pw.Database, *, known_accounts: bool = False, quota: int | None = None,
+                 expire_after_ms: int | None = EXPIRE_AFTER_MS):
         self.db = db
         # With the embedded broker the worker knows every account: a message to nobody is an error.
         self.known_accounts = known_accounts
+        # Per-receiver backlog limit (None: none). Checked before each insert; several workers storing
+        # for one receiver at the same instant may pass it by a few messages, never by a batch.
+        self.quota = quota or None
+        self.expire_after_ms = expire_after_ms
 
     def apply(self, ops: Iterable[core.Operation]) -> list[core.Outcome]:
         """Run the operations in one transaction; the caller publishes only after this returns."""
@@ -234,8 +255,7 @@ class Store:
         if isinstance(op, core.DeleteAcked):
             return core.Deleted(op, self.delete(op.receiver, op.seqs))
         if isinstance(op, core.CountBacklog):
-            total, by_sender = self.count(op.receiver)
-            return core.Counted(op, total, by_sender)
+            return self.count(op)
         return self.pull(op)
 
     # -- operations -----------------------------------------------------------
@@ -245,6 +265,11 @@ class Store:
             return core.Stored(op, first.seq, duplicate=True, to=first.receiver_uid)
         if self.known_accounts and not User.select().where(User.uid == op.to).exists():
             return core.Refused(op, "unknown_receiver", f"no user '{op.to}'")
+        if self.quota is not None:
+            waiting = Message.select(Message.seq).where(Message.receiver_uid == op.to).limit(self.quota).count()
+            if waiting >= self.quota:
+                return core.Refused(op, "quota_exceeded", f"'{op.to}' has {self.quota} messages waiting, the most "
+                                                          "this server keeps; send again once they read some")
         seq = Message.insert(receiver_uid=op.to, sender_uid=op.sender, msg_id=op.msg_id, msg_type=op.type,
                              msg_content=op.content, send_time=op.sent_at, client_ts=op.ts).execute()
         inserted = self.db.execute(Accepted.insert(
@@ -268,11 +293,27 @@ class Store:
             Message.delete().where(where).execute()
         return rows
 
-    def count(self, receiver: str) -> tuple[int, dict[str, int]]:
-        q = (Message.select(Message.sender_uid, pw.fn.COUNT(Message.seq).alias("n"))
-             .where(Message.receiver_uid == receiver).group_by(Message.sender_uid).tuples())
-        by_sender = {sender: n for sender, n in q}
-        return sum(by_sender.values()), by_sender
+    def count(self, op: core.CountBacklog) -> core.Counted:
+        """Totals by sender, each sender's newest message as a preview, and the expired tally (then reset)."""
+        q = (Message.select(Message.sender_uid, pw.fn.COUNT(Message.seq), pw.fn.MAX(Message.seq))
+             .where(Message.receiver_uid == op.receiver).group_by(Message.sender_uid).tuples())
+        by_sender, newest = {}, []
+        for sender, n, top in q:
+            by_sender[sender] = n
+            newest.append(top)
+        previews = {}
+        if newest:
+            for sender, seq, msg_type, text, sent_at in (
+                    Message.select(Message.sender_uid, Message.seq, Message.msg_type,
+                                   pw.fn.SUBSTR(Message.msg_content, 1, p.PREVIEW_CHARS), Message.send_time)
+                    .where(Message.seq.in_(newest)).tuples()):
+                previews[sender] = {"seq": seq, "type": msg_type, "content": text, "sent_at": sent_at}
+        expired = 0
+        row = Expired.get_or_none(Expired.receiver_uid == op.receiver)
+        if row is not None and row.count:
+            expired = row.count
+            Expired.update(count=Expired.count - expired).where(Expired.receiver_uid == op.receiver).execute()
+        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired)
 
     def pull(self, op: core.PullPage) -> core.Outcome:
         deleted: tuple[core.DeletedRow, ...] = ()
@@ -287,7 +328,8 @@ class Store:
         q = Message.select().where(Message.receiver_uid == op.receiver)
         if op.from_uid is not None:
             q = q.where(Message.sender_uid == op.from_uid)
-        rows = list(q.order_by(Message.seq).limit(op.limit + 1))
+        order = Message.seq.desc() if op.order == "newest" else Message.seq
+        rows = list(q.order_by(order).limit(op.limit + 1))
         more = len(rows) > op.limit
         rows = rows[:op.limit]
         cursor = None
@@ -308,6 +350,31 @@ class Store:
         return {s for (s,) in Message.select(Message.seq).where(Message.seq.in_(seqs)).tuples()}
 
     # -- maintenance ----------------------------------------------------------
+    def expire(self, now: int | None = None) -> int:
+        """Delete messages older than the expiry age, tallying them per receiver for its next count.
+        Each receiver's rows go in one DELETE whose row count is the tally, so two workers expiring
+        at once never count a message twice. Returns how many expired."""
+        if not self.expire_after_ms:
+            return 0
+        cutoff = (now_ms() if now is None else now) - self.expire_after_ms
+        receivers = [r for (r,) in Message.select(Message.receiver_uid).distinct()
+                     .where(Message.send_time < cutoff).tuples()]
+        total = 0
+        for receiver in receivers:
+            with self.db.atomic():
+                n = Message.delete().where((Message.receiver_uid == receiver) & (Message.send_time < cutoff)).execute()
+                if n:
+                    self._add_expired(receiver, n)
+            total += n
+        return total
+
+    def _add_expired(self, receiver: str, n: int) -> None:
+        bump = Expired.update(count=Expired.count + n).where(Expired.receiver_uid == receiver)
+        if bump.execute():
+            return
+        if not self.db.execute(Expired.insert(receiver_uid=receiver, count=n).on_conflict_ignore()).rowcount:
+            bump.execute()  # another worker created the row meanwhile
+
     def purge(self, now: int | None = None) -> None:
         """Forget old cursors, and (sender, msg_id) pairs whose message left the store over
         ACCEPTED_RETENTION_MS ago (counted from the first purge that saw it gone: at most one

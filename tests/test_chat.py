@@ -41,7 +41,10 @@ def test_offline_stored_announced_counted_pulled_in_pages(server, clients):
     bob = clients(server, "bob", auto_sync=False)
     assert bob.wait_for(lambda: bob.announcements, 10), "coming online announces the backlog"
     ann = bob.announcements[0]
-    assert ann == {"kind": "count", "total": 7, "by_sender": {"alice": 5, "carol": 2}}
+    assert (ann["kind"], ann["total"], ann["by_sender"], ann["expired"]) == \
+           ("count", 7, {"alice": 5, "carol": 2}, 0) and "req_id" not in ann
+    assert ann["previews"]["alice"]["content"] == "a4" and ann["previews"]["carol"]["content"] == "c1"
+    assert ann["previews"]["alice"]["seq"] == seqs[4] and ann["previews"]["alice"]["type"] == "text"
     assert bob.count()["by_sender"] == {"alice": 5, "carol": 2}
     assert not bob.messages, "messages stored while offline are not pushed; they wait for pull"
 

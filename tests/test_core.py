@@ -61,7 +61,8 @@ def test_coming_online_announces_count_only_when_something_waits():
     d.plan([status("bob", "offline")], T0)
     plan = d.plan([status("bob", "online")], T0)
     out = d.after_commit([core.Counted(plan.ops[0], 3, {"alice": 3})], T0)
-    assert out == [core.Publish(p.reply_topic("bob"), {"kind": "count", "total": 3, "by_sender": {"alice": 3}})]
+    assert out == [core.Publish(p.reply_topic("bob"), {"kind": "count", "total": 3, "by_sender": {"alice": 3},
+                                                        "previews": {}, "expired": 0})]
     # A repeated `online` (a retained replay) is not a new transition.
     assert d.plan([status("bob", "online")], T0).ops == []
 
@@ -186,3 +187,18 @@ def test_a_push_acked_through_another_worker_is_not_resent():
     assert sorted(due) == [("bob", 5), ("bob", 6)]
     out = d.resend(due, alive={6}, now_ms=T0 + 100)  # seq 5 was acked on another worker
     assert [a.payload["seq"] for a in out] == [6] and d.pending_pushes == 1
+
+
+def test_announcement_also_when_only_expired_messages_are_to_report():
+    d = core.Delivery()
+    plan = d.plan([status("bob", "online")], T0)
+    out = d.after_commit([core.Counted(plan.ops[0], 0, {}, {}, expired=4)], T0)
+    assert out[0].payload["expired"] == 4 and out[0].payload["total"] == 0
+
+
+def test_pull_order_is_planned():
+    d = core.Delivery()
+    plan = d.plan([(p.req_topic("bob"), b'{"req_id":"q","op":"pull","order":"newest"}'),
+                   (p.req_topic("bob"), b'{"req_id":"q2","op":"pull","order":"sideways"}')], T0)
+    assert plan.ops[0].order == "newest"
+    assert plan.replies[0].payload["code"] == "bad_field" and plan.replies[0].payload["req_id"] == "q2"

@@ -53,10 +53,56 @@ def test_ack_deletes_only_the_receivers_own_rows(store):
     assert d.rows == () and Message.select().count() == 1
 
 
-def test_count_by_sender(store):
-    store.apply([msg("alice", "bob", "1"), msg("alice", "bob", "2"), msg("carol", "bob", "3"), msg("x", "dave", "4")])
+def test_count_by_sender_with_previews(store):
+    long = core.StoreMessage(sender="alice", msg_id="2", to="bob", type="image", content="\u00e9" * 300, ts=None,
+                             sent_at=2000)
+    store.apply([msg("alice", "bob", "1"), long, msg("carol", "bob", "3"), msg("x", "dave", "4")])
     (c,) = store.apply([core.CountBacklog("bob", "r")])
-    assert (c.total, c.by_sender) == (3, {"alice": 2, "carol": 1})
+    assert (c.total, c.by_sender, c.expired) == (3, {"alice": 2, "carol": 1}, 0)
+    assert c.previews["alice"]["type"] == "image" and c.previews["alice"]["sent_at"] == 2000
+    assert c.previews["alice"]["content"] == "\u00e9" * 100, "first 100 characters, not bytes"
+    assert c.previews["carol"]["content"] == "3!" and c.previews["carol"]["seq"] > c.previews["alice"]["seq"]
+
+
+def test_newest_first_pages_and_their_acks(store):
+    store.apply([msg("alice", "bob", str(i)) for i in range(5)])
+    (p1,) = store.apply([core.PullPage("bob", "r", 2, None, None, "newest")])
+    assert [m["msg_id"] for m in p1.messages] == ["4", "3"] and p1.more
+    (p2,) = store.apply([core.PullPage("bob", "r", 2, None, p1.cursor, "newest")])
+    assert sorted(r.msg_id for r in p2.deleted) == ["3", "4"]
+    assert [m["msg_id"] for m in p2.messages] == ["2", "1"]
+    (p3,) = store.apply([core.PullPage("bob", "r", 2, None, p2.cursor, "newest")])
+    assert [m["msg_id"] for m in p3.messages] == ["0"] and not p3.more
+    (p4,) = store.apply([core.PullPage("bob", "r", 2, None, p3.cursor, "newest")])
+    assert p4.messages == () and Message.select().count() == 0
+
+
+def test_quota_refuses_past_the_limit_and_frees_up_after_acks(store):
+    q = Store(store.db, quota=2)
+    a, b, c, dup = q.apply([msg("alice", "bob", "1"), msg("alice", "bob", "2"), msg("alice", "bob", "3"),
+                            msg("alice", "bob", "1")])
+    assert not a.duplicate and not b.duplicate and dup.duplicate
+    assert isinstance(c, core.Refused) and c.code == "quota_exceeded"
+    (other,) = q.apply([msg("alice", "carol", "4")])
+    assert isinstance(other, core.Stored), "the quota is per receiver"
+    q.apply([core.DeleteAcked("bob", (a.seq,))])
+    (again,) = q.apply([msg("alice", "bob", "3")])
+    assert isinstance(again, core.Stored) and not again.duplicate
+
+
+def test_expiry_counts_per_receiver_then_resets(store):
+    s = Store(store.db, expire_after_ms=1000)
+    s.apply([msg("alice", "bob", "old1", t=0), msg("carol", "bob", "old2", t=10), msg("alice", "dave", "old3", t=0),
+             msg("alice", "bob", "fresh", t=5000)])
+    assert s.expire(now=3000) == 3
+    (c,) = s.apply([core.CountBacklog("bob", "r")])
+    assert (c.total, c.expired) == (1, 2)
+    (c2,) = s.apply([core.CountBacklog("bob", "r")])
+    assert c2.expired == 0, "reported once"
+    (d,) = s.apply([core.CountBacklog("dave", None)])
+    assert (d.total, d.expired) == (0, 1)
+    (dup,) = s.apply([msg("alice", "bob", "old1", t=6000)])
+    assert dup.duplicate, "an expired message's id is still remembered"
 
 
 def test_pages_ack_exactly_their_own_messages(store):

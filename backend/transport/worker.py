@@ -39,7 +39,8 @@ KEEPALIVE_S = 60
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 16
 # When the database is unavailable, retry the batch (unacked) no faster than this, up to the max.
 DB_RETRY_MIN_S, DB_RETRY_MAX_S = 0.2, 5.0
-# Housekeeping (old cursors, remembered msg_ids) runs this often; it is cheap and not urgent.
+# Housekeeping (expiry, old cursors, remembered msg_ids) runs this often: a message expires at most
+# this late, and an hour is nothing beside a 14-day age. Shorter expiry ages get a tenth of their age.
 PURGE_INTERVAL_S = 3600
 # Outgoing QoS 1 messages paho keeps in flight (its default is 20, which throttles pushes).
 MAX_INFLIGHT = 1000
@@ -168,11 +169,15 @@ class Worker:
         self.client.loop_stop()
 
     # -- the worker thread -------------------------------------------------------
+    def _purge_interval(self) -> float:
+        age = self.store.expire_after_ms
+        return PURGE_INTERVAL_S if not age else max(0.1, min(PURGE_INTERVAL_S, age / 10_000))
+
     def healthy(self) -> bool:
         return self.connected.is_set() and self.db_ok
 
     def _run(self) -> None:
-        next_purge = time.monotonic() + 5
+        next_purge = time.monotonic() + min(5.0, self._purge_interval())
         next_sample = time.monotonic()
         while not self._stop.is_set():
             deadline = self.core.next_deadline()
@@ -189,7 +194,8 @@ class Worker:
                     self._process(batch)
                 self._retransmit()
                 if time.monotonic() >= next_purge:
-                    next_purge = time.monotonic() + PURGE_INTERVAL_S
+                    next_purge = time.monotonic() + self._purge_interval()
+                    self.metrics.expired.inc(self.store.expire())
                     self.store.purge()
                 if time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + BACKLOG_SAMPLE_S
@@ -252,7 +258,9 @@ class Worker:
                 return result
             except (pw.OperationalError, pw.InterfaceError) as e:
                 self.db_ok = False
-                log.error("database unavailable (%s); retrying in %.1fs", e, wait)
+                # A deadlock or lock timeout between workers is as transient as a lost connection:
+                # roll back, keep the batch unacked, try again.
+                log.warning("transaction failed (%s); retrying in %.1fs", e, wait)
                 self._close_db()
                 time.sleep(wait)
                 wait = min(wait * 2, DB_RETRY_MAX_S)
