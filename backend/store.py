@@ -231,6 +231,21 @@ def _push_dict(m: Message) -> dict:
                              m.client_ts)
 
 
+def count_query(receiver: str) -> pw.ModelSelect:
+    """(sender, count, newest seq) per sender: served by the (receiver_uid, sender_uid, seq) index alone."""
+    return (Message.select(Message.sender_uid, pw.fn.COUNT(Message.seq), pw.fn.MAX(Message.seq))
+            .where(Message.receiver_uid == receiver).group_by(Message.sender_uid).tuples())
+
+
+def page_query(receiver: str, limit: int, from_uid: str | None = None, order: str = "oldest") -> pw.ModelSelect:
+    """One page of a receiver's messages, by seq: a range scan of (receiver_uid, seq), or of
+    (receiver_uid, sender_uid, seq) with ``from``; other receivers' rows are never read."""
+    q = Message.select().where(Message.receiver_uid == receiver)
+    if from_uid is not None:
+        q = q.where(Message.sender_uid == from_uid)
+    return q.order_by(Message.seq.desc() if order == "newest" else Message.seq).limit(limit)
+
+
 class Store:
     """Runs plans against the database. One instance per worker thread."""
 
@@ -295,10 +310,8 @@ class Store:
 
     def count(self, op: core.CountBacklog) -> core.Counted:
         """Totals by sender, each sender's newest message as a preview, and the expired tally (then reset)."""
-        q = (Message.select(Message.sender_uid, pw.fn.COUNT(Message.seq), pw.fn.MAX(Message.seq))
-             .where(Message.receiver_uid == op.receiver).group_by(Message.sender_uid).tuples())
         by_sender, newest = {}, []
-        for sender, n, top in q:
+        for sender, n, top in count_query(op.receiver):
             by_sender[sender] = n
             newest.append(top)
         previews = {}
@@ -325,11 +338,7 @@ class Store:
             if not page.acked:  # a repeated ack (lost answer) deletes nothing more
                 deleted = self.delete(op.receiver, (int(s) for s in page.seqs.split(",")))
                 Page.update(acked=True).where(Page.cursor == page.cursor).execute()
-        q = Message.select().where(Message.receiver_uid == op.receiver)
-        if op.from_uid is not None:
-            q = q.where(Message.sender_uid == op.from_uid)
-        order = Message.seq.desc() if op.order == "newest" else Message.seq
-        rows = list(q.order_by(order).limit(op.limit + 1))
+        rows = list(page_query(op.receiver, op.limit + 1, op.from_uid, op.order))
         more = len(rows) > op.limit
         rows = rows[:op.limit]
         cursor = None

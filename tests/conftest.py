@@ -56,10 +56,11 @@ class Server:
         self.lines: list[str] = []
         self._cond = threading.Condition()
 
-    def start(self, timeout: float = 20, env: dict | None = None) -> "Server":
+    def start(self, timeout: float = 20, env: dict | None = None, extra: list[str] | None = None) -> "Server":
         self.lines = []
         self.proc = subprocess.Popen(
-            backend_cmd("serve", "--host", "127.0.0.1", "--port", str(self.port), "--database-url", self.db_url),
+            backend_cmd("serve", "--host", "127.0.0.1", "--port", str(self.port), "--database-url", self.db_url,
+                        *(extra or [])),
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         if not self.wait_log("backend.worker: connected", timeout):
