@@ -30,14 +30,22 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expire-after", type=float, default=14 * 24 * 3600,
                    help="seconds an unread message waits before it expires; the receiver's next count says how "
                         "many did (default: 1209600, 14 days, as Signal's server)")
+    p.add_argument("--encryption-key-file", default=None,
+                   help="encrypt message content at rest (AES-256-GCM) with the keys in this file, one ID:BASE64 "
+                        "per line, the first for new messages (default: $IM_ENCRYPTION_KEY, else off); "
+                        "make one with `python -m backend keygen`")
     p.add_argument("--quota", type=int, default=0,
                    help="most messages waiting for one receiver; past it senders get quota_exceeded "
                         "(default: 0, no limit)")
 
 
 def _store(args: argparse.Namespace, db, **kw):
-    from .store import Store
-    return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), **kw)
+    """The store with its limits and, if a key ring is given, encryption at rest (checked against the database)."""
+    from .crypto import load_key_ring
+    from .store import Store, check_keys
+    keyring = load_key_ring(args.encryption_key_file, os.environ.get("IM_ENCRYPTION_KEY"))
+    check_keys(keyring)
+    return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), keyring=keyring, **kw)
 
 
 def _metrics_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(w)
     _metrics_args(w)
 
+    k = sub.add_parser("keygen", help="print a new encryption key line (ID:BASE64) for --encryption-key-file")
+    k.add_argument("--id", default="k1", help="the key id stored with each row it seals (default: k1)")
+
     u = sub.add_parser("user", help="manage accounts of the embedded broker")
     usub = u.add_subparsers(dest="user_command", required=True)
     ua = usub.add_parser("add", help="add a user, or set its password (kept as a salted scrypt hash)")
@@ -113,11 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level != "DEBUG":
         for noisy in ("amqtt", "transitions"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "keygen":
+        from .crypto import new_key_line
+        print(new_key_line(args.id))
+        return 0
     if args.command == "user":
         return _user(args)
-    if args.command == "worker":
-        return _worker(args)
-    return _serve(args)
+    from .crypto import KeyError_
+    try:
+        if args.command == "worker":
+            return _worker(args)
+        return _serve(args)
+    except (KeyError_, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 class JsonFormatter(logging.Formatter):
@@ -220,11 +240,12 @@ async def _serve_async(args: argparse.Namespace) -> int:
     from .transport.worker import BrokerAddress, Worker
     log = logging.getLogger("backend")
     db = open_database(args.database_url)
+    store = _store(args, db, known_accounts=True)  # refuses a wrong encryption key before anything listens
     worker_password = secrets.token_urlsafe(24)  # lives only in this process
     broker = await start_broker(args.host, args.port, worker_password)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     worker = Worker(BrokerAddress(connect_host, args.port, WORKER_USERNAME, worker_password),
-                    _store(args, db, known_accounts=True), client_id="!im-worker", skip_retained=False)
+                    store, client_id="!im-worker", skip_retained=False)
     _start_metrics(args, worker)
     worker.start()
     stop = asyncio.Event()

@@ -7,6 +7,7 @@ and reports :mod:`backend.core` outcomes.  It knows SQL, not MQTT.  Any
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -18,6 +19,9 @@ from playhouse.migrate import SchemaMigrator, migrate
 
 from . import core
 from . import protocol as p
+from .crypto import InvalidTag, KeyError_, KeyRing
+
+log = logging.getLogger("backend.store")
 
 # A page's cursor stays valid this long; a page is normally acked within seconds, and a client
 # holding an expired cursor just pulls again without it and drops the repeats by seq.
@@ -101,6 +105,7 @@ class Message(BaseModel):
     msg_content = ContentField()
     send_time = pw.BigIntegerField(index=True)  # server time, ms since the epoch (indexed for expiry)
     client_ts = pw.BigIntegerField(null=True)  # the sender's own clock, as it sent it
+    key_id = pw.CharField(max_length=16, null=True)  # set when msg_content is sealed (backend/crypto.py)
 
     class Meta:
         indexes = (
@@ -141,7 +146,14 @@ class Expired(BaseModel):
     count = pw.BigIntegerField(default=0)
 
 
-MODELS = (User, Message, Accepted, Page, Expired)
+class KeyCheck(BaseModel):
+    """A known constant sealed with each encryption key ever used: a wrong key is refused on start."""
+
+    key_id = pw.CharField(max_length=16, primary_key=True)
+    probe = pw.TextField()
+
+
+MODELS = (User, Message, Accepted, Page, Expired, KeyCheck)
 
 
 def _pooled(url: str) -> str:
@@ -226,9 +238,31 @@ def drop_schema(db: pw.Database) -> None:
     db.drop_tables(MODELS, safe=True)
 
 
-def _push_dict(m: Message) -> dict:
-    return core.push_payload(m.seq, m.msg_id, m.sender_uid, m.receiver_uid, m.msg_type, m.msg_content, m.send_time,
-                             m.client_ts)
+def _aad(sender: str, receiver: str, msg_id: str) -> bytes:
+    """Binds sealed content to its row: moved to another row, it no longer decrypts."""
+    return f"{sender}\x00{receiver}\x00{msg_id}".encode("utf-8")
+
+
+def check_keys(keyring: KeyRing | None) -> None:
+    """Refuse to start with a key ring that cannot read this database (or none when one is needed)."""
+    used = {k for (k,) in Message.select(Message.key_id).distinct().where(Message.key_id.is_null(False)).tuples()}
+    known = {c.key_id: c.probe for c in KeyCheck.select()}
+    if keyring is None:
+        if used:
+            raise KeyError_(f"the database holds encrypted messages (key ids {sorted(used)}); "
+                            "give their keys with --encryption-key-file or $IM_ENCRYPTION_KEY")
+        return
+    for key_id in keyring.keys:
+        if key_id in known and not keyring.check(key_id, known[key_id]):
+            raise KeyError_(f"wrong encryption key for key id {key_id!r}: it is not the key this database "
+                            "was written with")
+    missing = used - set(keyring.keys)
+    if missing:
+        raise KeyError_(f"the database holds messages sealed with key ids {sorted(missing)}, "
+                        "which are not in the key ring")
+    for key_id in keyring.keys:
+        if key_id not in known:
+            KeyCheck.insert(key_id=key_id, probe=keyring.probe(key_id)).on_conflict_ignore().execute()
 
 
 def count_query(receiver: str) -> pw.ModelSelect:
@@ -250,8 +284,9 @@ class Store:
     """Runs plans against the database. One instance per worker thread."""
 
     def __init__(self, db: pw.Database, *, known_accounts: bool = False, quota: int | None = None,
-                 expire_after_ms: int | None = EXPIRE_AFTER_MS):
+                 expire_after_ms: int | None = EXPIRE_AFTER_MS, keyring: KeyRing | None = None):
         self.db = db
+        self.keyring = keyring  # None: content stored as sent (it may still be end-to-end encrypted)
         # With the embedded broker the worker knows every account: a message to nobody is an error.
         self.known_accounts = known_accounts
         # Per-receiver backlog limit (None: none). Checked before each insert; several workers storing
@@ -285,8 +320,11 @@ class Store:
             if waiting >= self.quota:
                 return core.Refused(op, "quota_exceeded", f"'{op.to}' has {self.quota} messages waiting, the most "
                                                           "this server keeps; send again once they read some")
+        content, key_id = op.content, None
+        if self.keyring is not None:
+            key_id, content = self.keyring.seal(op.content, _aad(op.sender, op.to, op.msg_id))
         seq = Message.insert(receiver_uid=op.to, sender_uid=op.sender, msg_id=op.msg_id, msg_type=op.type,
-                             msg_content=op.content, send_time=op.sent_at, client_ts=op.ts).execute()
+                             msg_content=content, send_time=op.sent_at, client_ts=op.ts, key_id=key_id).execute()
         inserted = self.db.execute(Accepted.insert(
             sender_uid=op.sender, msg_id=op.msg_id, receiver_uid=op.to, seq=seq,
             accepted_at=op.sent_at).on_conflict_ignore()).rowcount
@@ -315,12 +353,16 @@ class Store:
             by_sender[sender] = n
             newest.append(top)
         previews = {}
-        if newest:
+        if newest and self.keyring is None:
             for sender, seq, msg_type, text, sent_at in (
                     Message.select(Message.sender_uid, Message.seq, Message.msg_type,
                                    pw.fn.SUBSTR(Message.msg_content, 1, p.PREVIEW_CHARS), Message.send_time)
                     .where(Message.seq.in_(newest)).tuples()):
                 previews[sender] = {"seq": seq, "type": msg_type, "content": text, "sent_at": sent_at}
+        elif newest:  # sealed content: open it here, then cut
+            for m in Message.select().where(Message.seq.in_(newest)):
+                previews[m.sender_uid] = {"seq": m.seq, "type": m.msg_type, "sent_at": m.send_time,
+                                          "content": self._push_dict(m)["content"][:p.PREVIEW_CHARS]}
         expired = 0
         row = Expired.get_or_none(Expired.receiver_uid == op.receiver)
         if row is not None and row.count:
@@ -346,7 +388,27 @@ class Store:
             cursor = secrets.token_hex(16)
             Page.create(cursor=cursor, receiver_uid=op.receiver, seqs=",".join(str(m.seq) for m in rows),
                         created_at=now_ms())
-        return core.Paged(op, tuple(_push_dict(m) for m in rows), cursor, more, deleted)
+        return core.Paged(op, tuple(self._push_dict(m) for m in rows), cursor, more, deleted)
+
+    def _content(self, m: Message) -> str:
+        if m.key_id is None:
+            return m.msg_content
+        if self.keyring is None:
+            raise KeyError_("an encrypted message and no key ring")
+        return self.keyring.open(m.key_id, m.msg_content, _aad(m.sender_uid, m.receiver_uid, m.msg_id))
+
+    def _push_dict(self, m: Message) -> dict:
+        try:
+            content, unreadable = self._content(m), False
+        except InvalidTag:
+            # Tampered with, or moved from another row: never show it, never block the pages behind it.
+            log.error("message seq %s does not decrypt with key %r: delivered as unreadable", m.seq, m.key_id)
+            content, unreadable = "", True
+        out = core.push_payload(m.seq, m.msg_id, m.sender_uid, m.receiver_uid, m.msg_type, content,
+                                m.send_time, m.client_ts)
+        if unreadable:
+            out["unreadable"] = True
+        return out
 
     def backlog(self) -> int:
         return Message.select().count()
