@@ -34,6 +34,10 @@ def _store_args(p: argparse.ArgumentParser) -> None:
                    help="encrypt message content at rest (AES-256-GCM) with the keys in this file, one ID:BASE64 "
                         "per line, the first for new messages (default: $IM_ENCRYPTION_KEY, else off); "
                         "make one with `python -m backend keygen`")
+    p.add_argument("--send-rate", type=float, default=20.0,
+                   help="messages a second one user may send, sustained; excess gets rate_limited; 0 = no limit "
+                        "(default: 20; per worker)")
+    p.add_argument("--send-burst", type=int, default=100, help="burst allowance of --send-rate (default: 100)")
     p.add_argument("--quota", type=int, default=0,
                    help="most messages waiting for one receiver; past it senders get quota_exceeded "
                         "(default: 0, no limit)")
@@ -46,6 +50,11 @@ def _store(args: argparse.Namespace, db, **kw):
     keyring = load_key_ring(args.encryption_key_file, os.environ.get("IM_ENCRYPTION_KEY"))
     check_keys(keyring)
     return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), keyring=keyring, **kw)
+
+
+def _delivery(args: argparse.Namespace):
+    from .core import Delivery
+    return Delivery(send_rate=args.send_rate, send_burst=args.send_burst)
 
 
 def _metrics_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the embedded MQTT broker (amqtt, MQTT 3.1.1) with the worker beside it. "
                                    "Only accounts made with `user add` may connect. Ctrl-C stops both.")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"MQTT port (default: {DEFAULT_PORT})")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"plaintext MQTT port (default: {DEFAULT_PORT})")
+    s.add_argument("--tls-cert", help="certificate (chain) in PEM: enables MQTT over TLS on --tls-port")
+    s.add_argument("--tls-key", help="private key of --tls-cert, in PEM")
+    s.add_argument("--tls-port", type=int, default=8883, help="MQTT over TLS port (default: 8883, its IANA port)")
+    s.add_argument("--tls-only", action="store_true", help="no plaintext listener: TLS (and WSS) only")
+    s.add_argument("--ws-port", type=int, default=None,
+                   help="also listen for MQTT over WebSocket (TLS when --tls-cert is given), for browser clients "
+                        "(default: off)")
     _db_arg(s)
     _store_args(s)
     _metrics_args(s)
@@ -84,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mqtt://[user[:pass]@]host:port (default: $IM_BROKER_URL or mqtt://127.0.0.1:1883); "
                         "prefer $IM_BROKER_PASSWORD or --password-file to a password in the URL")
     w.add_argument("--password-file", help="file holding the worker's broker password")
+    w.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
     w.add_argument("--id", default=None,
                    help="this worker's stable name; its MQTT client id is im-worker-NAME, so two workers never "
                         "share a session and a restarted one drains its own (default: the host name)")
@@ -198,13 +215,14 @@ def _worker(args: argparse.Namespace) -> int:
         with open(args.password_file, encoding="utf-8") as f:
             password = f.read().strip()
     try:
-        address = parse_broker_url(args.broker, password)
+        address = parse_broker_url(args.broker, password, args.ca_file)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     db = open_database(args.database_url)
     client_id = args.client_id or f"im-worker-{args.id or default_worker_id()}"
-    worker = Worker(address, _store(args, db), client_id=client_id, share_group=args.share_group or None)
+    worker = Worker(address, _store(args, db), client_id=client_id, share_group=args.share_group or None,
+                    delivery=_delivery(args))
     stop = _wait_for_signal()
     _start_metrics(args, worker)
     worker.start()
@@ -224,12 +242,27 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _listeners(args: argparse.Namespace):
+    from .transport.embedded import Listeners
+    tls = bool(args.tls_cert)
+    return Listeners(host=args.host, port=None if args.tls_only else args.port,
+                     tls_port=args.tls_port if tls else None, ws_port=args.ws_port,
+                     certfile=args.tls_cert, keyfile=args.tls_key)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    if port_in_use(args.host, args.port):
-        print(f"error: port {args.port} is already in use (another MQTT broker?). Pick a free one with "
-              f"--port, or run the worker beside that broker: python -m backend worker "
-              f"--broker mqtt://127.0.0.1:{args.port} --database-url {args.database_url}", file=sys.stderr)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if args.tls_only and not args.tls_cert:
+        print("error: --tls-only needs --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    for port in _listeners(args).ports():
+        if port_in_use(args.host, port):
+            print(f"error: port {port} is already in use (another MQTT broker?). Pick a free one with "
+                  f"--port, or run the worker beside that broker: python -m backend worker "
+                  f"--broker mqtt://127.0.0.1:{port} --database-url {args.database_url}", file=sys.stderr)
+            return 2
     return asyncio.run(_serve_async(args))
 
 
@@ -242,17 +275,24 @@ async def _serve_async(args: argparse.Namespace) -> int:
     db = open_database(args.database_url)
     store = _store(args, db, known_accounts=True)  # refuses a wrong encryption key before anything listens
     worker_password = secrets.token_urlsafe(24)  # lives only in this process
-    broker = await start_broker(args.host, args.port, worker_password)
+    listeners = _listeners(args)
+    broker = await start_broker(listeners, worker_password)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    worker = Worker(BrokerAddress(connect_host, args.port, WORKER_USERNAME, worker_password),
-                    store, client_id="!im-worker", skip_retained=False)
+    # The in-process worker: plaintext on loopback, or with --tls-only over TLS without verification
+    # (the broker is this very process; there is no one in between to verify).
+    address = BrokerAddress(connect_host, args.port, WORKER_USERNAME, worker_password) if listeners.port else \
+        BrokerAddress(connect_host, listeners.tls_port, WORKER_USERNAME, worker_password, tls=True, verify=False)
+    worker = Worker(address,
+                    store, client_id="!im-worker", skip_retained=False, delivery=_delivery(args))
     _start_metrics(args, worker)
     worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving MQTT on %s:%s with database %s; Ctrl-C stops", args.host, args.port, args.database_url)
+    log.info("serving MQTT on %s ports %s with database %s; Ctrl-C stops", args.host,
+             ", ".join(f"{name} {port}" for name, port in (("mqtt", listeners.port), ("mqtts", listeners.tls_port),
+                                                           ("ws", listeners.ws_port)) if port), args.database_url)
     await stop.wait()
     log.info("stopping")
     await asyncio.to_thread(worker.stop)  # commits its last batch and disconnects cleanly first

@@ -63,7 +63,8 @@ class IMClient:
                  resend_timeout: float = RESEND_TIMEOUT_S, max_resends: int = MAX_RESENDS,
                  resend_wait_max: float = RESEND_WAIT_MAX_S, request_timeout: float = REQUEST_TIMEOUT_S, seen: set[int] | None = None,
                  messages: list[dict[str, Any]] | None = None, receiver: bool = True,
-                 ack_delay: float = ACK_DELAY_S,
+                 ack_delay: float = ACK_DELAY_S, tls: bool = False, ca_file: str | None = None,
+                 transport: str = "tcp",
                  on_message: Callable[[dict[str, Any]], None] | None = None):
         """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
         user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
@@ -81,6 +82,7 @@ class IMClient:
         # every message received, once, in arrival order
         self.messages: list[dict[str, Any]] = messages if messages is not None else []
         self.duplicates_dropped = 0
+        self.rate_limited = 0  # sends the server asked us to slow down (they are resent, not failed)
         self.errors: list[dict[str, Any]] = []
         self.announcements: list[dict[str, Any]] = []
         self._seen: set[int] = seen if seen is not None else set()
@@ -98,7 +100,9 @@ class IMClient:
         self._online_info: mqtt.MQTTMessageInfo | None = None
         self._closing = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or uid,
-                                  clean_session=clean_session, protocol=mqtt.MQTTv311)
+                                  clean_session=clean_session, protocol=mqtt.MQTTv311, transport=transport)
+        if tls or ca_file:  # verifies the broker's certificate and host name (ca_file, else the system's CAs)
+            self.client.tls_set(ca_certs=ca_file)
         if password is not None:
             self.client.username_pw_set(uid, password)
         if receiver:
@@ -236,7 +240,10 @@ class IMClient:
             elif kind == "error":
                 self.errors.append(obj)
                 out = self._by_msg_id.get(obj.get("msg_id"))
-                if out is not None and not out.done.is_set():
+                if obj.get("code") == "rate_limited" and out is not None and out.msg_id in self._outgoing:
+                    # Not a failure: the resend timer sends it again later, with its backoff.
+                    self.rate_limited += 1
+                elif out is not None and not out.done.is_set():
                     out.receipt, out.failed = obj, True
                     out.done.set()
                     self._outgoing.pop(out.msg_id, None)

@@ -32,6 +32,13 @@ PUSH_ACK_TIMEOUT_MS = 3000
 PUSH_MAX_RETRIES = 2
 # Each retry waits twice as long as the one before (3 s, 6 s): a slow link gets room.
 PUSH_BACKOFF = 2.0
+# Per-user send rate, a token bucket: 20 messages a second sustained, bursts of 100. Far above a
+# person typing or a phone flushing its outbox (Telegram lets a bot send 30 messages a second in
+# all), far below a flood. Excess gets a `rate_limited` error, never a silent drop.
+SEND_RATE_PER_S = 20.0
+SEND_BURST = 100
+# Buckets of users idle long enough to be full again are forgotten past this many entries.
+BUCKETS_MAX = 100_000
 # Bound the retransmit table so a flood of unacked pushes cannot grow memory without end;
 # past it the oldest entries are simply left for pull (the store still holds them).
 PENDING_PUSH_MAX = 100_000
@@ -168,11 +175,14 @@ class Delivery:
     """The worker's brain. Not thread-safe: one worker thread drives it."""
 
     def __init__(self, *, content_max: int = p.CONTENT_MAX, ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS,
-                 max_retries: int = PUSH_MAX_RETRIES, backoff: float = PUSH_BACKOFF):
+                 max_retries: int = PUSH_MAX_RETRIES, backoff: float = PUSH_BACKOFF,
+                 send_rate: float = SEND_RATE_PER_S, send_burst: int = SEND_BURST):
         self.content_max = content_max
         self.ack_timeout_ms = ack_timeout_ms
         self.max_retries = max_retries
         self.backoff = backoff
+        self.send_rate, self.send_burst = send_rate, send_burst
+        self._buckets: dict[str, tuple[float, int]] = {}  # uid -> (tokens, at ms)
         self.online: set[str] = set()
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._timers: list[tuple[int, str, int]] = []  # (deadline, receiver, seq), lazily invalidated
@@ -195,7 +205,11 @@ class Delivery:
             return
         try:
             if parsed.kind == "send":
+                allowed = self._take_token(uid, now_ms)  # every payload on send counts, valid or not
                 m = p.parse_send(payload, self.content_max)
+                if not allowed:
+                    raise p.ProtocolError("rate_limited", f"more than {self.send_rate:g} messages a second "
+                                          f"(bursts of {self.send_burst}); send it again later", msg_id=m.msg_id)
                 plan.ops.append(StoreMessage(sender=uid, msg_id=m.msg_id, to=m.to, type=m.type,
                                              content=m.content, ts=m.ts, sent_at=now_ms, push=m.to in self.online))
             elif parsed.kind == "ack":
@@ -211,6 +225,18 @@ class Delivery:
                                              from_uid=r.from_uid, ack=r.ack, order=r.order))
         except p.ProtocolError as e:
             plan.replies.append(Publish(p.reply_topic(uid), e.to_wire()))
+
+    def _take_token(self, uid: str, now_ms: int) -> bool:
+        if self.send_rate <= 0:
+            return True
+        tokens, at = self._buckets.get(uid, (float(self.send_burst), now_ms))
+        tokens = min(float(self.send_burst), tokens + (now_ms - at) * self.send_rate / 1000)
+        ok = tokens >= 1
+        self._buckets[uid] = (tokens - 1 if ok else tokens, now_ms)
+        if len(self._buckets) > BUCKETS_MAX:
+            full_after_ms = self.send_burst / self.send_rate * 1000
+            self._buckets = {u: b for u, b in self._buckets.items() if now_ms - b[1] < full_after_ms}
+        return ok
 
     def _presence(self, plan: Plan, uid: str, status: str | None) -> None:
         if status == p.ONLINE:

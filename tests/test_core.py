@@ -202,3 +202,14 @@ def test_pull_order_is_planned():
                    (p.req_topic("bob"), b'{"req_id":"q2","op":"pull","order":"sideways"}')], T0)
     assert plan.ops[0].order == "newest"
     assert plan.replies[0].payload["code"] == "bad_field" and plan.replies[0].payload["req_id"] == "q2"
+
+
+def test_send_rate_token_bucket():
+    d = core.Delivery(send_rate=10, send_burst=3)
+    plan = d.plan([send("alice", "bob", f"m{i}") for i in range(5)] + [send("carol", "bob", "c")], T0)
+    assert [o.msg_id for o in plan.ops] == ["m0", "m1", "m2", "c"], "burst of 3, per user"
+    assert [(r.payload["code"], r.payload["msg_id"]) for r in plan.replies] == [("rate_limited", "m3"),
+                                                                                 ("rate_limited", "m4")]
+    assert [o.msg_id for o in d.plan([send("alice", "bob", "later")], T0 + 100).ops] == ["later"], "10/s refills"
+    bad = d.plan([(p.send_topic("alice"), b"junk")], T0 + 100)
+    assert bad.replies[0].payload["code"] == "bad_json", "bad payloads get their own error, and cost a token"

@@ -147,9 +147,34 @@ class IMBroker(Broker):
         await super().retain_message(source_session, topic_name, data, qos)
 
 
-def broker_config(host: str, port: int, worker_password: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Listeners:
+    """Where the embedded broker listens. TLS needs a certificate (chain) and its key."""
+
+    host: str = "0.0.0.0"
+    port: int | None = 1883  # plaintext MQTT; None with --tls-only
+    tls_port: int | None = None  # MQTT over TLS (8883 is its IANA port)
+    ws_port: int | None = None  # MQTT over WebSocket, over TLS when a certificate is given
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def ports(self) -> list[int]:
+        return [p for p in (self.port, self.tls_port, self.ws_port) if p is not None]
+
+
+def broker_config(listeners: Listeners, worker_password: str) -> dict[str, Any]:
+    tls = {"ssl": True, "certfile": listeners.certfile, "keyfile": listeners.keyfile} if listeners.certfile else {}
+    conf: dict[str, Any] = {}
+    # amqtt insists on a listener named "default" (the others inherit its unset fields).
+    if listeners.port is not None:
+        conf["default"] = {"type": "tcp", "bind": f"{listeners.host}:{listeners.port}"}
+    if listeners.tls_port is not None:
+        conf["default" if listeners.port is None else "tls"] = {
+            "type": "tcp", "bind": f"{listeners.host}:{listeners.tls_port}", **tls}
+    if listeners.ws_port is not None:
+        conf["ws"] = {"type": "ws", "bind": f"{listeners.host}:{listeners.ws_port}", **tls}
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": conf,
         "plugins": {
             f"{__name__}.AccountAuthPlugin": {"worker_password": worker_password},
             f"{__name__}.ProtocolTopicPlugin": {},
@@ -157,8 +182,8 @@ def broker_config(host: str, port: int, worker_password: str) -> dict[str, Any]:
     }
 
 
-async def start_broker(host: str, port: int, worker_password: str) -> IMBroker:
+async def start_broker(listeners: Listeners, worker_password: str) -> IMBroker:
     """Start the embedded broker; must be awaited inside the running event loop."""
-    broker = IMBroker(broker_config(host, port, worker_password))
+    broker = IMBroker(broker_config(listeners, worker_password))
     await broker.start()
     return broker

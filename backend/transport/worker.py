@@ -71,9 +71,11 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    ca_file: str | None = None  # CA bundle to verify the broker with (default: the system's)
+    verify: bool = True  # False only for the in-process worker of `serve --tls-only` (same process as the broker)
 
 
-def parse_broker_url(url: str, password: str | None = None) -> BrokerAddress:
+def parse_broker_url(url: str, password: str | None = None, ca_file: str | None = None) -> BrokerAddress:
     """mqtt://[user[:pass]@]host[:port]; the password may instead come from the caller (env or file)."""
     u = urlparse(url)
     if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
@@ -81,7 +83,19 @@ def parse_broker_url(url: str, password: str | None = None) -> BrokerAddress:
     tls = u.scheme in ("mqtts", "ssl")
     return BrokerAddress(host=u.hostname or "127.0.0.1", port=u.port or (8883 if tls else 1883),
                          username=unquote(u.username) if u.username else None,
-                         password=unquote(u.password) if u.password else password, tls=tls)
+                         password=unquote(u.password) if u.password else password, tls=tls, ca_file=ca_file)
+
+
+def configure_tls(client: mqtt.Client, address: BrokerAddress) -> None:
+    """TLS with certificate and host name verification against ``ca_file`` (or the system's CAs)."""
+    if not address.tls:
+        return
+    if address.verify:
+        client.tls_set(ca_certs=address.ca_file)
+    else:
+        import ssl
+        client.tls_set(cert_reqs=ssl.CERT_NONE)
+        client.tls_insecure_set(True)
 
 
 def set_nodelay(client: mqtt.Client) -> None:
@@ -123,8 +137,7 @@ class Worker:
                                   protocol=mqtt.MQTTv311, manual_ack=True)
         if broker.username:
             self.client.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            self.client.tls_set()
+        configure_tls(self.client, broker)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
         self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self.client.on_connect = self._on_connect
