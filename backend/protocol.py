@@ -37,8 +37,9 @@ ACK_SEQS_MAX = 1000
 # under Mosquitto's and amqtt's default packet limits (256 MiB) and a phone's patience.
 PULL_LIMIT_DEFAULT = 100
 PULL_LIMIT_MAX = 500
-# A cursor is a token we issued (32 hex chars); anything longer is not ours.
+# A cursor is a token we issued (32 hex chars now); anything longer, or outside this alphabet, is not ours.
 CURSOR_MAX = 64
+CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % CURSOR_MAX)
 # A count's preview of each sender's newest message: enough characters for a conversation list line.
 PREVIEW_CHARS = 100
 PULL_ORDERS = ("oldest", "newest")
@@ -225,7 +226,9 @@ def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
         raise ProtocolError("missing_field", "'msg_id' is required")
     if not isinstance(raw_id, str) or not raw_id:
         raise ProtocolError("bad_field", "'msg_id' must be a non-empty string")
-    if _utf8_len(raw_id) > MSG_ID_MAX or _utf8_len(raw_id) < 0:
+    if _utf8_len(raw_id) < 0:
+        raise ProtocolError("bad_field", "'msg_id' is not valid Unicode")
+    if _utf8_len(raw_id) > MSG_ID_MAX:
         raise ProtocolError("too_long", f"'msg_id' must be at most {MSG_ID_MAX} bytes")
     if "to" not in obj:
         raise ProtocolError("missing_field", "'to' is required", **ids)
@@ -273,6 +276,8 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest:
         raise ProtocolError("missing_field", "'req_id' is required")
     if not isinstance(raw, str) or not raw:
         raise ProtocolError("bad_field", "'req_id' must be a non-empty string")
+    if _utf8_len(raw) < 0:
+        raise ProtocolError("bad_field", "'req_id' is not valid Unicode")
     if req_id is None:
         raise ProtocolError("too_long", f"'req_id' must be at most {REQ_ID_MAX} bytes")
     ids = {"req_id": req_id}
@@ -290,7 +295,7 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest:
     if from_uid is not None and not valid_uid(from_uid):
         raise ProtocolError("bad_uid", "'from' must be a valid uid", **ids)
     ack = obj.get("ack")
-    if ack is not None and (not isinstance(ack, str) or not ack or len(ack) > CURSOR_MAX):
+    if ack is not None and (not isinstance(ack, str) or not CURSOR_RE.match(ack)):
         raise ProtocolError("unknown_cursor", "'ack' is not a cursor this server issued", **ids)
     order = obj.get("order", "oldest")
     if order not in PULL_ORDERS:
