@@ -16,7 +16,8 @@ def owns_client_id(uid: str, client_id: str) -> bool:
     return client_id == uid or client_id.startswith(uid + ":")
 
 
-def may(username: str | None, worker_username: str, action: str, topic: str) -> bool:
+def may(username: str | None, worker_username: str, action: str, topic: str, presence: str = "all") -> bool:
+    """``presence``: "all" lets every user see every status (a buddy list); "self" only their own."""
     if not username:
         return False
     if username == worker_username:
@@ -26,10 +27,12 @@ def may(username: str | None, worker_username: str, action: str, topic: str) -> 
     uid = username
     if action == PUBLISH:
         return topic in (p.send_topic(uid), p.ack_topic(uid), p.req_topic(uid), p.status_topic(uid))
+    if topic in (p.inbox_topic(uid), p.reply_topic(uid), p.status_topic(uid)):
+        return action in (SUBSCRIBE, RECEIVE)
+    if presence != "all":
+        return False
     if action == SUBSCRIBE and topic == f"{p.PREFIX}/status/+":
         return True
-    if topic in (p.inbox_topic(uid), p.reply_topic(uid)):
-        return action in (SUBSCRIBE, RECEIVE)
     parsed = p.parse_topic(topic)
     return parsed is not None and parsed.kind == "status" and action in (SUBSCRIBE, RECEIVE)
 

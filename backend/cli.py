@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="private key of --tls-cert, in PEM")
     s.add_argument("--tls-port", type=int, default=8883, help="MQTT over TLS port (default: 8883, its IANA port)")
     s.add_argument("--tls-only", action="store_true", help="no plaintext listener: TLS (and WSS) only")
+    s.add_argument("--presence", choices=["all", "self"], default="all",
+                   help="who may see a user's online/offline status: every user (a buddy list), or only the user "
+                        "itself (default: all)")
     s.add_argument("--ws-port", type=int, default=None,
                    help="also listen for MQTT over WebSocket (TLS when --tls-cert is given), for browser clients "
                         "(default: off)")
@@ -247,7 +250,7 @@ def _listeners(args: argparse.Namespace):
     tls = bool(args.tls_cert)
     return Listeners(host=args.host, port=None if args.tls_only else args.port,
                      tls_port=args.tls_port if tls else None, ws_port=args.ws_port,
-                     certfile=args.tls_cert, keyfile=args.tls_key)
+                     certfile=args.tls_cert, keyfile=args.tls_key, presence=args.presence)
 
 
 def _serve(args: argparse.Namespace) -> int:

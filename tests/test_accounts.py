@@ -41,3 +41,10 @@ def test_worker_has_what_it_needs_and_no_more():
 def test_client_ids():
     assert acl.owns_client_id("alice", "alice") and acl.owns_client_id("alice", "alice:phone")
     assert not acl.owns_client_id("alice", "alice2") and not acl.owns_client_id("alice", "bob")
+
+
+def test_presence_visibility_self():
+    assert not acl.may("alice", W, acl.SUBSCRIBE, "im/status/+", presence="self")
+    assert not acl.may("alice", W, acl.RECEIVE, p.status_topic("bob"), presence="self")
+    assert acl.may("alice", W, acl.SUBSCRIBE, p.status_topic("alice"), presence="self")
+    assert acl.may(W, W, acl.RECEIVE, p.status_topic("bob"), presence="self"), "the worker still sees all"

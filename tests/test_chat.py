@@ -147,3 +147,20 @@ def test_unacked_push_is_resent_then_left_for_pull(server, clients):
         raw.loop_stop()
     erin = clients(server, "erin", auto_sync=False)
     assert erin.count()["total"] == 1, "never acked, so still stored for pull"
+
+
+def test_rate_limited_sends_are_refused_then_resent_not_lost(db_url, clients):
+    from conftest import Server, add_users
+    add_users(db_url, *PASSWORDS)
+    srv = Server(db_url)
+    srv.start(extra=["--send-rate", "10", "--send-burst", "5"])
+    try:
+        bob = clients(srv, "bob")
+        alice = clients(srv, "alice", resend_timeout=0.3, resend_wait_max=1.0, max_resends=50)
+        outs = [alice.send("bob", f"r{i}") for i in range(20)]
+        assert all(o.wait(20) and o.receipt["status"] == "stored" for o in outs)
+        assert alice.rate_limited > 0 and any(e["code"] == "rate_limited" for e in alice.errors)
+        assert bob.wait_for_messages(20, 20)
+        assert sorted(m["content"] for m in bob.messages) == sorted(f"r{i}" for i in range(20))
+    finally:
+        srv.kill()

@@ -108,3 +108,23 @@ def test_retained_messages_only_for_own_subscriptions(server, clients):
     assert bob.wait_for_messages(1)
     stop(spy)
     assert [m.topic for m in got] == [], "a fresh client with no subscriptions receives nothing"
+
+
+def test_presence_visibility_self_hides_others_status(db_url):
+    from conftest import Server, add_users
+    add_users(db_url, *PASSWORDS)
+    srv = Server(db_url)
+    srv.start(extra=["--presence", "self"])
+    try:
+        bob, rc, _ = raw_client(srv, "bob", PASSWORDS["bob"], "bob:s")
+        bob.publish(p.status_topic("bob"), "online", qos=1, retain=True).wait_for_publish(5)
+        spy, rc, got = raw_client(srv, "alice", PASSWORDS["alice"], "alice:s")
+        spy.subscribe([("im/status/+", 1), (p.status_topic("bob"), 1), (p.status_topic("alice"), 1)])
+        spy.publish(p.status_topic("alice"), "online", qos=1, retain=True).wait_for_publish(5)
+        deadline = threading.Event()
+        deadline.wait(0.5)  # bob's retained status would arrive within this
+        assert [m.topic for m in got] == [p.status_topic("alice")]
+        stop(spy)
+        stop(bob)
+    finally:
+        srv.kill()

@@ -70,13 +70,13 @@ class ProtocolTopicPlugin(BaseTopicPlugin):
 
     @dataclass
     class Config:
-        pass
+        presence: str = "all"  # "self": users see only their own status
 
     async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
                               action: Action | None = None) -> bool:
         if session is None or topic is None or action not in _ACTIONS:
             return False
-        return acl.may(session.username, accounts.WORKER_USERNAME, _ACTIONS[action], topic)
+        return acl.may(session.username, accounts.WORKER_USERNAME, _ACTIONS[action], topic, self.config.presence)
 
 
 class IMBroker(Broker):
@@ -155,6 +155,7 @@ class Listeners:
     port: int | None = 1883  # plaintext MQTT; None with --tls-only
     tls_port: int | None = None  # MQTT over TLS (8883 is its IANA port)
     ws_port: int | None = None  # MQTT over WebSocket, over TLS when a certificate is given
+    presence: str = "all"  # who may see a user's online/offline status: "all" or "self"
     certfile: str | None = None
     keyfile: str | None = None
 
@@ -177,7 +178,7 @@ def broker_config(listeners: Listeners, worker_password: str) -> dict[str, Any]:
         "listeners": conf,
         "plugins": {
             f"{__name__}.AccountAuthPlugin": {"worker_password": worker_password},
-            f"{__name__}.ProtocolTopicPlugin": {},
+            f"{__name__}.ProtocolTopicPlugin": {"presence": listeners.presence},
         },
     }
 

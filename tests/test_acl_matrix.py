@@ -1,0 +1,121 @@
+"""The ACL matrix, on the embedded broker and on a Mosquitto started with broker_config/:
+user A tries to act as user B on every protocol topic, and nothing succeeds."""
+
+from __future__ import annotations
+
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from backend import protocol as p
+from backend.client import IMClient
+from conftest import PASSWORDS, Server, add_users
+from services import WorkerProcess, mosquitto
+
+USERS = ("alice", "bob", "carol", "dave")
+
+
+class Embedded:
+    def __init__(self, db_url):
+        add_users(db_url, *USERS)
+        self.server = Server(db_url).start()
+        self.port = self.server.port
+
+    def close(self):
+        self.server.kill()
+
+
+class BesideMosquitto:
+    def __init__(self, db_url):
+        self.broker = mosquitto({u: PASSWORDS[u] for u in USERS})
+        self.port = self.broker.port
+        self.worker = WorkerProcess(self.port, db_url).start()
+
+    def close(self):
+        self.worker.kill()
+        self.broker.close()
+
+
+@pytest.fixture(params=["embedded", "mosquitto"], scope="module")
+def system(request, tmp_path_factory):
+    s = (Embedded if request.param == "embedded" else BesideMosquitto)(
+        f"sqlite:///{tmp_path_factory.mktemp('acl')}/im.db")
+    yield s
+    s.close()
+
+
+def raw(system, username, password, client_id):
+    """A plain paho client: (client, CONNACK reason code or None, received messages)."""
+    got: list[mqtt.MQTTMessage] = []
+    done = threading.Event()
+    box: list = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    if username is not None:
+        c.username_pw_set(username, password)
+    c.on_connect = lambda cl, u, f, rc, pr: (box.append(rc), done.set())
+    c.on_disconnect = lambda *a: done.set()
+    c.on_message = lambda cl, u, m: got.append(m)
+    c.connect("127.0.0.1", system.port)
+    c.loop_start()
+    done.wait(10)
+    return c, (box[0] if box else None), got
+
+
+def stop(c):
+    c.disconnect()
+    c.loop_stop()
+
+
+@pytest.mark.parametrize("who", ["wrong password", "unknown user", "anonymous"])
+def test_refused_at_connect(system, who):
+    username, password = {"wrong password": ("alice", "nope"), "unknown user": ("mallory", "x"),
+                          "anonymous": (None, None)}[who]
+    c, rc, _ = raw(system, username, password, f"{username or 'anon'}:x")
+    stop(c)
+    assert rc is None or rc.is_failure, f"{who} was admitted"
+
+
+def test_alice_cannot_act_as_bob(system):
+    # bob has one message waiting (he is offline), and a status of his own.
+    dave = IMClient("dave", PASSWORDS["dave"], port=system.port, receiver=False).connect()
+    waiting = dave.send("bob", "for bob's eyes only").wait(10)
+    assert waiting["status"] == "stored"
+    bob0 = IMClient("bob", PASSWORDS["bob"], port=system.port, auto_sync=False).connect()
+    bob0.close()  # leaves a retained `offline` of his own
+    carol = IMClient("carol", PASSWORDS["carol"], port=system.port, auto_sync=False).connect()
+
+    spy, rc, got = raw(system, "alice", PASSWORDS["alice"], "alice:spy")
+    assert rc is not None and not rc.is_failure
+    for f in (p.inbox_topic("bob"), p.reply_topic("bob"), "im/u/+/inbox", "im/u/+/reply", "im/#", "#", "$SYS/#"):
+        spy.subscribe(f, qos=1)
+    # Speak as bob on each of his topics; overwrite his retained status.
+    spy.publish(p.send_topic("bob"), p.encode({"msg_id": "forged", "to": "carol", "content": "as bob"}), qos=1)
+    spy.publish(p.ack_topic("bob"), p.encode({"seqs": [waiting["seq"]]}), qos=1)
+    spy.publish(p.req_topic("bob"), p.encode({"req_id": "steal", "op": "pull"}), qos=1)
+    spy.publish(p.status_topic("bob"), "online", qos=1, retain=True)
+    spy.publish(p.inbox_topic("bob"), p.encode({"kind": "msg", "seq": 10**9, "from": "alice"}), qos=1)
+    spy.publish(p.reply_topic("bob"), p.encode({"kind": "receipt"}), qos=1).wait_for_publish(5)
+
+    # A real message from alice through her own topics still works (and proves the worker ran past the forgeries).
+    alice = IMClient("alice", PASSWORDS["alice"], port=system.port, receiver=False).connect()
+    assert alice.send("carol", "real").wait(10)["status"] == "stored"
+    assert carol.wait_for(lambda: carol.announcements or carol.messages, 10)
+    bob = IMClient("bob", PASSWORDS["bob"], port=system.port, auto_sync=False).connect()
+    try:
+        page = bob.pull(limit=10)
+        assert [m["content"] for m in page["messages"]] == ["for bob's eyes only"], "bob's message untouched"
+        carol.drain()
+        assert [m["content"] for m in carol.messages] == ["real"], "nothing was delivered as bob's"
+        watcher, _, seen = raw(system, "dave", PASSWORDS["dave"], "dave:w")
+        watcher.subscribe(p.status_topic("bob"), 1)
+        assert dave.wait_for(lambda: bool(seen), 5)
+        stop(watcher)
+        assert seen[-1].payload == b"online" and seen[-1].retain
+    finally:
+        stop(spy)
+        for c in (dave, carol, alice, bob):
+            c.kill()
+    own = (p.inbox_topic("alice"), p.reply_topic("alice"))  # her wildcards may match her own topics: fine
+    leaked = [m.topic for m in got if not m.topic.startswith("im/status/") and m.topic not in own]
+    assert leaked == [], f"alice received {leaked}"
