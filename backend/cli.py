@@ -26,6 +26,13 @@ def _db_arg(p: argparse.ArgumentParser) -> None:
                         f"(default: $IM_DATABASE_URL or {DEFAULT_DATABASE_URL})")
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expire-after", type=float, default=14 * 24 * 3600,
                    help="seconds an unread message waits before it expires; the receiver's next count says how "
@@ -38,7 +45,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
                    help="messages a second one user may send, sustained; excess gets rate_limited; 0 = no limit "
                         "(default: 20; per worker)")
     p.add_argument("--send-burst", type=int, default=100, help="burst allowance of --send-rate (default: 100)")
-    p.add_argument("--quota", type=int, default=0,
+    p.add_argument("--quota", type=_non_negative, default=0,
                    help="most messages waiting for one receiver; past it senders get quota_exceeded "
                         "(default: 0, no limit)")
 
@@ -298,6 +305,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
                                                            ("ws", listeners.ws_port)) if port), args.database_url)
     await stop.wait()
     log.info("stopping")
+    # From here on amqtt reports its own cancelled tasks as errors with tracebacks: noise, not news.
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     await asyncio.to_thread(worker.stop)  # commits its last batch and disconnects cleanly first
     # amqtt 0.12's shutdown can leave tasks of still-connected clients failing or pending; by now
     # every accepted message is committed, so log those in one line and do not wait forever.

@@ -30,7 +30,7 @@ log = logging.getLogger("backend.client")
 
 # MobileIMSDK resends an unanswered message after 2-3 s; we start at 3 s and double.
 RESEND_TIMEOUT_S = 3.0
-# ...up to this many resends (3+6+12+24+30 s: about 75 s) before reporting the message failed.
+# ...up to this many resends (sent 3, 9, 21, 45 and 75 s after the first; reported failed at 105 s).
 MAX_RESENDS = 5
 RESEND_WAIT_MAX_S = 30.0
 # Acks of pushes are gathered this long (or until ACK_BATCH seqs) and sent as one.
@@ -247,7 +247,7 @@ class IMClient:
                     out.receipt, out.failed = obj, True
                     out.done.set()
                     self._outgoing.pop(out.msg_id, None)
-            elif kind == "count":
+            elif kind == "count" and "req_id" not in obj:  # (a late answer to a finished request is not one)
                 self.announcements.append(obj)
                 if self.auto_sync and obj.get("total", 0) > 0:
                     self._sync_wanted = True

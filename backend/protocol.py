@@ -33,8 +33,8 @@ PAYLOAD_MAX = 6 * CONTENT_MAX + 4 * 1024
 # An ack carries at most one page's worth of seqs (a page is at most PULL_LIMIT_MAX messages),
 # plus slack for batched acks of pushes.
 ACK_SEQS_MAX = 1000
-# Default and largest page: 100 keeps a typical page well under 1 MiB; 500 x 64 KiB stays
-# under Mosquitto's and amqtt's default packet limits (256 MiB) and a phone's patience.
+# Default and largest page: 100 keeps a typical page well under 1 MiB; even 500 x 64 KiB of content
+# JSON-escaped at worst 6x (~188 MiB) stays under MQTT's 256 MiB packet limit (docs/PROTOCOL.md).
 PULL_LIMIT_DEFAULT = 100
 PULL_LIMIT_MAX = 500
 # A cursor is a token we issued (32 hex chars now); anything longer, or outside this alphabet, is not ours.
@@ -297,7 +297,7 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest:
     ack = obj.get("ack")
     if ack is not None and (not isinstance(ack, str) or not CURSOR_RE.match(ack)):
         raise ProtocolError("unknown_cursor", "'ack' is not a cursor this server issued", **ids)
-    order = obj.get("order", "oldest")
+    order = obj.get("order") or "oldest"  # null means absent, as for the other optional fields
     if order not in PULL_ORDERS:
         raise ProtocolError("bad_field", "'order' must be \"oldest\" or \"newest\"", **ids)
     return PullRequest(req_id=req_id, limit=limit, from_uid=from_uid, ack=ack, order=order)

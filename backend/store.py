@@ -29,7 +29,7 @@ PAGE_TTL_MS = 24 * 3600 * 1000
 # Unread messages expire after this age; 14 days is how long Signal's server keeps an offline queue.
 EXPIRE_AFTER_MS = 14 * 24 * 3600 * 1000
 # (sender, msg_id) pairs are remembered at least this long after their message left the store,
-# so a late retransmit is still answered "duplicate" (at least the expiry age, as the protocol says).
+# so a late retransmit is still answered "duplicate"; a longer --expire-after lengthens it to match.
 ACCEPTED_RETENTION_MS = EXPIRE_AFTER_MS
 # SQLite: how long a writer waits for another (e.g. `user add` while `serve` runs) before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -180,19 +180,25 @@ def open_database(url: str, *, create: bool = True) -> pw.Database:
             "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
         })
     else:
-        kwargs = {}
-        if url.startswith(("mysql", "mariadb")):
-            # READ COMMITTED, as PostgreSQL's default: InnoDB's REPEATABLE READ takes gap locks on
-            # the deletes of acks, which deadlock with other workers' inserts. A lock wait gives up
-            # after 5 s (InnoDB's default is 50 s) and the worker retries the batch, still unacked.
-            kwargs = {"charset": "utf8mb4", "init_command": "SET SESSION tx_isolation = 'READ-COMMITTED', "
-                                                            "SESSION innodb_lock_wait_timeout = 5"}
-        db = db_url_connect(_pooled(url), **kwargs)
+        mysql = url.startswith(("mysql", "mariadb"))
+        db = db_url_connect(_pooled(url), **({"charset": "utf8mb4"} if mysql else {}))
+        if mysql:
+            db._initialize_connection = _mysql_session  # each new pooled connection
     database_proxy.initialize(db)
     if create:
         with _schema_lock(db):
             create_schema(db)
     return db
+
+
+def _mysql_session(conn) -> None:
+    """READ COMMITTED, as PostgreSQL's default: InnoDB's REPEATABLE READ takes gap locks on the
+    deletes of acks, which deadlock with other workers' inserts. A lock wait gives up after 5 s
+    (InnoDB's default is 50 s) and the worker retries the batch, still unacked. Standard statements,
+    so MySQL 8 and MariaDB both take them."""
+    with conn.cursor() as cur:
+        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        cur.execute("SET SESSION innodb_lock_wait_timeout = 5")
 
 
 class _schema_lock:
@@ -205,7 +211,9 @@ class _schema_lock:
         if isinstance(self.db, pw.PostgresqlDatabase):
             self.db.execute_sql("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_ID,))
         elif isinstance(self.db, pw.MySQLDatabase):
-            self.db.execute_sql("SELECT GET_LOCK(%s, 60)", (SCHEMA_LOCK_NAME,))
+            (got,) = self.db.execute_sql("SELECT GET_LOCK(%s, 60)", (SCHEMA_LOCK_NAME,)).fetchone()
+            if got != 1:
+                raise pw.OperationalError("another worker held the schema lock for 60 s; start again")
 
     def __exit__(self, *exc):
         if isinstance(self.db, pw.PostgresqlDatabase):
@@ -365,9 +373,11 @@ class Store:
                                           "content": self._push_dict(m)["content"][:p.PREVIEW_CHARS]}
         expired = 0
         row = Expired.get_or_none(Expired.receiver_uid == op.receiver)
-        if row is not None and row.count:
-            expired = row.count
-            Expired.update(count=Expired.count - expired).where(Expired.receiver_uid == op.receiver).execute()
+        if row is not None and row.count > 0:
+            # Take exactly what we read; if another worker took it first, the guard fails and we report 0.
+            taken = Expired.update(count=Expired.count - row.count).where(
+                (Expired.receiver_uid == op.receiver) & (Expired.count >= row.count)).execute()
+            expired = row.count if taken else 0
         return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired)
 
     def pull(self, op: core.PullPage) -> core.Outcome:
@@ -455,4 +465,5 @@ class Store:
             Page.delete().where(Page.created_at < now - PAGE_TTL_MS).execute()
             gone = ~pw.fn.EXISTS(Message.select(Message.seq).where(Message.seq == Accepted.seq))
             Accepted.update(released_at=now).where(Accepted.released_at.is_null() & gone).execute()
-            Accepted.delete().where(Accepted.released_at < now - ACCEPTED_RETENTION_MS).execute()
+            retention = max(ACCEPTED_RETENTION_MS, self.expire_after_ms or 0)
+            Accepted.delete().where(Accepted.released_at < now - retention).execute()

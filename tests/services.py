@@ -82,7 +82,7 @@ class WorkerProcess:
         return self.proc.returncode if self.proc else 0
 
 
-# The machine's own database servers (DEVELOPERS.md); override with IM_TEST_POSTGRES_URL / IM_TEST_MYSQL_URL.
+# The machine's own database servers (PostgreSQL and MariaDB, as CI has them); override with IM_TEST_POSTGRES_URL / IM_TEST_MYSQL_URL.
 POSTGRES_URL = os.environ.get("IM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("IM_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
 

@@ -204,7 +204,7 @@ class Worker:
                 pass
             try:
                 if batch:
-                    self._process(batch)
+                    self._process_safely(batch)
                 self._retransmit()
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self._purge_interval()
@@ -216,6 +216,27 @@ class Worker:
             except Exception:  # never let one bad batch kill the worker; nothing was acked
                 log.exception("worker loop error")
                 time.sleep(DB_RETRY_MIN_S)
+
+    def _process_safely(self, batch: list) -> None:
+        """Process a batch; if it fails unexpectedly (a bug, not the database: that is retried inside),
+        process its packets one by one, so one poisonous packet is answered and dropped alone instead of
+        taking its neighbours down or sitting unacked in the broker's in-flight window."""
+        try:
+            self._process(batch)
+            return
+        except Exception:  # noqa: BLE001
+            log.exception("batch of %d failed; retrying its packets one by one", len(batch))
+        for item in batch:
+            try:
+                self._process([item])
+            except Exception:  # noqa: BLE001
+                log.exception("dropped a packet on %s that the worker cannot process", getattr(item, "topic", "?"))
+                parsed = protocol.parse_topic(getattr(item, "topic", ""))
+                if parsed is not None and parsed.kind in protocol.CLIENT_TOPICS:
+                    self._publish([core.Publish(protocol.reply_topic(parsed.uid), protocol.error_payload(
+                        "internal_error", "the server could not process this payload; it was not stored"))])
+                if getattr(item, "qos", 0) > 0:
+                    self.client.ack(item.mid, item.qos)
 
     def _process(self, batch: list) -> None:
         msgs = []

@@ -1,0 +1,78 @@
+"""The benchmark runs (``python -m bench --tiny``) and writes the results it promises.
+
+These are benchmarks, not timed tests: nothing here checks a figure against a target, only
+that every scenario ran on a tiny size against its baseline and the JSON and Markdown hold
+the expected keys. The figures themselves are in docs/BENCHMARKS.md (``python -m bench``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from scripts.mosquitto import find_mosquitto, find_mosquitto_passwd  # noqa: E402
+
+HAVE_MOSQUITTO = find_mosquitto() is not None and find_mosquitto_passwd() is not None
+# The tiny run takes about 20 s on 2 idle cores; the rest is headroom for a busy machine.
+RUN_TIMEOUT_S = 55
+
+
+def test_bench_tiny_writes_every_scenario_with_its_baseline(tmp_path):
+    if os.environ.get("IM_REQUIRE_SERVICES") == "1":
+        assert HAVE_MOSQUITTO, "mosquitto not installed (IM_REQUIRE_SERVICES=1: required here)"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--no-plots", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Targets (tiny run" in proc.stdout
+
+    res = json.loads((tmp_path / "bench-tiny.json").read_text(encoding="utf-8"))
+    assert {"mode", "machine", "sizes", "scenarios", "targets", "seconds"} <= set(res)
+    assert {"nproc", "cpu", "python"} <= set(res["machine"])
+    sc = res["scenarios"]
+
+    brokers = sc["online"]["brokers"]
+    assert set(brokers) == ({"amqtt", "mosquitto"} if HAVE_MOSQUITTO else {"amqtt"})
+    for r in brokers.values():
+        relay, worker = r["relay_throughput"], r["worker_throughput"]
+        assert relay["rate"] > 0 and worker["rate"] > 0
+        assert relay["complete"] and worker["complete"] and worker["errors"] == 0
+        assert worker["ratio_to_relay"] == worker["rate"] / relay["rate"]
+        assert {"broker", "worker", "loadgen"} <= set(worker["cpu_s"])
+        (step,) = r["latency"]
+        assert step["fraction_of_relay"] == 0.5
+        for system in ("relay", "worker"):
+            assert {"p50", "p99", "censored"} <= set(step[system]["push_latency"])
+        assert "delivered_latency" in step["worker"]
+
+    if HAVE_MOSQUITTO:
+        off = sc["offline"]
+        assert off["lost"] == 0 and off["baseline_lost"] == 0, off
+        assert off["drain"]["left_in_store"] == 0
+        assert off["drain"]["count_total"] == off["backlog"]
+        assert off["ratio_to_mosquitto_queue"] > 0
+    else:
+        assert "skipped" in sc["offline"]
+
+    gr = sc["growth"]
+    assert [s["rows"] for s in gr["sizes"]] == res["sizes"]["growth_rows"]
+    for size in gr["sizes"]:
+        for uid in ("fix", "big"):
+            assert {"count", "page", "page_ack"} <= set(size[uid])
+        assert size["fix"]["count_total"] == 1000
+        assert {"count", "page"} <= set(size["store"]["big"])
+    assert gr["page_ack_ratio_big"] > 0
+
+    ids = {t["id"] for t in res["targets"]}
+    assert "online_throughput" in ids and "growth_page" in ids
+    if HAVE_MOSQUITTO:
+        assert {"online_p99", "offline_drain"} <= ids
+    md = (tmp_path / "bench-tiny.md").read_text(encoding="utf-8")
+    assert "## Targets" in md and "## 1. Online end to end" in md and "## 3. Growth" in md
