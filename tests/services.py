@@ -37,9 +37,9 @@ class WorkerProcess:
     """`python -m backend worker` beside a broker; start() returns once it is connected."""
 
     def __init__(self, port: int, db_url: str, client_id: str = "im-worker", host: str = "127.0.0.1",
-                 extra: list[str] | None = None, username: str | None = WORKER_USER):
+                 extra: list[str] | None = None, username: str | None = WORKER_USER, scheme: str = "mqtt"):
         self.port, self.db_url, self.client_id, self.host = port, db_url, client_id, host
-        self.extra, self.username = extra or [], username
+        self.extra, self.username, self.scheme = extra or [], username, scheme
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -49,7 +49,7 @@ class WorkerProcess:
         env = {**os.environ, "IM_BROKER_PASSWORD": WORKER_PASSWORD, **(env or {})}
         self.proc = subprocess.Popen(
             backend_cmd("worker", "--broker",
-                        f"mqtt://{self.username + '@' if self.username else ''}{self.host}:{self.port}",
+                        f"{self.scheme}://{self.username + '@' if self.username else ''}{self.host}:{self.port}",
                         "--database-url", self.db_url, "--client-id", self.client_id, *self.extra),
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()

@@ -26,8 +26,10 @@ class ThreeWorkers:
         self.broker = mosquitto(PASSWORDS)
         self.port = self.broker.port
         self.workers = [WorkerProcess(self.port, db_url, client_id=f"im-worker-w{i}") for i in range(3)]
+        for w in self.workers:  # all at once, on an empty database: they race to create the schema
+            w.start(wait=False)
         for w in self.workers:
-            w.start()
+            assert w.wait_log("backend.worker: connected", 20), "".join(w.lines)
         self.rng = random.Random(3)
         self.victim: WorkerProcess | None = None
 
@@ -49,7 +51,10 @@ class ThreeWorkers:
 
 
 def _scale_out(db_url: str, capsys) -> None:
-    fresh_database(db_url).close()
+    from backend.store import drop_schema
+    db = fresh_database(db_url)
+    drop_schema(db)  # the three workers create it, concurrently
+    db.close()
     system = ThreeWorkers(db_url)
     try:
         report = chaos.run(system, UIDS, PASSWORDS, messages=1500, worker_kills=3, broker_restarts=0, seed=5,

@@ -91,3 +91,47 @@ def test_serve_refuses_half_a_tls_configuration(db_url, certs):
     assert r.returncode == 2 and "go together" in r.stderr
     r = run_cli("serve", "--port", str(free_port()), "--tls-only", "--database-url", db_url)
     assert r.returncode == 2 and "needs --tls-cert" in r.stderr
+
+
+def test_mosquitto_with_tls_worker_and_clients_verify_the_ca(db_url, tmp_path_factory):
+    """broker_config/mosquitto.conf with its listener on TLS; the worker connects with mqtts:// and --ca-file."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from conftest import REPO
+    from services import WorkerProcess, mosquitto
+    public = Path(tempfile.mkdtemp(prefix="im-tls-"))  # the mosquitto user must be able to read the certificate
+    public.chmod(0o755)
+    try:
+        paths = make_certs(public)
+        base = (REPO / "broker_config" / "mosquitto.conf").read_text()
+        conf = public / "mosquitto-tls.conf"
+        conf.write_text(base + f"\ncertfile {paths['cert']}\nkeyfile {paths['key']}\n")
+        import scripts.mosquitto as sm
+        users = {"alice": PASSWORDS["alice"], "bob": PASSWORDS["bob"]}
+        from services import WORKER_PASSWORD, WORKER_USER, require
+        require(sm.find_mosquitto() is not None, "mosquitto binary not installed")
+        broker = sm.start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD}, config=conf)
+        worker = None
+        clients = []
+        try:
+            worker = WorkerProcess(broker.port, db_url, scheme="mqtts", extra=["--ca-file", paths["ca"]]).start()
+            bob = IMClient("bob", PASSWORDS["bob"], port=broker.port, ca_file=paths["ca"]).connect()
+            alice = IMClient("alice", PASSWORDS["alice"], port=broker.port, ca_file=paths["ca"]).connect()
+            clients += [bob, alice]
+            out = alice.send("bob", "TLS beside Mosquitto")
+            assert out.wait(10)["status"] == "stored" and bob.wait_for_messages(1) and out.delivered.wait(10)
+            for bad in (IMClient("alice", PASSWORDS["alice"], port=broker.port, ca_file=paths["wrong_ca"]),
+                        IMClient("alice", PASSWORDS["alice"], port=broker.port)):
+                with pytest.raises(ConnectionError):
+                    bad.connect(timeout=3)
+                bad.kill()
+        finally:
+            for c in clients:
+                c.kill()
+            if worker:
+                worker.kill()
+            broker.close()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
