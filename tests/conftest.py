@@ -46,27 +46,33 @@ def run_cli(*args: str, timeout: float = 30, env: dict | None = None) -> subproc
                           env={**os.environ, **(env or {})})
 
 
-class Server:
-    """`python -m backend serve` in a subprocess; start() waits until its worker is connected."""
+class BackendProcess:
+    """`python -m backend ...` in a subprocess, its output collected line by line for wait_log()."""
 
-    def __init__(self, db_url: str, port: int | None = None):
-        self.db_url = db_url
-        self.port = port or free_port()
+    ready = "backend.worker: connected"
+
+    def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
 
-    def start(self, timeout: float = 20, env: dict | None = None, extra: list[str] | None = None) -> "Server":
+    def args(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, wait: bool = True, timeout: float = 20, env: dict | None = None,
+              extra: list[str] | None = None):
+        """Start; with ``wait``, return once its worker is connected to the broker."""
         self.lines = []
-        self.proc = subprocess.Popen(
-            backend_cmd("serve", "--host", "127.0.0.1", "--port", str(self.port), "--database-url", self.db_url,
-                        *(extra or [])),
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(backend_cmd(*self.args(), *(extra or [])), cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, **self.env(), **(env or {})})
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        if not self.wait_log("backend.worker: connected", timeout):
+        if wait and not self.wait_log(self.ready, timeout):
             self.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+            raise RuntimeError(f"{type(self).__name__} did not start:\n" + "".join(self.lines))
         return self
+
+    def env(self) -> dict:
+        return {}
 
     def _read(self, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
@@ -74,15 +80,12 @@ class Server:
                 self.lines.append(line)
                 self._cond.notify_all()
 
-    def wait_log(self, text: str, timeout: float = 10, after: int = 0) -> bool:
-        end = time.monotonic() + timeout
+    def wait_log(self, text: str, timeout: float = 10) -> bool:
+        """Wait until a line containing ``text`` appears (False on timeout or if the process died)."""
+        found = lambda: any(text in line for line in self.lines)  # noqa: E731
         with self._cond:
-            while not any(text in line for line in self.lines[after:]):
-                left = end - time.monotonic()
-                if left <= 0 or (self.proc is not None and self.proc.poll() is not None and text not in "".join(self.lines)):
-                    return any(text in line for line in self.lines[after:])
-                self._cond.wait(min(left, 0.2))
-            return True
+            self._cond.wait_for(lambda: found() or (self.proc is not None and self.proc.poll() is not None), timeout)
+            return found()
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, no last wills sent politely."""
@@ -91,10 +94,48 @@ class Server:
             self.proc.wait(10)
 
     def stop(self) -> int:
+        """SIGINT, as Ctrl-C; returns the exit code."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             return self.proc.wait(15)
         return self.proc.returncode if self.proc else 0
+
+
+class Server(BackendProcess):
+    """`python -m backend serve` (embedded broker + worker) on a free port."""
+
+    def __init__(self, db_url: str, port: int | None = None):
+        super().__init__()
+        self.db_url = db_url
+        self.port = port or free_port()
+
+    def args(self) -> list[str]:
+        return ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--database-url", self.db_url]
+
+
+def raw_client(port: int, username: str | None, password: str | None, client_id: str, will=None):
+    """A plain paho client (no protocol help): (client, CONNACK reason code or None, received messages)."""
+    import paho.mqtt.client as mqtt
+    got: list = []
+    done = threading.Event()
+    box: list = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    if username is not None:
+        c.username_pw_set(username, password)
+    if will:
+        c.will_set(*will, qos=1, retain=True)
+    c.on_connect = lambda cl, u, f, rc, pr: (box.append(rc), done.set())
+    c.on_disconnect = lambda *a: done.set()
+    c.on_message = lambda cl, u, m: got.append(m)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    done.wait(10)
+    return c, (box[0] if box else None), got
+
+
+def stop_raw(c) -> None:
+    c.disconnect()
+    c.loop_stop()
 
 
 def add_users(db_url: str, *uids: str) -> None:

@@ -7,13 +7,10 @@ IM_REQUIRE_SERVICES=1 (set by .ci/run): then it is a failure, never a silent ski
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import threading
 
 import pytest
 
-from conftest import REPO, backend_cmd
+from conftest import BackendProcess
 
 WORKER_USER, WORKER_PASSWORD = "im-worker", "worker-secret"
 
@@ -33,53 +30,22 @@ def mosquitto(users: dict[str, str]):
     return start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD})
 
 
-class WorkerProcess:
+class WorkerProcess(BackendProcess):
     """`python -m backend worker` beside a broker; start() returns once it is connected."""
 
     def __init__(self, port: int, db_url: str, client_id: str = "im-worker", host: str = "127.0.0.1",
                  extra: list[str] | None = None, username: str | None = WORKER_USER, scheme: str = "mqtt"):
+        super().__init__()
         self.port, self.db_url, self.client_id, self.host = port, db_url, client_id, host
         self.extra, self.username, self.scheme = extra or [], username, scheme
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
 
-    def start(self, wait: bool = True, timeout: float = 20, env: dict | None = None) -> "WorkerProcess":
-        self.lines = []
-        env = {**os.environ, "IM_BROKER_PASSWORD": WORKER_PASSWORD, **(env or {})}
-        self.proc = subprocess.Popen(
-            backend_cmd("worker", "--broker",
-                        f"{self.scheme}://{self.username + '@' if self.username else ''}{self.host}:{self.port}",
-                        "--database-url", self.db_url, "--client-id", self.client_id, *self.extra),
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        if wait and not self.wait_log("backend.worker: connected", timeout):
-            self.kill()
-            raise RuntimeError("worker did not connect:\n" + "".join(self.lines))
-        return self
+    def args(self) -> list[str]:
+        user = f"{self.username}@" if self.username else ""
+        return ["worker", "--broker", f"{self.scheme}://{user}{self.host}:{self.port}", "--database-url", self.db_url,
+                "--client-id", self.client_id, *self.extra]
 
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-
-    def wait_log(self, text: str, timeout: float = 10) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: any(text in ln for ln in self.lines)
-                                       or (self.proc is not None and self.proc.poll() is not None), timeout) \
-                and any(text in ln for ln in self.lines)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            return self.proc.wait(15)
-        return self.proc.returncode if self.proc else 0
+    def env(self) -> dict:
+        return {"IM_BROKER_PASSWORD": WORKER_PASSWORD}
 
 
 # The machine's own database servers (PostgreSQL and MariaDB, as CI has them); override with IM_TEST_POSTGRES_URL / IM_TEST_MYSQL_URL.

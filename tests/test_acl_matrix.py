@@ -3,14 +3,13 @@ user A tries to act as user B on every protocol topic, and nothing succeeds."""
 
 from __future__ import annotations
 
-import threading
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from backend import protocol as p
 from backend.client import IMClient
-from conftest import PASSWORDS, Server, add_users
+from conftest import PASSWORDS, Server, add_users, raw_client
+from conftest import stop_raw as stop
 from services import WorkerProcess, mosquitto
 
 USERS = ("alice", "bob", "carol", "dave")
@@ -45,33 +44,11 @@ def system(request, tmp_path_factory):
     s.close()
 
 
-def raw(system, username, password, client_id):
-    """A plain paho client: (client, CONNACK reason code or None, received messages)."""
-    got: list[mqtt.MQTTMessage] = []
-    done = threading.Event()
-    box: list = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
-    if username is not None:
-        c.username_pw_set(username, password)
-    c.on_connect = lambda cl, u, f, rc, pr: (box.append(rc), done.set())
-    c.on_disconnect = lambda *a: done.set()
-    c.on_message = lambda cl, u, m: got.append(m)
-    c.connect("127.0.0.1", system.port)
-    c.loop_start()
-    done.wait(10)
-    return c, (box[0] if box else None), got
-
-
-def stop(c):
-    c.disconnect()
-    c.loop_stop()
-
-
 @pytest.mark.parametrize("who", ["wrong password", "unknown user", "anonymous"])
 def test_refused_at_connect(system, who):
     username, password = {"wrong password": ("alice", "nope"), "unknown user": ("mallory", "x"),
                           "anonymous": (None, None)}[who]
-    c, rc, _ = raw(system, username, password, f"{username or 'anon'}:x")
+    c, rc, _ = raw_client(system.port, username, password, f"{username or 'anon'}:x")
     stop(c)
     assert rc is None or rc.is_failure, f"{who} was admitted"
 
@@ -85,7 +62,7 @@ def test_alice_cannot_act_as_bob(system):
     bob0.close()  # leaves a retained `offline` of his own
     carol = IMClient("carol", PASSWORDS["carol"], port=system.port, auto_sync=False).connect()
 
-    spy, rc, got = raw(system, "alice", PASSWORDS["alice"], "alice:spy")
+    spy, rc, got = raw_client(system.port, "alice", PASSWORDS["alice"], "alice:spy")
     assert rc is not None and not rc.is_failure
     for f in (p.inbox_topic("bob"), p.reply_topic("bob"), "im/u/+/inbox", "im/u/+/reply", "im/#", "#", "$SYS/#"):
         spy.subscribe(f, qos=1)
@@ -107,7 +84,7 @@ def test_alice_cannot_act_as_bob(system):
         assert [m["content"] for m in page["messages"]] == ["for bob's eyes only"], "bob's message untouched"
         carol.drain()
         assert [m["content"] for m in carol.messages] == ["real"], "nothing was delivered as bob's"
-        watcher, _, seen = raw(system, "dave", PASSWORDS["dave"], "dave:w")
+        watcher, _, seen = raw_client(system.port, "dave", PASSWORDS["dave"], "dave:w")
         watcher.subscribe(p.status_topic("bob"), 1)
         assert dave.wait_for(lambda: bool(seen), 5)
         stop(watcher)

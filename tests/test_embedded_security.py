@@ -8,36 +8,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from backend import protocol as p
-from conftest import PASSWORDS
-
-
-def raw_client(server, username, password, client_id, will=None):
-    """A plain paho client; returns (client, connack reason code, received list)."""
-    got: list[mqtt.MQTTMessage] = []
-    done = threading.Event()
-    rc_box: list = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
-    if username is not None:
-        c.username_pw_set(username, password)
-    if will:
-        c.will_set(*will, qos=1, retain=True)
-
-    def on_connect(client, userdata, flags, rc, props):
-        rc_box.append(rc)
-        done.set()
-
-    c.on_connect = on_connect
-    c.on_message = lambda cl, u, m: got.append(m)
-    c.on_disconnect = lambda *a: done.set()
-    c.connect("127.0.0.1", server.port)
-    c.loop_start()
-    done.wait(10)
-    return c, (rc_box[0] if rc_box else None), got
-
-
-def stop(c):
-    c.disconnect()
-    c.loop_stop()
+from conftest import PASSWORDS, raw_client
+from conftest import stop_raw as stop
 
 
 @pytest.mark.parametrize("username,password,client_id", [
@@ -46,20 +18,20 @@ def stop(c):
     ("alice", PASSWORDS["alice"], "alice2"),
 ])
 def test_refused_at_connect(server, username, password, client_id):
-    c, rc, _ = raw_client(server, username, password, client_id)
+    c, rc, _ = raw_client(server.port, username, password, client_id)
     stop(c)
     assert rc is None or rc.is_failure
 
 
 def test_last_will_on_someone_elses_status_is_refused(server):
-    c, rc, _ = raw_client(server, "alice", PASSWORDS["alice"], "alice:w", will=(p.status_topic("bob"), "online"))
+    c, rc, _ = raw_client(server.port, "alice", PASSWORDS["alice"], "alice:w", will=(p.status_topic("bob"), "online"))
     stop(c)
     assert rc is None or rc.is_failure
 
 
 def test_client_id_takeover_refused_and_session_kept(server, clients):
     bob = clients(server, "bob")
-    c, rc, _ = raw_client(server, "alice", "wrong-password", "bob")
+    c, rc, _ = raw_client(server.port, "alice", "wrong-password", "bob")
     stop(c)
     assert rc is None or rc.is_failure
     alice = clients(server, "alice")
@@ -69,7 +41,7 @@ def test_client_id_takeover_refused_and_session_kept(server, clients):
 
 def test_no_one_reads_or_speaks_for_another(server, clients):
     bob = clients(server, "bob")
-    spy, rc, got = raw_client(server, "alice", PASSWORDS["alice"], "alice:spy")
+    spy, rc, got = raw_client(server.port, "alice", PASSWORDS["alice"], "alice:spy")
     assert not rc.is_failure
     result = spy.subscribe([(p.inbox_topic("bob"), 1), (p.reply_topic("bob"), 1), ("im/u/+/inbox", 1),
                             ("im/#", 1), ("#", 1), ("$SYS/#", 1)])
@@ -90,7 +62,7 @@ def test_no_one_reads_or_speaks_for_another(server, clients):
     leaked = [m.topic for m in got if m.topic.startswith("im/u/")]
     assert leaked == [], f"alice saw {leaked}"
     # bob's retained status is still his own `online`.
-    watcher, _, seen = raw_client(server, "carol", PASSWORDS["carol"], "carol:w")
+    watcher, _, seen = raw_client(server.port, "carol", PASSWORDS["carol"], "carol:w")
     watcher.subscribe(p.status_topic("bob"), 1)
     assert carol.wait_for(lambda: bool(seen), 5)
     stop(watcher)
@@ -101,7 +73,7 @@ def test_retained_messages_only_for_own_subscriptions(server, clients):
     """amqtt 0.12.1 sends every retained message matching any client's subscription on CONNECT; not here."""
     bob = clients(server, "bob")
     bob.client.publish(p.inbox_topic("bob"), b"retained?", qos=1, retain=True)  # refused: not bob's to publish
-    spy, rc, got = raw_client(server, "alice", PASSWORDS["alice"], "alice:r")
+    spy, rc, got = raw_client(server.port, "alice", PASSWORDS["alice"], "alice:r")
     assert not rc.is_failure
     alice = clients(server, "alice")
     alice.send("bob", "sync").wait(10)
@@ -116,9 +88,9 @@ def test_presence_visibility_self_hides_others_status(db_url):
     srv = Server(db_url)
     srv.start(extra=["--presence", "self"])
     try:
-        bob, rc, _ = raw_client(srv, "bob", PASSWORDS["bob"], "bob:s")
+        bob, rc, _ = raw_client(srv.port, "bob", PASSWORDS["bob"], "bob:s")
         bob.publish(p.status_topic("bob"), "online", qos=1, retain=True).wait_for_publish(5)
-        spy, rc, got = raw_client(srv, "alice", PASSWORDS["alice"], "alice:s")
+        spy, rc, got = raw_client(srv.port, "alice", PASSWORDS["alice"], "alice:s")
         spy.subscribe([("im/status/+", 1), (p.status_topic("bob"), 1), (p.status_topic("alice"), 1)])
         spy.publish(p.status_topic("alice"), "online", qos=1, retain=True).wait_for_publish(5)
         deadline = threading.Event()

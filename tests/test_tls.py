@@ -100,7 +100,7 @@ def test_mosquitto_with_tls_worker_and_clients_verify_the_ca(db_url, tmp_path_fa
     from pathlib import Path
 
     from conftest import REPO
-    from services import WorkerProcess, mosquitto
+    from services import WorkerProcess
     public = Path(tempfile.mkdtemp(prefix="im-tls-"))  # the mosquitto user must be able to read the certificate
     public.chmod(0o755)
     try:
