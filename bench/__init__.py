@@ -1,0 +1,17 @@
+"""Benchmarks: ``python -m bench [--quick | --tiny]``.
+
+Every scenario measures its baseline in the same run, on the same kind of broker with the
+same configuration, so each headline figure is a ratio (docs/BENCHMARKS.md):
+
+* ``online``  - sender -> worker (store, receipt, push) -> receiver (batched acks -> delete,
+  delivered receipt), against a pure relay (bench/relay.py: a paho client in its own process
+  that republishes each message, no database); throughput, then latency at fixed offered rates;
+* ``offline`` - a receiver drains a backlog with count + pages, against Mosquitto's own
+  offline queue replaying the same backlog to a clean-session-off subscriber;
+* ``growth``  - count and page latency with 10k, 100k and 1M stored rows.
+
+Load generators are lean paho processes (bench/loadgen.py) speaking docs/PROTOCOL.md;
+bench/scenarios.py runs the scenarios and bench/harness.py starts every broker, worker and
+relay as its own process; bench/report.py writes the Markdown and plots, bench/profile.py the
+py-spy profiles. Results: bench/results/, summarised in docs/BENCHMARKS.md.
+"""

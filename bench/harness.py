@@ -1,0 +1,319 @@
+"""Processes for the benchmark: brokers, the worker, the relay, load generators, bulk fills.
+
+Every component runs as its own process on a port the kernel picked, never a fixed one.
+CPU time of each process is read from /proc (Linux) at the load generator's MARK lines, so
+each result says how much of the 2 cores the broker, the worker (or relay) and the load
+generator used while it was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PY = sys.executable
+WORKER_PW = "bench-worker-pw"
+USER_PW = "bench-pw"
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process (threads included), from /proc; None elsewhere."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    for k in ("IM_DATABASE_URL", "IM_BROKER_URL", "IM_CRASH_AT"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+class Proc:
+    """A child process whose output goes to a log file; wait_for() polls that file for a line."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path, env: dict | None = None):
+        self.name, self.cmd, self.log_path = name, cmd, log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        end = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"{self.name}: no {text!r} within {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 5) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+# --- brokers ------------------------------------------------------------------------------------
+@dataclass
+class Broker:
+    kind: str  # "mosquitto" | "amqtt"
+    port: int
+    pid: int
+    worker_user: str
+    worker_client_id: str
+    relay_client_id: str
+    stop: Callable[[], None]
+    host: str = "127.0.0.1"
+    secrets: dict = field(default_factory=dict)  # user -> password, for $BENCH_SECRETS
+
+
+def mosquitto_available() -> bool:
+    from scripts.mosquitto import find_mosquitto, find_mosquitto_passwd
+    return find_mosquitto() is not None and find_mosquitto_passwd() is not None
+
+
+def start_mosquitto_broker(workdir: Path, users: Iterable[str], queue_limit: int | None = None) -> Broker:
+    """Mosquitto with broker_config/ as the tests run it; queue_limit replaces max_queued_messages."""
+    from scripts.mosquitto import BASE_CONFIG, start_mosquitto
+    config = BASE_CONFIG
+    if queue_limit is not None:
+        text = BASE_CONFIG.read_text(encoding="utf-8")
+        text, n = re.subn(r"(?m)^max_queued_messages\s+\d+", f"max_queued_messages {queue_limit}", text)
+        if n == 0:
+            text += f"\nmax_queued_messages {queue_limit}\n"
+        config = workdir / "mosquitto-bench.conf"
+        config.write_text(text, encoding="utf-8")
+    secrets = {u: USER_PW for u in users}
+    secrets["im-worker"] = WORKER_PW
+    m = start_mosquitto(secrets, config=config)
+    return Broker("mosquitto", m.port, m.proc.pid, "im-worker", "im-worker", "bench-relay", m.close,
+                  secrets=secrets)
+
+
+def add_users(db_url: str, users: Iterable[str]) -> None:
+    from backend import accounts
+    from backend.store import open_database
+    db = open_database(db_url)
+    try:
+        for uid in users:
+            accounts.add_user(uid, USER_PW)
+    finally:
+        db.close()
+
+
+def start_amqtt_broker(workdir: Path, db_url: str, users: Iterable[str]) -> Broker:
+    """The embedded broker (bench/amqtt_host.py) with these accounts in db_url."""
+    from backend.accounts import WORKER_USERNAME
+    users = list(users)
+    add_users(db_url, users)
+    port = free_port()
+    p = Proc("amqtt", [PY, "-m", "bench.amqtt_host", "--port", str(port), "--database-url", db_url],
+             workdir / f"amqtt-{port}.log", env={"BENCH_WORKER_PASSWORD": WORKER_PW})
+    try:
+        p.wait_for("amqtt ready", 30)
+    except Exception:
+        p.stop()
+        raise
+    secrets = {u: USER_PW for u in users}
+    secrets[WORKER_USERNAME] = WORKER_PW
+    return Broker("amqtt", port, p.pid, WORKER_USERNAME, "!im-worker", "!bench-relay", p.stop, secrets=secrets)
+
+
+def start_broker(kind: str, workdir: Path, db_url: str, users: Iterable[str], **kw) -> Broker:
+    if kind == "mosquitto":
+        return start_mosquitto_broker(workdir, users, **kw)
+    return start_amqtt_broker(workdir, db_url, users)
+
+
+# --- the system under test and its baseline -----------------------------------------------------
+_HELP: dict[str, str] = {}
+
+
+def _help(command: str) -> str:
+    """``python -m backend COMMAND --help``: the options this checkout's backend has."""
+    if command not in _HELP:
+        _HELP[command] = subprocess.run([PY, "-m", "backend", command, "--help"], cwd=REPO, env=_env(),
+                                        capture_output=True, text=True, timeout=60).stdout
+    return _HELP[command]
+
+
+def bench_options(command: str) -> list[str]:
+    """Options every benchmarked worker gets: one load-generator user sends the whole load, so the
+    per-user send rate limit (a flood guard, 20 msg/s by default) is off."""
+    return ["--send-rate", "0"] if "--send-rate" in _help(command) else []
+
+
+def start_worker(broker: Broker, db_url: str, workdir: Path, tag: str = "worker") -> Proc:
+    """``python -m backend worker`` beside the broker, as an operator runs it."""
+    from urllib.parse import quote
+    url = f"mqtt://{quote(broker.worker_user, safe='')}@{broker.host}:{broker.port}"
+    cmd = [PY, "-m", "backend", "worker", "--broker", url, "--database-url", db_url,
+           "--client-id", broker.worker_client_id]
+    if broker.kind == "amqtt" and "--share-group" in _help("worker"):
+        cmd += ["--share-group", ""]  # amqtt 0.12 has no $share subscriptions
+    cmd += bench_options("worker")
+    p = Proc(tag, cmd, workdir / f"{tag}-{broker.port}.log", env={"IM_BROKER_PASSWORD": WORKER_PW})
+    try:
+        p.wait_for("backend.worker: connected", 30)
+    except Exception:
+        p.stop()
+        raise
+    return p
+
+
+def start_relay(broker: Broker, workdir: Path) -> Proc:
+    p = Proc("relay", [PY, "-m", "bench.relay", "--port", str(broker.port), "--username", broker.worker_user,
+                       "--client-id", broker.relay_client_id],
+             workdir / f"relay-{broker.port}.log", env={"BENCH_SECRETS": json.dumps(broker.secrets)})
+    try:
+        p.wait_for("relay ready", 30)
+    except Exception:
+        p.stop()
+        raise
+    return p
+
+
+def start_serve(db_url: str, users: Iterable[str], workdir: Path) -> tuple[Proc, int, dict]:
+    """``python -m backend serve`` (embedded broker + worker in one process) with these accounts."""
+    users = list(users)
+    add_users(db_url, users)
+    port = free_port()
+    p = Proc("serve", [PY, "-m", "backend", "serve", "--host", "127.0.0.1", "--port", str(port),
+                       "--database-url", db_url, *bench_options("serve")], workdir / f"serve-{port}.log")
+    try:
+        p.wait_for("backend.worker: connected", 30)
+    except Exception:
+        p.stop()
+        raise
+    return p, port, {u: USER_PW for u in users}
+
+
+# --- load generators ----------------------------------------------------------------------------
+def run_loadgen(args: list[str], secrets: dict, watch: dict[str, int | None], timeout: float,
+                log_path: Path) -> dict:
+    """Run ``python -m bench.loadgen ARGS``; sample the CPU of `watch` (name -> pid) at its MARK lines.
+
+    Returns its RESULT with ``cpu_s`` (name -> CPU seconds used inside the measured phase) and
+    ``cpu_util`` (name -> share of one core over the measured phase's wall time).
+    """
+    cmd = [PY, "-m", "bench.loadgen", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env({"BENCH_SECRETS": json.dumps(secrets)}),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = {**watch, "loadgen": proc.pid}
+    marks: dict[str, tuple[float, dict]] = {}
+    out: dict = {}
+    lines: list[str] = []
+    err: list[str] = []
+    t_err = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    t_err.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("MARK "):
+                marks[line.split()[1]] = (time.monotonic(), {k: cpu_seconds(p) for k, p in watch.items()})
+            elif line.startswith("RESULT "):
+                out = json.loads(line[len("RESULT "):])
+        proc.wait()
+    finally:
+        timer.cancel()
+    t_err.join(2)
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(" ".join(cmd) + "\n" + "".join(lines) + "".join(err) + "\n")
+    if proc.returncode != 0 or not out:
+        raise RuntimeError(f"loadgen {' '.join(args)} failed ({proc.returncode}):\n{''.join(err)[-3000:]}")
+    if "start" in marks and "end" in marks:
+        (t0, c0), (t1, c1) = marks["start"], marks["end"]
+        wall = max(1e-9, t1 - t0)
+        out["cpu_s"] = {k: round(c1[k] - c0[k], 3) for k in c0 if c0[k] is not None and c1.get(k) is not None}
+        out["cpu_util"] = {k: round(v / wall, 3) for k, v in out["cpu_s"].items()}
+        out["wall_s"] = round(wall, 4)
+    return out
+
+
+# --- bulk fills (growth, offline backlog) ----------------------------------------------------------
+def fill_messages(db_url: str, n: int, receiver_of: Callable[[int], str], *, content_bytes: int = 100,
+                  chunk: int = 50_000) -> float:
+    """Insert n rows into the Message table (backend.store's model and schema) in bulk; returns seconds.
+
+    Only the Message table is filled: count, pull and ack read and delete nothing else. (A real
+    store also holds one Accepted row per message, for duplicate detection on send.)
+    """
+    from backend.store import Message, open_database
+    db = open_database(db_url)  # creates the schema exactly as the worker does
+    db.close()
+    path = db_url[len("sqlite:///"):]
+    f = Message._meta.fields
+    cols = [f[name].column_name for name in ("receiver_uid", "sender_uid", "msg_id", "msg_type", "msg_content",
+                                             "send_time", "client_ts")]
+    sql = (f'INSERT INTO "{Message._meta.table_name}" ({", ".join(cols)}) '
+           f'VALUES ({", ".join("?" * len(cols))})')
+    content = "x" * content_bytes
+    base_ms = int(time.time() * 1000) - n
+    t0 = time.monotonic()
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=OFF")  # a fill, not a promise: the worker opens it with FULL
+        for start in range(0, n, chunk):
+            rows = [(receiver_of(i), f"s{i % 10}", f"fill-{i}", "text", content, base_ms + i, None)
+                    for i in range(start, min(n, start + chunk))]
+            con.executemany(sql, rows)
+            con.commit()
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+    return time.monotonic() - t0
+
+
+def count_messages(db_url: str) -> int:
+    con = sqlite3.connect(db_url[len("sqlite:///"):])
+    try:
+        from backend.store import Message
+        return con.execute(f'SELECT COUNT(*) FROM "{Message._meta.table_name}"').fetchone()[0]
+    finally:
+        con.close()

@@ -1,0 +1,334 @@
+"""Turn a results dict into the target check, a Markdown report and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TARGETS = {
+    "online_throughput": "online end-to-end throughput >= 0.5 x the pure relay on the same broker",
+    "online_p99": "p99 latency at 50% of the relay's throughput <= 25 ms on Mosquitto",
+    "offline_drain": "offline drain >= 1.5 x Mosquitto's own offline-queue replay, nothing lost at 100k",
+    "growth_page": "page latency at 1M rows <= 1.5 x at 10k rows",
+}
+
+
+def _f(x, nd=0, unit=""):
+    if x is None:
+        return "n/a"
+    return f"{x:,.{nd}f}{unit}"
+
+
+def _lat(s: dict | None, key: str = "p99") -> str:
+    if not s or s.get(key) is None:
+        return "n/a"
+    return (">" if s.get(key + "_lower_bound") else "") + f"{s[key]:,.1f}"
+
+
+def check_targets(res: dict) -> list[dict]:
+    sc = res.get("scenarios", {})
+    out: list[dict] = []
+    on = sc.get("online", {})
+    for bk, r in on.get("brokers", {}).items():
+        w = r.get("worker_throughput")
+        if not w:
+            continue
+        rt = w.get("ratio_to_relay")
+        t = {"id": "online_throughput", "broker": bk, "target": ">= 0.5", "measured": rt,
+             "what": f"worker {w['rate']:,.0f} msg/s vs relay {r['relay_throughput']['rate']:,.0f} msg/s on {bk}",
+             "passed": rt is not None and rt >= 0.5}
+        if rt is not None and not t["passed"]:
+            t["missed_by"] = f"{rt:.2f}x instead of 0.5x: {0.5 / rt:.1f} times short"
+        out.append(t)
+    mq = on.get("brokers", {}).get("mosquitto")
+    if mq:
+        step = next((s for s in mq.get("latency", []) if abs(s.get("fraction_of_relay", -1) - 0.5) < 1e-9), None)
+        if step:
+            lat = step["worker"]["push_latency"]
+            p99 = lat.get("p99")
+            t = {"id": "online_p99", "broker": "mosquitto", "target": "<= 25 ms", "measured": p99,
+                 "lower_bound": lat.get("p99_lower_bound"),
+                 "what": f"p99 sender->receiver at {step['offered_rate']:,.0f} msg/s: worker {_lat(lat)} ms, "
+                         f"relay {_lat(step['relay']['push_latency'])} ms",
+                 "passed": p99 is not None and p99 <= 25 and not lat.get("p99_lower_bound")}
+            if not t["passed"] and p99:
+                t["missed_by"] = (f"{'more than ' if lat.get('p99_lower_bound') else ''}{p99:,.0f} ms instead of "
+                                  f"25 ms: {p99 / 25:.0f} times over; the worker received "
+                                  f"{step['worker']['received']:,} of {step['worker']['n']:,} sends in time "
+                                  f"(it sustains about {mq['worker_throughput']['rate']:,.0f} msg/s)")
+            out.append(t)
+    off = sc.get("offline", {})
+    if "ratio_to_mosquitto_queue" in off:
+        rt = off["ratio_to_mosquitto_queue"]
+        t = {"id": "offline_drain", "broker": "mosquitto", "target": ">= 1.5, lost 0", "measured": rt,
+             "lost": off["lost"], "backlog": off["backlog"],
+             "what": f"drain {off['drain']['rate']:,.0f} msg/s vs Mosquitto queue {off['mosquitto_queue']['rate']:,.0f} "
+                     f"msg/s, backlog {off['backlog']:,}, lost {off['lost']}",
+             "passed": rt is not None and rt >= 1.5 and off["lost"] == 0}
+        if off["backlog"] < 100_000:
+            t["note"] = f"backlog {off['backlog']:,}, not 100k (run the full mode)"
+        if not t["passed"] and rt:
+            t["missed_by"] = f"{rt:.2f}x instead of 1.5x: {1.5 / rt:.1f} times short" + (
+                f"; {off['lost']} lost" if off["lost"] else "")
+        out.append(t)
+    gr = sc.get("growth", {})
+    if "page_ack_ratio_big" in gr:
+        rt = gr["page_ack_ratio_big"]
+        a, b = gr["rows_compared"]
+        t = {"id": "growth_page", "broker": gr["broker"], "target": "<= 1.5", "measured": rt,
+             "what": f"p50 of a pull (limit 100, acking the page before) at {b:,} rows / at {a:,} rows",
+             "passed": rt is not None and rt <= 1.5}
+        if b < 1_000_000:
+            t["note"] = f"compared {a:,} with {b:,} rows, not 1M (run the full mode)"
+        if not t["passed"] and rt:
+            t["missed_by"] = f"{rt:.2f}x instead of at most 1.5x"
+        out.append(t)
+    return out
+
+
+def targets_text(res: dict) -> str:
+    lines = [f"Targets ({res['mode']} run, every figure against its baseline from this run):"]
+    for t in res.get("targets", []):
+        m = t["measured"]
+        ms = "n/a" if m is None else (f"{m:.2f}x" if t["id"] != "online_p99" else
+                                      ("> " if t.get("lower_bound") else "") + f"{m:,.1f} ms")
+        verdict = "MET" if t["passed"] else "MISSED"
+        lines.append(f"  [{verdict:6}] {t['id']:17} {t['broker']:9} {ms:>12}  (target {t['target']}) - {t['what']}")
+        if t.get("missed_by"):
+            lines.append(f"           missed by: {t['missed_by']}")
+        if t.get("note"):
+            lines.append(f"           note: {t['note']}")
+    for name, sc in res.get("scenarios", {}).items():
+        if "error" in sc:
+            lines.append(f"  [ERROR ] {name}: {sc['error']}")
+        elif "skipped" in sc:
+            lines.append(f"  [SKIP  ] {name}: {sc['skipped']}")
+    return "\n".join(lines)
+
+
+def _cpu(r: dict, *names: str) -> str:
+    u = r.get("cpu_util", {})
+    return " / ".join(f"{u[n]:.2f}" if n in u else "-" for n in names)
+
+
+def _us(r: dict, *names: str) -> str:
+    c, n = r.get("cpu_s", {}), r.get("n") or 0
+    return " / ".join(f"{c[k] / n * 1e6:,.0f}" if k in c and n else "-" for k in names)
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    sc = res["scenarios"]
+    L = [f"# Benchmark results ({res['mode']} run, {res['started']})", "",
+         f"Machine: {m['nproc']} cores, {m['cpu']}, Python {m['python']}, {m['platform']}; "
+         f"{m.get('mosquitto') or 'no Mosquitto'}; load average (1/5/15 min) at start {m.get('loadavg_at_start')}, "
+         f"at end {m.get('loadavg_at_end')}.",
+         f"Total time {res['seconds']:.0f} s.", "", "## Targets", "",
+         "| target | broker | measured | target | verdict | detail |", "|---|---|---|---|---|---|"]
+    for t in res.get("targets", []):
+        mv = t["measured"]
+        ms = "n/a" if mv is None else (f"{mv:.2f}x" if t["id"] != "online_p99" else
+                                       ("> " if t.get("lower_bound") else "") + f"{mv:,.1f} ms")
+        detail = t["what"] + (f"; missed by: {t['missed_by']}" if t.get("missed_by") else "") + (
+            f"; {t['note']}" if t.get("note") else "")
+        L.append(f"| {TARGETS[t['id']]} | {t['broker']} | {ms} | {t['target']} | "
+                 f"{'met' if t['passed'] else '**missed**'} | {detail} |")
+    on = sc.get("online", {})
+    if on.get("brokers"):
+        L += ["", "## 1. Online end to end", "",
+              f"QoS 1, {on['content_bytes']}-byte content, one sender and one receiver in one load-generator process, "
+              f"closed loop with at most {on['window']} messages incomplete. A message is complete when the sender "
+              "holds its `delivered` receipt (worker: store, stored receipt, push, batched ack, delete, delivered "
+              "receipt) or when the receiver got it (relay). CPU: share of one core used by broker / "
+              "worker or relay / load generator while measured.", "",
+              "| broker | system | msg/s | ratio to relay | push latency p50 / p99 (ms) | CPU broker / system / loadgen "
+              "(cores) | CPU µs per message: broker / system / loadgen |",
+              "|---|---|---|---|---|---|---|"]
+        for bk, r in on["brokers"].items():
+            rel = r["relay_throughput"]
+            L.append(f"| {bk} | relay (baseline) | {_f(rel['rate'])} | 1 | {_lat(rel['push_latency'], 'p50')} / "
+                     f"{_lat(rel['push_latency'])} | {_cpu(rel, 'broker', 'relay', 'loadgen')} | "
+                     f"{_us(rel, 'broker', 'relay', 'loadgen')} |")
+            for system in ("worker", "serve"):
+                w = r.get(f"{system}_throughput")
+                if w:
+                    label = "worker" if system == "worker" else "`serve` (worker inside amqtt's process)"
+                    L.append(f"| {bk} | {label} | {_f(w['rate'])} | {_f(w['ratio_to_relay'], 2)} | "
+                             f"{_lat(w['push_latency'], 'p50')} / {_lat(w['push_latency'])} | "
+                             f"{_cpu(w, 'broker', system, 'loadgen')} | {_us(w, 'broker', system, 'loadgen')} |")
+        L += ["", f"Latency at fixed offered rates ({on['latency_s']:g} s each, open loop, measured from each "
+                  "message's scheduled send time to its arrival at the receiver; `>` marks a lower bound: "
+                  "messages still missing when the step ended count as the time waited).", "",
+              "| broker | offered msg/s | system | received / sent | push p50 (ms) | push p99 (ms) | "
+              "delivered-receipt p99 (ms) | CPU broker / system |", "|---|---|---|---|---|---|---|---|"]
+        for bk, r in on["brokers"].items():
+            for step in r.get("latency", []):
+                for system in ("relay", "worker", "serve"):
+                    x = step.get(system)
+                    if not x:
+                        continue
+                    dl = _lat(x.get("delivered_latency")) if "delivered_latency" in x else "-"
+                    basis = step.get("basis", "relay")
+                    L.append(f"| {bk} | {_f(step['offered_rate'])} ({step['fraction_of_' + basis]:.0%} of {basis}) | {system} | "
+                             f"{x['received']:,} / {x['n']:,} | {_lat(x['push_latency'], 'p50')} | "
+                             f"{_lat(x['push_latency'])} | {dl} | {_cpu(x, 'broker', system)} |")
+    off = sc.get("offline", {})
+    if "drain" in off:
+        dr, mq = off["drain"], off["mosquitto_queue"]
+        L += ["", "## 2. Offline drain", "",
+              f"A backlog of {off['backlog']:,} messages for one receiver (bulk-inserted into the store; for "
+              f"Mosquitto, published to its offline persistent session with max_queued_messages "
+              f"{off['queue_limit']:,}). Drain: connect, `online`, count, then pulls of {off['limit']} each acking "
+              "the page before, until the empty page. Baseline: the clean-session-off subscriber reconnects and "
+              "Mosquitto replays its queue. Both from CONNECT to the last message.", "",
+              "| what | msg/s | seconds | received | lost | detail | CPU broker / worker / loadgen |",
+              "|---|---|---|---|---|---|---|",
+              f"| drain (count + pages of {off['limit']}) | {_f(dr['rate'])} | {dr['elapsed_s']:.2f} | "
+              f"{dr['distinct']:,} | {off['lost']} | {dr['pages']} pages, page p50 {_lat(dr['page_latency'], 'p50')} ms, "
+              f"p99 {_lat(dr['page_latency'])} ms; count {dr['count_ms']:.0f} ms; left in store: "
+              f"{dr['left_in_store']} | {_cpu(dr, 'broker', 'worker', 'loadgen')} |",
+              f"| Mosquitto offline queue (baseline) | {_f(mq['rate'])} | {mq['elapsed_s']:.2f} | {mq['received']:,} | "
+              f"{off['baseline_lost']} | filled in {mq['fill_s']:.1f} s | {_cpu(mq, 'broker', 'x', 'loadgen')} |",
+              "", f"Ratio: **{_f(off['ratio_to_mosquitto_queue'], 2)}x** Mosquitto's own replay."]
+    gr = sc.get("growth", {})
+    if gr.get("sizes"):
+        L += ["", "## 3. Growth", "",
+              f"Round trips through the worker on {gr['broker']} (one request at a time, {gr['reps']} each, p50 / p99 "
+              "in ms). `fix` holds exactly 1,000 rows spread over the table; `big` holds about half of all rows. "
+              "*page*: a pull of 100 without ack; *page+ack*: a pull of 100 acking the previous page (the drain "
+              "step: deletes 100 rows); *store*: the same count and page straight on backend.store, no MQTT.", "",
+              "| rows | DB MB | count fix | page fix | count big | page big | page+ack big | store: count big | "
+              "store: page big |", "|---|---|---|---|---|---|---|---|---|"]
+        for s in gr["sizes"]:
+            f, b, st = s["fix"], s["big"], s["store"]["big"]
+
+            def pp(x):
+                return f"{_lat(x, 'p50')} / {_lat(x)}"
+            L.append(f"| {s['rows']:,} | {s['db_mb']} | {pp(f['count'])} | {pp(f['page'])} | {pp(b['count'])} | "
+                     f"{pp(b['page'])} | {pp(b['page_ack'])} | {pp(st['count'])} | {pp(st['page'])} |")
+        L += ["", f"Ratios {gr['rows_compared'][1]:,} / {gr['rows_compared'][0]:,} rows (p50): page+ack big "
+                  f"{_f(gr['page_ack_ratio_big'], 2)}x, page big {_f(gr['page_ratio_big'], 2)}x, page fix "
+                  f"{_f(gr['page_ratio_fix'], 2)}x, count big {_f(gr['count_ratio_big'], 2)}x, count fix "
+                  f"{_f(gr['count_ratio_fix'], 2)}x."]
+    prof = sc.get("profile", {})
+    for key, label in (("online", "online throughput"), ("drain", "offline drain")):
+        x = prof.get(key, {})
+        p = x.get("profile")
+        if not p:
+            continue
+        rate = x.get("rate")
+        L += ["", f"## Profile of the worker: {label} on {prof.get('broker')} (py-spy, {p['samples']} samples)", "",
+              f"A separate run under py-spy ({_f(rate)} msg/s while sampled); shares of the samples in which a "
+              f"thread was working ({p.get('waiting_samples', 0)} more samples caught a thread waiting in select() "
+              "or on its queue, left out). Flame graph: "
+              f"[{p['svg']}]({p['svg']}). Threads: " + ", ".join(f"{t['thread']} {t['pct']}%" for t in p["threads"]) + ".",
+              "", "| self % | function (innermost frame) |", "|---|---|"]
+        L += [f"| {r['pct']} | `{r['frame']}` |" for r in p["self"][:12]]
+        L += ["", "| inclusive % | function |", "|---|---|"]
+        L += [f"| {r['pct']} | `{r['frame']}` |" for r in p["inclusive"][:20]]
+    for name, v in sc.items():
+        if "error" in v:
+            L += ["", f"**{name} failed:** {v['error']}"]
+        elif "skipped" in v:
+            L += ["", f"**{name} skipped:** {v['skipped']}"]
+    if res.get("plots"):
+        L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in res["plots"]]
+    return "\n".join(L) + "\n"
+
+
+def plots(res: dict, out: Path, stem: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made: list[str] = []
+    sc = res["scenarios"]
+    title = f"{res['machine']['nproc']} cores, {res['machine']['cpu']}, Python {res['machine']['python']}"
+
+    def save(fig, name):
+        path = out / f"{stem}-{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path.name)
+
+    on = sc.get("online", {}).get("brokers", {})
+    if on:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        labels, vals, colors = [], [], []
+        for bk, r in on.items():
+            for key, lab, col in (("relay_throughput", "relay", "#999999"), ("worker_throughput", "worker", "#1f77b4"),
+                                  ("serve_throughput", "serve", "#2ca02c")):
+                if key in r:
+                    labels.append(f"{bk}\n{lab}")
+                    vals.append(r[key]["rate"])
+                    colors.append(col)
+        bars = ax.bar(range(len(vals)), vals, color=colors)
+        for b_, v in zip(bars, vals):
+            ax.text(b_.get_x() + b_.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(vals)), labels, fontsize=8)
+        ax.set_ylabel("messages / s (complete)")
+        ax.set_title(f"Online throughput vs pure relay\n{title}", fontsize=9)
+        save(fig, "online-throughput")
+
+        lat_b = {bk: r for bk, r in on.items() if r.get("latency")}
+        if lat_b:
+            fig, axes = plt.subplots(1, len(lat_b), figsize=(6 * len(lat_b), 4), squeeze=False)
+            for ax, (bk, r) in zip(axes[0], lat_b.items()):
+                for system, col in (("relay", "#999999"), ("worker", "#1f77b4"), ("serve", "#2ca02c")):
+                    xs, p50, p99 = [], [], []
+                    for st in r["latency"]:
+                        if system in st and st.get("basis", "relay") == "relay":
+                            lat = st[system]["push_latency"]
+                            xs.append(st["offered_rate"])
+                            p50.append(lat["p50"])
+                            p99.append(lat["p99"])
+                            for key in ("p50", "p99"):
+                                if lat.get(key + "_lower_bound") and lat[key]:
+                                    ax.annotate("> (lower bound)", (st["offered_rate"], lat[key]), fontsize=6,
+                                                xytext=(-75, 4), textcoords="offset points", color=col)
+                    if xs:
+                        ax.plot(xs, p50, "o--", color=col, label=f"{system} p50")
+                        ax.plot(xs, p99, "s-", color=col, label=f"{system} p99")
+                for st in r["latency"]:
+                    if st.get("basis") == "worker" and "worker" in st:
+                        lat = st["worker"]["push_latency"]
+                        ax.plot([st["offered_rate"]], [lat["p99"]], "*", color="#d62728", ms=10,
+                                label=f"worker p99 at {st['fraction_of_worker']:.0%} of its own throughput")
+                if bk == "mosquitto":
+                    ax.axhline(25, color="red", lw=0.8, ls=":", label="target p99 25 ms")
+                ax.set_yscale("log")
+                ax.set_xlabel("offered messages / s (fractions of the relay's throughput)")
+                ax.set_ylabel("sender -> receiver latency (ms)")
+                ax.set_title(f"{bk}", fontsize=9)
+                ax.legend(fontsize=7)
+            fig.suptitle(f"Latency at fixed offered rates ({title})", fontsize=9)
+            save(fig, "online-latency")
+
+    off = sc.get("offline", {})
+    if "drain" in off:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        vals = [off["mosquitto_queue"]["rate"], off["drain"]["rate"]]
+        labels = ["Mosquitto offline\nqueue replay", f"worker drain\n(count + pages of {off['limit']})"]
+        bars = ax.bar(labels, vals, color=["#999999", "#1f77b4"])
+        for b_, v in zip(bars, vals):
+            ax.text(b_.get_x() + b_.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        ax.axhline(1.5 * vals[0], color="red", lw=0.8, ls=":", label="target 1.5x Mosquitto")
+        ax.set_ylabel("messages / s")
+        ax.legend(fontsize=7)
+        ax.set_title(f"Offline drain of {off['backlog']:,} messages\n{title}", fontsize=9)
+        save(fig, "offline")
+
+    gr = sc.get("growth", {})
+    if gr.get("sizes"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs = [s["rows"] for s in gr["sizes"]]
+        for uid, key, style in (("big", "page_ack", "o-"), ("big", "page", "s-"), ("big", "count", "^-"),
+                                ("fix", "page", "s--"), ("fix", "count", "^--")):
+            ax.plot(xs, [s[uid][key]["p50"] for s in gr["sizes"]], style, label=f"{key} {uid} p50")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rows in the message table")
+        ax.set_ylabel("round trip (ms)")
+        ax.legend(fontsize=7)
+        ax.set_title(f"Count and page latency as the store grows ({gr['broker']})\n{title}", fontsize=9)
+        save(fig, "growth")
+    return made

@@ -1,0 +1,274 @@
+"""The scenarios: each measures the system and its baseline in the same run, same broker kind and config.
+
+A fresh broker (and worker or relay) is started for every measurement, so no backlog or session
+left by one step (a saturated latency step leaves thousands of messages queued) slows the next.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import harness as h
+from bench.stats import ratio
+
+USERS = ["alice", "bob"]
+
+
+@dataclass
+class Sizes:
+    name: str
+    relay_n: int  # closed-loop messages measured through the relay
+    worker_n: int  # ... and through the worker
+    window: int  # most messages not yet complete (sent, no delivered receipt / not yet relayed)
+    warmup: int
+    latency_fracs: list[float]  # offered rates, as fractions of the relay's measured throughput
+    own_fracs: list[float]  # ... and as fractions of the system's own throughput (where it is not saturated)
+    latency_s: float  # how long each fixed rate is offered
+    grace_s: float  # how long after the last send a step waits for the stragglers
+    drain_backlog: int
+    drain_limit: int
+    growth_rows: list[int]
+    growth_reps: int
+    serve_variant: bool  # also measure `python -m backend serve` (worker inside the amqtt process)
+    brokers: list[str] = field(default_factory=lambda: ["amqtt", "mosquitto"])
+
+
+SIZES = {
+    "tiny": Sizes("tiny", relay_n=600, worker_n=200, window=200, warmup=20, latency_fracs=[0.5], own_fracs=[], latency_s=0.5,
+                  grace_s=1.0, drain_backlog=1000, drain_limit=500, growth_rows=[2000, 6000], growth_reps=3,
+                  serve_variant=False),
+    "quick": Sizes("quick", relay_n=8000, worker_n=1500, window=1000, warmup=200, latency_fracs=[0.5],
+                   own_fracs=[0.5], latency_s=2.0, grace_s=2.0, drain_backlog=20_000, drain_limit=500,
+                   growth_rows=[10_000, 100_000], growth_reps=15, serve_variant=False),
+    "full": Sizes("full", relay_n=20000, worker_n=4000, window=1000, warmup=300, latency_fracs=[0.25, 0.5, 0.75],
+                  own_fracs=[0.5], latency_s=4.0, grace_s=4.0, drain_backlog=100_000, drain_limit=500,
+                  growth_rows=[10_000, 100_000, 1_000_000], growth_reps=40, serve_variant=True),
+}
+
+
+class Run:
+    """Holds the run's scratch directory and a log of what was started."""
+
+    def __init__(self, sizes: Sizes, workdir: Path, log=print, out: Path | None = None, stem: str = "bench"):
+        self.sizes, self.workdir, self.log = sizes, workdir, log
+        self.out, self.stem = out or workdir, stem
+        self._n = 0
+
+    def scratch(self, name: str) -> Path:
+        self._n += 1
+        d = self.workdir / f"{self._n:03d}-{name}"
+        d.mkdir(parents=True)
+        return d
+
+    def brokers(self) -> list[str]:
+        return [b for b in self.sizes.brokers if b != "mosquitto" or h.mosquitto_available()]
+
+
+# --- 1. online ----------------------------------------------------------------------------------
+def _online_step(run: Run, broker_kind: str, system: str, loadgen_args: list[str], timeout: float,
+                 profile: str | None = None) -> dict:
+    """One measurement on a fresh broker: system is "relay", "worker" or "serve" (amqtt only).
+    With `profile` (a name), the worker runs under py-spy and its profile is written to the results."""
+    d = run.scratch(f"online-{broker_kind}-{system}")
+    db = f"sqlite:///{d}/im.db"
+    mode = "relay" if system == "relay" else "worker"
+    if system == "serve":
+        proc, port, secrets = h.start_serve(db, USERS, d)
+        stops, watch = [proc.stop], {"serve": proc.pid}  # broker and worker in one process
+    else:
+        b = h.start_broker(broker_kind, d, db, USERS)
+        stops, port, secrets = [b.stop], b.port, b.secrets
+        try:
+            sut = h.start_relay(b, d) if system == "relay" else h.start_worker(b, db, d)
+        except Exception:
+            b.stop()
+            raise
+        stops.insert(0, sut.stop)
+        watch = {"broker": b.pid, system: sut.pid}
+    rec = _recorder(watch.get("worker") or watch.get("serve"), d) if profile else None
+    try:
+        res = h.run_loadgen(["online", "--mode", mode, "--port", str(port), *loadgen_args], secrets, watch,
+                            timeout, d / "loadgen.log")
+        if rec is not None:
+            res["profile"] = _save_profile(run, rec, profile)
+        return res
+    finally:
+        for stop in stops:
+            stop()
+
+
+def online(run: Run) -> dict:
+    s = run.sizes
+    out: dict = {"content_bytes": 100, "qos": 1, "window": s.window, "latency_fracs": s.latency_fracs,
+                 "own_fracs": s.own_fracs, "latency_s": s.latency_s, "brokers": {}}
+    for bk in run.brokers():
+        r: dict = {}
+        out["brokers"][bk] = r
+        systems = ["worker"] + (["serve"] if bk == "amqtt" and s.serve_variant else [])
+        thr_args = ["--window", str(s.window), "--warmup", str(s.warmup)]
+        run.log(f"online/{bk}: relay throughput ({s.relay_n} messages)")
+        r["relay_throughput"] = _online_step(run, bk, "relay", ["--count", str(s.relay_n), *thr_args], 300)
+        relay_rate = r["relay_throughput"]["rate"]
+        for system in systems:
+            run.log(f"online/{bk}: {system} throughput ({s.worker_n} messages)")
+            res = _online_step(run, bk, system, ["--count", str(s.worker_n), *thr_args], 300)
+            res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
+            r[f"{system}_throughput"] = res
+        r["latency"] = []
+        plan = [("relay", frac, relay_rate) for frac in s.latency_fracs] + \
+               [("worker", frac, r["worker_throughput"]["rate"]) for frac in s.own_fracs]
+        for basis, frac, basis_rate in plan:
+            rate = round(basis_rate * frac, 1)
+            lat_args = ["--rate", str(rate), "--duration", str(s.latency_s), "--grace", str(s.grace_s),
+                        "--warmup", str(min(s.warmup, 100)), "--window", "100"]
+            step = {f"fraction_of_{basis}": frac, "basis": basis, "offered_rate": rate}
+            for system in ["relay"] + systems:
+                run.log(f"online/{bk}: {system} latency at {rate:.0f} msg/s ({frac:.0%} of the {basis}'s throughput)")
+                step[system] = _online_step(run, bk, system, lat_args, 120 + s.latency_s + s.grace_s)
+            r["latency"].append(step)
+    return out
+
+
+def _recorder(pid: int | None, d: Path):
+    from bench.profile import Recorder
+    return Recorder(pid, d / "profile.raw")
+
+
+def _save_profile(run: Run, rec, name: str) -> dict:
+    from bench.profile import flamegraph_svg, summarize, working
+    stacks = rec.stop()
+    svg = run.out / f"{run.stem}-profile-{name}.svg"
+    svg.write_text(flamegraph_svg(working(stacks), f"worker, {name}, working threads only"), encoding="utf-8")
+    return {"svg": svg.name, **summarize(stacks)}
+
+
+# --- 2. offline drain ---------------------------------------------------------------------------
+def offline(run: Run, profile: str | None = None) -> dict:
+    s = run.sizes
+    n = s.drain_backlog
+    if not h.mosquitto_available():
+        return {"skipped": "mosquitto is not installed: the baseline is Mosquitto's own offline queue"}
+    d = run.scratch("offline")
+    db = f"sqlite:///{d}/im.db"
+    run.log(f"offline: filling a backlog of {n} messages for bob")
+    fill_s = h.fill_messages(db, n, lambda i: "bob")
+    # One Mosquitto for both: its queue limit raised so its own offline queue drops nothing.
+    b = h.start_mosquitto_broker(d, USERS, queue_limit=max(2 * n, 200_000))
+    out: dict = {"backlog": n, "limit": s.drain_limit, "fill_s": round(fill_s, 2), "broker": "mosquitto",
+                 "queue_limit": max(2 * n, 200_000)}
+    try:
+        w = h.start_worker(b, db, d)
+        rec = _recorder(w.pid, d) if profile else None
+        try:
+            run.log(f"offline: drain with count + pages of {s.drain_limit}" + (" (under py-spy)" if profile else ""))
+            out["drain"] = h.run_loadgen(["drain", "--port", str(b.port), "--limit", str(s.drain_limit),
+                                          "--expect", str(n), "--timeout", "60"], b.secrets,
+                                         {"broker": b.pid, "worker": w.pid}, 600, d / "loadgen.log")
+            if rec is not None:
+                out["drain"]["profile"] = _save_profile(run, rec, profile)
+        finally:
+            w.stop()
+        if profile:
+            return out["drain"]
+        out["drain"]["left_in_store"] = h.count_messages(db)
+        run.log(f"offline: Mosquitto's own offline queue replaying {n} messages")
+        out["mosquitto_queue"] = h.run_loadgen(["mqueue", "--port", str(b.port), "--n", str(n), "--pub-user",
+                                                b.worker_user, "--timeout", "300"], b.secrets,
+                                               {"broker": b.pid}, 900, d / "loadgen.log")
+    finally:
+        b.stop()
+    dr, mq = out["drain"], out["mosquitto_queue"]
+    out["lost"] = n - dr["distinct"]
+    out["baseline_lost"] = n - mq["received"]
+    out["ratio_to_mosquitto_queue"] = ratio(dr["rate"], mq["rate"])
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+# --- 3. growth ----------------------------------------------------------------------------------
+def _growth_receiver(n: int):
+    """Who receives row i: "fix" holds exactly 1,000 rows spread over the whole table, "big" about
+    half of all rows, and 997 others share the rest."""
+    step = max(1, n // 1000)
+
+    def receiver_of(i: int) -> str:
+        if i % step == 0 and i // step < 1000:
+            return "fix"
+        return "big" if i % 2 else f"u{i % 997}"
+    return receiver_of
+
+
+def growth(run: Run) -> dict:
+    s = run.sizes
+    kind = "mosquitto" if "mosquitto" in run.brokers() else "amqtt"
+    out: dict = {"broker": kind, "limit": 100, "reps": s.growth_reps, "sizes": []}
+    for n in s.growth_rows:
+        d = run.scratch(f"growth-{n}")
+        db = f"sqlite:///{d}/im.db"
+        run.log(f"growth: filling {n:,} rows")
+        fill_s = h.fill_messages(db, n, _growth_receiver(n))
+        size = {"rows": n, "fill_s": round(fill_s, 2), "db_mb": round((d / "im.db").stat().st_size / 2**20, 1)}
+        b = h.start_broker(kind, d, db, ["big", "fix"])
+        try:
+            w = h.start_worker(b, db, d)
+            try:
+                for uid in ("fix", "big"):
+                    run.log(f"growth: {n:,} rows, count and pages for {uid}")
+                    size[uid] = h.run_loadgen(["probe", "--port", str(b.port), "--uid", uid, "--reps",
+                                               str(s.growth_reps)], b.secrets, {"broker": b.pid, "worker": w.pid},
+                                              600, d / "loadgen.log")
+            finally:
+                w.stop()
+        finally:
+            b.stop()
+        size["store"] = _store_timings(db, s.growth_reps)
+        out["sizes"].append(size)
+        shutil.rmtree(d, ignore_errors=True)
+    first, last = out["sizes"][0], out["sizes"][-1]
+    for key in ("page_ack", "page", "count"):
+        out[f"{key}_ratio_big"] = ratio(last["big"][key]["p50"], first["big"][key]["p50"])
+        out[f"{key}_ratio_fix"] = ratio(last["fix"][key]["p50"], first["fix"][key]["p50"])
+    out["rows_compared"] = [first["rows"], last["rows"]]
+    return out
+
+
+def _store_timings(db_url: str, reps: int) -> dict:
+    """The same operations straight on backend.store (no MQTT, no worker): where the time goes."""
+    from backend import core
+    from backend.store import Store, open_database
+    from bench.stats import summary_ms
+    db = open_database(db_url)
+    try:
+        store = Store(db)
+        out: dict = {}
+        for uid in ("fix", "big"):
+            t_count, t_page = [], []
+            for k in range(reps):
+                t = time.monotonic()
+                store.apply([core.CountBacklog(receiver=uid, req_id="c")])
+                t_count.append(time.monotonic() - t)
+                t = time.monotonic()
+                store.apply([core.PullPage(receiver=uid, req_id="p", limit=100, from_uid=None, ack=None)])
+                t_page.append(time.monotonic() - t)
+            out[uid] = {"count": summary_ms(t_count), "page": summary_ms(t_page)}
+        return out
+    finally:
+        db.close()
+
+
+# --- profiles (py-spy), apart from the measured runs -----------------------------------------------
+def profile(run: Run) -> dict:
+    """The worker under the online throughput load and under the offline drain, sampled by py-spy.
+    Separate runs: sampling slows the worker a little, so these are not the figures above."""
+    s = run.sizes
+    kind = "mosquitto" if "mosquitto" in run.brokers() else "amqtt"
+    out: dict = {"broker": kind}
+    run.log(f"profile: worker throughput on {kind} under py-spy ({s.worker_n} messages)")
+    out["online"] = _online_step(run, kind, "worker", ["--count", str(s.worker_n), "--window", str(s.window),
+                                                       "--warmup", str(s.warmup)], 300, profile=f"online-{kind}")
+    if kind == "mosquitto":
+        out["drain"] = offline(run, profile="drain")
+    return out
