@@ -42,8 +42,10 @@ DB_RETRY_MIN_S, DB_RETRY_MAX_S = 0.2, 5.0
 # Housekeeping (expiry, old cursors, remembered msg_ids) runs this often: a message expires at most
 # this late, and an hour is nothing beside a 14-day age. Shorter expiry ages get a tenth of their age.
 PURGE_INTERVAL_S = 3600
-# Outgoing QoS 1 messages paho keeps in flight (its default is 20, which throttles pushes).
-MAX_INFLIGHT = 1000
+# Outgoing QoS 1 messages paho keeps in flight: 0 is unlimited. paho's default, 20, throttles pushes,
+# and any limit makes paho walk every in-flight message on each PUBACK (7-12% of the worker's CPU in
+# the bench profile); the broker bounds what it queues for a client anyway (max_queued_messages).
+MAX_INFLIGHT = 0
 # How often the backlog gauge is sampled (a COUNT over the message table): Prometheus scrapes every 15-60 s.
 BACKLOG_SAMPLE_S = 30
 # Workers share send/ack/req through this MQTT shared-subscription group by default ($share/<group>/...):
