@@ -32,7 +32,7 @@ class EmbeddedSystem:
         self.server.start()
 
 
-def test_chaos_on_embedded_broker(db_url):
+def test_chaos_on_embedded_broker(db_url, capsys):
     passwords = {u: f"{u}-pw" for u in UIDS}
     add_users(db_url, *UIDS)
     system = EmbeddedSystem(db_url)
@@ -40,7 +40,8 @@ def test_chaos_on_embedded_broker(db_url):
         report = chaos.run(system, UIDS, passwords, messages=1200, worker_kills=4, broker_restarts=1, seed=7)
     finally:
         system.server.kill()
-    print("\nembedded chaos:", report.line())
+    with capsys.disabled():  # shown in every run, not only on failure
+        print("\nembedded chaos:", report.line())
     assert report.confirmed == report.sent
     assert report.lost == [], f"lost: {report.lost[:10]}"
     assert report.received_twice == []
