@@ -8,7 +8,9 @@ same configuration, so each headline figure is a ratio (docs/BENCHMARKS.md):
   that republishes each message, no database); throughput, then latency at fixed offered rates;
 * ``offline`` - a receiver drains a backlog with count + pages, against Mosquitto's own
   offline queue replaying the same backlog to a clean-session-off subscriber;
-* ``growth``  - count and page latency with 10k, 100k and 1M stored rows.
+* ``growth``  - count and page latency with 10k, 100k and 1M stored rows;
+* ``scaleout`` - online throughput with 2 workers against 1 (Mosquitto + PostgreSQL, shared
+  subscription, several senders).
 
 Load generators are lean paho processes (bench/loadgen.py) speaking docs/PROTOCOL.md;
 bench/scenarios.py runs the scenarios and bench/harness.py starts every broker, worker and

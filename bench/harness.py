@@ -50,6 +50,36 @@ def cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def cpu_seconds_named(comm: str) -> float:
+    """User + system CPU seconds of every live process named ``comm`` (e.g. all of PostgreSQL's
+    processes: its per-connection backends, WAL writer, ...). A process that exits between two
+    samples takes its CPU time with it."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm", "rb") as f:
+                if f.read().strip() != comm.encode():
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine spent busy (all cores, every process), from /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v[:3]) + sum(v[5:8])) / _CLK_TCK  # user nice system + irq softirq steal
+    except (OSError, ValueError):
+        return None
+
+
 def _env(extra: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     for k in ("IM_DATABASE_URL", "IM_BROKER_URL", "IM_CRASH_AT"):
@@ -186,16 +216,24 @@ def bench_options(command: str) -> list[str]:
     return ["--send-rate", "0"] if "--send-rate" in _help(command) else []
 
 
-def start_worker(broker: Broker, db_url: str, workdir: Path, tag: str = "worker") -> Proc:
-    """``python -m backend worker`` beside the broker, as an operator runs it."""
+def start_worker(broker: Broker, db_url: str, workdir: Path, tag: str = "worker", worker_id: str | None = None,
+                 wait: bool = True) -> Proc:
+    """``python -m backend worker`` beside the broker, as an operator runs it. With ``worker_id``
+    (scale-out) it runs as ``--id ID --client-id im-worker-ID``, one session per worker; the
+    shared-subscription group is the default one."""
     from urllib.parse import quote
     url = f"mqtt://{quote(broker.worker_user, safe='')}@{broker.host}:{broker.port}"
-    cmd = [PY, "-m", "backend", "worker", "--broker", url, "--database-url", db_url,
-           "--client-id", broker.worker_client_id]
+    cmd = [PY, "-m", "backend", "worker", "--broker", url, "--database-url", db_url]
+    if worker_id is None:
+        cmd += ["--client-id", broker.worker_client_id]
+    else:
+        cmd += ["--id", worker_id, "--client-id", f"im-worker-{worker_id}"]
     if broker.kind == "amqtt" and "--share-group" in _help("worker"):
         cmd += ["--share-group", ""]  # amqtt 0.12 has no $share subscriptions
     cmd += bench_options("worker")
     p = Proc(tag, cmd, workdir / f"{tag}-{broker.port}.log", env={"IM_BROKER_PASSWORD": WORKER_PW})
+    if not wait:
+        return p
     try:
         p.wait_for("backend.worker: connected", 30)
     except Exception:
@@ -232,9 +270,10 @@ def start_serve(db_url: str, users: Iterable[str], workdir: Path) -> tuple[Proc,
 
 
 # --- load generators ----------------------------------------------------------------------------
-def run_loadgen(args: list[str], secrets: dict, watch: dict[str, int | None], timeout: float,
-                log_path: Path) -> dict:
-    """Run ``python -m bench.loadgen ARGS``; sample the CPU of `watch` (name -> pid) at its MARK lines.
+def run_loadgen(args: list[str], secrets: dict, watch: dict[str, int | None | Callable[[], float | None]],
+                timeout: float, log_path: Path) -> dict:
+    """Run ``python -m bench.loadgen ARGS``; sample the CPU of `watch` (name -> pid, or a function
+    returning CPU seconds) at its MARK lines.
 
     Returns its RESULT with ``cpu_s`` (name -> CPU seconds used inside the measured phase) and
     ``cpu_util`` (name -> share of one core over the measured phase's wall time).
@@ -255,7 +294,8 @@ def run_loadgen(args: list[str], secrets: dict, watch: dict[str, int | None], ti
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("MARK "):
-                marks[line.split()[1]] = (time.monotonic(), {k: cpu_seconds(p) for k, p in watch.items()})
+                marks[line.split()[1]] = (time.monotonic(), {k: p() if callable(p) else cpu_seconds(p)
+                                                             for k, p in watch.items()})
             elif line.startswith("RESULT "):
                 out = json.loads(line[len("RESULT "):])
         proc.wait()
@@ -308,6 +348,31 @@ def fill_messages(db_url: str, n: int, receiver_of: Callable[[int], str], *, con
     finally:
         con.close()
     return time.monotonic() - t0
+
+
+def database_reachable(url: str) -> str | None:
+    """None if the database at ``url`` answers, else why not (as tests/services.py)."""
+    try:
+        from backend.store import open_database
+        db = open_database(url, create=False)
+        try:
+            db.execute_sql("SELECT 1")
+        finally:
+            db.close()
+        return None
+    except Exception as e:  # noqa: BLE001 - any driver's error: say it and skip
+        return f"{url.split('://')[0]} not reachable at {url.split('@')[-1]}: {str(e).strip()[:160]}"
+
+
+def reset_schema(url: str) -> None:
+    """Drop our tables in ``url`` and create them again, empty (backend.store's own schema)."""
+    from backend.store import create_schema, drop_schema, open_database
+    db = open_database(url, create=False)
+    try:
+        drop_schema(db)
+        create_schema(db)
+    finally:
+        db.close()
 
 
 def count_messages(db_url: str) -> int:

@@ -154,7 +154,8 @@ class Peer:
 
 # --- online: sender -> (worker | relay) -> receiver ----------------------------------------------
 class Online:
-    """One sender and one receiver. Message i has msg_id TAG-i. In latency mode its send time is
+    """One receiver and one sender, or several (``--sender a,b,c``: message i goes from sender
+    i mod k, so a shared subscription has several topics to spread). Message i has msg_id TAG-i. In latency mode its send time is
     the time it was *scheduled*, so a late sender cannot hide queueing (no coordinated omission)."""
 
     ACK_BATCH, ACK_DELAY_S = 100, 0.05  # as backend.client: acks of pushes go out in batches
@@ -176,16 +177,18 @@ class Online:
         self.duplicates = self.errors = 0
         self.first_error: dict | None = None
         self.probe_hits = 0
+        self.probes_seen: set[str] = set()
         self.pending_acks: list[int] = []
         self.ack_due: float | None = None
         self.acks_sent = 0
-        s, r = a.sender, a.receiver
-        self.send_topic, self.inbox, self.r_reply, self.s_reply, self.ack_topic = (
-            f"im/u/{s}/send", f"im/u/{r}/inbox", f"im/u/{r}/reply", f"im/u/{s}/reply", f"im/u/{r}/ack")
+        r = a.receiver
+        self.senders = [u for u in a.sender.split(",") if u]
+        self.send_topics = [f"im/u/{u}/send" for u in self.senders]
+        self.inbox, self.r_reply, self.ack_topic = f"im/u/{r}/inbox", f"im/u/{r}/reply", f"im/u/{r}/ack"
         self.net = Net()
         self.rx = Peer(self.net, a.host, a.port, r, f"{r}:bench-rx", on_message=self._on_rx,
                        will=(f"im/status/{r}", b"offline"))
-        self.tx = Peer(self.net, a.host, a.port, s, f"{s}:bench-tx", on_message=self._on_tx)
+        self.txs = [Peer(self.net, a.host, a.port, u, f"{u}:bench-tx", on_message=self._on_tx) for u in self.senders]
 
     # receiver: pushes (worker) or relayed sends (relay)
     def _on_rx(self, client, userdata, msg):
@@ -210,6 +213,7 @@ class Online:
         key = mid[len(self.prefix):]
         if key[0] == "p":
             self.probe_hits += 1
+            self.probes_seen.add(key)
             return
         i = int(key)
         if self.pushed[i]:
@@ -246,7 +250,8 @@ class Online:
 
     def send(self, i: int, t: float) -> None:
         self.sent[i] = t
-        self.tx.publish(self.send_topic, b'{"msg_id":"%s%d","to":"%s","content":"%s"}' % (
+        k = i % len(self.txs)
+        self.txs[k].publish(self.send_topics[k], b'{"msg_id":"%s%d","to":"%s","content":"%s"}' % (
             self.prefix.encode(), i, self.a.receiver.encode(), self.content))
 
     def poll(self, timeout: float) -> None:
@@ -258,19 +263,28 @@ class Online:
         self.rx.connect()
         self.rx.subscribe([self.inbox, self.r_reply])
         self.rx.published(self.rx.publish(f"im/status/{self.a.receiver}", b"online", retain=True))
-        self.tx.connect()
-        self.tx.subscribe([self.s_reply])
-        # Probe until one message makes the whole trip: the worker (or relay) is subscribed and has
-        # seen the receiver's online status. Probes not pushed wait in the store; harmless.
+        for tx, u in zip(self.txs, self.senders):
+            tx.connect()
+            tx.subscribe([f"im/u/{u}/reply"])
+        # Probe until a round of probes makes the whole trip: the worker (or relay) is subscribed and
+        # has seen the receiver's online status. With several senders each sends two probes a round,
+        # so that every worker behind a shared subscription is likely to get one. Probes not pushed
+        # wait in the store; harmless.
+        per = 1 if len(self.txs) == 1 else 2
         for k in range(60):
-            self.tx.publish(self.send_topic, json.dumps(
-                {"msg_id": f"{self.prefix}p{k}", "to": self.a.receiver, "content": "probe"}))
+            keys = []
+            for j in range(per * len(self.txs)):
+                key = f"p{k}_{j}"
+                keys.append(key)
+                tx = j % len(self.txs)
+                self.txs[tx].publish(self.send_topics[tx], json.dumps(
+                    {"msg_id": self.prefix + key, "to": self.a.receiver, "content": "probe"}))
             end = now() + 0.5
-            while not self.probe_hits and now() < end:
+            while not self.probes_seen.issuperset(keys) and now() < end:
                 self.poll(0.02)
-            if self.probe_hits:
+            if self.probes_seen.issuperset(keys):
                 return
-        raise SystemExit("no probe came through in 30 s")
+        raise SystemExit("no round of probes came through in 30 s")
 
     def closed_loop(self, first: int, n: int, window: int, timeout: float) -> bool:
         """Send n messages keeping at most `window` incomplete; True if all completed in time."""
@@ -357,7 +371,8 @@ def run_online(a: argparse.Namespace) -> None:
     if o.worker_mode:
         o.flush_acks()
     o.rx.published(o.rx.publish(f"im/status/{a.receiver}", b"offline", retain=True), 5)
-    o.tx.close()
+    for tx in o.txs:
+        tx.close()
     o.rx.close()
     result(out)
 
@@ -518,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     on = sub.add_parser("online")
     on.add_argument("--mode", choices=["worker", "relay"], required=True)
-    on.add_argument("--sender", default="alice")
+    on.add_argument("--sender", default="alice", help="sender user, or several separated by commas")
     on.add_argument("--receiver", default="bob")
     on.add_argument("--count", type=int, default=0, help="closed loop: messages to measure")
     on.add_argument("--window", type=int, default=1000, help="closed loop: most messages not yet complete")

@@ -209,6 +209,9 @@ def markdown(res: dict) -> str:
                   f"{_f(gr['page_ack_ratio_big'], 2)}x, page big {_f(gr['page_ratio_big'], 2)}x, page fix "
                   f"{_f(gr['page_ratio_fix'], 2)}x, count big {_f(gr['count_ratio_big'], 2)}x, count fix "
                   f"{_f(gr['count_ratio_fix'], 2)}x."]
+    so = sc.get("scaleout", {})
+    if so.get("runs"):
+        L += ["", "## 4. Scale-out", ""] + scaleout_markdown(so)
     prof = sc.get("profile", {})
     for key, label in (("online", "online throughput"), ("drain", "offline drain")):
         x = prof.get(key, {})
@@ -233,6 +236,40 @@ def markdown(res: dict) -> str:
     if res.get("plots"):
         L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in res["plots"]]
     return "\n".join(L) + "\n"
+
+
+def scaleout_markdown(so: dict) -> list[str]:
+    hi, lo = so["ratio_of"]
+    mi = so.get("measured_in")
+    L = [f"Online end to end as in section 1 (QoS 1, closed loop, at most {so['window']} messages incomplete, "
+         f"a message complete when its sender holds the `delivered` receipt), with {so['senders']} senders "
+         f"(message i from sender i mod {so['senders']}) and one receiver in one load-generator process, "
+         f"{so['n']:,} messages measured after {so['warmup']} of warm-up. Workers beside one Mosquitto "
+         f"(broker_config/) on one PostgreSQL ({so['database']}, tables dropped and created before each "
+         "measurement), each with its own `--id`/`--client-id`, sharing send/ack/req through the default "
+         "shared-subscription group, `--send-rate 0`; each worker count measured "
+         f"{so['reps']} time(s), alternating. CPU: share of one core over the measured phase; *postgres* is "
+         "all of PostgreSQL's processes, *machine* every process on the machine (out of "
+         "its cores)."]
+    if mi:
+        L[-1] += (f" Measured in a separate run ({mi['file']}, {mi['mode']} sizes, started {mi['started']}, "
+                  f"load average {mi.get('loadavg_at_start')} at its start) and merged into this report.")
+    L += ["", "| workers | run | msg/s | push p50 / p99 (ms) | CPU cores: broker / each worker / postgres / "
+              "loadgen / machine | CPU µs per message: workers / postgres / broker / loadgen |",
+          "|---|---|---|---|---|---|"]
+    for r in so["runs"]:
+        u, c, n = r.get("cpu_util", {}), r.get("cpu_s", {}), r.get("n") or 0
+        each = " + ".join(f"{u[k]:.2f}" for k in sorted(u) if k.startswith("worker") and k != "workers")
+
+        def us(k):
+            return f"{c[k] / n * 1e6:,.0f}" if k in c and n else "-"
+        L.append(f"| {r['workers']} | {r['rep']} | {_f(r['rate'])} | {_lat(r['push_latency'], 'p50')} / "
+                 f"{_lat(r['push_latency'])} | {u.get('broker', 0):.2f} / {each} / {u.get('postgres', 0):.2f} / "
+                 f"{u.get('loadgen', 0):.2f} / {u.get('machine', 0):.2f} | {us('workers')} / {us('postgres')} / "
+                 f"{us('broker')} / {us('loadgen')} |")
+    rates = ", ".join(f"{k} worker{'s' if k != '1' else ''} {_f(v)} msg/s" for k, v in so["rate"].items())
+    L += ["", f"Mean: {rates}; **{hi} / {lo} workers: {_f(so['ratio'], 2)}x**."]
+    return L
 
 
 def plots(res: dict, out: Path, stem: str) -> list[str]:
@@ -331,4 +368,19 @@ def plots(res: dict, out: Path, stem: str) -> list[str]:
         ax.legend(fontsize=7)
         ax.set_title(f"Count and page latency as the store grows ({gr['broker']})\n{title}", fontsize=9)
         save(fig, "growth")
+
+    so = sc.get("scaleout", {})
+    if so.get("runs"):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        labels = [f"{r['workers']} worker{'s' if r['workers'] != 1 else ''}\nrun {r['rep']}" for r in so["runs"]]
+        vals = [r["rate"] for r in so["runs"]]
+        cols = ["#999999" if r["workers"] == min(so["worker_counts"]) else "#1f77b4" for r in so["runs"]]
+        bars = ax.bar(range(len(vals)), vals, color=cols)
+        for b_, v in zip(bars, vals):
+            ax.text(b_.get_x() + b_.get_width() / 2, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(vals)), labels, fontsize=8)
+        ax.set_ylabel("messages / s (complete)")
+        ax.set_title(f"Scale-out on Mosquitto + PostgreSQL: {so['ratio_of'][0]} / {so['ratio_of'][1]} workers "
+                     f"{so['ratio']:.2f}x\n{title}", fontsize=9)
+        save(fig, "scaleout")
     return made

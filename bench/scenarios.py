@@ -6,6 +6,7 @@ left by one step (a saturated latency step leaves thousands of messages queued) 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ from bench import harness as h
 from bench.stats import ratio
 
 USERS = ["alice", "bob"]
+# Scale-out runs the workers on PostgreSQL, the test suite's database by default (tests/services.py);
+# the scenario drops and recreates our tables in it before every measurement.
+POSTGRES_URL = os.environ.get("IM_BENCH_POSTGRES_URL",
+                              os.environ.get("IM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
 
 
 @dataclass
@@ -34,18 +39,23 @@ class Sizes:
     growth_reps: int
     serve_variant: bool  # also measure `python -m backend serve` (worker inside the amqtt process)
     brokers: list[str] = field(default_factory=lambda: ["amqtt", "mosquitto"])
+    scaleout_n: int = 2000  # closed-loop messages per scale-out measurement
+    scaleout_senders: int = 4  # sender users (one receiver): topics for the shared subscription to spread
+    scaleout_workers: list[int] = field(default_factory=lambda: [1, 2])
+    scaleout_reps: int = 1  # each worker count measured this many times, alternating
 
 
 SIZES = {
     "tiny": Sizes("tiny", relay_n=600, worker_n=200, window=200, warmup=20, latency_fracs=[0.5], own_fracs=[], latency_s=0.5,
                   grace_s=1.0, drain_backlog=1000, drain_limit=500, growth_rows=[2000, 6000], growth_reps=3,
-                  serve_variant=False),
+                  serve_variant=False, scaleout_n=300),
     "quick": Sizes("quick", relay_n=8000, worker_n=1500, window=1000, warmup=200, latency_fracs=[0.5],
                    own_fracs=[0.5], latency_s=2.0, grace_s=2.0, drain_backlog=20_000, drain_limit=500,
-                   growth_rows=[10_000, 100_000], growth_reps=15, serve_variant=False),
+                   growth_rows=[10_000, 100_000], growth_reps=15, serve_variant=False, scaleout_n=3000),
     "full": Sizes("full", relay_n=20000, worker_n=4000, window=1000, warmup=300, latency_fracs=[0.25, 0.5, 0.75],
                   own_fracs=[0.5], latency_s=4.0, grace_s=4.0, drain_backlog=100_000, drain_limit=500,
-                  growth_rows=[10_000, 100_000, 1_000_000], growth_reps=40, serve_variant=True),
+                  growth_rows=[10_000, 100_000, 1_000_000], growth_reps=40, serve_variant=True, scaleout_n=8000,
+                  scaleout_reps=2),
 }
 
 
@@ -257,6 +267,66 @@ def _store_timings(db_url: str, reps: int) -> dict:
         return out
     finally:
         db.close()
+
+
+# --- 4. scale-out -----------------------------------------------------------------------------
+def scaleout(run: Run) -> dict:
+    """1 against 2 workers (distinct --id, the default shared-subscription group) on one Mosquitto and
+    one PostgreSQL: online end-to-end throughput, measured as the online scenario's closed loop, with
+    several senders (one receiver) so the shared subscription has several topics to spread."""
+    s = run.sizes
+    if not h.mosquitto_available():
+        return {"skipped": "mosquitto is not installed: scale-out needs its $share subscriptions"}
+    why = h.database_reachable(POSTGRES_URL)
+    if why:
+        return {"skipped": why}
+    senders = [f"s{i}" for i in range(s.scaleout_senders)]
+    out: dict = {"broker": "mosquitto", "database": POSTGRES_URL.split("@")[-1], "n": s.scaleout_n,
+                 "senders": len(senders), "receivers": 1, "window": s.window, "warmup": s.warmup,
+                 "reps": s.scaleout_reps, "worker_counts": s.scaleout_workers, "runs": []}
+    for rep in range(s.scaleout_reps):
+        for nw in s.scaleout_workers:
+            run.log(f"scaleout: {nw} worker(s) on PostgreSQL, {len(senders)} senders, {s.scaleout_n} messages"
+                    f" (run {rep + 1} of {s.scaleout_reps})")
+            res = _scaleout_step(run, nw, senders)
+            res["workers"], res["rep"] = nw, rep + 1
+            out["runs"].append(res)
+    rates: dict[str, float] = {}
+    for nw in s.scaleout_workers:
+        got = [r["rate"] for r in out["runs"] if r["workers"] == nw]
+        rates[str(nw)] = round(sum(got) / len(got), 1)
+    out["rate"] = rates
+    lo, hi = str(min(s.scaleout_workers)), str(max(s.scaleout_workers))
+    out["ratio"] = ratio(rates[hi], rates[lo])
+    out["ratio_of"] = [int(hi), int(lo)]
+    return out
+
+
+def _scaleout_step(run: Run, n_workers: int, senders: list[str]) -> dict:
+    s = run.sizes
+    d = run.scratch(f"scaleout-{n_workers}")
+    h.reset_schema(POSTGRES_URL)
+    b = h.start_mosquitto_broker(d, senders + ["bob"])
+    workers: list[h.Proc] = []
+    try:
+        for i in range(n_workers):  # all at once, as an operator would start them
+            workers.append(h.start_worker(b, POSTGRES_URL, d, tag=f"worker{i}", worker_id=f"bench-w{i}", wait=False))
+        for w in workers:
+            w.wait_for("backend.worker: connected", 30)
+        watch = {"broker": b.pid, **{f"worker{i}": w.pid for i, w in enumerate(workers)},
+                 "postgres": lambda: h.cpu_seconds_named("postgres"), "machine": h.machine_cpu_seconds}
+        res = h.run_loadgen(["online", "--mode", "worker", "--port", str(b.port), "--sender", ",".join(senders),
+                             "--receiver", "bob", "--count", str(s.scaleout_n), "--window", str(s.window),
+                             "--warmup", str(s.warmup)], b.secrets, watch, 300, d / "loadgen.log")
+    finally:
+        for w in workers:
+            w.stop()
+        b.stop()
+    cpu = res.get("cpu_s", {})
+    res["cpu_s"]["workers"] = round(sum(v for k, v in cpu.items() if k.startswith("worker")), 3)
+    res["cpu_util"]["workers"] = round(res["cpu_s"]["workers"] / max(1e-9, res["wall_s"]), 3)
+    shutil.rmtree(d, ignore_errors=True)
+    return res
 
 
 # --- profiles (py-spy), apart from the measured runs -----------------------------------------------
