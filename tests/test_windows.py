@@ -123,12 +123,14 @@ def test_worker_killed_between_two_pages(system, connect):
         first = None  # the page died with the broker (embedded): pull it again
     system.wait_crashed()
     system.start_worker()
+    # The client reconnects with paho's backoff (1 s, 2 s, ...), so allow for it; the request is
+    # resent (same req_id) until answered.
     if first is None:
-        first = carol.pull(limit=2)
+        first = carol.pull(limit=2, timeout=30)
     got = [m["content"] for m in first["messages"]]
     cursor = first["cursor"]
     while cursor is not None:
-        page = carol.pull(limit=2, ack=cursor)  # the cursor survives the restart: it lives in the store
+        page = carol.pull(limit=2, ack=cursor, timeout=30)  # the cursor survives the restart: it lives in the store
         got += [m["content"] for m in page["messages"]]
         cursor = page["cursor"]
     assert got == [f"p{i}" for i in range(5)]
