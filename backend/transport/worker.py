@@ -281,8 +281,11 @@ class Worker:
             return
         now = now_ms()
         inbound = []
+        kinds: dict[str, int] = {}  # packets per topic kind, for the metrics
         for m in msgs:
             parsed = protocol.parse_topic(m.topic)
+            kind = parsed.kind if parsed else "invalid"
+            kinds[kind] = kinds.get(kind, 0) + 1
             if parsed is None:
                 log.warning("dropped a payload on %r: not a protocol topic with a valid uid", m.topic)
             elif m.retain and self.skip_retained and parsed.kind != "status":
@@ -295,7 +298,7 @@ class Worker:
         if outcomes is None:
             return  # stopping: nothing acked, the broker redelivers to our persistent session
         self.metrics.store_seconds.observe(time.perf_counter() - started)
-        self._count(inbound, outcomes)
+        self._count(kinds, outcomes)
         if any(isinstance(op, core.StoreMessage) for op in plan.ops):
             self._crash("after_store")
         self._publish(plan.replies)
@@ -339,11 +342,10 @@ class Worker:
         self.metrics.retransmitted.inc(len(again))
         self._publish(again)
 
-    def _count(self, inbound: list[tuple[str, bytes]], outcomes: list[core.Outcome]) -> None:
+    def _count(self, kinds: dict[str, int], outcomes: list[core.Outcome]) -> None:
         m = self.metrics
-        for topic, _ in inbound:
-            parsed = protocol.parse_topic(topic)
-            m.inbound.labels(parsed.kind if parsed else "invalid").inc()
+        for kind, n in kinds.items():
+            m.inbound.labels(kind).inc(n)
         for o in outcomes:
             if isinstance(o, core.Stored):
                 (m.duplicates if o.duplicate else m.stored).inc()
