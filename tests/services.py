@@ -48,6 +48,42 @@ class WorkerProcess(BackendProcess):
         return {"IM_BROKER_PASSWORD": WORKER_PASSWORD}
 
 
+class MosquittoWorkers:
+    """The system the chaos runs kill: a Mosquitto from broker_config/ and ``workers`` worker processes
+    (distinct client ids) sharing one database. ``kill_worker`` SIGKILLs one at random (seeded)."""
+
+    def __init__(self, db_url: str, passwords: dict[str, str], workers: int = 1, seed: int = 3):
+        import random
+        self.db_url = db_url
+        self.broker = mosquitto(passwords)
+        self.port = self.broker.port
+        ids = ["im-worker"] if workers == 1 else [f"im-worker-w{i}" for i in range(workers)]
+        self.workers = [WorkerProcess(self.port, db_url, client_id=cid) for cid in ids]
+        for w in self.workers:  # all at once: on an empty database they race to create the schema
+            w.start(wait=False)
+        for w in self.workers:
+            assert w.wait_log(w.ready, 20), "".join(w.lines)
+        self.rng = random.Random(seed)
+        self.victim: WorkerProcess | None = None
+
+    def kill_worker(self) -> None:
+        self.victim = self.rng.choice(self.workers)
+        self.victim.kill()
+
+    def start_worker(self) -> None:
+        # Same id: it resumes its own persistent session; traffic goes on while it starts.
+        self.victim.start(wait=False)
+
+    def restart_broker(self) -> None:
+        self.broker.kill()  # a crash: whatever it held since its last autosave is gone
+        self.broker.start()
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill()
+        self.broker.close()
+
+
 # The machine's own database servers (PostgreSQL and MariaDB, as CI has them); override with IM_TEST_POSTGRES_URL / IM_TEST_MYSQL_URL.
 POSTGRES_URL = os.environ.get("IM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("IM_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")

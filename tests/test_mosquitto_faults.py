@@ -10,37 +10,15 @@ from __future__ import annotations
 
 import chaos
 from conftest import add_users
-from services import WorkerProcess, mosquitto
+from services import MosquittoWorkers
 
 UIDS = [f"u{i:02d}" for i in range(20)]
 PASSWORDS = {u: f"{u}-pw" for u in UIDS}
 
 
-class MosquittoSystem:
-    def __init__(self, db_url: str):
-        self.db_url = db_url
-        self.broker = mosquitto(PASSWORDS)
-        self.port = self.broker.port
-        self.worker = WorkerProcess(self.port, db_url).start()
-
-    def kill_worker(self) -> None:
-        self.worker.kill()
-
-    def start_worker(self) -> None:
-        self.worker.start(wait=False)  # traffic goes on while it starts: the broker queues for it
-
-    def restart_broker(self) -> None:
-        self.broker.kill()  # a crash: whatever it held since its last autosave is gone
-        self.broker.start()
-
-    def close(self) -> None:
-        self.worker.kill()
-        self.broker.close()
-
-
 def test_chaos_beside_mosquitto(db_url, capsys):
     add_users(db_url)  # creates the schema; accounts live in Mosquitto's password file here
-    system = MosquittoSystem(db_url)
+    system = MosquittoWorkers(db_url, PASSWORDS)
     try:
         report = chaos.run(system, UIDS, PASSWORDS, messages=3000, worker_kills=5, broker_restarts=1, seed=11,
                            pace_s=0.003)

@@ -5,49 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import urllib.error
 import urllib.request
 
 import chaos
 from backend.client import IMClient
 from conftest import eventually, free_port
-from services import MYSQL_URL, POSTGRES_URL, WorkerProcess, fresh_database, mosquitto, reachable, require
+from services import (MYSQL_URL, POSTGRES_URL, MosquittoWorkers, WorkerProcess, fresh_database, mosquitto,
+                      reachable, require)
 
 UIDS = [f"s{i:02d}" for i in range(12)]
 PASSWORDS = {u: f"{u}-pw" for u in UIDS}
-
-
-class ThreeWorkers:
-    """Mosquitto from broker_config/, three workers (distinct --id) sharing one database."""
-
-    def __init__(self, db_url: str):
-        self.db_url = db_url
-        self.broker = mosquitto(PASSWORDS)
-        self.port = self.broker.port
-        self.workers = [WorkerProcess(self.port, db_url, client_id=f"im-worker-w{i}") for i in range(3)]
-        for w in self.workers:  # all at once, on an empty database: they race to create the schema
-            w.start(wait=False)
-        for w in self.workers:
-            assert w.wait_log("backend.worker: connected", 20), "".join(w.lines)
-        self.rng = random.Random(3)
-        self.victim: WorkerProcess | None = None
-
-    def kill_worker(self) -> None:
-        self.victim = self.rng.choice(self.workers)
-        self.victim.kill()
-
-    def start_worker(self) -> None:
-        self.victim.start(wait=False)  # same id: it resumes its own persistent session
-
-    def restart_broker(self) -> None:
-        self.broker.kill()
-        self.broker.start()
-
-    def close(self) -> None:
-        for w in self.workers:
-            w.kill()
-        self.broker.close()
 
 
 def _scale_out(db_url: str, capsys) -> None:
@@ -55,7 +23,7 @@ def _scale_out(db_url: str, capsys) -> None:
     db = fresh_database(db_url)
     drop_schema(db)  # the three workers create it, concurrently
     db.close()
-    system = ThreeWorkers(db_url)
+    system = MosquittoWorkers(db_url, PASSWORDS, workers=3)
     try:
         report = chaos.run(system, UIDS, PASSWORDS, messages=1500, worker_kills=3, broker_restarts=0, seed=5,
                            pace_s=0.004)
