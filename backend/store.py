@@ -305,6 +305,8 @@ class Store:
         # for one receiver at the same instant may pass it by a few messages, never by a batch.
         self.quota = quota or None
         self.expire_after_ms = expire_after_ms
+        self._sql = self._prepare(db)  # the hot path's SQL text, built once
+        self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
 
     def apply(self, ops: Iterable[core.Operation]) -> list[core.Outcome]:
         """Run the operations in one transaction; the caller publishes only after this returns."""
@@ -323,29 +325,28 @@ class Store:
     # -- operations -----------------------------------------------------------
     # The hot path (every message stores once and is deleted once) runs prepared SQL text: building
     # it with peewee for each message cost more CPU than the database itself (bench profile: 39%).
-    def _sql(self) -> dict[str, str]:
-        if self.__dict__.get("_sql_cache") is None:
-            q = self.db.param
-            pg = isinstance(self.db, pw.PostgresqlDatabase)
-            ignore = "INSERT IGNORE INTO" if isinstance(self.db, pw.MySQLDatabase) else "INSERT INTO"
-            tail = "" if isinstance(self.db, pw.MySQLDatabase) else " ON CONFLICT DO NOTHING"
-            self._sql_cache = {
-                "first": f"SELECT seq, receiver_uid FROM accepted WHERE sender_uid = {q} AND msg_id = {q}",
-                "insert": "INSERT INTO message (receiver_uid, sender_uid, msg_id, msg_type, msg_content, send_time, "
-                          f"client_ts, key_id) VALUES ({', '.join([q] * 8)})" + (" RETURNING seq" if pg else ""),
-                "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
-                          f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
-                "unstore": f"DELETE FROM message WHERE seq = {q}",
-            }
-        return self._sql_cache
+    @staticmethod
+    def _prepare(db: pw.Database) -> dict[str, str]:
+        q = db.param
+        pg = isinstance(db, pw.PostgresqlDatabase)
+        ignore = "INSERT IGNORE INTO" if isinstance(db, pw.MySQLDatabase) else "INSERT INTO"
+        tail = "" if isinstance(db, pw.MySQLDatabase) else " ON CONFLICT DO NOTHING"
+        return {
+            "first": f"SELECT seq, receiver_uid FROM accepted WHERE sender_uid = {q} AND msg_id = {q}",
+            "insert": "INSERT INTO message (receiver_uid, sender_uid, msg_id, msg_type, msg_content, send_time, "
+                      f"client_ts, key_id) VALUES ({', '.join([q] * 8)})" + (" RETURNING seq" if pg else ""),
+            "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
+                      f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
+            "unstore": f"DELETE FROM message WHERE seq = {q}",
+        }
 
     def _first(self, sender: str, msg_id: str) -> tuple[int, str] | None:
-        return self.db.execute_sql(self._sql()["first"], (sender, msg_id)).fetchone()
+        return self.db.execute_sql(self._sql["first"], (sender, msg_id)).fetchone()
 
     def _known(self, uid: str) -> bool:
         """Is ``uid`` an account? Positive answers are cached briefly (accounts are rarely removed)."""
         now = time.monotonic()
-        cache = self.__dict__.setdefault("_known_cache", {})
+        cache = self._known_cache
         if cache.get(uid, 0) > now:
             return True
         if not User.select().where(User.uid == uid).exists():
@@ -369,7 +370,7 @@ class Store:
         content, key_id = op.content, None
         if self.keyring is not None:
             key_id, content = self.keyring.seal(op.content, _aad(op.sender, op.to, op.msg_id))
-        sql = self._sql()
+        sql = self._sql
         cur = self.db.execute_sql(sql["insert"], (op.to, op.sender, op.msg_id, op.type, content, op.sent_at, op.ts,
                                                   key_id))
         seq = cur.fetchone()[0] if isinstance(self.db, pw.PostgresqlDatabase) else cur.lastrowid
