@@ -64,7 +64,7 @@ class IMClient:
                  resend_wait_max: float = RESEND_WAIT_MAX_S, request_timeout: float = REQUEST_TIMEOUT_S, seen: set[int] | None = None,
                  messages: list[dict[str, Any]] | None = None, receiver: bool = True,
                  ack_delay: float = ACK_DELAY_S, tls: bool = False, ca_file: str | None = None,
-                 transport: str = "tcp",
+                 transport: str = "tcp", batch_receipts: bool = True,
                  on_message: Callable[[dict[str, Any]], None] | None = None):
         """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
         user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
@@ -77,6 +77,8 @@ class IMClient:
         self.resend_timeout, self.max_resends = resend_timeout, max_resends
         self.request_timeout, self.resend_wait_max = request_timeout, resend_wait_max
         self.ack_delay = ack_delay
+        # Ask for one `receipts` payload per server transaction instead of one payload per receipt.
+        self.batch_receipts = batch_receipts
         self.on_message = on_message
         self.receiver = receiver
         # every message received, once, in arrival order
@@ -224,6 +226,11 @@ class IMClient:
 
     def _on_reply(self, obj: dict[str, Any]) -> None:
         kind = obj.get("kind")
+        if kind == "receipts" and isinstance(obj.get("receipts"), list):
+            for item in obj["receipts"]:
+                if isinstance(item, dict):
+                    self._on_reply(item)
+            return
         with self._lock:
             if kind == "receipt":
                 out = self._by_msg_id.get(obj.get("msg_id"))
@@ -259,6 +266,8 @@ class IMClient:
         """Publish a message and keep resending the same msg_id until a receipt (or the bound)."""
         msg_id = msg_id or f"{self._prefix}-{next(self._ids)}"
         body = {"msg_id": msg_id, "to": to, "type": type, "content": content, "ts": int(time.time() * 1000)}
+        if self.batch_receipts:
+            body["receipts"] = "batch"
         body.update(extra or {})
         out = Outgoing(msg_id, to, p.encode(body))
         with self._lock:

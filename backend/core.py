@@ -57,6 +57,8 @@ class StoreMessage:
     # Was the receiver online at this message's place in the batch? Decided when planning, so a
     # batch [send to bob, bob online] counts the message in bob's announcement and does not also push it.
     push: bool = False
+    # The sender asked for its receipts batched ("receipts": "batch"); kept with the row for `delivered`.
+    batch_receipts: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class DeletedRow:
     seq: int
     sender: str
     msg_id: str
+    batch_receipts: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ class Delivery:
                     raise p.ProtocolError("rate_limited", f"more than {self.send_rate:g} messages a second "
                                           f"(bursts of {self.send_burst}); send it again later", msg_id=m.msg_id)
                 plan.ops.append(StoreMessage(sender=uid, msg_id=m.msg_id, to=m.to, type=m.type,
-                                             content=m.content, ts=m.ts, sent_at=now_ms, push=m.to in self.online))
+                                             content=m.content, ts=m.ts, sent_at=now_ms, push=m.to in self.online,
+                                             batch_receipts=m.batch_receipts))
             elif parsed.kind == "ack":
                 a = p.parse_ack(payload)
                 if a.seqs:
@@ -261,12 +265,15 @@ class Delivery:
 
     # -- after the transaction committed ----------------------------------------
     def after_commit(self, outcomes: list[Outcome], now_ms: int) -> list[Publish]:
+        """Publishes for a committed transaction, in outcome order; then one `receipts` payload per
+        sender that asked for batched receipts, holding all of its receipts from this transaction."""
         out: list[Publish] = []
+        batched: dict[str, list[dict[str, Any]]] = {}  # sender -> its receipts, in order
         for o in outcomes:
             if isinstance(o, Stored):
-                self._stored(out, o, now_ms)
+                self._stored(out, batched, o, now_ms)
             elif isinstance(o, Deleted):
-                self._delivered(out, o.rows)
+                self._delivered(out, batched, o.rows)
             elif isinstance(o, Counted):
                 payload: dict[str, Any] = {"kind": "count", "total": o.total, "by_sender": o.by_sender,
                                            "previews": o.previews, "expired": o.expired}
@@ -276,7 +283,7 @@ class Delivery:
                     continue  # nothing waits: no announcement
                 out.append(Publish(p.reply_topic(o.op.receiver), payload))
             elif isinstance(o, Paged):
-                self._delivered(out, o.deleted)
+                self._delivered(out, batched, o.deleted)
                 out.append(Publish(p.reply_topic(o.op.receiver), {
                     "kind": "page", "req_id": o.op.req_id, "messages": list(o.messages),
                     "cursor": o.cursor, "more": o.more}))
@@ -290,23 +297,33 @@ class Delivery:
                 else:
                     uid = op.receiver
                 out.append(Publish(p.reply_topic(uid), p.error_payload(o.code, o.message, **ids)))
+        out.extend(Publish(p.reply_topic(sender), p.receipts(items)) for sender, items in batched.items())
         return out
 
-    def _stored(self, out: list[Publish], o: Stored, now_ms: int) -> None:
+    @staticmethod
+    def _receipt(out: list[Publish], batched: dict[str, list[dict[str, Any]]], sender: str, batch: bool,
+                 receipt: dict[str, Any]) -> None:
+        if batch:
+            batched.setdefault(sender, []).append(receipt)
+        else:
+            out.append(Publish(p.reply_topic(sender), receipt))
+
+    def _stored(self, out: list[Publish], batched: dict[str, list[dict[str, Any]]], o: Stored, now_ms: int) -> None:
         op = o.op
         if o.duplicate:
-            out.append(Publish(p.reply_topic(op.sender), p.receipt(op.msg_id, o.to, o.seq, "duplicate")))
+            self._receipt(out, batched, op.sender, op.batch_receipts, p.receipt(op.msg_id, o.to, o.seq, "duplicate"))
             return
-        out.append(Publish(p.reply_topic(op.sender), p.receipt(op.msg_id, op.to, o.seq, "stored")))
+        self._receipt(out, batched, op.sender, op.batch_receipts, p.receipt(op.msg_id, op.to, o.seq, "stored"))
         if op.push and op.to in self.online:
             push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts)
             out.append(Publish(p.inbox_topic(op.to), push))
             self._track(op.to, o.seq, push, now_ms)
 
-    def _delivered(self, out: list[Publish], rows: tuple[DeletedRow, ...]) -> None:
+    def _delivered(self, out: list[Publish], batched: dict[str, list[dict[str, Any]]],
+                   rows: tuple[DeletedRow, ...]) -> None:
         for r in rows:
             self._pending.pop((r.receiver, r.seq), None)
-            out.append(Publish(p.reply_topic(r.sender), p.receipt(r.msg_id, r.receiver, r.seq, "delivered")))
+            self._receipt(out, batched, r.sender, r.batch_receipts, p.receipt(r.msg_id, r.receiver, r.seq, "delivered"))
 
     # -- retransmission ---------------------------------------------------------
     def _track(self, receiver: str, seq: int, push: dict[str, Any], now_ms: int) -> None:

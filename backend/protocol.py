@@ -43,6 +43,9 @@ CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % CURSOR_MAX)
 # A count's preview of each sender's newest message: enough characters for a conversation list line.
 PREVIEW_CHARS = 100
 PULL_ORDERS = ("oldest", "newest")
+# How a sender wants its receipts: "each" (v1's default, one `receipt` payload per message) or
+# "batch" (one `receipts` payload per sender per transaction; docs/PROTOCOL.md 4.5).
+RECEIPT_MODES = ("each", "batch")
 
 UID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % UID_MAX)
 
@@ -196,6 +199,7 @@ class Send:
     type: str
     content: str
     ts: int | None
+    batch_receipts: bool = False  # "receipts": "batch"
 
 
 @dataclass(frozen=True)
@@ -253,7 +257,10 @@ def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
     ts = obj.get("ts")
     if ts is not None and not (_int(ts) and 0 <= ts < 2**53):
         raise ProtocolError("bad_field", "'ts' must be integer milliseconds since the epoch", **ids)
-    return Send(msg_id=msg_id, to=to, type=msg_type, content=content, ts=ts)
+    mode = obj.get("receipts")
+    if mode is not None and mode not in RECEIPT_MODES:
+        raise ProtocolError("bad_field", "'receipts' must be \"each\" or \"batch\"", **ids)
+    return Send(msg_id=msg_id, to=to, type=msg_type, content=content, ts=ts, batch_receipts=mode == "batch")
 
 
 def parse_ack(payload: bytes) -> Ack:
@@ -315,3 +322,8 @@ def parse_status(payload: bytes) -> str | None:
 # --- server -> client payloads ----------------------------------------------
 def receipt(msg_id: str, to: str, seq: int, status: str) -> dict[str, Any]:
     return {"kind": "receipt", "msg_id": msg_id, "to": to, "seq": seq, "status": status}
+
+
+def receipts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several receipts for one sender in one payload (senders that sent with "receipts": "batch")."""
+    return {"kind": "receipts", "receipts": items}

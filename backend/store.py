@@ -110,6 +110,7 @@ class Message(BaseModel):
     send_time = pw.BigIntegerField(index=True)  # server time, ms since the epoch (indexed for expiry)
     client_ts = pw.BigIntegerField(null=True)  # the sender's own clock, as it sent it
     key_id = pw.CharField(max_length=16, null=True)  # set when msg_content is sealed (backend/crypto.py)
+    batch_receipts = pw.BooleanField(default=False)  # the sender asked for batched receipts (its `delivered` too)
 
     class Meta:
         indexes = (
@@ -334,7 +335,7 @@ class Store:
         return {
             "first": f"SELECT seq, receiver_uid FROM accepted WHERE sender_uid = {q} AND msg_id = {q}",
             "insert": "INSERT INTO message (receiver_uid, sender_uid, msg_id, msg_type, msg_content, send_time, "
-                      f"client_ts, key_id) VALUES ({', '.join([q] * 8)})" + (" RETURNING seq" if pg else ""),
+                      f"client_ts, key_id, batch_receipts) VALUES ({', '.join([q] * 9)})" + (" RETURNING seq" if pg else ""),
             "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
                       f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
@@ -372,7 +373,7 @@ class Store:
             key_id, content = self.keyring.seal(op.content, _aad(op.sender, op.to, op.msg_id))
         sql = self._sql
         cur = self.db.execute_sql(sql["insert"], (op.to, op.sender, op.msg_id, op.type, content, op.sent_at, op.ts,
-                                                  key_id))
+                                                  key_id, op.batch_receipts))
         seq = cur.fetchone()[0] if isinstance(self.db, pw.PostgresqlDatabase) else cur.lastrowid
         inserted = self.db.execute_sql(sql["accept"], (op.sender, op.msg_id, op.to, seq, op.sent_at)).rowcount
         if inserted != 1:
@@ -389,8 +390,9 @@ class Store:
         q = self.db.param
         where = f"receiver_uid = {q} AND seq IN ({', '.join([q] * len(seqs))})"
         params = (receiver, *seqs)
-        rows = tuple(core.DeletedRow(receiver, seq, sender, msg_id) for seq, sender, msg_id in self.db.execute_sql(
-            f"SELECT seq, sender_uid, msg_id FROM message WHERE {where}", params).fetchall())
+        rows = tuple(core.DeletedRow(receiver, seq, sender, msg_id, bool(batch))
+                     for seq, sender, msg_id, batch in self.db.execute_sql(
+                         f"SELECT seq, sender_uid, msg_id, batch_receipts FROM message WHERE {where}", params).fetchall())
         if rows:
             self.db.execute_sql(f"DELETE FROM message WHERE {where}", params)
         return rows

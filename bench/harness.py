@@ -317,11 +317,12 @@ def run_loadgen(args: list[str], secrets: dict, watch: dict[str, int | None | Ca
 
 # --- bulk fills (growth, offline backlog) ----------------------------------------------------------
 def fill_messages(db_url: str, n: int, receiver_of: Callable[[int], str], *, content_bytes: int = 100,
-                  chunk: int = 50_000) -> float:
+                  chunk: int = 50_000, batch_receipts: bool = True) -> float:
     """Insert n rows into the Message table (backend.store's model and schema) in bulk; returns seconds.
 
     Only the Message table is filled: count, pull and ack read and delete nothing else. (A real
-    store also holds one Accepted row per message, for duplicate detection on send.)
+    store also holds one Accepted row per message, for duplicate detection on send.) The rows are
+    marked as sent with "receipts": "batch", as backend.client sends, unless ``batch_receipts`` is False.
     """
     from backend.store import Message, open_database
     db = open_database(db_url)  # creates the schema exactly as the worker does
@@ -329,7 +330,7 @@ def fill_messages(db_url: str, n: int, receiver_of: Callable[[int], str], *, con
     path = db_url[len("sqlite:///"):]
     f = Message._meta.fields
     cols = [f[name].column_name for name in ("receiver_uid", "sender_uid", "msg_id", "msg_type", "msg_content",
-                                             "send_time", "client_ts")]
+                                             "send_time", "client_ts", "batch_receipts")]
     sql = (f'INSERT INTO "{Message._meta.table_name}" ({", ".join(cols)}) '
            f'VALUES ({", ".join("?" * len(cols))})')
     content = "x" * content_bytes
@@ -340,7 +341,7 @@ def fill_messages(db_url: str, n: int, receiver_of: Callable[[int], str], *, con
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=OFF")  # a fill, not a promise: the worker opens it with FULL
         for start in range(0, n, chunk):
-            rows = [(receiver_of(i), f"s{i % 10}", f"fill-{i}", "text", content, base_ms + i, None)
+            rows = [(receiver_of(i), f"s{i % 10}", f"fill-{i}", "text", content, base_ms + i, None, int(batch_receipts))
                     for i in range(start, min(n, start + chunk))]
             con.executemany(sql, rows)
             con.commit()

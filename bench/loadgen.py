@@ -167,6 +167,8 @@ class Online:
         self.tag = os.urandom(3).hex()
         self.prefix = self.tag + "-"
         self.content = ("x" * a.content_bytes).encode()
+        # "receipts": "batch" as backend.client sends by default; `--receipts each` measures v1's shape.
+        self.receipts_field = b',"receipts":"batch"' if a.receipts == "batch" else b""
         total = a.warmup + a.count + int(a.rate * a.duration) + 1
         self.sent = [0.0] * total
         self.pushed = [0.0] * total
@@ -231,8 +233,15 @@ class Online:
 
     # sender: stored / delivered receipts
     def _on_tx(self, client, userdata, msg):
-        t = now()
         obj = json.loads(msg.payload)
+        if obj.get("kind") == "receipts":
+            for item in obj["receipts"]:
+                self._receipt(item)
+        else:
+            self._receipt(obj)
+
+    def _receipt(self, obj: dict) -> None:
+        t = now()
         if obj.get("kind") != "receipt":
             self.errors += 1
             self.first_error = self.first_error or obj
@@ -251,8 +260,8 @@ class Online:
     def send(self, i: int, t: float) -> None:
         self.sent[i] = t
         k = i % len(self.txs)
-        self.txs[k].publish(self.send_topics[k], b'{"msg_id":"%s%d","to":"%s","content":"%s"}' % (
-            self.prefix.encode(), i, self.a.receiver.encode(), self.content))
+        self.txs[k].publish(self.send_topics[k], b'{"msg_id":"%s%d","to":"%s","content":"%s"%s}' % (
+            self.prefix.encode(), i, self.a.receiver.encode(), self.content, self.receipts_field))
 
     def poll(self, timeout: float) -> None:
         self.net.poll(timeout)
@@ -542,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     on.add_argument("--grace", type=float, default=5.0)
     on.add_argument("--warmup", type=int, default=200)
     on.add_argument("--content-bytes", type=int, default=100)
+    on.add_argument("--receipts", choices=["batch", "each"], default="batch",
+                    help="the senders' receipt mode (docs/PROTOCOL.md 4.5); backend.client asks for batch")
     dr = sub.add_parser("drain")
     dr.add_argument("--uid", default="bob")
     dr.add_argument("--limit", type=int, default=500)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import paho.mqtt.client as mqtt
 
 from backend import protocol as p
-from conftest import PASSWORDS, eventually
+from conftest import PASSWORDS, eventually, raw_client, stop_raw
 
 
 def test_two_users_chat_online(server, clients):
@@ -164,3 +165,40 @@ def test_rate_limited_sends_are_refused_then_resent_not_lost(db_url, clients):
         assert sorted(m["content"] for m in bob.messages) == sorted(f"r{i}" for i in range(20))
     finally:
         srv.kill()
+
+
+def test_batched_receipts_on_the_wire_and_v1_receipts_beside_them(server, clients):
+    """A sender that opts in ("receipts": "batch") gets `receipts` payloads; one that does not, v1's
+    single receipts, from the same worker at the same time (docs/PROTOCOL.md 4.5)."""
+    bob = clients(server, "bob", ack_delay=5.0)  # holds its acks so both senders' messages go in one ack
+    got = {}
+    for uid in ("alice", "carol"):
+        c, rc, msgs = raw_client(server.port, uid, PASSWORDS.get(uid, f"{uid}-pw"), f"{uid}:raw")
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *a, ev=subscribed: ev.set()
+        c.subscribe(p.reply_topic(uid), qos=1)
+        assert subscribed.wait(10)
+        got[uid] = (c, msgs)
+    for i in range(3):
+        got["alice"][0].publish(p.send_topic("alice"), p.encode(
+            {"msg_id": f"a{i}", "to": "bob", "content": "x", "receipts": "batch"}), qos=1)
+        got["carol"][0].publish(p.send_topic("carol"), p.encode({"msg_id": f"c{i}", "to": "bob", "content": "y"}), qos=1)
+    assert bob.wait_for_messages(6)
+    bob.flush_acks()
+
+    def payloads(uid):
+        return [p.decode_object(m.payload) for m in got[uid][1]]
+
+    def alice_items(status):
+        return [r["msg_id"] for o in payloads("alice") for r in o.get("receipts", []) if r["status"] == status]
+
+    assert eventually(lambda: sorted(alice_items("delivered")) == ["a0", "a1", "a2"])
+    assert sorted(alice_items("stored")) == ["a0", "a1", "a2"]
+    assert {o["kind"] for o in payloads("alice")} == {"receipts"}
+    delivered_payloads = [o for o in payloads("alice") if o["receipts"][0]["status"] == "delivered"]
+    assert len(delivered_payloads) == 1, "one ack from bob: one payload of delivered receipts for alice"
+    assert eventually(lambda: len(payloads("carol")) == 6)
+    assert {o["kind"] for o in payloads("carol")} == {"receipt"}
+    assert sorted(o["msg_id"] for o in payloads("carol") if o["status"] == "delivered") == ["c0", "c1", "c2"]
+    for c, _ in got.values():
+        stop_raw(c)

@@ -213,3 +213,44 @@ def test_send_rate_token_bucket():
     assert [o.msg_id for o in d.plan([send("alice", "bob", "later")], T0 + 100).ops] == ["later"], "10/s refills"
     bad = d.plan([(p.send_topic("alice"), b"junk")], T0 + 100)
     assert bad.replies[0].payload["code"] == "bad_json", "bad payloads get their own error, and cost a token"
+
+
+def send_batched(uid, to, msg_id):
+    return (p.send_topic(uid), json.dumps({"msg_id": msg_id, "to": to, "content": "hi", "receipts": "batch"}).encode())
+
+
+def test_batched_receipts_one_payload_per_sender_per_transaction():
+    d = core.Delivery()
+    plan = d.plan([status("bob", "online"), send_batched("alice", "bob", "a1"), send("carol", "bob", "c1"),
+                   send_batched("alice", "bob", "a2"), send_batched("alice", "bob", "a1")], T0)
+    ops = plan.ops[1:]
+    assert [o.batch_receipts for o in ops] == [True, False, True, True]
+    out = d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(ops[0], 1), stored(ops[1], 2), stored(ops[2], 3),
+                          core.Stored(ops[3], 1, duplicate=True, to="bob")], T0)
+    # carol (no opt-in) gets v1's single receipt; pushes go out in order; alice's receipts come last, together.
+    assert [a.topic for a in out] == [p.inbox_topic("bob"), p.reply_topic("carol"), p.inbox_topic("bob"),
+                                      p.inbox_topic("bob"), p.reply_topic("alice")]
+    assert out[1].payload == p.receipt("c1", "bob", 2, "stored")
+    assert out[4].payload == {"kind": "receipts", "receipts": [
+        p.receipt("a1", "bob", 1, "stored"), p.receipt("a2", "bob", 3, "stored"), p.receipt("a1", "bob", 1, "duplicate")]}
+
+
+def test_batched_delivered_receipts_follow_each_rows_flag():
+    d = core.Delivery()
+    plan = d.plan([(p.req_topic("bob"), b'{"req_id":"q","op":"pull","ack":"c1"}')], T0)
+    rows = (core.DeletedRow("bob", 4, "alice", "a1", True), core.DeletedRow("bob", 5, "carol", "c1"),
+            core.DeletedRow("bob", 6, "alice", "a2", True), core.DeletedRow("bob", 7, "dave", "d1", True))
+    out = d.after_commit([core.Paged(plan.ops[0], (), None, False, rows)], T0)
+    assert [(a.topic, a.payload["kind"]) for a in out] == [
+        (p.reply_topic("carol"), "receipt"), (p.reply_topic("bob"), "page"),
+        (p.reply_topic("alice"), "receipts"), (p.reply_topic("dave"), "receipts")]
+    assert [r["msg_id"] for r in out[2].payload["receipts"]] == ["a1", "a2"]
+    assert {r["status"] for r in out[2].payload["receipts"]} == {"delivered"}
+
+
+def test_receipts_mode_is_validated():
+    d = core.Delivery()
+    bad = (p.send_topic("alice"), b'{"msg_id":"m","to":"bob","content":"x","receipts":"some"}')
+    plan = d.plan([bad, send("alice", "bob", "ok")], T0)
+    assert [r.payload["code"] for r in plan.replies] == ["bad_field"] and plan.replies[0].payload["msg_id"] == "m"
+    assert [o.msg_id for o in plan.ops] == ["ok"] and not plan.ops[0].batch_receipts

@@ -184,7 +184,19 @@ def test_schema_migration_adds_missing_columns(store):
     from backend.store import create_schema
     from playhouse.migrate import SchemaMigrator, migrate
     migrator = SchemaMigrator.from_database(store.db)
-    migrate(migrator.drop_index("accepted", "accepted_released_at"), migrator.drop_column("accepted", "released_at"))
+    store.apply([msg("alice", "bob", "old")])
+    migrate(migrator.drop_index("accepted", "accepted_released_at"), migrator.drop_column("accepted", "released_at"),
+            migrator.drop_column("message", "batch_receipts"))
     create_schema(store.db)  # an older database: the column and its index come back, nothing is lost
     assert "released_at" in {c.name for c in store.db.get_columns("accepted")}
+    assert [(m.msg_id, m.batch_receipts) for m in Message.select()] == [("old", False)], "old rows: v1 receipts"
     assert "accepted_released_at" in {i.name for i in store.db.get_indexes("accepted")}
+
+
+def test_batched_receipts_flag_is_kept_with_the_row_until_the_ack(store):
+    batched = core.StoreMessage(sender="alice", msg_id="b", to="bob", type="text", content="x", ts=None, sent_at=1,
+                                batch_receipts=True)
+    a, b = store.apply([msg("alice", "bob", "a"), batched])
+    (page,) = store.apply([pull("bob")])
+    (done,) = store.apply([pull("bob", ack=page.cursor)])
+    assert [(r.msg_id, r.batch_receipts) for r in done.deleted] == [("a", False), ("b", True)]
