@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from typing import Iterable
 
@@ -110,7 +111,9 @@ class Message(BaseModel):
     send_time = pw.BigIntegerField(index=True)  # server time, ms since the epoch (indexed for expiry)
     client_ts = pw.BigIntegerField(null=True)  # the sender's own clock, as it sent it
     key_id = pw.CharField(max_length=16, null=True)  # set when msg_content is sealed (backend/crypto.py)
-    batch_receipts = pw.BooleanField(default=False)  # the sender asked for batched receipts (its `delivered` too)
+    # 1: the sender asked for batched receipts, its `delivered` too (docs/PROTOCOL.md 4.4). A database
+    # default, so a writer that does not know the column (an older worker, a bulk load) gets v1's 0.
+    batch_receipts = pw.SmallIntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
 
     class Meta:
         indexes = (
@@ -278,6 +281,17 @@ def check_keys(keyring: KeyRing | None) -> None:
             KeyCheck.insert(key_id=key_id, probe=keyring.probe(key_id)).on_conflict_ignore().execute()
 
 
+# A page entry's columns, in the order _push_dict takes them.
+PAGE_COLUMNS = "seq, msg_id, sender_uid, receiver_uid, msg_type, msg_content, send_time, client_ts, key_id"
+
+
+def _returning_delete(db: pw.Database) -> bool:
+    """DELETE ... RETURNING: PostgreSQL, and SQLite from 3.35. (MariaDB has it, MySQL 8 not: both select first.)"""
+    if isinstance(db, pw.PostgresqlDatabase):
+        return True
+    return isinstance(db, pw.SqliteDatabase) and sqlite3.sqlite_version_info >= (3, 35)
+
+
 def count_query(receiver: str) -> pw.ModelSelect:
     """(sender, count, newest seq) per sender: served by the (receiver_uid, sender_uid, seq) index alone."""
     return (Message.select(Message.sender_uid, pw.fn.COUNT(Message.seq), pw.fn.MAX(Message.seq))
@@ -307,6 +321,7 @@ class Store:
         self.quota = quota or None
         self.expire_after_ms = expire_after_ms
         self._sql = self._prepare(db)  # the hot path's SQL text, built once
+        self._returning = _returning_delete(db)
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
 
     def apply(self, ops: Iterable[core.Operation]) -> list[core.Outcome]:
@@ -339,6 +354,12 @@ class Store:
             "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
                       f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
+            # Pages as plain tuples: building 500 model objects per page was most of a drain's store time.
+            **{f"page_{order}{'_from' if from_uid else ''}":
+               f"SELECT {PAGE_COLUMNS} FROM message WHERE receiver_uid = {q}"
+               + (f" AND sender_uid = {q}" if from_uid else "")
+               + f" ORDER BY seq{' DESC' if order == 'newest' else ''} LIMIT {q}"
+               for order in p.PULL_ORDERS for from_uid in (False, True)},
         }
 
     def _first(self, sender: str, msg_id: str) -> tuple[int, str] | None:
@@ -373,7 +394,7 @@ class Store:
             key_id, content = self.keyring.seal(op.content, _aad(op.sender, op.to, op.msg_id))
         sql = self._sql
         cur = self.db.execute_sql(sql["insert"], (op.to, op.sender, op.msg_id, op.type, content, op.sent_at, op.ts,
-                                                  key_id, op.batch_receipts))
+                                                  key_id, int(op.batch_receipts)))
         seq = cur.fetchone()[0] if isinstance(self.db, pw.PostgresqlDatabase) else cur.lastrowid
         inserted = self.db.execute_sql(sql["accept"], (op.sender, op.msg_id, op.to, seq, op.sent_at)).rowcount
         if inserted != 1:
@@ -390,12 +411,16 @@ class Store:
         q = self.db.param
         where = f"receiver_uid = {q} AND seq IN ({', '.join([q] * len(seqs))})"
         params = (receiver, *seqs)
-        rows = tuple(core.DeletedRow(receiver, seq, sender, msg_id, bool(batch))
-                     for seq, sender, msg_id, batch in self.db.execute_sql(
-                         f"SELECT seq, sender_uid, msg_id, batch_receipts FROM message WHERE {where}", params).fetchall())
-        if rows:
-            self.db.execute_sql(f"DELETE FROM message WHERE {where}", params)
-        return rows
+        columns = "seq, sender_uid, msg_id, batch_receipts"
+        if self._returning:  # one statement instead of two
+            found = self.db.execute_sql(f"DELETE FROM message WHERE {where} RETURNING {columns}", params).fetchall()
+        else:
+            found = self.db.execute_sql(f"SELECT {columns} FROM message WHERE {where}", params).fetchall()
+            if found:
+                self.db.execute_sql(f"DELETE FROM message WHERE {where}", params)
+        # By seq: receipts go out in the order the messages were stored.
+        return tuple(core.DeletedRow(receiver, seq, sender, msg_id, bool(batch))
+                     for seq, sender, msg_id, batch in sorted(found))
 
     def count(self, op: core.CountBacklog) -> core.Counted:
         """Totals by sender, each sender's newest message as a preview, and the expired tally (then reset)."""
@@ -411,9 +436,12 @@ class Store:
                     .where(Message.seq.in_(newest)).tuples()):
                 previews[sender] = {"seq": seq, "type": msg_type, "content": text, "sent_at": sent_at}
         elif newest:  # sealed content: open it here, then cut
-            for m in Message.select().where(Message.seq.in_(newest)):
-                previews[m.sender_uid] = {"seq": m.seq, "type": m.msg_type, "sent_at": m.send_time,
-                                          "content": self._push_dict(m)["content"][:p.PREVIEW_CHARS]}
+            q = self.db.param
+            for row in self.db.execute_sql(f"SELECT {PAGE_COLUMNS} FROM message WHERE seq IN "
+                                           f"({', '.join([q] * len(newest))})", newest).fetchall():
+                m = self._push_dict(row)
+                previews[m["from"]] = {"seq": m["seq"], "type": m["type"], "sent_at": m["sent_at"],
+                                       "content": m["content"][:p.PREVIEW_CHARS]}
         expired = 0
         row = Expired.get_or_none(Expired.receiver_uid == op.receiver)
         if row is not None and row.count > 0:
@@ -433,32 +461,33 @@ class Store:
             if not page.acked:  # a repeated ack (lost answer) deletes nothing more
                 deleted = self.delete(op.receiver, (int(s) for s in page.seqs.split(",")))
                 Page.update(acked=True).where(Page.cursor == page.cursor).execute()
-        rows = list(page_query(op.receiver, op.limit + 1, op.from_uid, op.order))
+        # The same query as page_query(), as prepared text returning tuples.
+        name = f"page_{op.order}{'_from' if op.from_uid is not None else ''}"
+        params = (op.receiver, op.from_uid, op.limit + 1) if op.from_uid is not None else (op.receiver, op.limit + 1)
+        rows = self.db.execute_sql(self._sql[name], params).fetchall()
         more = len(rows) > op.limit
         rows = rows[:op.limit]
         cursor = None
         if rows:
             cursor = secrets.token_hex(16)
-            Page.create(cursor=cursor, receiver_uid=op.receiver, seqs=",".join(str(m.seq) for m in rows),
-                        created_at=now_ms())
-        return core.Paged(op, tuple(self._push_dict(m) for m in rows), cursor, more, deleted)
+            Page.insert(cursor=cursor, receiver_uid=op.receiver, seqs=",".join(str(r[0]) for r in rows),
+                        created_at=now_ms(), acked=False).execute()
+        return core.Paged(op, tuple(self._push_dict(r) for r in rows), cursor, more, deleted)
 
-    def _content(self, m: Message) -> str:
-        if m.key_id is None:
-            return m.msg_content
-        if self.keyring is None:
-            raise KeyError_("an encrypted message and no key ring")
-        return self.keyring.open(m.key_id, m.msg_content, _aad(m.sender_uid, m.receiver_uid, m.msg_id))
-
-    def _push_dict(self, m: Message) -> dict:
-        try:
-            content, unreadable = self._content(m), False
-        except InvalidTag:
-            # Tampered with, or moved from another row: never show it, never block the pages behind it.
-            log.error("message seq %s does not decrypt with key %r: delivered as unreadable", m.seq, m.key_id)
-            content, unreadable = "", True
-        out = core.push_payload(m.seq, m.msg_id, m.sender_uid, m.receiver_uid, m.msg_type, content,
-                                m.send_time, m.client_ts)
+    def _push_dict(self, row: tuple) -> dict:
+        """A page entry (or push) from a row of PAGE_COLUMNS, its content opened if it was sealed."""
+        seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, key_id = row
+        unreadable = False
+        if key_id is not None:
+            if self.keyring is None:
+                raise KeyError_("an encrypted message and no key ring")
+            try:
+                content = self.keyring.open(key_id, content, _aad(sender, receiver, msg_id))
+            except InvalidTag:
+                # Tampered with, or moved from another row: never show it, never block the pages behind it.
+                log.error("message seq %s does not decrypt with key %r: delivered as unreadable", seq, key_id)
+                content, unreadable = "", True
+        out = core.push_payload(seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts)
         if unreadable:
             out["unreadable"] = True
         return out

@@ -27,6 +27,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import orjson  # as backend.protocol decodes: the client side of the protocol
 import paho.mqtt.client as mqtt
 
 from bench.stats import summary_ms
@@ -197,7 +198,7 @@ class Online:
         t = now()
         if msg.topic != self.inbox:
             return  # a count announcement on reply: nothing to do
-        obj = json.loads(msg.payload)
+        obj = orjson.loads(msg.payload)
         if self.worker_mode:
             seq = obj["seq"]
             self.pending_acks.append(seq)  # a repeat is acked again, as the protocol asks
@@ -228,12 +229,12 @@ class Online:
     def flush_acks(self) -> None:
         seqs, self.pending_acks, self.ack_due = self.pending_acks, [], None
         for k in range(0, len(seqs), self.ACK_BATCH):
-            self.rx.publish(self.ack_topic, json.dumps({"seqs": seqs[k:k + self.ACK_BATCH]}))
+            self.rx.publish(self.ack_topic, orjson.dumps({"seqs": seqs[k:k + self.ACK_BATCH]}))
             self.acks_sent += 1
 
     # sender: stored / delivered receipts
     def _on_tx(self, client, userdata, msg):
-        obj = json.loads(msg.payload)
+        obj = orjson.loads(msg.payload)
         if obj.get("kind") == "receipts":
             for item in obj["receipts"]:
                 self._receipt(item)
@@ -400,7 +401,7 @@ class Requester:
         if msg.topic.endswith("/inbox"):
             self.pushes += 1
             return
-        obj = json.loads(msg.payload)
+        obj = orjson.loads(msg.payload)
         if "req_id" in obj:
             self.answers[obj["req_id"]] = obj
 
@@ -552,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     on.add_argument("--warmup", type=int, default=200)
     on.add_argument("--content-bytes", type=int, default=100)
     on.add_argument("--receipts", choices=["batch", "each"], default="batch",
-                    help="the senders' receipt mode (docs/PROTOCOL.md 4.5); backend.client asks for batch")
+                    help="the senders' receipt mode (docs/PROTOCOL.md 4.4); backend.client asks for batch")
     dr = sub.add_parser("drain")
     dr.add_argument("--uid", default="bob")
     dr.add_argument("--limit", type=int, default=500)

@@ -169,7 +169,7 @@ def test_rate_limited_sends_are_refused_then_resent_not_lost(db_url, clients):
 
 def test_batched_receipts_on_the_wire_and_v1_receipts_beside_them(server, clients):
     """A sender that opts in ("receipts": "batch") gets `receipts` payloads; one that does not, v1's
-    single receipts, from the same worker at the same time (docs/PROTOCOL.md 4.5)."""
+    single receipts, from the same worker at the same time (docs/PROTOCOL.md 4.4)."""
     bob = clients(server, "bob", ack_delay=5.0)  # holds its acks so both senders' messages go in one ack
     got = {}
     for uid in ("alice", "carol"):
