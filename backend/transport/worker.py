@@ -120,7 +120,7 @@ def set_nodelay(client: mqtt.Client) -> None:
 
 
 class _Client(mqtt.Client):
-    """paho's client, with a lighter PUBACK path for MQTT 3.1.1.
+    """paho's client, with a lighter PUBACK path for MQTT 3.1.1 and coalesced writes.
 
     Every reply and push the worker publishes at QoS 1 comes back as a PUBACK, and paho 2.2 builds a
     ReasonCode and a Properties object for each, even on 3.1.1 where a PUBACK holds nothing but the
@@ -140,6 +140,37 @@ class _Client(mqtt.Client):
             if mid in self._out_messages:
                 return self._do_on_publish(mid, self._PUBACK_REASON, self._PUBACK_PROPERTIES)
         return mqtt.MQTT_ERR_SUCCESS
+
+    # paho sends each queued packet with its own send(): a batch's pushes, receipts and PUBACKs
+    # were one system call each (11% of the worker's time in the bench profile). The worker queues
+    # them all (see Worker.__init__: paho's external-loop hook keeps publish() from writing at once),
+    # then this writes the whole queue with one send(). Packets paho must see finish one by one (a
+    # QoS 0 PUBLISH, whose on_publish fires when written; a DISCONNECT) take paho's own path.
+    def _packet_write(self):  # type: ignore[override]
+        out = self._out_packet
+        if len(out) < 2 or any((p["command"] & 0xF0) == mqtt.DISCONNECT
+                               or ((p["command"] & 0xF0) == mqtt.PUBLISH and p["qos"] == 0) for p in out):
+            return super()._packet_write()
+        data = b"".join(p["packet"][p["pos"]:] if p["pos"] else p["packet"] for p in out)
+        try:
+            sent = self._sock_send(data)
+        except (AttributeError, ValueError):
+            return mqtt.MQTT_ERR_SUCCESS
+        except BlockingIOError:
+            return mqtt.MQTT_ERR_AGAIN
+        except OSError:
+            return mqtt.MQTT_ERR_CONN_LOST
+        while out and sent > 0:
+            p = out[0]
+            take = min(sent, p["to_process"])
+            p["pos"] += take
+            p["to_process"] -= take
+            sent -= take
+            if p["to_process"] == 0:
+                out.popleft()
+        with self._msgtime_mutex:
+            self._last_msg_out = mqtt.time_func()  # paho's own clock for its keepalive
+        return mqtt.MQTT_ERR_AGAIN if out else mqtt.MQTT_ERR_SUCCESS
 
 
 _CONNECTED = object()  # inbox marker: a (re)connection, after which retained statuses rebuild presence
@@ -175,6 +206,9 @@ class Worker:
             self.client.username_pw_set(broker.username, broker.password)
         configure_tls(self.client, broker)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
+        # paho's hook for an external event loop: with it set, publish() and ack() only queue their
+        # packet and _network writes the queue in one go (_Client._packet_write). Nothing to register.
+        self.client.on_socket_register_write = lambda client, userdata, sock: None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -214,7 +248,8 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self.client.socket() is not None:
-            self.client.disconnect()  # no loop thread: paho writes the DISCONNECT at once
+            self.client.disconnect()
+            self.client.loop_write()  # what is still queued, then the DISCONNECT
 
     # -- the network, driven from the worker thread --------------------------------
     def _network(self, timeout: float) -> None:
