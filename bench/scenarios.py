@@ -184,6 +184,18 @@ def offline(run: Run, profile: str | None = None) -> dict:
         if profile:
             return out["drain"]
         out["drain"]["left_in_store"] = h.count_messages(db)
+        # The same backlog as if every sender had used v1's single receipts (no "receipts": "batch"):
+        # one `delivered` receipt payload per drained message (docs/PROTOCOL.md 4.4).
+        run.log(f"offline: the same drain with v1 receipts (one per message)")
+        h.fill_messages(db, n, lambda i: "bob", batch_receipts=False)
+        w = h.start_worker(b, db, d, tag="worker-v1")
+        try:
+            out["drain_v1_receipts"] = h.run_loadgen(
+                ["drain", "--port", str(b.port), "--limit", str(s.drain_limit), "--expect", str(n), "--timeout", "60"],
+                b.secrets, {"broker": b.pid, "worker": w.pid}, 600, d / "loadgen.log")
+        finally:
+            w.stop()
+        out["drain_v1_receipts"]["left_in_store"] = h.count_messages(db)
         run.log(f"offline: Mosquitto's own offline queue replaying {n} messages")
         out["mosquitto_queue"] = h.run_loadgen(["mqueue", "--port", str(b.port), "--n", str(n), "--pub-user",
                                                 b.worker_user, "--timeout", "300"], b.secrets,
@@ -194,6 +206,10 @@ def offline(run: Run, profile: str | None = None) -> dict:
     out["lost"] = n - dr["distinct"]
     out["baseline_lost"] = n - mq["received"]
     out["ratio_to_mosquitto_queue"] = ratio(dr["rate"], mq["rate"])
+    if "drain_v1_receipts" in out:
+        v1 = out["drain_v1_receipts"]
+        out["lost_v1_receipts"] = n - v1["distinct"]
+        out["ratio_v1_receipts_to_mosquitto_queue"] = ratio(v1["rate"], mq["rate"])
     shutil.rmtree(d, ignore_errors=True)
     return out
 
