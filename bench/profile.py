@@ -66,7 +66,9 @@ def _short(frame: str) -> str:
 def _thread_of(stack: tuple[str, ...]) -> str:
     for f in stack:
         if f.startswith("Worker._run"):
-            return "worker thread (store, core, publish)"
+            return "network thread (paho's socket, core, publishes)"
+        if f.startswith(("Worker._store_batch", "_worker (concurrent/futures/thread.py")):
+            return "store thread (transactions)"
         if "loop_forever" in f or "_thread_main" in f:
             return "paho network thread"
         if "asyncio" in f or "base_events" in f:
@@ -74,9 +76,12 @@ def _thread_of(stack: tuple[str, ...]) -> str:
     return "other"
 
 
-# Innermost frames that are a thread waiting, not working: paho's select() in Client._loop, the worker
-# thread's queue.get (Condition.wait). py-spy cannot always tell such short waits from work.
-WAITING = ("Client._loop (", "Condition.wait (", "Event.wait (", "select (", "sleep (")
+# Innermost frames that are a thread waiting, not working: the network thread's select() (in
+# Worker._readable, or paho's Client._loop), the store thread waiting for its next batch (the executor's
+# queue get in concurrent.futures' _worker), Condition/Event waits. py-spy cannot always tell such short
+# waits from work. A commit's fsync (Database.commit) is not among them: the store thread is busy then.
+WAITING = ("Client._loop (", "Condition.wait (", "Event.wait (", "select (", "sleep (", "Worker._readable (",
+           "_worker (concurrent/futures/thread.py")
 
 
 def working(stacks: dict[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:

@@ -352,8 +352,9 @@ def profile(run: Run) -> dict:
     s = run.sizes
     kind = "mosquitto" if "mosquitto" in run.brokers() else "amqtt"
     out: dict = {"broker": kind}
-    run.log(f"profile: worker throughput on {kind} under py-spy ({s.worker_n} messages)")
-    out["online"] = _online_step(run, kind, "worker", ["--count", str(s.worker_n), "--window", str(s.window),
+    n = 5 * s.worker_n  # a few seconds of samples at 100 Hz, not one
+    run.log(f"profile: worker throughput on {kind} under py-spy ({n} messages)")
+    out["online"] = _online_step(run, kind, "worker", ["--count", str(n), "--window", str(s.window),
                                                        "--warmup", str(s.warmup)], 300, profile=f"online-{kind}")
     if kind == "mosquitto":
         out["drain"] = offline(run, profile="drain")
