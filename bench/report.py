@@ -34,7 +34,10 @@ def check_targets(res: dict) -> list[dict]:
             continue
         rt = w.get("ratio_to_relay")
         t = {"id": "online_throughput", "broker": bk, "target": ">= 0.5", "measured": rt,
-             "what": f"worker {w['rate']:,.0f} msg/s vs relay {r['relay_throughput']['rate']:,.0f} msg/s on {bk}",
+             "what": f"worker {w['rate']:,.0f} msg/s vs relay {r['relay_throughput']['rate']:,.0f} msg/s on {bk}"
+                     + (f" (senders with v1 receipts: {r['worker_v1_receipts_throughput']['rate']:,.0f} msg/s, "
+                        f"{r['worker_v1_receipts_throughput']['ratio_to_relay']:.2f}x)"
+                        if r.get("worker_v1_receipts_throughput") else ""),
              "passed": rt is not None and rt >= 0.5}
         if rt is not None and not t["passed"]:
             t["missed_by"] = f"{rt:.2f}x instead of 0.5x: {0.5 / rt:.1f} times short"
@@ -151,13 +154,14 @@ def markdown(res: dict) -> str:
             L.append(f"| {bk} | relay (baseline) | {_f(rel['rate'])} | 1 | {_lat(rel['push_latency'], 'p50')} / "
                      f"{_lat(rel['push_latency'])} | {_cpu(rel, 'broker', 'relay', 'loadgen')} | "
                      f"{_us(rel, 'broker', 'relay', 'loadgen')} |")
-            for system in ("worker", "serve"):
+            for system, label in (("worker", "worker"), ("worker_v1_receipts", "worker, senders with v1 receipts"),
+                                  ("serve", "`serve` (worker inside amqtt's process)")):
                 w = r.get(f"{system}_throughput")
                 if w:
-                    label = "worker" if system == "worker" else "`serve` (worker inside amqtt's process)"
+                    proc = "serve" if system == "serve" else "worker"
                     L.append(f"| {bk} | {label} | {_f(w['rate'])} | {_f(w['ratio_to_relay'], 2)} | "
                              f"{_lat(w['push_latency'], 'p50')} / {_lat(w['push_latency'])} | "
-                             f"{_cpu(w, 'broker', system, 'loadgen')} | {_us(w, 'broker', system, 'loadgen')} |")
+                             f"{_cpu(w, 'broker', proc, 'loadgen')} | {_us(w, 'broker', proc, 'loadgen')} |")
         L += ["", f"Latency at fixed offered rates ({on['latency_s']:g} s each, open loop, measured from each "
                   "message's scheduled send time to its arrival at the receiver; `>` marks a lower bound: "
                   "messages still missing when the step ended count as the time waited).", "",
@@ -304,6 +308,7 @@ def plots(res: dict, out: Path, stem: str) -> list[str]:
         labels, vals, colors = [], [], []
         for bk, r in on.items():
             for key, lab, col in (("relay_throughput", "relay", "#999999"), ("worker_throughput", "worker", "#1f77b4"),
+                                  ("worker_v1_receipts_throughput", "worker,\nv1 receipts", "#aec7e8"),
                                   ("serve_throughput", "serve", "#2ca02c")):
                 if key in r:
                     labels.append(f"{bk}\n{lab}")

@@ -127,6 +127,11 @@ def online(run: Run) -> dict:
             res = _online_step(run, bk, system, ["--count", str(s.worker_n), *thr_args], 300)
             res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
             r[f"{system}_throughput"] = res
+        # The same worker for senders that do not ask for batched receipts (v1's one receipt payload each).
+        run.log(f"online/{bk}: worker throughput, senders with v1 receipts ({s.worker_n} messages)")
+        res = _online_step(run, bk, "worker", ["--count", str(s.worker_n), "--receipts", "each", *thr_args], 300)
+        res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
+        r["worker_v1_receipts_throughput"] = res
         r["latency"] = []
         plan = [("relay", frac, relay_rate) for frac in s.latency_fracs] + \
                [("worker", frac, r["worker_throughput"]["rate"]) for frac in s.own_fracs]
