@@ -175,7 +175,7 @@ def push_payload(seq: int, msg_id: str, sender: str, to: str, msg_type: str, con
 
 
 class Delivery:
-    """The worker's brain. Not thread-safe: one worker thread drives it."""
+    """The worker's brain. Not thread-safe: the worker's network thread alone drives it."""
 
     def __init__(self, *, content_max: int = p.CONTENT_MAX, ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS,
                  max_retries: int = PUSH_MAX_RETRIES, backoff: float = PUSH_BACKOFF,

@@ -243,7 +243,7 @@ class Worker:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
 
-    # -- paho callbacks (inside loop_read, on the worker thread: hand over only) ----
+    # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             log.error("broker refused the worker: %s", reason_code)
