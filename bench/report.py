@@ -55,7 +55,7 @@ def check_targets(res: dict) -> list[dict]:
                  "passed": p99 is not None and p99 <= 25 and not lat.get("p99_lower_bound")}
             if not t["passed"] and p99:
                 t["missed_by"] = (f"{'more than ' if lat.get('p99_lower_bound') else ''}{p99:,.0f} ms instead of "
-                                  f"25 ms: {p99 / 25:.0f} times over; the worker received "
+                                  f"25 ms: {p99 / 25:.1f} times over; the worker received "
                                   f"{step['worker']['received']:,} of {step['worker']['n']:,} sends in time "
                                   f"(it sustains about {mq['worker_throughput']['rate']:,.0f} msg/s)")
             out.append(t)
