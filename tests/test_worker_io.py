@@ -63,7 +63,7 @@ def _drive(client: mqtt.Client, until, timeout: float) -> None:
     while not until() and time.monotonic() < end:
         sock = client.socket()
         r, w, _ = select.select([sock], [sock] if client.want_write() else [], [], 0.05)
-        if r:
+        if r or client.buffered():  # as Worker._readable: bytes already read into the client's chunk
             client.loop_read()
         if client.want_write():
             client.loop_write()
