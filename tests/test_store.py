@@ -169,6 +169,28 @@ def test_purge_keeps_ids_of_waiting_messages(store):
     assert Page.select().count() == 0
 
 
+def test_purge_in_chunks_walks_every_row_exactly_once(store, monkeypatch):
+    """The worker's purge runs in short transactions (PURGE_CHUNK rows); across chunk boundaries it
+    releases every gone message, keeps every waiting one, and forgets exactly the old ones."""
+    import backend.store as st
+    monkeypatch.setattr(st, "PURGE_CHUNK", 3)
+    out = store.apply([msg("alice", "bob", f"m{i}", t=0) for i in range(11)])
+    gone = [o.seq for i, o in enumerate(out) if i % 3 != 0]  # m0, m3, m6, m9 keep waiting
+    store.apply([core.DeleteAcked("bob", tuple(gone))])
+    for _ in range(4):  # four cursors past their TTL: two chunks of cursors
+        store.apply([pull("bob", limit=1)])
+    t = st.now_ms() + st.PAGE_TTL_MS + 1
+    steps = list(store.purge_chunks(now=t))
+    assert len(steps) >= 2 + 4 + 1, f"short transactions, not one: {steps}"
+    assert Page.select().count() == 0
+    released = {x.msg_id for x in Accepted.select().where(Accepted.released_at == t)}
+    assert released == {f"m{i}" for i in range(11) if i % 3 != 0}
+    assert Accepted.select().where(Accepted.released_at.is_null()).count() == 4
+    later = t + max(st.ACCEPTED_RETENTION_MS, st.EXPIRE_AFTER_MS) + 1
+    list(store.purge_chunks(now=later))
+    assert sorted(x.msg_id for x in Accepted.select()) == ["m0", "m3", "m6", "m9"], "only the released are forgotten"
+
+
 def test_case_and_unicode_are_kept_exactly(store):
     a, b = store.apply([msg("alice", "bob", "A1"), msg("alice", "bob", "a1")])
     assert not b.duplicate, "msg_ids compare byte for byte"
@@ -185,12 +207,12 @@ def test_schema_migration_adds_missing_columns(store):
     from playhouse.migrate import SchemaMigrator, migrate
     migrator = SchemaMigrator.from_database(store.db)
     store.apply([msg("alice", "bob", "old")])
-    migrate(migrator.drop_index("accepted", "accepted_released_at"), migrator.drop_column("accepted", "released_at"),
+    migrate(migrator.drop_index("accepted", "accepted_released_at_seq"), migrator.drop_column("accepted", "released_at"),
             migrator.drop_column("message", "batch_receipts"))
     create_schema(store.db)  # an older database: the column and its index come back, nothing is lost
     assert "released_at" in {c.name for c in store.db.get_columns("accepted")}
     assert [(m.msg_id, m.batch_receipts) for m in Message.select()] == [("old", False)], "old rows: v1 receipts"
-    assert "accepted_released_at" in {i.name for i in store.db.get_indexes("accepted")}
+    assert "accepted_released_at_seq" in {i.name for i in store.db.get_indexes("accepted")}
 
 
 def test_batched_receipts_flag_is_kept_with_the_row_until_the_ack(store):

@@ -253,6 +253,7 @@ class Worker:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._batch: _Batch | None = None
+        self._purging = None  # Store.purge_chunks() in progress, stepped on the store thread
         self._reconnect_wait = float(RECONNECT_MIN_S)
         self._next_connect = 0.0  # monotonic time of the next connection attempt
         self._stop = threading.Event()
@@ -419,15 +420,20 @@ class Worker:
                 continue  # housekeeping uses the store thread: after the batch
             try:
                 self._retransmit()
-                if time.monotonic() >= next_purge:
+                if self._purging is None and time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self._purge_interval()
                     self.metrics.expired.inc(self._db_call(self.store.expire))
-                    self._db_call(self.store.purge)
+                    self._purging = self.store.purge_chunks()
+                if self._purging is not None:
+                    # One short transaction of the purge per pass, between batches: never a long stall.
+                    if self._db_call(next, self._purging, None) is None:
+                        self._purging = None
                 if time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + BACKLOG_SAMPLE_S
                     self.metrics.backlog.set(self._db_call(self.store.backlog))
             except Exception:  # noqa: BLE001 - housekeeping fails with the database; it runs again later
                 log.exception("housekeeping failed")
+                self._purging = None  # a failed generator is finished; the next purge starts afresh
                 self._idle(DB_RETRY_MIN_S)
         # Stopping: finish the batch the store thread holds, so what it committed is answered and acked.
         batch = self._batch
