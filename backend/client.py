@@ -77,7 +77,7 @@ class IMClient:
         self.resend_timeout, self.max_resends = resend_timeout, max_resends
         self.request_timeout, self.resend_wait_max = request_timeout, resend_wait_max
         self.ack_delay = ack_delay
-        # Ask for one `receipts` payload per server transaction instead of one payload per receipt.
+        # Ask for batched receipts: one `receipts` payload per 10 ms of server work, not one per receipt.
         self.batch_receipts = batch_receipts
         self.on_message = on_message
         self.receiver = receiver

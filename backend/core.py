@@ -39,6 +39,11 @@ SEND_RATE_PER_S = 20.0
 SEND_BURST = 100
 # Buckets of users idle long enough to be full again are forgotten past this many entries.
 BUCKETS_MAX = 100_000
+# A sender's batched receipts wait at most this long for more of its receipts, from later transactions,
+# before they go out in one payload. The worker commits as soon as anything waits, so on a slow broker
+# (amqtt hands it one or two sends per transaction) one payload per transaction is nearly one per
+# message. 10 ms is nothing beside a sender's 3 s resend timer.
+RECEIPT_DELAY_MS = 10
 # Bound the retransmit table so a flood of unacked pushes cannot grow memory without end;
 # past it the oldest entries are simply left for pull (the store still holds them).
 PENDING_PUSH_MAX = 100_000
@@ -179,7 +184,8 @@ class Delivery:
 
     def __init__(self, *, content_max: int = p.CONTENT_MAX, ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS,
                  max_retries: int = PUSH_MAX_RETRIES, backoff: float = PUSH_BACKOFF,
-                 send_rate: float = SEND_RATE_PER_S, send_burst: int = SEND_BURST):
+                 send_rate: float = SEND_RATE_PER_S, send_burst: int = SEND_BURST,
+                 receipt_delay_ms: int = RECEIPT_DELAY_MS):
         self.content_max = content_max
         self.ack_timeout_ms = ack_timeout_ms
         self.max_retries = max_retries
@@ -189,6 +195,8 @@ class Delivery:
         self.online: set[str] = set()
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._timers: list[tuple[int, str, int]] = []  # (deadline, receiver, seq), lazily invalidated
+        self.receipt_delay_ms = receipt_delay_ms
+        self._held: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # sender -> (due, batched receipts)
 
     # -- inbound -------------------------------------------------------------
     def plan(self, inbound: list[tuple[str, bytes]], now_ms: int) -> Plan:
@@ -265,8 +273,8 @@ class Delivery:
 
     # -- after the transaction committed ----------------------------------------
     def after_commit(self, outcomes: list[Outcome], now_ms: int) -> list[Publish]:
-        """Publishes for a committed transaction, in outcome order; then one `receipts` payload per
-        sender that asked for batched receipts, holding all of its receipts from this transaction."""
+        """Publishes for a committed transaction, in outcome order. Batched receipts are held (per
+        sender, up to receipt_delay_ms) and come out of flush_receipts() as one `receipts` payload."""
         out: list[Publish] = []
         batched: dict[str, list[dict[str, Any]]] = {}  # sender -> its receipts, in order
         for o in outcomes:
@@ -297,8 +305,22 @@ class Delivery:
                 else:
                     uid = op.receiver
                 out.append(Publish(p.reply_topic(uid), p.error_payload(o.code, o.message, **ids)))
-        out.extend(Publish(p.reply_topic(sender), p.receipts(items)) for sender, items in batched.items())
+        for sender, items in batched.items():
+            held = self._held.get(sender)
+            if held is None:
+                self._held[sender] = (now_ms + self.receipt_delay_ms, items)
+            else:
+                held[1].extend(items)
+        if self.receipt_delay_ms <= 0:
+            out.extend(self.flush_receipts(now_ms))
         return out
+
+    def flush_receipts(self, now_ms: int | None = None) -> list[Publish]:
+        """The held batched receipts that are due (all of them with ``now_ms`` None), one payload per sender."""
+        if not self._held:
+            return []
+        due = [s for s, (at, _) in self._held.items() if now_ms is None or at <= now_ms]
+        return [Publish(p.reply_topic(s), p.receipts(self._held.pop(s)[1])) for s in due]
 
     @staticmethod
     def _receipt(out: list[Publish], batched: dict[str, list[dict[str, Any]]], sender: str, batch: bool,
@@ -334,13 +356,15 @@ class Delivery:
         heapq.heappush(self._timers, (deadline, receiver, seq))
 
     def next_deadline(self) -> int | None:
+        """The earliest time something is due: a push's retransmission or held receipts."""
+        held = min((at for at, _ in self._held.values()), default=None)
         while self._timers:
             deadline, receiver, seq = self._timers[0]
             entry = self._pending.get((receiver, seq))
             if entry is not None and entry.deadline == deadline:
-                return deadline
+                return deadline if held is None else min(deadline, held)
             heapq.heappop(self._timers)
-        return None
+        return held
 
     def due(self, now_ms: int) -> list[tuple[str, int]]:
         """Pushes whose ack is overdue and that still have retries left; exhausted ones are dropped

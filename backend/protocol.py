@@ -46,7 +46,7 @@ CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % CURSOR_MAX)
 PREVIEW_CHARS = 100
 PULL_ORDERS = ("oldest", "newest")
 # How a sender wants its receipts: "each" (v1's default, one `receipt` payload per message) or
-# "batch" (one `receipts` payload per sender per transaction; docs/PROTOCOL.md 4.4).
+# "batch" (a sender's receipts gathered for up to 10 ms into one `receipts` payload; docs/PROTOCOL.md 4.4).
 RECEIPT_MODES = ("each", "batch")
 
 UID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % UID_MAX)

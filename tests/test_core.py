@@ -220,7 +220,7 @@ def send_batched(uid, to, msg_id):
 
 
 def test_batched_receipts_one_payload_per_sender_per_transaction():
-    d = core.Delivery()
+    d = core.Delivery(receipt_delay_ms=0)  # no holding: each transaction's receipts go out at once
     plan = d.plan([status("bob", "online"), send_batched("alice", "bob", "a1"), send("carol", "bob", "c1"),
                    send_batched("alice", "bob", "a2"), send_batched("alice", "bob", "a1")], T0)
     ops = plan.ops[1:]
@@ -236,7 +236,7 @@ def test_batched_receipts_one_payload_per_sender_per_transaction():
 
 
 def test_batched_delivered_receipts_follow_each_rows_flag():
-    d = core.Delivery()
+    d = core.Delivery(receipt_delay_ms=0)
     plan = d.plan([(p.req_topic("bob"), b'{"req_id":"q","op":"pull","ack":"c1"}')], T0)
     rows = (core.DeletedRow("bob", 4, "alice", "a1", True), core.DeletedRow("bob", 5, "carol", "c1"),
             core.DeletedRow("bob", 6, "alice", "a2", True), core.DeletedRow("bob", 7, "dave", "d1", True))
@@ -254,3 +254,22 @@ def test_receipts_mode_is_validated():
     plan = d.plan([bad, send("alice", "bob", "ok")], T0)
     assert [r.payload["code"] for r in plan.replies] == ["bad_field"] and plan.replies[0].payload["msg_id"] == "m"
     assert [o.msg_id for o in plan.ops] == ["ok"] and not plan.ops[0].batch_receipts
+
+
+def test_batched_receipts_are_held_briefly_and_merged_across_transactions():
+    d = core.Delivery(receipt_delay_ms=10)
+    first = d.plan([send_batched("alice", "bob", "a1"), send("carol", "bob", "c1")], T0)
+    out = d.after_commit([stored(first.ops[0], 1), stored(first.ops[1], 2)], T0)
+    assert [a.payload for a in out] == [p.receipt("c1", "bob", 2, "stored")], "v1 receipts are never held"
+    assert d.next_deadline() == T0 + 10, "the worker wakes up for the held receipts"
+    assert d.flush_receipts(T0 + 9) == []
+    second = d.plan([send_batched("alice", "bob", "a2")], T0 + 5)
+    assert d.after_commit([stored(second.ops[0], 3)], T0 + 5) == []
+    (due,) = d.flush_receipts(T0 + 10)  # due when the first was held 10 ms, the later one with it
+    assert due.topic == p.reply_topic("alice")
+    assert [r["msg_id"] for r in due.payload["receipts"]] == ["a1", "a2"]
+    assert d.flush_receipts(T0 + 100) == [] and d.next_deadline() is None
+    # Stopping: whatever is held goes out at once.
+    third = d.plan([send_batched("alice", "bob", "a3")], T0 + 200)
+    d.after_commit([stored(third.ops[0], 4)], T0 + 200)
+    assert [r["msg_id"] for r in d.flush_receipts()[0].payload["receipts"]] == ["a3"]

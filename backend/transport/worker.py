@@ -416,6 +416,7 @@ class Worker:
             if self._batch is not None and self._batch.future is not None and self._batch.future.done():
                 done, self._batch = self._batch, None
                 self._complete_safely(done)
+            self._publish(self.core.flush_receipts(now_ms()))  # batched receipts held long enough
             if self._batch is not None:
                 continue  # housekeeping uses the store thread: after the batch
             try:
@@ -444,6 +445,7 @@ class Worker:
                 self._complete(batch)
             except Exception:  # noqa: BLE001 - not committed, or not answerable: the broker redelivers it
                 log.warning("stopping with a batch of %d unacknowledged; the broker redelivers it", len(batch.msgs))
+        self._publish(self.core.flush_receipts())  # stop() writes them before its DISCONNECT
 
     # -- batches: planned here, stored on the store thread, finished here -----------
     def _start_next(self) -> None:
