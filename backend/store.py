@@ -296,7 +296,8 @@ def check_keys(keyring: KeyRing | None) -> None:
 
 
 # A page entry's columns, in the order _push_dict takes them.
-PAGE_COLUMNS = "seq, msg_id, sender_uid, receiver_uid, msg_type, msg_content, send_time, client_ts, key_id"
+PAGE_FIELDS = (Message.seq, Message.msg_id, Message.sender_uid, Message.receiver_uid, Message.msg_type,
+               Message.msg_content, Message.send_time, Message.client_ts, Message.key_id)
 
 
 def _returning_delete(db: pw.Database) -> bool:
@@ -314,11 +315,12 @@ def count_query(receiver: str) -> pw.ModelSelect:
 
 def page_query(receiver: str, limit: int, from_uid: str | None = None, order: str = "oldest") -> pw.ModelSelect:
     """One page of a receiver's messages, by seq: a range scan of (receiver_uid, seq), or of
-    (receiver_uid, sender_uid, seq) with ``from``; other receivers' rows are never read."""
-    q = Message.select().where(Message.receiver_uid == receiver)
+    (receiver_uid, sender_uid, seq) with ``from``; other receivers' rows are never read. Rows are
+    tuples of PAGE_FIELDS: building 500 model objects per page was most of a drain's store time."""
+    q = Message.select(*PAGE_FIELDS).where(Message.receiver_uid == receiver)
     if from_uid is not None:
         q = q.where(Message.sender_uid == from_uid)
-    return q.order_by(Message.seq.desc() if order == "newest" else Message.seq).limit(limit)
+    return q.order_by(Message.seq.desc() if order == "newest" else Message.seq).limit(limit).tuples()
 
 
 class Store:
@@ -368,11 +370,8 @@ class Store:
             "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
                       f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
-            # Pages as plain tuples: building 500 model objects per page was most of a drain's store time.
-            **{f"page_{order}{'_from' if from_uid else ''}":
-               f"SELECT {PAGE_COLUMNS} FROM message WHERE receiver_uid = {q}"
-               + (f" AND sender_uid = {q}" if from_uid else "")
-               + f" ORDER BY seq{' DESC' if order == 'newest' else ''} LIMIT {q}"
+            # Pages: page_query's text, its parameters (receiver, [from,] limit) given per pull.
+            **{f"page_{order}{'_from' if from_uid else ''}": page_query("", 1, "" if from_uid else None, order).sql()[0]
                for order in p.PULL_ORDERS for from_uid in (False, True)},
         }
 
@@ -450,9 +449,7 @@ class Store:
                     .where(Message.seq.in_(newest)).tuples()):
                 previews[sender] = {"seq": seq, "type": msg_type, "content": text, "sent_at": sent_at}
         elif newest:  # sealed content: open it here, then cut
-            q = self.db.param
-            for row in self.db.execute_sql(f"SELECT {PAGE_COLUMNS} FROM message WHERE seq IN "
-                                           f"({', '.join([q] * len(newest))})", newest).fetchall():
+            for row in Message.select(*PAGE_FIELDS).where(Message.seq.in_(newest)).tuples():
                 m = self._push_dict(row)
                 previews[m["from"]] = {"seq": m["seq"], "type": m["type"], "sent_at": m["sent_at"],
                                        "content": m["content"][:p.PREVIEW_CHARS]}
@@ -475,7 +472,6 @@ class Store:
             if not page.acked:  # a repeated ack (lost answer) deletes nothing more
                 deleted = self.delete(op.receiver, (int(s) for s in page.seqs.split(",")))
                 Page.update(acked=True).where(Page.cursor == page.cursor).execute()
-        # The same query as page_query(), as prepared text returning tuples.
         name = f"page_{op.order}{'_from' if op.from_uid is not None else ''}"
         params = (op.receiver, op.from_uid, op.limit + 1) if op.from_uid is not None else (op.receiver, op.limit + 1)
         rows = self.db.execute_sql(self._sql[name], params).fetchall()
@@ -489,7 +485,7 @@ class Store:
         return core.Paged(op, tuple(self._push_dict(r) for r in rows), cursor, more, deleted)
 
     def _push_dict(self, row: tuple) -> dict:
-        """A page entry (or push) from a row of PAGE_COLUMNS, its content opened if it was sealed."""
+        """A page entry (or push) from a row of PAGE_FIELDS, its content opened if it was sealed."""
         seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, key_id = row
         unreadable = False
         if key_id is not None:
