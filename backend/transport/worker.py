@@ -305,6 +305,7 @@ class Worker:
     def stop(self) -> None:
         """Finish the batch in hand (committed and acked), then DISCONNECT cleanly."""
         self._stop.set()
+        self._wake(None)  # out of its wait on the network at once
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:
@@ -324,7 +325,7 @@ class Worker:
         c = self.client
         sock = c.socket()
         if sock is None:
-            self._reconnect(timeout if self._batch is None or self._batch.future is None else min(timeout, 0.01))
+            self._reconnect(timeout)
             return
         try:
             readable = self._readable(sock, timeout, c.want_write())
@@ -344,12 +345,15 @@ class Worker:
             self._drop_connection()
 
     def _readable(self, sock, timeout: float, want_write: bool) -> bool:
-        """Is the broker's socket readable within ``timeout``? A store-thread wake-up ends the wait too."""
-        if self.client.buffered():
-            return True  # bytes already read into the client's chunk, invisible to select()
-        if getattr(sock, "pending", None) is not None and sock.pending() > 0:
-            return True  # TLS: bytes already decrypted inside the SSL object, invisible to select()
-        r, _, _ = select.select([sock, self._wake_r], [sock] if want_write else [], [], timeout)
+        """Is the broker's socket readable within ``timeout``? A wake-up (the store thread done, stop())
+        ends the wait too. With no socket (reconnect backoff), only a wake-up does."""
+        if sock is not None:
+            if self.client.buffered():
+                return True  # bytes already read into the client's chunk, invisible to select()
+            if getattr(sock, "pending", None) is not None and sock.pending() > 0:
+                return True  # TLS: bytes already decrypted inside the SSL object, invisible to select()
+        socks = [self._wake_r] if sock is None else [sock, self._wake_r]
+        r, _, _ = select.select(socks, [sock] if want_write and sock is not None else [], [], timeout)
         if self._wake_r in r:
             try:
                 self._wake_r.recv(4096)
@@ -360,7 +364,7 @@ class Worker:
     def _reconnect(self, timeout: float) -> None:
         now = time.monotonic()
         if now < self._next_connect:
-            self._stop.wait(max(0.0, min(timeout if timeout > 0 else 0.05, self._next_connect - now)))
+            self._readable(None, max(0.0, min(timeout if timeout > 0 else 0.05, self._next_connect - now)), False)
             return
         # Attempts are spaced by the backoff whether the TCP connect fails or the broker then refuses or
         # drops us; a successful CONNACK (_on_connect) resets it.
@@ -440,8 +444,7 @@ class Worker:
         batch = self._batch
         if batch is not None and batch.future is not None:
             try:
-                while not batch.future.done():
-                    self._network(0.05)
+                self._wait_for(batch.future)
                 self._complete(batch)
             except Exception:  # noqa: BLE001 - not committed, or not answerable: the broker redelivers it
                 log.warning("stopping with a batch of %d unacknowledged; the broker redelivers it", len(batch.msgs))
@@ -503,14 +506,8 @@ class Worker:
         try:
             self._complete(batch)
         except (pw.OperationalError, pw.InterfaceError) as e:
-            self.db_ok = False
-            # A deadlock or lock timeout between workers is as transient as a lost connection:
-            # roll back, keep the batch unacked, try again after a pause (the network stays served).
-            log.warning("transaction failed (%s); retrying in %.1fs", e, batch.wait)
-            self._db_call_quietly(self._close_db)
-            batch.future, batch.retry_at = None, time.monotonic() + batch.wait
-            batch.wait = min(batch.wait * 2, DB_RETRY_MAX_S)
-            self._batch = batch
+            batch.future, batch.retry_at = None, time.monotonic() + self._db_failed(batch, e)
+            self._batch = batch  # resubmitted by _run at retry_at; the network stays served meanwhile
         except Exception:  # noqa: BLE001 - a bug (not the database): isolate the poisonous packet
             log.exception("batch of %d failed; retrying its packets one by one", len(batch.msgs))
             self._one_by_one(batch.msgs)
@@ -531,6 +528,16 @@ class Worker:
             if m.qos > 0:
                 self.client.ack(m.mid, m.qos)
 
+    def _db_failed(self, batch: "_Batch", error: Exception) -> float:
+        """The database failed this batch's transaction: how long to wait before trying it again."""
+        self.db_ok = False
+        # A deadlock or lock timeout between workers is as transient as a lost connection: roll back,
+        # keep the batch unacked, reconnect, try again after a pause that doubles up to the max.
+        log.warning("transaction failed (%s); retrying in %.1fs", error, batch.wait)
+        self._db_call_quietly(self._close_db)
+        wait, batch.wait = batch.wait, min(batch.wait * 2, DB_RETRY_MAX_S)
+        return wait
+
     def _one_by_one(self, msgs: list) -> None:
         """Each packet alone, synchronously: one poisonous packet is answered and dropped alone instead of
         taking its neighbours down or sitting unacked in the broker's in-flight window."""
@@ -544,10 +551,7 @@ class Worker:
                         self._complete(batch)
                         break
                     except (pw.OperationalError, pw.InterfaceError) as e:
-                        log.warning("transaction failed (%s); retrying in %.1fs", e, batch.wait)
-                        self._db_call_quietly(self._close_db)
-                        self._idle(batch.wait)
-                        batch.wait = min(batch.wait * 2, DB_RETRY_MAX_S)
+                        self._idle(self._db_failed(batch, e))
             except Exception:  # noqa: BLE001
                 log.exception("dropped a packet on %s that the worker cannot process", getattr(item, "topic", "?"))
                 parsed = protocol.parse_topic(getattr(item, "topic", ""))
