@@ -78,13 +78,19 @@ def _directives(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def render_config(base: str, *, host: str, port: int, workdir: Path) -> str:
-    """The base config with its listener, persistence and auth paths moved to host:port and workdir."""
+def render_config(base: str, *, host: str, port: int, workdir: Path, open_: bool = False) -> str:
+    """The base config with its listener, persistence and auth paths moved to host:port and workdir.
+
+    ``open_``: as a Mosquitto left at its defaults for who may do what (anonymous clients allowed, no password
+    file, no ACL), to show what the worker and ``doctor`` say beside such a broker."""
     replace = {
         "persistence_location": f"persistence_location {workdir / 'data'}/",
         "password_file": f"password_file {workdir / 'passwd'}",
         "acl_file": f"acl_file {workdir / 'acl'}",
     }
+    if open_:
+        replace.update({"password_file": "# password_file dropped: open broker",
+                        "acl_file": "# acl_file dropped: open broker", "allow_anonymous": "allow_anonymous true"})
     lines, seen, listeners = [], set(), 0
     for keyword, line in _directives(base):
         if keyword == "listener":
@@ -104,7 +110,7 @@ def render_config(base: str, *, host: str, port: int, workdir: Path) -> str:
     if listeners == 0:
         lines.append(f"listener {port} {host}")
     for keyword, line in replace.items():
-        if keyword not in seen:
+        if keyword not in seen and not line.startswith("#"):
             lines.append(line)
     if "persistence" not in seen:
         lines.append("persistence true")
@@ -252,10 +258,11 @@ class Mosquitto:
 
 def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port: int | None = None,
                     host: str = "127.0.0.1", config: Path | str = BASE_CONFIG, acl: Path | str = BASE_ACL,
-                    timeout: float = START_TIMEOUT_S) -> Mosquitto:
+                    timeout: float = START_TIMEOUT_S, open_: bool = False) -> Mosquitto:
     """Lay out a temporary directory, start Mosquitto on host:port (a free port if None) and return it.
 
-    ``users`` maps usernames to passwords; include the worker's account (im-worker).
+    ``users`` maps usernames to passwords; include the worker's account (im-worker). ``open_``: anonymous
+    clients allowed, no password file and no ACL (see render_config); ``users`` are then ignored.
     """
     binary = find_mosquitto()
     if binary is None:
@@ -268,13 +275,17 @@ def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, por
     try:
         (workdir / "data").mkdir()
         shutil.copyfile(acl, workdir / "acl")
-        write_password_file(workdir / "passwd", users)
+        if not open_:
+            write_password_file(workdir / "passwd", users)
         attempts = 1 if port is not None else 3  # a port picked by free_port() may be taken before we bind
         for attempt in range(attempts):
             chosen = port if port is not None else free_port(host)
-            (workdir / "mosquitto.conf").write_text(render_config(base, host=host, port=chosen, workdir=workdir),
+            (workdir / "mosquitto.conf").write_text(render_config(base, host=host, port=chosen, workdir=workdir,
+                                                                  open_=open_),
                                                     encoding="utf-8")
             for path in (workdir, workdir / "data", workdir / "acl", workdir / "passwd", workdir / "mosquitto.conf"):
+                if not path.exists():
+                    continue  # no password file for an open broker
                 os.chmod(path, 0o700 if path.is_dir() else 0o600)
                 if owner is not None:
                     os.chown(path, *owner)
@@ -306,11 +317,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="an account; repeat for each, e.g. --user alice:pw --user im-worker:secret")
     parser.add_argument("--config", default=str(BASE_CONFIG), help=f"base config (default: {BASE_CONFIG})")
     parser.add_argument("--acl", default=str(BASE_ACL), help=f"ACL file (default: {BASE_ACL})")
+    parser.add_argument("--open", action="store_true",
+                        help="anonymous clients allowed, no password file, no ACL: an INSECURE broker, as Mosquitto's "
+                             "defaults leave it (to try `python -m backend doctor` or the worker's warning)")
     args = parser.parse_args(argv)
-    if not args.user:
+    if not args.user and not args.open:
         parser.error("give at least one --user USER:PASSWORD (anonymous clients are refused)")
     try:
-        broker = start_mosquitto(args.user, port=args.port, host=args.host, config=args.config, acl=args.acl)
+        broker = start_mosquitto(args.user, port=args.port, host=args.host, config=args.config, acl=args.acl,
+                                 open_=args.open)
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -71,7 +71,7 @@ class MosquittoWorkers:
         self.victim.kill()
 
     def start_worker(self) -> None:
-        # Same id: it resumes its own persistent session; traffic goes on while it starts.
+        # Same id (its session is clean: nothing of the dead one waits at the broker); traffic goes on meanwhile.
         self.victim.start(wait=False)
 
     def restart_broker(self) -> None:
