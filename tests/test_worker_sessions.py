@@ -140,3 +140,16 @@ def test_worker_session_is_clean_by_default():
         assert present == [False]
     finally:
         broker.close()
+
+
+def test_no_test_uses_the_machines_own_brokers():
+    """Tests leave nothing on the machine's services: none connects to their fixed ports (Mosquitto 1883, NATS
+    4222, RabbitMQ 5672); each starts a private broker on a free port (scripts/mosquitto.py)."""
+    import pathlib
+    pattern = re.compile(r"port\s*=\s*(1883|4222|5672)\b|,\s*(1883|4222|5672)\s*\)|127\.0\.0\.1:(1883|4222|5672)\b")
+    offenders = []
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if pattern.search(line) and "default" not in line and "pattern = re.compile" not in line:
+                offenders.append(f"{path.name}:{n}: {line.strip()}")
+    assert offenders == [], offenders
