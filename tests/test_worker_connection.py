@@ -198,3 +198,19 @@ def test_content_never_reaches_the_logs_even_at_debug():
     refused = [ln for ln in worker.lines if "store refused" in ln]
     assert refused and "msg_id='nul-1' from alice to bob" in refused[0] and "characters of content" in refused[0]
     assert marker not in out, [ln for ln in worker.lines if marker in ln]
+
+
+def test_store_operations_are_described_by_ids_and_sizes():
+    from backend import core
+    from backend.transport.worker import describe_db_error, describe_op
+    op = core.StoreMessage(sender="alice", msg_id="a-1", to="bob", type="text", content="very private words",
+                           ts=None, sent_at=1)
+    text = describe_op(op)
+    assert "private" not in text and "a-1" in text and "alice" in text and "bob" in text and "18 characters" in text
+    for other in (core.DeleteAcked("bob", (1, 2)), core.CountBacklog("bob", None),
+                  core.PullPage("bob", "r1", 10, None, None)):
+        assert "bob" in describe_op(other)
+    import peewee as pw
+    err = pw.DataError("Incorrect string value: 'very private words' for column content")
+    assert "private" not in describe_db_error(err) and "DataError" in describe_db_error(err)
+    assert "private" not in describe_db_error(ValueError("very private words"))
