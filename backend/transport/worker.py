@@ -134,6 +134,18 @@ def describe_op(op: core.Operation) -> str:
     return type(op).__name__
 
 
+def log_bug(message: str, *args) -> None:
+    """Log the exception being handled as ERROR with its type and stack but not its text: an exception raised
+    on a payload may quote it (a decode error, a driver's "Incorrect string value"), and content never goes to
+    a log line."""
+    import sys
+    import traceback
+    exc_type, _, tb = sys.exc_info()
+    stack = "".join(traceback.format_tb(tb)).rstrip()
+    log.error(message + " (%s; its message is not logged, it may quote the payload)\n%s", *args,
+              getattr(exc_type, "__name__", "?"), stack)
+
+
 def describe_db_error(error: BaseException) -> str:
     """A database error's class and code, not its text: drivers quote the offending value in it (MariaDB's
     "Incorrect string value: '\\xF0...' for column content"), which may be message content."""
@@ -143,6 +155,15 @@ def describe_db_error(error: BaseException) -> str:
     if code is None and error.__cause__ is not None:
         return f"{type(error).__name__} ({type(error.__cause__).__name__})"
     return type(error).__name__ + (f" (code {code})" if code is not None else "")
+
+
+def describe_outage(error: BaseException) -> str:
+    """A failed transaction's error for a log line: its first line (the lost connection, the lock timeout), unless
+    it quotes a value (MariaDB reports some bad values as OperationalError), then only its class and code."""
+    text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    if not text or "value" in text.lower() or "content" in text.lower():
+        return describe_db_error(error)
+    return text
 
 
 def refusal_message(broker: BrokerAddress, client_id: str, reason) -> str:
@@ -587,7 +608,7 @@ class Worker:
         try:
             batch = self._plan(msgs)
         except Exception:  # noqa: BLE001 - a bug in planning: isolate the poisonous packet
-            log.exception("planning a batch of %d failed; taking its packets one by one", len(msgs))
+            log_bug("planning a batch of %d failed; taking its packets one by one", len(msgs))
             self._one_by_one(msgs)
             return
         self._submit(batch)
@@ -629,7 +650,7 @@ class Worker:
             batch.future, batch.retry_at = None, time.monotonic() + self._db_failed(batch, e)
             self._batch = batch  # resubmitted by _run at retry_at; the network stays served meanwhile
         except Exception:  # noqa: BLE001 - a bug (not the database): isolate the poisonous packet
-            log.exception("batch of %d failed; retrying its packets one by one", len(batch.msgs))
+            log_bug("batch of %d failed; retrying its packets one by one", len(batch.msgs))
             self._one_by_one(batch.msgs)
 
     def _complete(self, batch: "_Batch") -> None:
@@ -659,7 +680,7 @@ class Worker:
         self.db_ok = False
         # A deadlock or lock timeout between workers is as transient as a lost connection: roll back,
         # keep the batch unacked, reconnect, try again after a pause that doubles up to the max.
-        log.warning("transaction failed (%s); retrying in %.1fs", error, batch.wait)
+        log.warning("transaction failed (%s); retrying in %.1fs", describe_outage(error), batch.wait)
         self._db_call_quietly(self._close_db)
         wait, batch.wait = batch.wait, min(batch.wait * 2, DB_RETRY_MAX_S)
         return wait
@@ -679,7 +700,7 @@ class Worker:
                     except (pw.OperationalError, pw.InterfaceError) as e:
                         self._idle(self._db_failed(batch, e))
             except Exception:  # noqa: BLE001
-                log.exception("dropped a packet on %s that the worker cannot process", getattr(item, "topic", "?"))
+                log_bug("dropped a packet on %s that the worker cannot process", getattr(item, "topic", "?"))
                 parsed = protocol.parse_topic(getattr(item, "topic", ""))
                 if parsed is not None and parsed.kind in protocol.CLIENT_TOPICS:
                     self._publish([core.Publish(protocol.reply_topic(parsed.uid), protocol.error_payload(
