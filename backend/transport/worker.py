@@ -423,6 +423,8 @@ class Worker:
             self._next_connect = 0.0
         else:
             self._quick_drops += 1
+            # Back off from now, not from the last attempt: the connection may have lived longer than the wait.
+            self._next_connect = max(self._next_connect, time.monotonic() + self._reconnect_wait / 2)
         return True
 
     def _on_message(self, client, userdata, msg):
