@@ -155,3 +155,9 @@ def test_worker_is_quiet_beside_a_secure_broker(db_url):
     finally:
         worker.stop()
         broker.close()
+
+
+def test_doctor_help_says_what_it_checks():
+    r = run_cli("doctor", "--help")
+    assert r.returncode == 0 and "usage: python -m backend doctor" in r.stdout
+    assert "$share" in r.stdout and "keepalive" in r.stdout and "$IM_BROKER_PASSWORD" in r.stdout
