@@ -232,16 +232,24 @@ class AccountAuthPlugin(BaseAuthPlugin):
         worker_password: str = ""
 
     async def authenticate(self, *, session: Session) -> bool:
+        """True to admit; when False, ``session._im_refusal`` says which rule failed (for the log)."""
         username, client_id = session.username or "", session.client_id or ""
+        refusal = None
         if username == accounts.WORKER_USERNAME:
             ok = bool(self.config.worker_password) and hmac.compare_digest(
                 _password(session).encode(), self.config.worker_password.encode())
-            return ok and client_id.startswith("!")
-        if not protocol.valid_uid(username):
-            return False
-        if session.will_flag and session.will_topic != protocol.status_topic(username):
-            return False  # a last will is a publish too: only on one's own status
-        return await asyncio.to_thread(accounts.authenticate, username, _password(session))
+            if not (ok and client_id.startswith("!")):
+                refusal = "not the worker's internal credential"
+        elif not username:
+            refusal = "no username (every client logs in with its uid and password)"
+        elif not protocol.valid_uid(username):
+            refusal = "the username is not a valid uid"
+        elif session.will_flag and session.will_topic != protocol.status_topic(username):
+            refusal = f"its last will is on {session.will_topic!r}; a will may only be on the user's own status topic"
+        elif not await asyncio.to_thread(accounts.authenticate, username, _password(session)):
+            refusal = "unknown user or wrong password"
+        session._im_refusal = refusal  # type: ignore[attr-defined]
+        return refusal is None
 
 
 class ProtocolTopicPlugin(BaseTopicPlugin):
@@ -291,7 +299,8 @@ class IMBroker(Broker):
         if not await Broker._authenticate(self, session, None):  # type: ignore[arg-type]
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()
-            raise MQTTError(f"CONNECT refused: user {session.username!r}, client id {session.client_id!r}")
+            raise MQTTError(f"CONNECT refused: user {session.username!r}: "
+                            f"{getattr(session, '_im_refusal', None) or 'not authorised'}")
         session._im_authenticated = True  # type: ignore[attr-defined]
 
         if not session.client_id:
