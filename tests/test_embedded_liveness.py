@@ -250,6 +250,23 @@ def test_no_connect_within_the_timeout_is_closed(db_url):
         srv.kill()
 
 
+@pytest.mark.parametrize("topic", ["im/u/bob/#", "$SYS/x"])
+def test_publish_on_an_invalid_topic_closes_the_connection(db_url, topic):
+    """amqtt stops serving such a connection but left it open, its will unsent; now it is closed."""
+    add_users(db_url, *PASSWORDS)
+    srv = Server(db_url).start()
+    try:
+        watcher = StatusWatcher(srv.port, "bob")
+        bob = silent_client(srv.port, "bob", "bob", keepalive=60)
+        assert watcher.wait_for(p.ONLINE) is not None
+        bob.sendall(publish_packet(topic, b"{}", packet_id=2))
+        assert closed_by_server(bob, 5)
+        assert watcher.wait_for(p.OFFLINE, timeout=5) is not None, "its will is published"
+        watcher.close()
+    finally:
+        srv.kill()
+
+
 # -- client-id takeover ----------------------------------------------------------------------
 @pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
 def test_takeover_closes_the_old_connection_and_its_will_lands_first(system, clean):

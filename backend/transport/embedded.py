@@ -70,16 +70,16 @@ KEEPALIVE_GRACE = 1.5
 # client (each chunk is progress) rather than as one read that outlasts the keepalive.
 _READ_CHUNK = 64 * 1024
 # How long a new CONNECT waits for the connection it takes over to finish closing (its will
-# published, its session marked disconnected); after an abort that takes milliseconds.
-_TAKEOVER_WAIT_S = 5.0
+# published, its session marked disconnected). After an abort that takes milliseconds; an old
+# connection still setting up may first wait out amqtt's 5 s PUBACK timeout.
+_TAKEOVER_WAIT_S = 10.0
 
 
 class _GuardedReader(ReaderAdapter):
     """amqtt's reader for one connection, watched for silence.
 
     After :meth:`watch` (the keepalive grace, seconds), a read that waits longer than that
-    for bytes aborts the connection (``expired`` is then True): the pending read ends as at
-    end of stream, and amqtt's normal path for a dropped connection (publish the will, stop
+    for bytes aborts the connection: the pending read ends as at end of stream, and amqtt's normal path for a dropped connection (publish the will, stop
     the handler) runs. Only time spent *waiting* for the client counts, so a busy broker
     never mistakes its own slowness for a silent client.
     """
@@ -91,7 +91,6 @@ class _GuardedReader(ReaderAdapter):
         self._waiting = False
         self._last = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
-        self.expired = False
         self.who = "?"  # for the log line: "user bob, client id bob:phone"
 
     async def read(self, n: int = -1) -> bytes:
@@ -131,7 +130,6 @@ class _GuardedReader(ReaderAdapter):
         idle = self._loop.time() - self._last
         if self._waiting and idle >= self._limit:
             self._timer = None
-            self.expired = True
             log.info("closed the connection of %s: nothing received for %.1f s (1.5 x its keepalive)",
                      self.who, idle)
             self.abort()
@@ -156,12 +154,25 @@ class _IMHandler(BrokerProtocolHandler):
 
     The loop is amqtt 0.12.1's, except: it checks each packet's size from its fixed header
     before reading the body, it has no read timeout of its own (the _GuardedReader does the
-    keepalive), and it stops at the first packet of a reserved type.
+    keepalive), and it closes the connection on a malformed packet or one of a reserved type
+    (amqtt went on reading, from the middle of the packet it gave up on).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.closed = asyncio.Event()  # set once the broker is done with this connection
+        self._connection_lost = False
+
+    async def start(self) -> None:
+        await super().start()
+        # amqtt makes its disconnect waiter at the end of start(): a connection lost during start()
+        # (aborted while its retried deliveries waited) would leave the broker waiting on it forever.
+        if self._connection_lost and self._disconnect_waiter is not None and not self._disconnect_waiter.done():
+            self._disconnect_waiter.set_result(None)
+
+    async def handle_connection_closed(self) -> None:
+        self._connection_lost = True
+        await super().handle_connection_closed()
 
     async def _reader_loop(self) -> None:
         assert self.session is not None and self._reader_ready is not None and self.reader is not None
@@ -175,41 +186,50 @@ class _IMHandler(BrokerProtocolHandler):
                 try:
                     header = await MQTTFixedHeader.from_stream(reader)
                 except MQTTError:  # a remaining length over 4 bytes: nothing after it can be framed
-                    log.warning("closed the connection of %s: malformed packet header", getattr(reader, "who", "?"))
+                    self._drop("malformed packet header")
                     break
                 if header is None:
                     break  # end of stream (or aborted: silent, taken over)
                 size = header.bytes_length + header.remaining_length
                 if size > MAX_PACKET_BYTES:
-                    log.warning("closed the connection of %s: it sent a packet of %d bytes, over the limit of %d "
-                                "(MAX_PACKET_BYTES)", getattr(reader, "who", "?"), size, MAX_PACKET_BYTES)
-                    if isinstance(reader, _GuardedReader):
-                        reader.abort()
+                    self._drop(f"it sent a packet of {size} bytes, over the limit of {MAX_PACKET_BYTES} "
+                               "(MAX_PACKET_BYTES)")
                     break
                 if header.packet_type not in _DISPATCH and header.packet_type != CONNECT:
-                    log.warning("closed the connection of %s: packet of reserved type %d",
-                                getattr(reader, "who", "?"), header.packet_type)
+                    self._drop(f"packet of reserved type {header.packet_type}")
                     break
-                packet = await packet_class(header).from_stream(reader, fixed_header=header)
+                try:
+                    packet = await packet_class(header).from_stream(reader, fixed_header=header)
+                except MQTTError as e:
+                    # amqtt raises some of these halfway through a body (a PUBLISH topic with a wildcard),
+                    # leaving the rest unread: nothing after it could be framed. MQTT 3.1.1, 4.8: close.
+                    self._drop(f"malformed packet ({e})")
+                    break
                 await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
                 if header.packet_type == CONNECT:
                     await self.handle_connect(packet)  # type: ignore[arg-type]  # a second CONNECT: amqtt closes
                 else:
                     running.append(asyncio.create_task(getattr(self, _DISPATCH[header.packet_type])(packet)))
-            except MQTTError:
-                self.logger.debug("Message discarded")  # as amqtt: a malformed packet, already read whole
             except NoDataError:
                 self.logger.debug("No data available")
             except asyncio.CancelledError:
                 break
             except Exception as e:  # noqa: BLE001 - as amqtt: the connection ends, the broker goes on
-                self.logger.warning("unhandled exception in reader: %r", e)
+                # Only the type: an exception's text may quote what the client sent.
+                self._drop(f"unreadable packet ({type(e).__name__})")
                 break
         while running:
             running.popleft().cancel()
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+    def _drop(self, why: str) -> None:
+        """Log one line and abort the connection (a client that broke the protocol gets no graceful close:
+        it may not be reading, and what it sent after the bad packet is not ours to read)."""
+        log.warning("closed the connection of %s: %s", getattr(self.reader, "who", "?"), why)
+        if isinstance(self.reader, _GuardedReader):
+            self.reader.abort()
 
     async def stop(self) -> None:
         if isinstance(self.reader, _GuardedReader):
@@ -358,12 +378,14 @@ class IMBroker(Broker):
                 return
             except asyncio.TimeoutError:
                 pass
-        # Not closed in time (or not ours): detach it from the session by hand, as amqtt's own takeover does.
-        log.warning("client id %s: its previous connection did not close within %.0f s", old.client_id,
-                    _TAKEOVER_WAIT_S)
+        # Not closed in time: stop it by hand, and drop its session, whose object that connection's
+        # teardown may still touch (the new connection then starts a fresh one: CONNACK says so).
+        log.warning("client id %s: its previous connection did not close within %.0f s; its session is "
+                    "discarded", old.client_id, _TAKEOVER_WAIT_S)
         await self._stop_handler(old_handler)
         if old.transitions.is_connected():
             old.transitions.disconnect()
+        await self._delete_session(old.client_id)
 
     async def _handle_client_session(self, reader: Any, writer: Any, client_session: Session, handler: Any,
                                      server: Any, listener_name: str) -> None:
