@@ -187,7 +187,12 @@ def system(request, db_url):
 
 # -- keepalive -------------------------------------------------------------------------------
 def test_silent_client_is_disconnected_and_its_will_published(system):
+    """bob falls silent after his `online`; on the embedded broker, at the same time, dave falls silent
+    halfway through a packet and a third connection never finishes its CONNECT (all run concurrently)."""
+    from backend.transport.embedded import CONNECT_TIMEOUT_S
+    embedded = system.kind == "embedded"
     watcher = StatusWatcher(system.port, "bob")
+    dave_watch = StatusWatcher(system.port, "dave")
     # erin has a 2 s keepalive and her paho loop running (it pings): she must stay connected throughout.
     erin_watch = StatusWatcher(system.port, "erin")
     erin = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="erin")
@@ -198,56 +203,42 @@ def test_silent_client_is_disconnected_and_its_will_published(system):
     erin.publish(p.status_topic("erin"), p.ONLINE, qos=1, retain=True)
     assert erin_watch.wait_for(p.ONLINE) is not None
     try:
+        if embedded:
+            no_connect = socket.create_connection(("127.0.0.1", system.port), timeout=10)
+            no_connect.sendall(b"\x10")  # the first byte of a CONNECT, then nothing
+            no_connect_since = time.monotonic()
+            dave = silent_client(system.port, "dave", "dave", keepalive=2)
+            dave.sendall(publish_packet(p.send_topic("dave"), b"x" * 1000)[:200])  # 200 of ~1,020 bytes
+            dave_since = time.monotonic()
         bob = silent_client(system.port, "bob", "bob:phone")
         last_sent = time.monotonic()
         assert watcher.wait_for(p.ONLINE) is not None
-        slack = EMBEDDED_SLACK_S if system.kind == "embedded" else MOSQUITTO_SLACK_S
+        slack = EMBEDDED_SLACK_S if embedded else MOSQUITTO_SLACK_S
         offline_at = watcher.wait_for(p.OFFLINE, timeout=GRACE_S + slack + 2)
         assert offline_at is not None, f"bob still {watcher.seen[-1][1]!r} after {GRACE_S + slack + 2:.0f} s of silence"
         elapsed = offline_at - last_sent
         assert elapsed <= GRACE_S + slack, f"offline after {elapsed:.1f} s"
-        if system.kind == "embedded":
+        if embedded:
             assert elapsed >= GRACE_S - 0.3, f"disconnected after {elapsed:.1f} s, before 1.5 x keepalive"
             assert system.server.wait_log("nothing received for", 2)
         assert closed_by_server(bob, 3), "the silent connection is closed"
         assert retained_status(system.port, "bob") == p.OFFLINE
         assert [s for _, s in erin_watch.seen if s == p.OFFLINE] == [], "a client that pings stays connected"
         assert erin.is_connected()
+        if embedded:
+            dave_off = dave_watch.wait_for(p.OFFLINE, timeout=1)
+            assert dave_off is not None and dave_off - dave_since <= 3 + EMBEDDED_SLACK_S, \
+                "silent halfway through a packet is silent too"
+            assert closed_by_server(dave, 1)
+            assert closed_by_server(no_connect, CONNECT_TIMEOUT_S + 3), "no CONNECT: closed"
+            waited = time.monotonic() - no_connect_since
+            assert CONNECT_TIMEOUT_S - 0.5 <= waited <= CONNECT_TIMEOUT_S + 3, f"closed after {waited:.1f} s"
+            assert system.server.wait_log("no CONNECT within", 2)
     finally:
         erin.disconnect()
         erin.loop_stop()
-        watcher.close()
-        erin_watch.close()
-
-
-def test_silent_in_the_middle_of_a_packet(db_url):
-    """A connection that stops halfway through a packet is just as silent (embedded broker)."""
-    add_users(db_url, *PASSWORDS)
-    srv = Server(db_url).start()
-    try:
-        watcher = StatusWatcher(srv.port, "bob")
-        bob = silent_client(srv.port, "bob", "bob", keepalive=2)
-        bob.sendall(publish_packet(p.send_topic("bob"), b"x" * 1000)[:200])  # 200 of ~1,020 bytes, then nothing
-        assert watcher.wait_for(p.OFFLINE, timeout=3 + EMBEDDED_SLACK_S + 2) is not None
-        assert closed_by_server(bob, 3)
-        watcher.close()
-    finally:
-        srv.kill()
-
-
-def test_no_connect_within_the_timeout_is_closed(db_url):
-    from backend.transport.embedded import CONNECT_TIMEOUT_S
-    add_users(db_url, *PASSWORDS)
-    srv = Server(db_url).start()
-    try:
-        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-        sock.sendall(b"\x10")  # the first byte of a CONNECT, then nothing
-        started = time.monotonic()
-        assert closed_by_server(sock, CONNECT_TIMEOUT_S + 5)
-        assert CONNECT_TIMEOUT_S - 0.5 <= time.monotonic() - started <= CONNECT_TIMEOUT_S + 3
-        assert srv.wait_log("no CONNECT within", 2)
-    finally:
-        srv.kill()
+        for w in (watcher, dave_watch, erin_watch):
+            w.close()
 
 
 @pytest.mark.parametrize("topic", ["im/u/bob/#", "$SYS/x"])

@@ -325,10 +325,10 @@ class IMBroker(Broker):
 
         if not session.client_id:
             session.client_id = gen_client_id()  # an empty id with a clean session (amqtt refuses one without)
+        if isinstance(reader, _GuardedReader):
+            reader.who = f"user {session.username}, client id {session.client_id}"  # as the client knows it
         if session.username != accounts.WORKER_USERNAME:
             session.client_id = acl.session_key(session.username, session.client_id)
-        if isinstance(reader, _GuardedReader):
-            reader.who = f"user {session.username}, client id {session.client_id}"
 
         # MQTT-3.1.4-2: the same client id (of the same user) connected already: close that connection
         # first. Looped, because another CONNECT for this id may have registered while we waited; from
@@ -360,7 +360,8 @@ class IMBroker(Broker):
         Mosquitto does (MQTT 3.1.1: a will fires when the server closes a connection for any
         reason but a DISCONNECT). Published later, by the old connection's teardown, it would
         land after the new connection's ``online`` and mark a live client offline."""
-        log.info("client id %s connected again: closing its previous connection (MQTT-3.1.4-2)", old.client_id)
+        log.info("%s connected again: closing its previous connection (MQTT-3.1.4-2)",
+                 getattr(getattr(old_handler, "reader", None), "who", old.client_id))
         if old.will_flag:
             old.will_flag = False  # published here, so the teardown below does not publish it again
             await self._broadcast_message(old, old.will_topic, old.will_message, old.will_qos)
@@ -380,8 +381,8 @@ class IMBroker(Broker):
                 pass
         # Not closed in time: stop it by hand, and drop its session, whose object that connection's
         # teardown may still touch (the new connection then starts a fresh one: CONNACK says so).
-        log.warning("client id %s: its previous connection did not close within %.0f s; its session is "
-                    "discarded", old.client_id, _TAKEOVER_WAIT_S)
+        log.warning("%s: its previous connection did not close within %.0f s; its session is discarded",
+                    getattr(reader, "who", old.client_id), _TAKEOVER_WAIT_S)
         await self._stop_handler(old_handler)
         if old.transitions.is_connected():
             old.transitions.disconnect()
