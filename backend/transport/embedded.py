@@ -22,7 +22,10 @@ override below names the amqtt 0.12.1 behaviour it corrects:
   connection's CONNACK, so the will can never land after the new connection's ``online``;
 * a packet whose fixed header announces more than ``MAX_PACKET_BYTES`` closes its
   connection before its body is read (amqtt reads any size whole, in the event loop
-  that serves every client).
+  that serves every client);
+* a malformed packet, or a PUBLISH amqtt will not serve (a wildcard or ``$`` topic),
+  closes its connection with its will (amqtt read on from the middle of the packet, or
+  left the connection open and unserved).
 """
 
 from __future__ import annotations
@@ -30,10 +33,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
-
-from collections import deque
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WebSocketsReader, WebSocketsWriter
 from amqtt.broker import Broker
