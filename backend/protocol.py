@@ -29,14 +29,22 @@ REQ_ID_MAX = 64
 CONTENT_MAX = 64 * 1024
 # A message type is a short label ("text", "image"...); 32 bytes is plenty and keeps rows small.
 TYPE_MAX = 32
-# Whole payload, checked before parsing: JSON may escape every content byte as \uXXXX (6 bytes),
-# plus 4 KiB of envelope. Mosquitto's and amqtt's packet limits are far larger (256 MiB).
+# Whole payload a client sends, checked before parsing: JSON may escape every content byte as \uXXXX
+# (6 bytes), plus 4 KiB of envelope. (What the server sends has its own bound, REPLY_PAYLOAD_MAX.)
 PAYLOAD_MAX = 6 * CONTENT_MAX + 4 * 1024
+# Every payload the server sends (a page, a count) is at most 1 MiB: under the embedded broker's 2 MiB
+# packet limit and the message_size_limit broker_config/ gives Mosquitto, with room for MQTT's header.
+# A page is cut by bytes as well as by count; one message (64 KiB of content escaped at worst, ~400 KB)
+# always fits, so a page always holds at least one.
+REPLY_PAYLOAD_MAX = 1024 * 1024
+# What a page's envelope may take beside its messages: kind, a req_id escaped at worst (6 x 64 bytes),
+# the cursor and `more`, with room to spare.
+PAGE_ENVELOPE_MAX = 1024
 # An ack carries at most one page's worth of seqs (a page is at most PULL_LIMIT_MAX messages),
 # plus slack for batched acks of pushes.
 ACK_SEQS_MAX = 1000
-# Default and largest page: 100 keeps a typical page well under 1 MiB; even 500 x 64 KiB of content
-# JSON-escaped at worst 6x (~188 MiB) stays under MQTT's 256 MiB packet limit (docs/PROTOCOL.md).
+# Default and largest page: 100 keeps a typical page well under 1 MiB; 500 short chat messages make
+# about 75 KB. A page of large messages is cut earlier, at REPLY_PAYLOAD_MAX bytes (docs/PROTOCOL.md).
 PULL_LIMIT_DEFAULT = 100
 PULL_LIMIT_MAX = 500
 # A cursor is a token we issued (32 hex chars now); anything longer, or outside this alphabet, is not ours.
@@ -166,10 +174,11 @@ def _decode_stdlib(payload: bytes) -> Any:
         raise ProtocolError("bad_json", "payload is not valid JSON") from None
 
 
-def decode_object(payload: bytes) -> dict[str, Any]:
-    """Parse a payload into a JSON object or raise ProtocolError."""
-    if len(payload) > PAYLOAD_MAX:
-        raise ProtocolError("payload_too_large", f"payload is {len(payload)} bytes; the limit is {PAYLOAD_MAX}")
+def decode_object(payload: bytes, max_bytes: int = PAYLOAD_MAX) -> dict[str, Any]:
+    """Parse a payload into a JSON object or raise ProtocolError. ``max_bytes``: PAYLOAD_MAX for what
+    clients send; a client reading the server's payloads passes its own, larger bound."""
+    if len(payload) > max_bytes:
+        raise ProtocolError("payload_too_large", f"payload is {len(payload)} bytes; the limit is {max_bytes}")
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -343,3 +352,27 @@ def receipt(msg_id: str, to: str, seq: int, status: str) -> dict[str, Any]:
 def receipts(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Several receipts for one sender in one payload (senders that sent with "receipts": "batch")."""
     return {"kind": "receipts", "receipts": items}
+
+
+def _size_bound(value: Any) -> int:
+    """Bytes ``value`` can take in encode()'s JSON at most: a character is at most 6 bytes
+    (an escape such as \\u0001)."""
+    if isinstance(value, str):
+        return 6 * len(value) + 2
+    if isinstance(value, dict):
+        return 2 + sum(_size_bound(k) + _size_bound(v) + 2 for k, v in value.items())
+    return 24  # an integer (up to 20 digits), true/false/null
+
+
+def page_fit(messages: list[dict[str, Any]], budget: int = REPLY_PAYLOAD_MAX - PAGE_ENVELOPE_MAX) -> int:
+    """How many of ``messages`` (from the first) fit in a page's ``budget`` bytes: at least one, so a
+    page is never empty while messages wait. A cheap upper bound answers for ordinary pages; only a
+    page that may not fit is measured exactly (one encode() per entry)."""
+    if sum(_size_bound(m) + 1 for m in messages) <= budget:
+        return len(messages)
+    size = 0
+    for i, m in enumerate(messages):
+        size += len(encode(m)) + 1  # the entry and its comma
+        if size > budget:
+            return max(i, 1)
+    return len(messages)
