@@ -417,7 +417,7 @@ class Delivery:
                     payload["req_id"] = o.op.req_id
                 elif o.total == 0 and o.expired == 0:
                     continue  # nothing waits: no announcement
-                out.append(Publish(p.reply_topic(o.op.receiver), payload))
+                out.append(Publish(p.reply_topic(o.op.receiver), p.fit_count(payload)))
             elif isinstance(o, Paged):
                 if o.messages:
                     self._backlog_read(o.op.receiver, now_ms)

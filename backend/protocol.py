@@ -376,3 +376,33 @@ def page_fit(messages: list[dict[str, Any]], budget: int = REPLY_PAYLOAD_MAX - P
         if size > budget:
             return max(i, 1)
     return len(messages)
+
+
+def fit_count(payload: dict[str, Any], limit: int = REPLY_PAYLOAD_MAX) -> dict[str, Any]:
+    """A count payload cut to at most ``limit`` bytes. A count has one entry per sender, and a receiver
+    with thousands of senders waiting would pass the limit: the previews of the senders whose newest
+    message is oldest go first, then (if still too large) the senders with the fewest messages leave
+    ``by_sender``, and ``senders_cut`` says how many left. ``total`` always counts everything."""
+    if _size_bound(payload) <= limit:
+        return payload
+    previews, by_sender = payload.get("previews", {}), payload.get("by_sender", {})
+    size = len(encode({**payload, "previews": {}, "by_sender": {}, "senders_cut": 0}))
+    preview_size = {k: len(encode({k: v})) - 1 for k, v in previews.items()}  # the entry and its comma
+    sender_size = {k: len(encode({k: v})) - 1 for k, v in by_sender.items()}
+    size += sum(preview_size.values()) + sum(sender_size.values())
+    keep_previews = dict(previews)
+    for k in sorted(previews, key=lambda k: previews[k].get("seq", 0) if isinstance(previews[k], dict) else 0):
+        if size <= limit:
+            break
+        del keep_previews[k]
+        size -= preview_size[k]
+    keep_senders = dict(by_sender)
+    for k in sorted(by_sender, key=lambda k: by_sender[k]):
+        if size <= limit:
+            break
+        del keep_senders[k]
+        size -= sender_size[k]
+    out = {**payload, "by_sender": keep_senders, "previews": keep_previews}
+    if len(keep_senders) < len(by_sender):
+        out["senders_cut"] = len(by_sender) - len(keep_senders)
+    return out

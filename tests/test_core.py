@@ -420,3 +420,33 @@ def test_worker_reconnect_forgets_announcements():
     d.after_commit([counted(plan.ops[0], 3)], T0)
     d.reset_presence()  # the retained statuses replayed after the reconnect announce afresh
     assert d.next_deadline() is None and d.plan([], T0 + 5000).ops == []
+
+
+def test_page_fit_cuts_by_bytes_but_keeps_at_least_one():
+    small = [{"kind": "msg", "seq": i, "content": "hi"} for i in range(500)]
+    assert p.page_fit(small) == 500  # the cheap bound answers: nothing measured
+    big = [{"kind": "msg", "seq": i, "content": "\x01" * 1000} for i in range(10)]  # 6,000+ bytes each escaped
+    assert p.page_fit(big, budget=20_000) == 3
+    assert p.page_fit(big, budget=100) == 1  # one entry larger than the budget still makes a page
+    assert p.page_fit([], budget=100) == 0
+
+
+def test_count_of_thousands_of_senders_is_cut_to_the_reply_limit():
+    senders = {f"user{i:05d}": 1 + i % 3 for i in range(5000)}
+    previews = {u: {"seq": i, "type": "text", "content": "\x01" * 100, "sent_at": T0} for i, u in enumerate(senders)}
+    d = core.Delivery()
+    plan = d.plan([(p.req_topic("bob"), b'{"req_id":"c","op":"count"}')], T0)
+    (out,) = d.after_commit([core.Counted(plan.ops[0], sum(senders.values()), senders, previews)], T0)
+    body = out.payload
+    assert len(p.encode(body)) <= p.REPLY_PAYLOAD_MAX and body["total"] == sum(senders.values())
+    assert body["req_id"] == "c" and "senders_cut" not in body  # every sender kept; previews cut
+    assert len(body["by_sender"]) == 5000 and 0 < len(body["previews"]) < 5000
+    assert "user04999" in body["previews"] and "user00000" not in body["previews"]  # the newest kept
+    # Small counts are left exactly as they are.
+    small = {"kind": "count", "total": 1, "by_sender": {"a": 1}, "previews": {}, "expired": 0}
+    assert p.fit_count(small) is small
+    # By_sender alone past the limit: the senders with the fewest messages go, and it says how many.
+    many = {f"s{i:06d}" + "x" * 40: i for i in range(1, 30_000)}
+    cut = p.fit_count({"kind": "count", "total": sum(many.values()), "by_sender": many, "previews": {}, "expired": 0})
+    assert len(p.encode(cut)) <= p.REPLY_PAYLOAD_MAX and cut["senders_cut"] == 30_000 - 1 - len(cut["by_sender"])
+    assert min(cut["by_sender"].values()) > max(set(many.values()) - set(cut["by_sender"].values()))
