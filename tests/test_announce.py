@@ -145,3 +145,35 @@ def test_online_while_already_online_is_announced_beside_mosquitto(beside):
 
 def test_online_while_already_online_is_announced_on_the_embedded_broker(server):
     _online_again_is_announced(server.port)
+
+
+def test_a_message_stored_by_a_worker_that_died_before_pushing_reaches_the_online_receiver(db_url):
+    """Two workers; one dies right after committing a message, before its push (IM_CRASH_AT). The sender
+    never got its receipt, so it resends; the resend reaches the live worker, which answers `duplicate`
+    and, as the message still waits and bob is online, announces it: bob pulls it. Nobody restarts."""
+    add_users(db_url)
+    broker = mosquitto(PASSWORDS)
+    live = WorkerProcess(broker.port, db_url, client_id="im-worker-live")
+    doomed = WorkerProcess(broker.port, db_url, client_id="im-worker-doomed")
+    clients: list[IMClient] = []
+    try:
+        live.start()
+        doomed.start(env={"IM_CRASH_AT": "before_push"})
+        bob = IMClient("bob", PASSWORDS["bob"], port=broker.port).connect()
+        alice = IMClient("alice", PASSWORDS["alice"], port=broker.port, receiver=False).connect()
+        clients += [bob, alice]
+        # The shared subscription takes turns: of four sends, some reach the doomed worker.
+        sent = [alice.send("bob", f"to be pushed {i}") for i in range(4)]
+        assert doomed.proc.wait(15) == -signal.SIGKILL, "the doomed worker died before a push"
+        assert all(o.wait(40) for o in sent), "the resends are answered by the live worker"
+        assert bob.wait_for(lambda: {m["msg_id"] for m in bob.messages} >= {o.msg_id for o in sent}, 30), \
+            f"bob got {sorted(m['content'] for m in bob.messages)}; announcements {bob.announcements}"
+        assert len(bob.messages) == len({m["seq"] for m in bob.messages}) == 4
+        assert any(o.receipt["status"] == "duplicate" for o in sent)
+        assert eventually(lambda: store_count(db_url) == 0, 20)
+    finally:
+        for c in clients:
+            c.kill()
+        live.kill()
+        doomed.kill()
+        broker.close()
