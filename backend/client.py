@@ -106,6 +106,7 @@ class IMClient:
         self._ack_due: float | None = None
         self._sync_wanted = False
         self._drain_lock = threading.Lock()  # one drain at a time: auto-sync's and the caller's
+        self.syncs = 0  # syncs (drains) completed by the sync thread
         self.sync_failures = 0  # syncs that got no answer and were tried again
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
@@ -415,6 +416,7 @@ class IMClient:
                 continue  # the reconnect asks for a sync itself (_on_subscribe)
             try:
                 self.drain()
+                self.syncs += 1
                 wait = SYNC_RETRY_MIN_S
                 continue
             except (TimeoutError, RuntimeError) as e:

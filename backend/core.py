@@ -62,6 +62,10 @@ BUCKETS_MAX = 100_000
 # (amqtt hands it one or two sends per transaction) one payload per transaction is nearly one per
 # message. 10 ms is nothing beside a sender's 3 s resend timer.
 RECEIPT_DELAY_MS = 10
+# One `receipts` payload holds at most this many: a receipt is at most ~560 bytes (a 70-byte msg_id escaped
+# at worst), so 1,000 stay under REPLY_PAYLOAD_MAX (1 MiB) even when a busy sender's receipts of several
+# transactions are gathered; a page's ack (500 deletions) still fits in one.
+RECEIPTS_PER_PAYLOAD_MAX = 1000
 # Bound the retransmit table so a flood of unacked pushes cannot grow memory without end;
 # past it new pushes are not tracked: their receiver gets an announcement instead (the store has them).
 PENDING_PUSH_MAX = 100_000
@@ -452,7 +456,11 @@ class Delivery:
         if not self._held:
             return []
         due = [s for s, (at, _) in self._held.items() if now_ms is None or at <= now_ms]
-        return [Publish(p.reply_topic(s), p.receipts(self._held.pop(s)[1])) for s in due]
+        out = []
+        for s in due:
+            items, n = self._held.pop(s)[1], RECEIPTS_PER_PAYLOAD_MAX
+            out += [Publish(p.reply_topic(s), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
+        return out
 
     @staticmethod
     def _receipt(out: list[Publish], batched: dict[str, list[dict[str, Any]]], sender: str, batch: bool,

@@ -450,3 +450,15 @@ def test_count_of_thousands_of_senders_is_cut_to_the_reply_limit():
     cut = p.fit_count({"kind": "count", "total": sum(many.values()), "by_sender": many, "previews": {}, "expired": 0})
     assert len(p.encode(cut)) <= p.REPLY_PAYLOAD_MAX and cut["senders_cut"] == 30_000 - 1 - len(cut["by_sender"])
     assert min(cut["by_sender"].values()) > max(set(many.values()) - set(cut["by_sender"].values()))
+
+
+def test_batched_receipts_are_split_to_stay_under_the_reply_limit():
+    d = core.Delivery(receipt_delay_ms=10, send_rate=0)
+    sends = [(p.send_topic("alice"), json.dumps({"msg_id": "m" * 60 + f"{i:05d}", "to": "bob", "content": "x",
+                                                 "receipts": "batch"}).encode()) for i in range(2500)]
+    plan = d.plan(sends, T0)
+    d.after_commit([stored(op, i + 1) for i, op in enumerate(plan.ops)], T0)
+    out = d.flush_receipts(T0 + 10)
+    assert [len(a.payload["receipts"]) for a in out] == [1000, 1000, 500]
+    assert all(len(p.encode(a.payload)) <= p.REPLY_PAYLOAD_MAX for a in out)
+    assert [r["seq"] for a in out for r in a.payload["receipts"]] == list(range(1, 2501))  # in order, all

@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from backend import protocol as p
-from conftest import PASSWORDS, eventually
+from conftest import PASSWORDS, Server, add_users, eventually
 from test_announce import store_count
 
 # A quote and a control character: 2 bytes of content that JSON escapes to 8 (\" and \u0001).
@@ -120,3 +120,32 @@ def test_client_accepts_server_payloads_up_to_its_own_bound():
     assert p.decode_object(big, REPLY_ACCEPT_MAX)["kind"] == "page"
     with pytest.raises(p.ProtocolError):
         p.decode_object(big)  # what clients send keeps its own limit
+
+
+@pytest.fixture
+def fast_server(db_url):
+    """`serve` without the send rate limit (one sender fills a backlog at once)."""
+    add_users(db_url, *PASSWORDS)
+    srv = Server(db_url).start(extra=["--send-rate", "0"])
+    yield srv
+    srv.kill()
+
+
+def test_announcements_during_a_sync_make_one_more_sync_and_nothing_twice(fast_server, clients, db_url):
+    server = fast_server
+    alice = clients(server, "alice", receiver=False)
+    sent = [alice.send("bob", f"backlog {i}") for i in range(1500)]  # 15 pages of 100
+    assert all(o.wait(30) and o.receipt["status"] == "stored" for o in sent)
+    during: list[int] = []
+
+    def on_message(m):  # in the middle of the drain, bob's device says `online` three more times
+        if len(during) < 3 and len(bob.messages) in (200, 400, 600):
+            during.append(len(bob.announcements))
+            bob.client.publish(p.status_topic("bob"), p.ONLINE, qos=1, retain=True)
+
+    bob = clients(server, "bob", on_message=on_message)
+    assert bob.wait_for(lambda: len(bob.messages) >= 1500 and bob.syncs >= 2, 30), (len(bob.messages), bob.syncs)
+    assert len(during) == 3 and len(bob.announcements) >= 2  # announcements came while the sync ran
+    assert sorted(m["msg_id"] for m in bob.messages) == sorted(o.msg_id for o in sent)
+    assert bob.duplicates_dropped == 0 and bob.errors == [] and bob.sync_failures == 0
+    assert eventually(lambda: store_count(db_url) == 0, 15)
