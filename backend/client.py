@@ -10,8 +10,8 @@
   reconnect; a sync that gets no answer is tried again with backoff for as long
   as the client stays connected, until the backlog is drained.
 
-All waiting happens in the caller's thread or the client's helper thread,
-never in paho's callbacks.
+All waiting happens in the caller's thread or the client's two helper threads
+(resends and acks; syncs), never in paho's callbacks.
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ class IMClient:
         for i in range(0, len(seqs), ACK_BATCH):
             self.client.publish(p.ack_topic(self.uid), p.encode({"seqs": seqs[i:i + ACK_BATCH]}), qos=1)
 
-    # -- helper thread: resends, batched acks, sync on announcement ----------------------
+    # -- helper threads: syncs on announcements and reconnects; resends and batched acks ----
     def want_sync(self) -> None:
         """Ask the sync thread for a drain (after the one in progress, if any)."""
         with self._lock:
@@ -419,7 +419,7 @@ class IMClient:
                 self.syncs += 1
                 wait = SYNC_RETRY_MIN_S
                 continue
-            except (TimeoutError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - no answer, an error answer, a malformed page: never give up
                 if self._closing.is_set():
                     return
                 self.sync_failures += 1
