@@ -416,7 +416,9 @@ class IMClient:
                 continue  # the reconnect asks for a sync itself (_on_subscribe)
             try:
                 self.drain()
-                self.syncs += 1
+                with self._lock:
+                    self.syncs += 1
+                    self._lock.notify_all()  # for wait_for() callers
                 wait = SYNC_RETRY_MIN_S
                 continue
             except Exception as e:  # noqa: BLE001 - no answer, an error answer, a malformed page: never give up

@@ -149,3 +149,14 @@ def test_announcements_during_a_sync_make_one_more_sync_and_nothing_twice(fast_s
     assert sorted(m["msg_id"] for m in bob.messages) == sorted(o.msg_id for o in sent)
     assert bob.duplicates_dropped == 0 and bob.errors == [] and bob.sync_failures == 0
     assert eventually(lambda: store_count(db_url) == 0, 15)
+
+
+def test_a_reconnect_syncs_at_once(server, clients):
+    import socket
+    from test_announce import count_reconnects
+    bob = clients(server, "bob")
+    reconnects = count_reconnects(bob)
+    assert bob.syncs == 0  # nothing waited: no announcement, no sync
+    bob.client.socket().shutdown(socket.SHUT_RDWR)  # the link breaks under paho, which reconnects by itself
+    assert bob.wait_for(lambda: reconnects and bob.syncs >= 1, 20), "a reconnect is followed by a sync"
+    assert bob.errors == [] and bob.sync_failures == 0
