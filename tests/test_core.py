@@ -424,7 +424,7 @@ def test_worker_reconnect_forgets_announcements():
 
 def test_page_fit_cuts_by_bytes_but_keeps_at_least_one():
     small = [{"kind": "msg", "seq": i, "content": "hi"} for i in range(500)]
-    assert p.page_fit(small) == 500  # the cheap bound answers: nothing measured
+    assert p.page_fit(small) == 500  # one encode of the whole page answers
     big = [{"kind": "msg", "seq": i, "content": "\x01" * 1000} for i in range(10)]  # 6,000+ bytes each escaped
     assert p.page_fit(big, budget=20_000) == 3
     assert p.page_fit(big, budget=100) == 1  # one entry larger than the budget still makes a page
