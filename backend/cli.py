@@ -45,6 +45,10 @@ def _store_args(p: argparse.ArgumentParser) -> None:
                    help="messages a second one user may send, sustained; excess gets rate_limited; 0 = no limit "
                         "(default: 20; per worker)")
     p.add_argument("--send-burst", type=int, default=100, help="burst allowance of --send-rate (default: 100)")
+    p.add_argument("--announce-repeat", type=float, default=30.0,
+                   help="seconds before an online receiver whose messages wait, and who has not pulled since, is "
+                        "told again (a broker may have dropped the announcement); doubles up to 10 minutes "
+                        "(default: 30)")
     p.add_argument("--quota", type=_non_negative, default=0,
                    help="most messages waiting for one receiver; past it senders get quota_exceeded "
                         "(default: 0, no limit)")
@@ -60,8 +64,10 @@ def _store(args: argparse.Namespace, db, **kw):
 
 
 def _delivery(args: argparse.Namespace):
-    from .core import Delivery
-    return Delivery(send_rate=args.send_rate, send_burst=args.send_burst)
+    from .core import ANNOUNCE_REPEAT_MAX_MS, Delivery
+    repeat_ms = max(1, int(args.announce_repeat * 1000))
+    return Delivery(send_rate=args.send_rate, send_burst=args.send_burst, announce_repeat_ms=repeat_ms,
+                    announce_repeat_max_ms=max(repeat_ms, ANNOUNCE_REPEAT_MAX_MS))
 
 
 def _metrics_args(p: argparse.ArgumentParser) -> None:

@@ -23,11 +23,12 @@ def require(available: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-def mosquitto(users: dict[str, str]):
-    """Start a Mosquitto with the project's config and these users (plus the worker's account)."""
+def mosquitto(users: dict[str, str], extra_config: tuple[str, ...] = ()):
+    """Start a Mosquitto with the project's config and these users (plus the worker's account);
+    ``extra_config`` lines replace the config's own (e.g. "max_queued_messages 1000")."""
     from scripts.mosquitto import find_mosquitto, start_mosquitto
     require(find_mosquitto() is not None, "mosquitto binary not installed")
-    return start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD})
+    return start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD}, extra_config=extra_config)
 
 
 class WorkerProcess(BackendProcess):

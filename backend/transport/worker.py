@@ -546,7 +546,9 @@ class Worker:
         next_sample = time.monotonic()
         while not self._stop.is_set():
             batch = self._batch
-            if batch is None and self._inbox:
+            # Announcements the core owes online receivers need a transaction (a count) even when
+            # nothing arrives; next_deadline() below wakes this loop when one falls due.
+            if batch is None and (self._inbox or self.core.announcements_due(now_ms())):
                 self._start_next()
             elif batch is not None and batch.future is None and time.monotonic() >= batch.retry_at:
                 self._submit(batch)  # the database failed this batch: try it again, still unacked
@@ -605,7 +607,7 @@ class Worker:
             n += 1
         msgs = inbox[:n]
         del inbox[:n]
-        if not msgs:
+        if not msgs and not self.core.announcements_due(now_ms()):
             return
         try:
             batch = self._plan(msgs)
