@@ -667,7 +667,7 @@ class Worker:
             self._crash("after_store")
         self._publish(batch.plan.replies)
         actions = self.core.after_commit(outcomes, now_ms())
-        self.metrics.pushed.inc(sum(1 for a in actions if a.payload.get("kind") == "msg"))
+        self.metrics.pushed.inc(sum(1 for a in actions if isinstance(a.payload, dict) and a.payload.get("kind") == "msg"))
         self._publish(actions)
         if self._may_ack(batch.gen):
             for m in batch.msgs:
@@ -707,7 +707,7 @@ class Worker:
                 log_bug("dropped a packet on %s that the worker cannot process", getattr(item, "topic", "?"))
                 parsed = protocol.parse_topic(getattr(item, "topic", ""))
                 if parsed is not None and parsed.kind in protocol.CLIENT_TOPICS:
-                    self._publish([core.Publish(protocol.reply_topic(parsed.uid), protocol.error_payload(
+                    self._publish([core.Publish(protocol.reply_topic(parsed.uid, parsed.device), protocol.error_payload(
                         "internal_error", "the server could not process this payload; it was not stored"))])
                 if getattr(item, "qos", 0) > 0 and self._may_ack(self._inbox_gen):
                     self.client.ack(item.mid, item.qos)
@@ -742,7 +742,7 @@ class Worker:
         if not due:
             return
         try:
-            alive = self._db_call(self.store.alive, [seq for _, seq in due])
+            alive = self._db_call(self.store.alive, due)
         except (pw.OperationalError, pw.InterfaceError):
             alive = None  # cannot tell: resend all; receivers drop repeats by seq
         again = self.core.resend(due, alive, now_ms())
@@ -777,12 +777,15 @@ class Worker:
 
     def _publish(self, actions: list[core.Publish]) -> None:
         for a in actions:
+            if isinstance(a.payload, str):  # a status word (the derived user status), sent as is
+                self._last_info = self.client.publish(a.topic, a.payload.encode(), qos=a.qos, retain=a.retain)
+                continue
             kind = a.payload.get("kind")
             if kind == "error":
                 self.metrics.errors.labels(a.payload.get("code", "unknown")).inc()
             if kind == "msg":
                 self._crash("before_push")
-            self._last_info = self.client.publish(a.topic, protocol.encode(a.payload), qos=a.qos)
+            self._last_info = self.client.publish(a.topic, protocol.encode(a.payload), qos=a.qos, retain=a.retain)
             if kind == "msg":
                 self._crash("after_push")
             elif kind == "page":
