@@ -52,6 +52,9 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quota", type=_non_negative, default=0,
                    help="most messages waiting for one receiver; past it senders get quota_exceeded "
                         "(default: 0, no limit)")
+    p.add_argument("--max-devices", type=_non_negative, default=10,
+                   help="most devices one user may register; one more is refused with too_many_devices, never "
+                        "by evicting another (default: 10; 0 = no limit)")
 
 
 def _store(args: argparse.Namespace, db, **kw):
@@ -60,7 +63,8 @@ def _store(args: argparse.Namespace, db, **kw):
     from .store import Store, check_keys
     keyring = load_key_ring(args.encryption_key_file, os.environ.get("IM_ENCRYPTION_KEY"))
     check_keys(keyring)
-    return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), keyring=keyring, **kw)
+    return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), keyring=keyring,
+                 max_devices=args.max_devices or None, **kw)
 
 
 def _delivery(args: argparse.Namespace):
@@ -161,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     _db_arg(ur)
     ul = usub.add_parser("list", help="list users")
     _db_arg(ul)
+
+    dv = sub.add_parser("device", help="list or remove a user's devices (docs/PROTOCOL.md, Devices)")
+    dsub = dv.add_subparsers(dest="device_command", required=True)
+    dl = dsub.add_parser("list", help="list a user's devices (\"\" is the default device: the v1 topics)")
+    dl.add_argument("uid")
+    _db_arg(dl)
+    dr = dsub.add_parser("remove", help="remove a device: what waits only for it leaves the store")
+    dr.add_argument("uid")
+    dr.add_argument("device", help="the device id (\"\" for the default device)")
+    _db_arg(dr)
     return parser
 
 
@@ -184,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "user":
         return _user(args)
+    if args.command == "device":
+        return _device(args)
     if args.command == "doctor":
         from .doctor import main as doctor
         from .transport.worker import parse_broker_url
@@ -242,6 +258,29 @@ def _user(args: argparse.Namespace) -> int:
     else:
         for uid in accounts.list_users():
             print(uid)
+    return 0
+
+
+def _device(args: argparse.Namespace) -> int:
+    import time
+    from .store import Store, open_database
+    db = open_database(args.database_url)
+    store = Store(db)
+    if args.device_command == "list":
+        rows = store.devices(args.uid)  # online or not: see im/status/UID/DEV
+        if not rows:
+            print(f"{args.uid} has no devices")
+        for d in rows:
+            seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d["last_seen"] / 1000))
+            name = d["device"] or '"" (default)'
+            print(f"{name}\tlast seen {seen} UTC\tpush {'yes' if d['push'] else 'no'}")
+        return 0
+    with db.atomic():
+        released = store.remove_device(args.uid, args.device)
+    if released is None:
+        print(f"error: {args.uid} has no device {args.device!r}; see `device list {args.uid}`", file=sys.stderr)
+        return 1
+    print(f"device {args.device!r} of {args.uid} removed ({released} waiting entries released)")
     return 0
 
 

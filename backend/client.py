@@ -8,7 +8,10 @@
 * counts, and drains pages with the next request as the ack of the previous;
 * syncs (drains) on every announcement that says something waits, and after every
   reconnect; a sync that gets no answer is tried again with backoff for as long
-  as the client stays connected, until the backlog is drained.
+  as the client stays connected, until the backlog is drained;
+* with ``device="laptop"`` it is one of the user's devices (docs/PROTOCOL.md, "Devices"): its own
+  topics, status and last will; it gets every message once for itself, and sync copies of what the
+  user sent from its other devices (``"copy": true``); without it, it is v1 (the default device).
 
 All waiting happens in the caller's thread or the client's two helper threads
 (resends and acks; syncs), never in paho's callbacks.
@@ -75,14 +78,21 @@ class IMClient:
                  messages: list[dict[str, Any]] | None = None, receiver: bool = True,
                  ack_delay: float = ACK_DELAY_S, tls: bool = False, ca_file: str | None = None,
                  transport: str = "tcp", batch_receipts: bool = True,
-                 on_message: Callable[[dict[str, Any]], None] | None = None):
+                 on_message: Callable[[dict[str, Any]], None] | None = None, device: str = ""):
         """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
         user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
         likewise. ``receiver=False`` makes a send-only client (a sensor, or a second connection used only
-        to send): no inbox subscription, no presence, no last will."""
+        to send): no inbox subscription, no presence, no last will. ``device``: this connection is that device
+        of the user (1-32 characters of A-Z a-z 0-9 _ -), with its own topics; its client id defaults to
+        ``uid:device``. Keep ``seen`` per device."""
         if not p.valid_uid(uid):
             raise ValueError(f"invalid uid {uid!r}")
+        if device and not p.valid_device(device):
+            raise ValueError(f"invalid device id {device!r}: 1-32 characters of A-Z a-z 0-9 _ -")
         self.uid, self.host, self.port = uid, host, port
+        self.device = device
+        # The server told us this device had been removed (what waited for it is gone): set, never cleared.
+        self.removed = False
         self.auto_sync = auto_sync
         self.resend_timeout, self.max_resends = resend_timeout, max_resends
         self.request_timeout, self.resend_wait_max = request_timeout, resend_wait_max
@@ -114,14 +124,14 @@ class IMClient:
         self._refused = threading.Event()
         self._online_info: mqtt.MQTTMessageInfo | None = None
         self._closing = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or uid,
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or (f"{uid}:{device}" if device else uid),
                                   clean_session=clean_session, protocol=mqtt.MQTTv311, transport=transport)
         if tls or ca_file:  # verifies the broker's certificate and host name (ca_file, else the system's CAs)
             self.client.tls_set(ca_certs=ca_file)
         if password is not None:
             self.client.username_pw_set(uid, password)
         if receiver:
-            self.client.will_set(p.status_topic(uid), p.OFFLINE, qos=1, retain=True)
+            self.client.will_set(p.status_topic(uid, device), p.OFFLINE, qos=1, retain=True)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(1, 16)
         self.client.on_connect = self._on_connect
@@ -158,7 +168,7 @@ class IMClient:
         try:
             self.flush_acks()
             if self.client.is_connected() and self.receiver:
-                self.client.publish(p.status_topic(self.uid), p.OFFLINE, qos=1, retain=True).wait_for_publish(5)
+                self.client.publish(p.status_topic(self.uid, self.device), p.OFFLINE, qos=1, retain=True).wait_for_publish(5)
         except (RuntimeError, ValueError):
             pass
         self.client.disconnect()
@@ -192,15 +202,15 @@ class IMClient:
                 client.disconnect()  # stop paho's retries; connect() reports the failure
             return
         set_nodelay(client)
-        topics = [(p.inbox_topic(self.uid), 1), (p.reply_topic(self.uid), 1)] if self.receiver else \
-            [(p.reply_topic(self.uid), 1)]
+        topics = [(p.inbox_topic(self.uid, self.device), 1), (p.reply_topic(self.uid, self.device), 1)] if self.receiver else \
+            [(p.reply_topic(self.uid, self.device), 1)]
         client.subscribe(topics)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         if any(rc.is_failure for rc in reason_codes):
             log.error("%s: subscription refused: %s", self.uid, reason_codes)
         if self.receiver:
-            self._online_info = client.publish(p.status_topic(self.uid), p.ONLINE, qos=1, retain=True)
+            self._online_info = client.publish(p.status_topic(self.uid, self.device), p.ONLINE, qos=1, retain=True)
             if self._ready.is_set() and self.auto_sync:
                 # paho reconnected by itself: whatever waited meanwhile (pushes to a dead connection
                 # included) is pulled now, without waiting for the announcement our `online` triggers.
@@ -218,7 +228,7 @@ class IMClient:
         except p.ProtocolError:
             log.warning("%s: unreadable payload on %s", self.uid, msg.topic)
             return
-        if msg.topic == p.inbox_topic(self.uid):
+        if msg.topic == p.inbox_topic(self.uid, self.device):
             if obj.get("kind") == "msg" and isinstance(obj.get("seq"), int):
                 with self._lock:
                     self._accept(obj)
@@ -266,6 +276,12 @@ class IMClient:
                 slot.append(obj)
             elif kind == "error":
                 self.errors.append(obj)
+                if obj.get("code") == "device_removed":
+                    # We were removed and registered afresh: what waited for us is gone. Never believe we
+                    # are complete: the app refetches the conversation (fetch_user) and syncs again.
+                    self.removed = True
+                    if self.auto_sync:
+                        self._sync_wanted = True
                 out = self._by_msg_id.get(obj.get("msg_id"))
                 if obj.get("code") == "rate_limited" and out is not None and out.msg_id in self._outgoing:
                     # Not a failure: the resend timer sends it again later, with its backoff.
@@ -300,12 +316,12 @@ class IMClient:
             self._outgoing[msg_id] = out
             self._by_msg_id[msg_id] = out
             self._lock.notify_all()
-        self.client.publish(p.send_topic(self.uid), out.payload, qos=1)
+        self.client.publish(p.send_topic(self.uid, self.device), out.payload, qos=1)
         return out
 
     def send_raw(self, topic_kind: str, payload: bytes) -> None:
         """Publish bytes as they are on one of our client topics (tests of bad input)."""
-        topic = {"send": p.send_topic, "ack": p.ack_topic, "req": p.req_topic}[topic_kind](self.uid)
+        topic = {"send": p.send_topic, "ack": p.ack_topic, "req": p.req_topic}[topic_kind](self.uid, self.device)
         self.client.publish(topic, payload, qos=1)
 
     # -- requests ------------------------------------------------------------------
@@ -323,7 +339,7 @@ class IMClient:
             end = time.monotonic() + timeout
             wait = self.resend_timeout
             while True:
-                self.client.publish(p.req_topic(self.uid), payload, qos=1)
+                self.client.publish(p.req_topic(self.uid, self.device), payload, qos=1)
                 resend_at = time.monotonic() + wait
                 wait = min(wait * 2, self.resend_wait_max)
                 with self._lock:
@@ -352,6 +368,28 @@ class IMClient:
             body["from"] = from_uid
         if ack is not None:
             body["ack"] = ack
+        return self.request(body, timeout)
+
+    def fetch_user(self, after: int = 0, limit: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Read-only page of what waits for ANY of the user's devices (and its sync copies), by seq after
+        ``after`` (the page's ``after`` is the next call's): a new device starts with the conversation in
+        progress. Nothing is acked; messages come as in a pull."""
+        body: dict[str, Any] = {"op": "pull", "scope": "user", "after": after}
+        if limit is not None:
+            body["limit"] = limit
+        return self.request(body, timeout)
+
+    def devices(self, timeout: float | None = None) -> dict[str, Any]:
+        """{"kind": "devices", "devices": [{"device", "online", "last_seen", "registered_at", "push"}]}"""
+        return self.request({"op": "devices"}, timeout)
+
+    def remove_device(self, device: str, timeout: float | None = None) -> dict[str, Any]:
+        """Remove one of the user's devices ("" the default device); answers {"kind": "removed", ...} or an error."""
+        return self.request({"op": "remove_device", "device": device}, timeout)
+
+    def push_register(self, endpoint: str | None, timeout: float | None = None) -> dict[str, Any]:
+        """Register this device's push endpoint (an https:// URL), or drop it with None."""
+        body = {"op": "push_register", "endpoint": endpoint} if endpoint is not None else {"op": "push_unregister"}
         return self.request(body, timeout)
 
     def drain(self, limit: int = 100, from_uid: str | None = None) -> list[dict[str, Any]]:
@@ -394,7 +432,7 @@ class IMClient:
         with self._lock:
             seqs, self._pending_acks, self._ack_due = self._pending_acks, [], None
         for i in range(0, len(seqs), ACK_BATCH):
-            self.client.publish(p.ack_topic(self.uid), p.encode({"seqs": seqs[i:i + ACK_BATCH]}), qos=1)
+            self.client.publish(p.ack_topic(self.uid, self.device), p.encode({"seqs": seqs[i:i + ACK_BATCH]}), qos=1)
 
     # -- helper threads: syncs on announcements and reconnects; resends and batched acks ----
     def want_sync(self) -> None:
@@ -456,6 +494,6 @@ class IMClient:
                         resend.append(o)
                 flush = self._ack_due is not None and (self._ack_due <= now or len(self._pending_acks) >= ACK_BATCH)
             for o in resend:
-                self.client.publish(p.send_topic(self.uid), o.payload, qos=1)
+                self.client.publish(p.send_topic(self.uid, self.device), o.payload, qos=1)
             if flush:
                 self.flush_acks()

@@ -572,6 +572,8 @@ class Worker:
                 if self._purging is None and time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self._purge_interval()
                     self.metrics.expired.inc(self._db_call(self.store.expire))
+                    # Devices silent past the expiry age are removed (told so if they come back).
+                    self._db_call(self.store.expire_devices, None, self.core.online_devices())
                     self._purging = self.store.purge_chunks()
                 if self._purging is not None:
                     # One short transaction of the purge per pass, between batches: never a long stall.
@@ -645,7 +647,7 @@ class Worker:
         try:
             return self.store.apply(ops)
         except (pw.IntegrityError, pw.DataError, pw.ProgrammingError, ValueError):
-            return [self._apply_one(op) for op in ops]
+            return [o for op in ops for o in self._apply_one(op)]
 
     def _complete_safely(self, batch: "_Batch") -> None:
         try:
@@ -761,13 +763,13 @@ class Worker:
             elif isinstance(o, core.Paged):
                 m.acked.inc(len(o.deleted))
 
-    def _apply_one(self, op: core.Operation) -> core.Outcome:
+    def _apply_one(self, op: core.Operation) -> list[core.Outcome]:
         try:
-            return self.store.apply([op])[0]
+            return self.store.apply([op])
         except (pw.IntegrityError, pw.DataError, pw.ProgrammingError, ValueError) as e:
             # Ids and sizes only: the op holds the message itself, and content never goes to a log line.
             log.error("store refused %s: %s", describe_op(op), describe_db_error(e))
-            return core.Refused(op, "bad_request", "the store could not accept this payload")
+            return [core.Refused(op, "bad_request", "the store could not accept this payload")]
 
     def _close_db(self) -> None:
         try:
