@@ -127,6 +127,9 @@ class CountBacklog:
     receiver: str
     req_id: str | None  # None: an unsolicited announcement (online, exhausted pushes, repeats)
     device: str = ""
+    # May this count register its device? Not for an `online` on im/status/{uid} that may be the worker's
+    # own derived status coming back, or a retained one replayed at (re)connect.
+    register: bool = field(default=True, compare=False)
 
     @property
     def origin(self) -> tuple[str, str]:
@@ -368,23 +371,23 @@ class Delivery:
         self._announce_timers: list[tuple[int, str, str]] = []  # (due, uid, device), lazily invalidated
 
     # -- inbound -------------------------------------------------------------
-    def plan(self, inbound: list[tuple[str, bytes]], now_ms: int) -> Plan:
+    def plan(self, inbound: list[tuple], now_ms: int) -> Plan:
         """Turn a batch of (topic, payload) into store operations and replies that need no store (errors,
         the derived user status). The announcements that are due come first (``inbound`` may be empty:
-        see announcements_due)."""
+        see announcements_due). An item may carry a third element, True for a retained replay."""
         plan = Plan()
         self._plan_due_announcements(plan, now_ms)
-        for topic, payload in inbound:
-            self._plan_one(plan, topic, payload, now_ms)
+        for item in inbound:
+            self._plan_one(plan, item[0], item[1], now_ms, len(item) > 2 and bool(item[2]))
         return plan
 
-    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int) -> None:
+    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int, retained: bool = False) -> None:
         parsed = p.parse_topic(topic)
         if parsed is None or parsed.kind in ("inbox", "reply"):
             return  # not ours to answer: no valid uid to reply to (logged by the transport)
         uid, dev = parsed.uid, parsed.device
         if parsed.kind == "status":
-            self._presence(plan, uid, dev, p.parse_status(payload), now_ms)
+            self._presence(plan, uid, dev, p.parse_status(payload), now_ms, retained)
             return
         try:
             if parsed.kind == "send":
@@ -438,7 +441,8 @@ class Delivery:
         return ok
 
     # -- presence, per device ------------------------------------------------------
-    def _presence(self, plan: Plan, uid: str, dev: str, status: str | None, now_ms: int) -> None:
+    def _presence(self, plan: Plan, uid: str, dev: str, status: str | None, now_ms: int,
+                  retained: bool = False) -> None:
         if status is None:
             return  # any other word (a client's "away") says nothing about reachability: ignored
         if dev:
@@ -453,7 +457,11 @@ class Delivery:
             self._devices.setdefault(uid, set()).add(dev)
             self.online.add(uid)
             self._watch_fresh((uid, dev))
-            self._plan_announcement(plan, uid, dev, now_ms)
+            # A v1 `online` registers the default device unless it may be our own derived word (the user has
+            # device-aware devices; echoes can arrive late) or a retained replay: then a v1 client is
+            # registered by its first send, ack or request instead.
+            register = bool(dev) or not (retained or uid in self._aware)
+            self._plan_announcement(plan, uid, dev, now_ms, register)
         else:
             self.set_offline(uid, dev)
         if uid in self._aware:
@@ -528,10 +536,10 @@ class Delivery:
         w.due = due
         heapq.heappush(self._announce_timers, (due, key[0], key[1]))
 
-    def _plan_announcement(self, plan: Plan, uid: str, dev: str, now_ms: int) -> None:
+    def _plan_announcement(self, plan: Plan, uid: str, dev: str, now_ms: int, register: bool = False) -> None:
         """Count for an announcement in this plan; the next one is due after the watch's wait (doubling),
         unless the count finds nothing or the device pulls meanwhile."""
-        plan.ops.append(CountBacklog(receiver=uid, req_id=None, device=dev))
+        plan.ops.append(CountBacklog(receiver=uid, req_id=None, device=dev, register=register or bool(dev)))
         w = self._watch.get((uid, dev))
         if w is not None:
             w.last = now_ms

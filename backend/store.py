@@ -460,11 +460,8 @@ class Store:
                 Device.select().where((Device.uid == uid) & (Device.device == device)).exists():
             self._note_seen(key, mono)
             return None
-        if device == "" and isinstance(op, core.CountBacklog) and op.req_id is None:
-            # An `online` on im/status/{uid}: that may be the worker's own derived status coming back, so it
-            # registers the default device only while the user has no device-aware device.
-            if Device.select().where((Device.uid == uid) & (Device.device != "")).exists():
-                return None
+        if isinstance(op, core.CountBacklog) and not op.register:
+            return None  # an `online` that may be the worker's own derived status coming back (core.py)
         if self.max_devices is not None:
             n = Device.select().where(Device.uid == uid).count()
             if n >= self.max_devices:

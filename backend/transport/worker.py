@@ -633,7 +633,7 @@ class Worker:
             elif m.retain and self.skip_retained and parsed.kind != "status":
                 log.warning("dropped a retained replay on %s (retained sends are not messages)", m.topic)
                 continue
-            inbound.append((m.topic, m.payload))
+            inbound.append((m.topic, m.payload, m.retain))
         return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen)
 
     def _submit(self, batch: "_Batch") -> None:
