@@ -297,17 +297,20 @@ class PushRequest:
     endpoint: str | None  # None: push_unregister
 
 
-def valid_push_endpoint(url: Any) -> bool:
-    """An HTTPS URL of a push gateway. backend.push decides when it is present (it may add rules)."""
+def push_endpoint_problem(url: Any) -> str | None:
+    """None if ``url`` may be a push endpoint, else one line saying why not. backend.push decides when it
+    is present (its rules: https, no credentials, no link-local or reserved hosts...)."""
     try:
-        from .push import valid_endpoint  # type: ignore[attr-defined]
-    except ImportError:
+        from .push import valid_endpoint
+    except ImportError:  # a build without the push sender: the plain rule
         valid_endpoint = None
-    if not isinstance(url, str) or not 0 < len(url) <= PUSH_ENDPOINT_MAX:
-        return False
     if valid_endpoint is not None:
-        return bool(valid_endpoint(url))
-    return url.startswith("https://") and len(url) > len("https://") and not any(c.isspace() for c in url)
+        return valid_endpoint(url)
+    if not isinstance(url, str) or not 0 < len(url) <= PUSH_ENDPOINT_MAX:
+        return f"push endpoint must be a string of 1-{PUSH_ENDPOINT_MAX} characters"
+    if not url.startswith("https://") or len(url) == len("https://") or any(c.isspace() for c in url):
+        return "push endpoint must be an https:// URL"
+    return None
 
 
 def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
@@ -398,9 +401,9 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest | DevicesRequest
         endpoint = obj.get("endpoint")
         if endpoint is None:
             raise ProtocolError("missing_field", "'endpoint' is required", **ids)
-        if not valid_push_endpoint(endpoint):
-            raise ProtocolError("bad_endpoint", f"'endpoint' must be an https:// URL of at most {PUSH_ENDPOINT_MAX} "
-                                "characters", **ids)
+        problem = push_endpoint_problem(endpoint)
+        if problem is not None:
+            raise ProtocolError("bad_endpoint", problem, **ids)
         return PushRequest(req_id=req_id, endpoint=endpoint)
     limit = obj.get("limit", PULL_LIMIT_DEFAULT)
     if not _int(limit) or not 1 <= limit <= PULL_LIMIT_MAX:
