@@ -47,6 +47,7 @@ import itertools
 import json
 import logging
 import random
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -102,13 +103,27 @@ class Notification:
                 "waiting": self.waiting, "newest_seq": self.newest_seq, "collapse_key": self.collapse_key}
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
+def _literal_ip(host: str):
+    """The address a numeric host stands for, or None for a DNS name. Besides the canonical forms this takes
+    the legacy ones the C resolver also accepts (``2852039166``, ``0xa9.0xfe.0xa9.0xfe``, ``169.254.43518``):
+    otherwise ``https://2852039166/`` would reach 169.254.169.254 past the checks below. An IPv4-mapped IPv6
+    address is judged as its IPv4 address."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    ip = _literal_ip(host)
+    return ip is not None and ip.is_loopback
 
 
 def valid_endpoint(url: object, allowed_hosts: Optional[set[str]] = None) -> Optional[str]:
@@ -148,10 +163,7 @@ def valid_endpoint(url: object, allowed_hosts: Optional[set[str]] = None) -> Opt
         return "push endpoint has a bad port"
     if scheme == "http" and not _is_loopback(host):
         return "push endpoint must be an https:// URL (http:// only to localhost)"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
+    ip = _literal_ip(host)
     if ip is not None and (ip.is_link_local or ip.is_multicast or ip.is_unspecified
                            or (ip.is_reserved and not ip.is_loopback)):
         return "push endpoint must not be a link-local, multicast or reserved address"
@@ -227,6 +239,11 @@ class PushNotifier:
                  max_in_flight: int = MAX_IN_FLIGHT, jitter: float = JITTER) -> None:
         if max_attempts < 1 or max_queued < 1 or max_in_flight < 1:
             raise ValueError("max_attempts, max_queued and max_in_flight must be at least 1")
+        # httpx logs each request's full URL at INFO, and httpcore its connection details at DEBUG: the path
+        # of a push URL is often the device's token. Quiet them unless the operator chose their levels.
+        for name in ("httpx", "httpcore"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
         self.metrics = metrics
         self.on_gone = on_gone
         self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}

@@ -346,6 +346,8 @@ def test_notify_after_stop_is_ignored(gateways, notifiers):
     "http://localhost:9000/",
     "http://[::1]:9000/push",
     "https://10.1.2.3/push",  # a private gateway is allowed without an allow-list (see valid_endpoint)
+    "http://2130706433:8080/push",  # 127.0.0.1 in a legacy form is still loopback
+    "https://123.example.com/push",  # a name starting with digits is a name
 ])
 def test_valid_endpoints(url):
     assert valid_endpoint(url) is None
@@ -369,6 +371,9 @@ def test_valid_endpoints(url):
     ("https://[fe80::1]/x", "link-local"),
     ("https://0.0.0.0/x", "link-local"),
     ("https://224.0.0.1/x", "multicast"),
+    ("https://2852039166/latest/meta-data", "link-local"),  # 169.254.169.254 in the resolver's legacy forms
+    ("https://0xa9.0xfe.0xa9.0xfe/x", "link-local"),
+    ("https://[::ffff:169.254.169.254]/x", "link-local"),
 ])
 def test_invalid_endpoints(url, why):
     error = valid_endpoint(url)
@@ -397,3 +402,17 @@ def test_notification_defaults():
     with pytest.raises(Exception):
         n.waiting = 3  # frozen
 
+
+
+def test_no_log_line_of_any_logger_holds_the_endpoint_path(gateways, notifiers, caplog):
+    """httpx logs every request's full URL at INFO ("HTTP Request: POST http://.../TOKEN"): the path of a push
+    URL often is the device's token, so no logger (ours, httpx's, httpcore's) may print it at any level."""
+    caplog.set_level(logging.DEBUG)
+    gw = gateways(script=[500, 404])
+    n = notifiers()
+    n.notify(note(gw))
+    assert gw.wait_requests(2)
+    assert idle(n)
+    assert caplog.records  # ours at least: the retry and the drop
+    leaks = [f"{r.name}: {r.getMessage()}" for r in caplog.records if TOKEN in r.getMessage()]
+    assert leaks == []
