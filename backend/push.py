@@ -327,7 +327,8 @@ class PushNotifier:
             return dropped
 
     def pending(self) -> int:
-        """Notifications queued or in flight."""
+        """Notifications queued or in flight. 0 means idle: every POST made so far has been counted, logged
+        and (for a gone endpoint) reported to on_gone."""
         with self._lock:
             return len(self._queued) + len(self._inflight)
 
@@ -509,25 +510,8 @@ class PushNotifier:
             if entry.attempts >= self.max_attempts or now + delay - entry.first_at > self.max_age:
                 outcome = "failed"
                 reason = f"{reason}; gave up after {entry.attempts} attempts"
-        gone_call = False
-        with self._lock:
-            del self._inflight[key]
-            newer = self._queued.get(key)
-            if outcome == "retry":
-                if newer is not None:  # the retry carries the newest counts, keeping the schedule
-                    newer.attempts, newer.first_at = entry.attempts, entry.first_at
-                    newer.due = now + delay
-                    self._push_heap(key, newer)
-                else:
-                    entry.due = now + delay
-                    self._requeue(key, entry)
-            elif newer is not None:
-                if outcome == "gone" and newer.n.endpoint == n.endpoint:
-                    del self._queued[key]  # same dead endpoint: nothing to send it to
-                    self._forget_uid(key)
-                else:
-                    self._push_heap(key, newer)
-            gone_call = outcome == "gone"
+        # Count, log and report first: once the entry leaves _inflight, pending() may read 0, and by then
+        # every effect of the POST must be visible.
         m = self.metrics
         if outcome == "sent":
             if m is not None:
@@ -548,11 +532,28 @@ class PushNotifier:
             if m is not None:
                 m.push_failed.inc()
             log.warning("push to %s for %s/%s failed: %s", origin(n.endpoint), n.uid, n.device, reason)
-        if gone_call and self.on_gone is not None:
+        if outcome == "gone" and self.on_gone is not None:
             try:
                 self.on_gone(n.uid, n.device, n.endpoint)
             except Exception as e:  # noqa: BLE001 - the callback's bug must not stop the notifier
                 log.error("push on_gone callback raised %s (its message is not logged)", type(e).__name__)
+        with self._lock:
+            del self._inflight[key]
+            newer = self._queued.get(key)
+            if outcome == "retry":
+                if newer is not None:  # the retry carries the newest counts, keeping the schedule
+                    newer.attempts, newer.first_at = entry.attempts, entry.first_at
+                    newer.due = now + delay
+                    self._push_heap(key, newer)
+                else:
+                    entry.due = now + delay
+                    self._requeue(key, entry)
+            elif newer is not None:
+                if outcome == "gone" and newer.n.endpoint == n.endpoint:
+                    del self._queued[key]  # same dead endpoint: nothing to send it to
+                    self._forget_uid(key)
+                else:
+                    self._push_heap(key, newer)
         if self._wake is not None:
             self._wake.set()  # a slot is free, and maybe a retry or a newer notification is queued
 
