@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -416,3 +417,77 @@ def test_no_log_line_of_any_logger_holds_the_endpoint_path(gateways, notifiers, 
     assert caplog.records  # ours at least: the retry and the drop
     leaks = [f"{r.name}: {r.getMessage()}" for r in caplog.records if TOKEN in r.getMessage()]
     assert leaks == []
+
+
+def test_a_hung_gateway_does_not_delay_another_devices_notification(gateways, notifiers):
+    hung, healthy = gateways(hang=True), gateways()
+    n = notifiers(request_timeout=5)
+    n.notify(note(hung, uid="alice"))
+    assert hung.wait_requests(1)
+    t0 = time.monotonic()
+    n.notify(note(healthy, uid="bob"))
+    assert healthy.wait_requests(1)
+    assert time.monotonic() - t0 < 2  # not after alice's 5 s timeout
+    assert eventually(lambda: count(n, "sent") == 1, timeout=5, interval=0.01)
+
+
+def test_a_trickling_gateway_is_cut_off_by_the_whole_request_timeout(notifiers):
+    """httpx's timeouts bound each read; a gateway sending a byte every 0.1 s would never trip a 0.5 s one.
+    The notifier bounds the whole POST."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Slow: " + b"a" * 200:
+                if stop.wait(0.1):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        n = notifiers(request_timeout=0.5, max_attempts=1)
+        t0 = time.monotonic()
+        n.notify(Notification("bob", "phone", f"http://127.0.0.1:{port}/push", 1, 1))
+        assert idle(n)
+        assert time.monotonic() - t0 < 3
+        assert count(n, "failed") == 1 and count(n, "sent") == 0
+    finally:
+        stop.set()
+        server.close()
+        t.join(5)
+
+
+def test_redirects_are_not_followed(gateways, notifiers):
+    elsewhere = gateways()
+    gw = gateways(script=[(307, {"Location": elsewhere.endpoint()})])
+    n = notifiers()
+    n.notify(note(gw))
+    assert gw.wait_requests(1)
+    assert idle(n)
+    assert elsewhere.requests == [] and count(n, "failed") == 1 and count(n, "retries") == 0
+
+
+def test_a_failing_on_gone_callback_does_not_stop_the_notifier(gateways, notifiers, caplog):
+    gw = gateways(script=[410])
+
+    def on_gone(uid, device, endpoint):
+        raise RuntimeError(f"store down while clearing {endpoint}")
+
+    n = notifiers(on_gone=on_gone)
+    n.notify(note(gw, device="old"))
+    assert idle(n)
+    n.notify(note(gw, device="new"))
+    assert gw.wait_requests(2)
+    assert idle(n)
+    assert count(n, "dropped") == 1 and count(n, "sent") == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "backend.push"]
+    assert any("on_gone callback raised RuntimeError" in line for line in lines), lines
+    assert not any(TOKEN in line for line in lines)
