@@ -12,8 +12,10 @@ test's thread:
 * **black holes**: ``blackhole()`` stops forwarding in both directions and keeps both sockets open:
   what either side sends is read and thrown away, no FIN and no RST ever arrives, so only a
   keepalive can tell the connection is dead (a phone whose radio went away);
-* **down**: ``set_down("refuse")`` refuses new connections (RST at once, as a stopped server's
-  port); ``set_down("blackhole")`` accepts them and black-holes them; ``set_down(None)`` restores.
+* **down**: ``set_down("closed")`` stops listening (a new connection is refused by the kernel, as a
+  stopped server's port); ``set_down("refuse")`` accepts and resets each new connection at once (as
+  a firewall's RST); ``set_down("blackhole")`` accepts them and black-holes them; ``set_down(None)``
+  restores, on the same port.
 
 Connections are named by the peer port of the client side (``getsockname()[1]`` of the client's
 socket), so a test can pick a given client's link.
@@ -124,9 +126,14 @@ class FaultProxy:
         return self._call(self._blackhole, cid)
 
     def set_down(self, mode: str | None) -> None:
-        """None: accept and forward; "refuse": RST every new connection; "blackhole": accept and silence it."""
-        assert mode in (None, "refuse", "blackhole"), mode
-        self.down = mode
+        """None: accept and forward; "closed": not listening; "refuse": RST every new connection;
+        "blackhole": accept and silence it. Open connections are left as they are (see reset/blackhole)."""
+        assert mode in (None, "closed", "refuse", "blackhole"), mode
+        was, self.down = self.down, mode
+        if mode == "closed" and was != "closed":
+            self._call(self._unlisten)
+        elif mode != "closed" and was == "closed":
+            self._call(self._listen)
 
     def _call(self, fn, *args):
         async def run():
@@ -137,8 +144,11 @@ class FaultProxy:
 
     # -- on the proxy's loop ----------------------------------------------------------------
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)  # 0 the first time
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _unlisten(self) -> None:
+        self._server.close()  # the listening socket only (no wait_closed: from 3.12 it waits for every connection)
 
     async def _shutdown(self) -> None:
         if self._server is not None:

@@ -175,3 +175,21 @@ def test_clean_close_passes_a_fin(proxy, echo):
     assert s.recv(10) == b""  # the echo server saw our FIN, closed, and its FIN came back
     assert echo.wait_event() == ["eof"]
     s.close()
+
+
+def test_closed_port_refuses_then_listens_again_on_the_same_port(proxy):
+    p = proxy()
+    port = p.port
+    s0 = connect(p)
+    p.set_down("closed")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    s0.sendall(b"still")  # a connection already open is left alone
+    assert recv_exactly(s0, 5) == b"still"
+    s0.close()
+    p.set_down(None)
+    assert p.port == port
+    s = connect(p)
+    s.sendall(b"up")
+    assert recv_exactly(s, 2) == b"up"
+    s.close()
