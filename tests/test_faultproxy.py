@@ -181,6 +181,8 @@ def test_closed_port_refuses_then_listens_again_on_the_same_port(proxy):
     p = proxy()
     port = p.port
     s0 = connect(p)
+    s0.sendall(b"open")
+    assert recv_exactly(s0, 4) == b"open"
     p.set_down("closed")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
