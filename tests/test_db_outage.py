@@ -1,20 +1,24 @@
 """The database goes away mid-traffic and comes back: the worker recovers by itself and loses nothing.
 
-On both brokers (`serve`, and a worker beside a private Mosquitto), the worker stores into a
-PostgreSQL database this test creates for itself, reached through the fault proxy
-(tests/faultproxy.py). While users chat, the outage:
+On both brokers (`serve`, and a worker beside a private Mosquitto), users chat while the worker's
+PostgreSQL goes away, in two ways:
 
-1. for the first half, the worker's PostgreSQL sessions (and only its own: selected by the
-   database and the application_name the test gives it) are killed with ``pg_terminate_backend``
-   again and again, so every reconnection dies too;
-2. for the second half, the database's port is closed (connection refused, as a stopped server),
-   and whatever connection was open is reset;
+* **killed and refused** (the machine's PostgreSQL, in a database this test creates for itself,
+  reached through the fault proxy of tests/faultproxy.py): for the first half of the outage the
+  worker's sessions, and only its own (selected by the database and the application_name the test
+  gives it), are killed with ``pg_terminate_backend`` again and again, so every reconnection dies
+  too; for the second half the database's port is closed (connection refused) and whatever
+  connection was open is reset; then the port opens again;
+* **stopped** (a private PostgreSQL cluster, tests/services.py ``PrivatePostgres``):
+  ``pg_ctl stop -m immediate`` (every backend killed at once, nothing flushed), a few seconds
+  down, then started again, recovering from its WAL.
 
-then the port opens again. The promises checked:
+The promises checked:
 
-* nothing acknowledged before its commit: at every moment (checked many times during and after
-  the outage) every message with a ``stored`` receipt is in the database (``accepted``, the table
-  written in the same transaction as the message), read directly, not through the proxy;
+* nothing acknowledged before its commit: every message with a ``stored`` receipt is in the
+  database (``accepted``, written in the same transaction as the message), read directly (never
+  through the proxy), checked many times during the traffic and, for the stopped server, after the
+  crash recovery: what was acknowledged before the crash survived it;
 * nothing lost, nothing shown twice, the store empty at the end;
 * the worker recovers by itself (the same process, never restarted), and ``/healthz`` answers 503
   during the outage and 200 after it, within ``RECOVER_BOUND_S``.
@@ -36,15 +40,16 @@ import chaos
 from backend.client import IMClient
 from conftest import Server, add_users, eventually, free_port
 from faultproxy import FaultProxy
-from services import POSTGRES_URL, WorkerProcess, mosquitto, reachable, require
+from services import POSTGRES_URL, PrivatePostgres, WorkerProcess, mosquitto, reachable, require
 
 UIDS = [f"u{i:02d}" for i in range(6)]
 PASSWORDS = {u: f"{u}-pw" for u in UIDS}
-MESSAGES = 300
-PACE_S = 0.04  # about 12 s of sending, the outage in its middle
-OUTAGE_AT = 60  # the outage starts before this message (about 2.4 s in)
+MESSAGES = 240
+PACE_S = 0.035  # about 8.5 s of sending, the outage in its middle
+OUTAGE_AT = 40  # the outage starts before this message (about 1.4 s in)
 KILL_S, CLOSED_S = 3.0, 3.0  # sessions killed again and again, then the port closed: 6 s in all
-KILL_EVERY_S = 0.25
+STOPPED_S = 5.0  # the private server down this long
+KILL_EVERY_S = 0.25  # also how often the commits are checked during an outage
 # The worker retries a failed transaction after 0.2 s doubling to 5 s (DB_RETRY_MAX_S): it must be
 # serving again within that plus a transaction and a health check's poll.
 RECOVER_BOUND_S = 8.0
@@ -60,22 +65,35 @@ def _with(url: str, *, port: int | None = None, database: str | None = None, que
 
 
 class Admin:
-    """A plain psycopg2 session on the test server (never through the proxy), in autocommit."""
+    """A plain psycopg2 session (never through the proxy), in autocommit; reconnects after a failure."""
 
     def __init__(self, url: str):
-        import psycopg2
-        u = urlparse(url)
-        self.conn = psycopg2.connect(host=u.hostname, port=u.port or 5432, user=u.username, password=u.password,
-                                     dbname=u.path.lstrip("/"), application_name="im-test-admin")
-        self.conn.autocommit = True
+        self.url = url
+        self.conn = None
 
     def run(self, sql: str, args: tuple = ()) -> list:
-        with self.conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall() if cur.description else []
+        import psycopg2
+        if self.conn is None:
+            u = urlparse(self.url)
+            self.conn = psycopg2.connect(host=u.hostname, port=u.port or 5432, user=u.username, password=u.password,
+                                         dbname=u.path.lstrip("/"), application_name="im-test-admin",
+                                         connect_timeout=5)
+            self.conn.autocommit = True
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(sql, args)
+                return cur.fetchall() if cur.description else []
+        except psycopg2.OperationalError:
+            self.close()
+            raise
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.conn = None
 
 
 class Health:
@@ -110,29 +128,103 @@ class Health:
             self._thread.join(5)
 
 
-@pytest.fixture
-def private_postgres_db():
-    """A database of its own on the test PostgreSQL server (dropped at the end): (direct URL, admin session)."""
-    why = reachable(POSTGRES_URL)
-    require(why is None, why or "")
-    name = f"im_outage_{os.getpid()}_{os.urandom(3).hex()}"
-    admin = Admin(POSTGRES_URL)
-    admin.run(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with(POSTGRES_URL, database=name), name, admin
-    finally:
-        admin.run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+class KilledThenRefused:
+    """The machine's PostgreSQL, a database of the test's own, the worker's sessions reached through the proxy."""
+
+    def __init__(self):
+        why = reachable(POSTGRES_URL)
+        require(why is None, why or "")
+        self.dbname = f"im_outage_{os.getpid()}_{os.urandom(3).hex()}"
+        self.admin = Admin(POSTGRES_URL)
+        self.admin.run(f'CREATE DATABASE "{self.dbname}"')
+        self.direct_url = _with(POSTGRES_URL, database=self.dbname)
+        u = urlparse(POSTGRES_URL)
+        self.proxy = FaultProxy(u.port or 5432, u.hostname or "127.0.0.1").start()
+        self.app = f"im-outage-worker-{os.getpid()}"  # how the test finds the worker's sessions, and only them
+        self.worker_url = _with(self.direct_url, port=self.proxy.port, query=f"application_name={self.app}")
+        self.kills = 0
+
+    def _kill_sessions(self) -> int:
+        rows = self.admin.run("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                              "WHERE datname = %s AND application_name = %s", (self.dbname, self.app))
+        return rows[0][0]
+
+    def outage(self, check) -> None:
+        end = time.monotonic() + KILL_S
+        while time.monotonic() < end:
+            self.kills += self._kill_sessions()
+            check()
+            time.sleep(KILL_EVERY_S)  # the kill rate, not synchronisation
+        self.proxy.set_down("closed")
+        self.proxy.reset()
+        self.kills += self._kill_sessions()
+        end = time.monotonic() + CLOSED_S
+        while time.monotonic() < end:
+            check()
+            time.sleep(KILL_EVERY_S)
+        self.proxy.set_down(None)
+
+    def describe(self) -> str:
+        return f"sessions killed {self.kills} times for {KILL_S:.0f}s, then the port closed {CLOSED_S:.0f}s"
+
+    def check_figures(self) -> None:
+        assert self.kills > 0, "no session of the worker was found to kill"
+
+    def close(self) -> None:
+        self.proxy.close()
+        try:
+            self.admin.run(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
+        finally:
+            self.admin.close()
+
+
+class Stopped:
+    """A private PostgreSQL cluster, stopped with pg_ctl -m immediate and started again."""
+
+    def __init__(self):
+        self.server = PrivatePostgres(free_port())
+        self.server.start()
+        self.direct_url = self.worker_url = self.server.url
+
+    def outage(self, check) -> None:
+        check()
+        self.server.stop()
+        end = time.monotonic() + STOPPED_S
+        while time.monotonic() < end:
+            time.sleep(KILL_EVERY_S)  # down for a while; nothing to check against a stopped server
+        self.server.start()
+
+    def describe(self) -> str:
+        return f"server stopped (pg_ctl -m immediate) for {STOPPED_S:.0f}s, then started (crash recovery)"
+
+    def check_figures(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.server.close()
 
 
 @pytest.mark.parametrize("broker_kind", ["embedded", "mosquitto"])
-def test_database_outage(broker_kind, private_postgres_db, capsys):
-    direct_url, dbname, admin = private_postgres_db
-    add_users(direct_url, *UIDS)  # the schema, created directly (and the accounts, for the embedded broker)
-    pg_port = urlparse(POSTGRES_URL).port or 5432
-    proxy = FaultProxy(pg_port, urlparse(POSTGRES_URL).hostname or "127.0.0.1").start()
-    app = f"im-outage-worker-{os.getpid()}"  # how the test finds the worker's sessions, and only them
-    worker_url = _with(direct_url, port=proxy.port, query=f"application_name={app}")
+def test_database_sessions_killed_then_refused(broker_kind, capsys):
+    database = KilledThenRefused()
+    try:
+        outage_run(broker_kind, database, capsys)
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize("broker_kind", ["embedded", "mosquitto"])
+def test_database_server_stopped(broker_kind, capsys):
+    database = Stopped()
+    try:
+        outage_run(broker_kind, database, capsys)
+    finally:
+        database.close()
+
+
+def outage_run(broker_kind: str, database, capsys) -> None:
+    add_users(database.direct_url, *UIDS)  # the schema, created directly (and the accounts, for `serve`)
+    worker_url = database.worker_url
     metrics_port = free_port()
     if broker_kind == "mosquitto":
         broker = mosquitto(PASSWORDS)
@@ -143,10 +235,10 @@ def test_database_outage(broker_kind, private_postgres_db, capsys):
         worker = Server(worker_url).start(extra=["--metrics-port", str(metrics_port)])
         port = worker.port
     health = Health(metrics_port)
-    checker = Admin(direct_url)  # reads the worker's database directly, never through the proxy
+    checker = Admin(database.direct_url)  # reads the worker's database directly, never through the proxy
     phones: dict[str, IMClient] = {}
     senders: dict[str, IMClient] = {}
-    kills = checks = 0
+    checks = 0
     violations: set = set()  # (sender, msg_id) seen with a stored receipt and nothing committed
     try:
         assert eventually(lambda: health.status() == 200, 10), "the worker is not healthy before the outage"
@@ -157,38 +249,23 @@ def test_database_outage(broker_kind, private_postgres_db, capsys):
         sent: list = []  # (sender, Outgoing)
         sent_lock = threading.Lock()
 
-        def kill_sessions() -> int:
-            rows = admin.run("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                             "WHERE datname = %s AND application_name = %s", (dbname, app))
-            return rows[0][0]
-
         def check_committed() -> None:
-            """Every stored receipt's message is committed: receipts first, then the database."""
+            """Every stored receipt's message is committed: read the receipts first, then the database."""
             nonlocal checks
             with sent_lock:
                 acked = {(s, o.msg_id) for s, o in sent if o.receipt and o.receipt.get("status") == "stored"}
-            in_db = set(checker.run("SELECT sender_uid, msg_id FROM accepted"))
+            try:
+                in_db = set(checker.run("SELECT sender_uid, msg_id FROM accepted"))
+            except Exception:  # noqa: BLE001 - the database is down: nothing to compare with now
+                return
             violations.update(acked - in_db)
             checks += 1
 
         timeline: dict[str, float] = {}
 
         def outage() -> None:
-            nonlocal kills
             timeline["start"] = time.monotonic()
-            end_kill = timeline["start"] + KILL_S
-            while time.monotonic() < end_kill:
-                kills += kill_sessions()
-                check_committed()
-                time.sleep(KILL_EVERY_S)  # the kill rate, not synchronisation
-            proxy.set_down("closed")
-            proxy.reset()
-            kills += kill_sessions()
-            end_closed = time.monotonic() + CLOSED_S
-            while time.monotonic() < end_closed:
-                check_committed()
-                time.sleep(KILL_EVERY_S)
-            proxy.set_down(None)
+            database.outage(check_committed)
             timeline["end"] = time.monotonic()
 
         saboteur = threading.Thread(target=outage, daemon=True)
@@ -247,8 +324,8 @@ def test_database_outage(broker_kind, private_postgres_db, capsys):
         with capsys.disabled():  # shown in every run, not only on failure
             print(f"\ndatabase outage, {broker_kind}: sent={len(sent)} confirmed={confirmed} received={received} lost={len(lost)} "
                   f"duplicates_dropped_by_clients={duplicates_dropped} received_twice={len(twice)} "
-                  f"left_in_store={left_in_store} outage={end - start:.1f}s (sessions killed {kills} times, "
-                  f"then port closed {CLOSED_S:.0f}s; {failed} transactions failed) "
+                  f"left_in_store={left_in_store} outage={end - start:.1f}s ({database.describe()}; "
+                  f"{failed} transactions failed) "
                   f"healthz_503_during={sum(1 for c in during if c == 503)}/{len(during)} "
                   f"time_to_recover={'never' if recovered_s is None else f'{recovered_s:.1f}s'} "
                   f"unhealthy_after_recovery={sum(1 for t, c in after if c != 200 and t > (first_ok or end))} "
@@ -256,7 +333,7 @@ def test_database_outage(broker_kind, private_postgres_db, capsys):
                   f"total={time.monotonic() - t0:.1f}s")
         assert not violations, f"stored receipts with nothing committed: {sorted(violations)[:10]}"
         assert worker_alive, "the worker died:\n" + "".join(worker.lines[-30:])
-        assert kills > 0, "no session of the worker was found to kill"
+        database.check_figures()
         assert 503 in during, f"/healthz never said 503 during the outage: {during}"
         assert recovered_s is not None and recovered_s <= RECOVER_BOUND_S, f"recovered after {recovered_s}"
         assert last_bad <= first_ok, "/healthz fell back to unhealthy after recovering"
@@ -277,4 +354,3 @@ def test_database_outage(broker_kind, private_postgres_db, capsys):
         worker.kill()
         if broker is not None:
             broker.close()
-        proxy.close()
