@@ -33,13 +33,13 @@ RESEND_TIMEOUT_S = 3.0
 # ...up to this many resends (sent 3, 9, 21, 45 and 75 s after the first; reported failed at 105 s).
 MAX_RESENDS = 5
 RESEND_WAIT_MAX_S = 30.0
+# MQTT keepalive: a dead link (no FIN, no RST) is noticed within 1-2x this; 30 s suits a phone's radio.
+KEEPALIVE_S = 30
 # Acks of pushes are gathered this long (or until ACK_BATCH seqs) and sent as one.
 ACK_DELAY_S = 0.05
 ACK_BATCH = 100
 # How long a request (count, pull) waits for its answer before giving up.
 REQUEST_TIMEOUT_S = 10.0
-# MQTT keepalive: a dead link (no FIN, no RST) is noticed within 1-2x this; 30 s suits a phone's radio.
-KEEPALIVE_S = 30
 
 
 @dataclass
