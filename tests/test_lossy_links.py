@@ -37,9 +37,10 @@ MESSAGES = 400
 PACE_S = 0.035  # about 14 s of sending: long enough for several faults and their recoveries
 # The clients' MQTT keepalive: short, so a black-holed link is noticed within seconds (a phone uses 30-300 s).
 KEEPALIVE_S = 5
-# What a device may take beyond two keepalives to hear of a message: reconnect backoff (1-2 s),
-# CONNECT/SUBSCRIBE/online over a 40 ms link, the worker's announcement and a pull of a page.
-TOLD_SLACK_S = 10
+# What a device may take beyond two keepalives to hear of a message: paho's first reconnect delay
+# (1 s; 2-4 s after a failed attempt), CONNECT/SUBSCRIBE/online over the 40 ms link, the worker's
+# announcement and a pull of a page (~1 s together), and a second or two for a loaded 2-core machine.
+TOLD_SLACK_S = 5
 # A mobile link: ~40 ms one way with jitter, 64 kB/s each way per connection (a slow 3G uplink).
 LATENCY_S, JITTER_S, BANDWIDTH_BPS = 0.04, 0.03, 64_000
 RESETS, BLACKHOLES = 6, 4
