@@ -262,3 +262,78 @@ def test_lossy_links_mosquitto(db_url, capsys):
     with capsys.disabled():
         print("\nlossy links, mosquitto:", report.line())
     check(report)
+
+
+# A phone whose link was cut reconnects at once (paho's first delay is 1 s): the broker must answer its
+# CONNECT well within its keepalive, or the phone gives up that attempt and backs off (2, 4, 8 s...).
+RECONNECT_CONNACK_MAX_S = 2.0
+# When the link is cut after the CONNECT left the phone: before, while and after the broker answers it
+# (the link takes 40 +/- 30 ms each way, so the CONNACK is back after 20-140 ms).
+CUT_AFTER_S = (0.0, 0.03, 0.06, 0.08, 0.1, 0.12, 0.15, 0.3)
+
+
+def _phone(port: int):
+    import paho.mqtt.client as mqtt
+    done = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="u00:phone", protocol=mqtt.MQTTv311)
+    c.username_pw_set("u00", PASSWORDS["u00"])
+    c.will_set("im/status/u00", "offline", qos=1, retain=True)
+    c.on_connect = lambda *a: done.set()
+    c.reconnect_delay_set(60, 60)  # no retries of its own: one attempt is what is measured
+    c.connect_async("127.0.0.1", port, keepalive=KEEPALIVE_S)
+    c.loop_start()
+    return c, done
+
+
+def _vanish(c) -> None:
+    """Tell paho's thread to end and don't wait for it: after a cut it sleeps up to 1 s in its
+    reconnect wait before it looks again (the flag keeps it from reconnecting; it is a daemon)."""
+    c._thread_terminate = True
+    wake = getattr(c, "_sockpairW", None)
+    if wake is not None:
+        try:
+            wake.send(b"0")
+        except OSError:
+            pass
+
+
+def _connack_after_cut(port: int) -> list[float]:
+    """For each delay in CUT_AFTER_S: a phone connects through a 40 ms link, the link is cut (RST) that
+    long after its CONNECT left, and the phone connects again with the same client id at once: the
+    time the new CONNECT took to be answered (inf: not within RECONNECT_CONNACK_MAX_S + 1)."""
+    proxy = FaultProxy(port, latency_s=LATENCY_S, jitter_s=JITTER_S).start()
+    times = []
+    try:
+        for cut_after in CUT_AFTER_S:
+            c, _ = _phone(proxy.port)
+            time.sleep(cut_after)  # the moment of the cut is what the case is about: not synchronisation
+            proxy.reset()
+            _vanish(c)
+            t0 = time.monotonic()
+            c2, done = _phone(proxy.port)
+            answered = done.wait(RECONNECT_CONNACK_MAX_S + 1)
+            times.append(time.monotonic() - t0 if answered else float("inf"))
+            proxy.reset()
+            _vanish(c2)
+    finally:
+        proxy.close()
+    return times
+
+
+def test_reconnect_after_a_cut_is_answered_at_once(db_url, capsys):
+    add_users(db_url, *UIDS)
+    server = Server(db_url).start()
+    try:
+        embedded = _connack_after_cut(server.port)
+    finally:
+        server.kill()
+    system = MosquittoWorkers(db_url, PASSWORDS)
+    try:
+        beside_mosquitto = _connack_after_cut(system.port)
+    finally:
+        system.close()
+    with capsys.disabled():
+        print(f"\nCONNACK after a cut at {CUT_AFTER_S} s (s): embedded={[round(t, 2) for t in embedded]} "
+              f"mosquitto={[round(t, 2) for t in beside_mosquitto]}")
+    assert max(beside_mosquitto) <= RECONNECT_CONNACK_MAX_S
+    assert max(embedded) <= RECONNECT_CONNACK_MAX_S
