@@ -11,9 +11,14 @@ from . import protocol as p
 PUBLISH, SUBSCRIBE, RECEIVE = "publish", "subscribe", "receive"
 
 
-def owns_client_id(uid: str, client_id: str) -> bool:
-    """A user's MQTT client id is its uid, or uid:device (':' never appears in a uid)."""
-    return client_id == uid or client_id.startswith(uid + ":")
+def session_key(uid: str, client_id: str) -> str:
+    """The embedded broker's key for a user's session: ``uid:client_id``.
+
+    Any client id is accepted; scoping it by the user means no one can take over or clear
+    another user's session, whatever id they pick (':' never appears in a uid, so the key
+    names its user unambiguously; the worker's ids start with '!', which no uid does).
+    """
+    return f"{uid}:{client_id}"
 
 
 def may(username: str | None, worker_username: str, action: str, topic: str, presence: str = "all") -> bool:

@@ -45,6 +45,10 @@ def _store_args(p: argparse.ArgumentParser) -> None:
                    help="messages a second one user may send, sustained; excess gets rate_limited; 0 = no limit "
                         "(default: 20; per worker)")
     p.add_argument("--send-burst", type=int, default=100, help="burst allowance of --send-rate (default: 100)")
+    p.add_argument("--announce-repeat", type=float, default=30.0,
+                   help="seconds before an online receiver whose messages wait, and who has not pulled since, is "
+                        "told again (a broker may have dropped the announcement); doubles up to 10 minutes "
+                        "(default: 30)")
     p.add_argument("--quota", type=_non_negative, default=0,
                    help="most messages waiting for one receiver; past it senders get quota_exceeded "
                         "(default: 0, no limit)")
@@ -60,8 +64,10 @@ def _store(args: argparse.Namespace, db, **kw):
 
 
 def _delivery(args: argparse.Namespace):
-    from .core import Delivery
-    return Delivery(send_rate=args.send_rate, send_burst=args.send_burst)
+    from .core import ANNOUNCE_REPEAT_MAX_MS, Delivery
+    repeat_ms = max(1, int(args.announce_repeat * 1000))
+    return Delivery(send_rate=args.send_rate, send_burst=args.send_burst, announce_repeat_ms=repeat_ms,
+                    announce_repeat_max_ms=max(repeat_ms, ANNOUNCE_REPEAT_MAX_MS))
 
 
 def _metrics_args(p: argparse.ArgumentParser) -> None:
@@ -71,8 +77,10 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
 
 
 def default_worker_id() -> str:
-    """Stable per host, so a restarted worker resumes its own persistent session."""
-    return socket.gethostname() or "worker"
+    """Unique per process (host name, then a random suffix): two workers started without --id on one host must
+    never share a client id (the broker would keep disconnecting one for the other). With clean sessions (the
+    default) nothing needs the id to be stable across restarts."""
+    return f"{socket.gethostname() or 'worker'}-{secrets.token_hex(3)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,16 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--password-file", help="file holding the worker's broker password")
     w.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
     w.add_argument("--id", default=None,
-                   help="this worker's stable name; its MQTT client id is im-worker-NAME, so two workers never "
-                        "share a session and a restarted one drains its own (default: the host name)")
+                   help="this worker's name; its MQTT client id is im-worker-NAME, which must differ between "
+                        "workers on one broker (default: the host name and a random suffix, unique per process)")
     w.add_argument("--client-id", default=None,
                    help="exact MQTT client id instead of im-worker-NAME (default: derived from --id)")
+    w.add_argument("--persistent-session", action="store_true",
+                   help="keep a persistent MQTT session (needs --id or --client-id), so the broker queues what "
+                        "arrives while this worker is down; for ONE worker whose clients never resend. With "
+                        "several workers, a stopped worker's session keeps taking its share of the traffic "
+                        "(default: off, a clean session; see broker_config/README.md)")
     w.add_argument("--share-group", default="im-workers",
                    help="MQTT shared-subscription group for send/ack/req ($share/GROUP/...), so several workers "
                         "split the load; '' subscribes plainly, for brokers without $share (default: im-workers)")
     _db_arg(w)
     _store_args(w)
     _metrics_args(w)
+
+    d = sub.add_parser("doctor", help="check a broker for what the worker needs (rights, $share, limits)",
+                       description="Probe an MQTT broker with short-lived clients and print one verdict per line "
+                                   "(ok / WARN / FAIL and what to do): per-user rights, $share delivery, payload "
+                                   "size, queue length, keepalive, retained messages on wildcards, latency. Exits "
+                                   "1 on any FAIL. Takes a few seconds; leaves no session or retained message.")
+    d.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
+                   help="mqtt://[user@]host:port, the worker's account (default: $IM_BROKER_URL or "
+                        "mqtt://127.0.0.1:1883); the password from $IM_BROKER_PASSWORD or --password-file")
+    d.add_argument("--password-file", help="file holding the account's broker password")
+    d.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
 
     k = sub.add_parser("keygen", help="print a new encryption key line (ID:BASE64) for --encryption-key-file")
     k.add_argument("--id", default="k1", help="the key id stored with each row it seals (default: k1)")
@@ -148,15 +172,26 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level, handlers=[handler])
     else:
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.log_level != "DEBUG":
-        for noisy in ("amqtt", "transitions"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    # amqtt and transitions are noise below WARNING. Even at DEBUG, amqtt stays at INFO and peewee above DEBUG:
+    # their DEBUG lines hold whole packets and every SQL statement's parameters, i.e. message content,
+    # which never goes to a log line.
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.log_level != "DEBUG" else logging.INFO)
+    logging.getLogger("peewee").setLevel(logging.INFO)
     if args.command == "keygen":
         from .crypto import new_key_line
         print(new_key_line(args.id))
         return 0
     if args.command == "user":
         return _user(args)
+    if args.command == "doctor":
+        from .doctor import main as doctor
+        from .transport.worker import parse_broker_url
+        try:
+            return doctor(parse_broker_url(args.broker, _broker_password(args), args.ca_file))
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from .crypto import KeyError_
     try:
         if args.command == "worker":
@@ -217,28 +252,51 @@ def _wait_for_signal() -> threading.Event:
     return stop
 
 
+def _broker_password(args: argparse.Namespace) -> str | None:
+    if args.password_file:
+        with open(args.password_file, encoding="utf-8") as f:
+            return f.read().strip()
+    return os.environ.get("IM_BROKER_PASSWORD")
+
+
 def _worker(args: argparse.Namespace) -> int:
     from .store import open_database
     from .transport.worker import Worker, parse_broker_url
-    password = os.environ.get("IM_BROKER_PASSWORD")
-    if args.password_file:
-        with open(args.password_file, encoding="utf-8") as f:
-            password = f.read().strip()
+    password = _broker_password(args)
     try:
         address = parse_broker_url(args.broker, password, args.ca_file)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.persistent_session and not (args.id or args.client_id):
+        print("error: --persistent-session needs a stable --id (or --client-id): a session under the default, "
+              "random client id would never be resumed", file=sys.stderr)
+        return 2
+    log = logging.getLogger("backend")
     db = open_database(args.database_url)
     client_id = args.client_id or f"im-worker-{args.id or default_worker_id()}"
-    worker = Worker(address, _store(args, db), client_id=client_id, share_group=args.share_group or None,
-                    delivery=_delivery(args))
     stop = _wait_for_signal()
+    worker = Worker(address, _store(args, db), client_id=client_id, share_group=args.share_group or None,
+                    delivery=_delivery(args), clean_session=not args.persistent_session,
+                    on_fatal=lambda _message: stop.set())
+    if args.persistent_session and args.share_group:
+        log.warning("persistent session %s in the shared group %s: while this worker is stopped, the broker "
+                    "keeps handing its session a share of the traffic, which waits there until it returns; "
+                    "to retire it, clear its session (broker_config/README.md)", client_id, args.share_group)
     _start_metrics(args, worker)
     worker.start()
-    logging.getLogger("backend").info("worker running beside %s:%s; Ctrl-C stops", address.host, address.port)
+    log.info("worker running beside %s:%s; Ctrl-C stops", address.host, address.port)
+    from .doctor import check_at_start
+    threading.Thread(target=check_at_start, args=(address, worker.metrics, worker.connected, stop),
+                     name="im-broker-check", daemon=True).start()
     stop.wait()
+    if worker.fatal:
+        worker.stop()
+        print(f"error: {worker.fatal}", file=sys.stderr)
+        return 2
+    log.info("stopping")
     worker.stop()
+    log.info("stopped")
     return 0
 
 
@@ -294,6 +352,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
         BrokerAddress(connect_host, listeners.tls_port, WORKER_USERNAME, worker_password, tls=True, verify=False)
     worker = Worker(address,
                     store, client_id="!im-worker", skip_retained=False, delivery=_delivery(args))
+    worker.metrics.rights_enforced.set(1)  # the embedded broker enforces the per-user rights itself
     _start_metrics(args, worker)
     worker.start()
     stop = asyncio.Event()

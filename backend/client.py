@@ -5,10 +5,13 @@
 * sends with retransmission of the same msg_id until a receipt, with backoff
   and a bound, and reports a message failed only when the bound runs out;
 * receives pushes, drops duplicates by seq, acks in small batches;
-* counts, and drains pages with the next request as the ack of the previous.
+* counts, and drains pages with the next request as the ack of the previous;
+* syncs (drains) on every announcement that says something waits, and after every
+  reconnect; a sync that gets no answer is tried again with backoff for as long
+  as the client stays connected, until the backlog is drained.
 
-All waiting happens in the caller's thread or the client's helper thread,
-never in paho's callbacks.
+All waiting happens in the caller's thread or the client's two helper threads
+(resends and acks; syncs), never in paho's callbacks.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ ACK_DELAY_S = 0.05
 ACK_BATCH = 100
 # How long a request (count, pull) waits for its answer before giving up.
 REQUEST_TIMEOUT_S = 10.0
+# A sync (drain) that failed (no answer: the worker down or restarting, the database away) is tried
+# again after 1 s, doubling up to 30 s (the resends' own cap, RESEND_WAIT_MAX_S): a worker restart takes
+# seconds, and one retry every 30 s from a connected client costs the server nothing.
+SYNC_RETRY_MIN_S, SYNC_RETRY_MAX_S = 1.0, 30.0
+# Largest payload accepted from the server: it cuts its payloads at 1 MiB (protocol.REPLY_PAYLOAD_MAX);
+# 4 MiB leaves room for a server that raises that, and still bounds what a broken broker can hand us.
+REPLY_ACCEPT_MAX = 4 * 1024 * 1024
 
 
 @dataclass
@@ -98,6 +108,9 @@ class IMClient:
         self._pending_acks: list[int] = []
         self._ack_due: float | None = None
         self._sync_wanted = False
+        self._drain_lock = threading.Lock()  # one drain at a time: auto-sync's and the caller's
+        self.syncs = 0  # syncs (drains) completed by the sync thread
+        self.sync_failures = 0  # syncs that got no answer and were tried again
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self._ready = threading.Event()
@@ -120,6 +133,9 @@ class IMClient:
         self.client.on_disconnect = self._on_disconnect
         self.connect_result: Any = None
         self._helper = threading.Thread(target=self._helper_loop, name=f"im-client-{uid}", daemon=True)
+        # Syncs run on their own thread: a drain waits on the network for seconds, and resends and
+        # batched acks (the helper's work) must not wait behind it.
+        self._syncer = threading.Thread(target=self._sync_loop, name=f"im-client-{uid}-sync", daemon=True)
 
     # -- connection ------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> "IMClient":
@@ -188,6 +204,10 @@ class IMClient:
             log.error("%s: subscription refused: %s", self.uid, reason_codes)
         if self.receiver:
             self._online_info = client.publish(p.status_topic(self.uid), p.ONLINE, qos=1, retain=True)
+            if self._ready.is_set() and self.auto_sync:
+                # paho reconnected by itself: whatever waited meanwhile (pushes to a dead connection
+                # included) is pulled now, without waiting for the announcement our `online` triggers.
+                self.want_sync()
         self._ready.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -197,7 +217,7 @@ class IMClient:
     # -- inbound ------------------------------------------------------------------
     def _on_msg(self, client, userdata, msg):
         try:
-            obj = p.decode_object(msg.payload)
+            obj = p.decode_object(msg.payload, REPLY_ACCEPT_MAX)
         except p.ProtocolError:
             log.warning("%s: unreadable payload on %s", self.uid, msg.topic)
             return
@@ -259,7 +279,10 @@ class IMClient:
                     self._outgoing.pop(out.msg_id, None)
             elif kind == "count" and "req_id" not in obj:  # (a late answer to a finished request is not one)
                 self.announcements.append(obj)
-                if self.auto_sync and obj.get("total", 0) > 0:
+                total = obj.get("total", 0)
+                if self.auto_sync and isinstance(total, int) and total > 0:
+                    # One more drain after the one in progress, if any: several announcements during a
+                    # drain coalesce into it, and it picks up whatever arrived after the drain's pages.
                     self._sync_wanted = True
             self._lock.notify_all()
 
@@ -335,7 +358,13 @@ class IMClient:
         return self.request(body, timeout)
 
     def drain(self, limit: int = 100, from_uid: str | None = None) -> list[dict[str, Any]]:
-        """Pull pages until the empty one; each request acks the page before. Returns the new messages."""
+        """Pull pages until the empty one; each request acks the page before. Returns the new messages.
+        Raises TimeoutError when a page gets no answer, RuntimeError on an error answer. One drain runs
+        at a time (a second caller waits for the first)."""
+        with self._drain_lock:
+            return self._drain(limit, from_uid)
+
+    def _drain(self, limit: int, from_uid: str | None) -> list[dict[str, Any]]:
         new: list[dict[str, Any]] = []
         cursor = None
         while True:
@@ -370,18 +399,53 @@ class IMClient:
         for i in range(0, len(seqs), ACK_BATCH):
             self.client.publish(p.ack_topic(self.uid), p.encode({"seqs": seqs[i:i + ACK_BATCH]}), qos=1)
 
-    # -- helper thread: resends, batched acks, sync on announcement ----------------------
+    # -- helper threads: syncs on announcements and reconnects; resends and batched acks ----
+    def want_sync(self) -> None:
+        """Ask the sync thread for a drain (after the one in progress, if any)."""
+        with self._lock:
+            self._sync_wanted = True
+            self._lock.notify_all()
+
+    def _sync_loop(self) -> None:
+        """Drain whenever asked (announcement, reconnect); retry a failed drain with backoff while connected."""
+        wait = SYNC_RETRY_MIN_S
+        while not self._closing.is_set():
+            with self._lock:
+                self._lock.wait_for(lambda: self._sync_wanted or self._closing.is_set(), 0.5)
+                if not self._sync_wanted or self._closing.is_set():
+                    continue
+                self._sync_wanted = False
+            if not self.client.is_connected():
+                continue  # the reconnect asks for a sync itself (_on_subscribe)
+            try:
+                self.drain()
+                with self._lock:
+                    self.syncs += 1
+                    self._lock.notify_all()  # for wait_for() callers
+                wait = SYNC_RETRY_MIN_S
+                continue
+            except Exception as e:  # noqa: BLE001 - no answer, an error answer, a malformed page: never give up
+                if self._closing.is_set():
+                    return
+                self.sync_failures += 1
+                log.warning("%s: sync failed (%s); trying again in %.0f s", self.uid, e, wait)
+            with self._lock:  # an announcement meanwhile ends the wait early
+                self._lock.wait_for(lambda: self._sync_wanted or self._closing.is_set(), wait)
+                self._sync_wanted = True
+            wait = min(wait * 2, SYNC_RETRY_MAX_S)
+
     def _helper_loop(self) -> None:
+        if self.receiver and not self._syncer.is_alive():
+            self._syncer.start()
         while not self._closing.is_set():
             resend: list[Outgoing] = []
-            sync = flush = False
+            flush = False
             with self._lock:
                 now = time.monotonic()
                 waits = [o.deadline for o in self._outgoing.values()]
                 if self._ack_due is not None:
                     waits.append(self._ack_due)
-                if not self._sync_wanted:
-                    self._lock.wait(max(0.0, min(waits, default=now + 0.5) - now))
+                self._lock.wait(max(0.0, min(waits, default=now + 0.5) - now))
                 now = time.monotonic()
                 for o in list(self._outgoing.values()):
                     if o.deadline <= now:
@@ -394,13 +458,7 @@ class IMClient:
                         o.deadline = now + min(self.resend_timeout * 2 ** (o.attempts - 1), self.resend_wait_max)
                         resend.append(o)
                 flush = self._ack_due is not None and (self._ack_due <= now or len(self._pending_acks) >= ACK_BATCH)
-                sync, self._sync_wanted = self._sync_wanted, False
             for o in resend:
                 self.client.publish(p.send_topic(self.uid), o.payload, qos=1)
             if flush:
                 self.flush_acks()
-            if sync:
-                try:
-                    self.drain()
-                except (TimeoutError, RuntimeError) as e:
-                    log.warning("%s: sync failed: %s", self.uid, e)

@@ -13,8 +13,26 @@ published and no inbound packet is acknowledged before ``after_commit``.  A
 crash between any two steps is a unit test (tests/test_core.py).
 
 The core also owns the in-memory state that is allowed to be lost: who is
-online (rebuilt from retained status topics) and which pushes await an ack
-(retransmitted with backoff, then left for pull).
+online (rebuilt from retained status topics), which pushes await an ack
+(retransmitted with backoff, then left for pull), and which online receivers
+are owed a count announcement (``CountBacklog(uid, None)``) because something
+of theirs waits that they may not know of. Its liveness rule: no receiver that
+stays online is left unaware of a stored message (docs/PROTOCOL.md, section 1):
+
+* every ``online`` a device publishes is answered by an announcement, not only
+  a change of state;
+* a push that runs out of retries, or is never tracked (table full), while its
+  receiver is online queues an announcement; so does a ``duplicate`` for a
+  message still stored for an online receiver that this worker is not pushing
+  (another worker stored it, and may have died before pushing);
+* an announcement can itself be dropped (a broker drops QoS 1 messages past its
+  queue limit): while a receiver stays online with a non-empty backlog and does
+  not pull, it is announced again, ANNOUNCE_REPEAT_MS doubling up to
+  ANNOUNCE_REPEAT_MAX_MS; an empty count or an empty page ends it.
+
+Queued announcements come out of the next :meth:`Delivery.plan` (the transport
+plans one with no inbound packets when :meth:`Delivery.announcements_due` says
+so) and :meth:`Delivery.next_deadline` says when the next is due.
 """
 
 from __future__ import annotations
@@ -44,9 +62,28 @@ BUCKETS_MAX = 100_000
 # (amqtt hands it one or two sends per transaction) one payload per transaction is nearly one per
 # message. 10 ms is nothing beside a sender's 3 s resend timer.
 RECEIPT_DELAY_MS = 10
+# One `receipts` payload holds at most this many: a receipt is at most ~560 bytes (a 70-byte msg_id escaped
+# at worst), so 1,000 stay under REPLY_PAYLOAD_MAX (1 MiB) even when a busy sender's receipts of several
+# transactions are gathered; a page's ack (500 deletions) still fits in one.
+RECEIPTS_PER_PAYLOAD_MAX = 1000
 # Bound the retransmit table so a flood of unacked pushes cannot grow memory without end;
-# past it the oldest entries are simply left for pull (the store still holds them).
+# past it new pushes are not tracked: their receiver gets an announcement instead (the store has them).
 PENDING_PUSH_MAX = 100_000
+# An online receiver with messages waiting that has not pulled since its last announcement is announced
+# to again after 30 s (the first announcement may have been dropped by the broker): a person looking at
+# a connected app waits no longer than that for a message it was never told of, and 30 s is far above
+# a drain's round trips (milliseconds) and the client's own request timeout (10 s).
+ANNOUNCE_REPEAT_MS = 30_000
+# ...doubling up to 10 minutes: a receiver that stays connected but never pulls (a broken app, a paused
+# device) costs one count query every 10 minutes, and a dropped announcement is still repaired.
+ANNOUNCE_REPEAT_MAX_MS = 600_000
+# Announcements queued by pushes that ran out of retries or by duplicates are at least 1 s apart per
+# receiver: a burst of 480 exhausted pushes costs one count, not 480, and one second is nothing beside
+# the 21 s a push takes to run out of retries.
+ANNOUNCE_MIN_GAP_MS = 1000
+# Bound on the receivers being watched for repeated announcements (memory); past it a new receiver still
+# gets its announcements from `online` and exhausted pushes, but no repeat if one is dropped.
+ANNOUNCE_WATCH_MAX = 100_000
 
 
 # --- operations the store runs (one transaction per plan) -------------------
@@ -75,7 +112,7 @@ class DeleteAcked:
 @dataclass(frozen=True)
 class CountBacklog:
     receiver: str
-    req_id: str | None  # None: the announcement sent when the receiver comes online
+    req_id: str | None  # None: an unsolicited announcement (online, exhausted pushes, repeats)
 
 
 @dataclass(frozen=True)
@@ -107,6 +144,7 @@ class Stored:
     seq: int
     duplicate: bool = False
     to: str = ""  # the first message's receiver, for a duplicate
+    waiting: bool = False  # for a duplicate: the first message is still stored (not acked, not expired)
 
 
 @dataclass(frozen=True)
@@ -162,6 +200,15 @@ class Plan:
 
 
 @dataclass
+class _Watch:
+    """An online receiver owed (repeated) announcements while its backlog may be unknown to it."""
+
+    due: int | None  # when the next announcement is planned (ms); None: none planned
+    wait: int  # the wait after the next announcement before the one after it
+    last: int | None = None  # when the last announcement was planned
+
+
+@dataclass
 class _Pending:
     receiver: str
     seq: int
@@ -185,7 +232,8 @@ class Delivery:
     def __init__(self, *, content_max: int = p.CONTENT_MAX, ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS,
                  max_retries: int = PUSH_MAX_RETRIES, backoff: float = PUSH_BACKOFF,
                  send_rate: float = SEND_RATE_PER_S, send_burst: int = SEND_BURST,
-                 receipt_delay_ms: int = RECEIPT_DELAY_MS):
+                 receipt_delay_ms: int = RECEIPT_DELAY_MS, announce_repeat_ms: int = ANNOUNCE_REPEAT_MS,
+                 announce_repeat_max_ms: int = ANNOUNCE_REPEAT_MAX_MS, announce_min_gap_ms: int = ANNOUNCE_MIN_GAP_MS):
         self.content_max = content_max
         self.ack_timeout_ms = ack_timeout_ms
         self.max_retries = max_retries
@@ -197,11 +245,17 @@ class Delivery:
         self._timers: list[tuple[int, str, int]] = []  # (deadline, receiver, seq), lazily invalidated
         self.receipt_delay_ms = receipt_delay_ms
         self._held: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # sender -> (due, batched receipts)
+        self.announce_repeat_ms, self.announce_repeat_max_ms = announce_repeat_ms, announce_repeat_max_ms
+        self.announce_min_gap_ms = announce_min_gap_ms
+        self._watch: dict[str, _Watch] = {}
+        self._announce_timers: list[tuple[int, str]] = []  # (due, receiver), lazily invalidated
 
     # -- inbound -------------------------------------------------------------
     def plan(self, inbound: list[tuple[str, bytes]], now_ms: int) -> Plan:
-        """Turn a batch of (topic, payload) into store operations and error replies."""
+        """Turn a batch of (topic, payload) into store operations and error replies. The announcements
+        that are due come first (``inbound`` may be empty: see announcements_due)."""
         plan = Plan()
+        self._plan_due_announcements(plan, now_ms)
         for topic, payload in inbound:
             self._plan_one(plan, topic, payload, now_ms)
         return plan
@@ -212,7 +266,7 @@ class Delivery:
             return  # not ours to answer: no valid uid to reply to (logged by the transport)
         uid = parsed.uid
         if parsed.kind == "status":
-            self._presence(plan, uid, p.parse_status(payload))
+            self._presence(plan, uid, p.parse_status(payload), now_ms)
             return
         try:
             if parsed.kind == "send":
@@ -250,26 +304,100 @@ class Delivery:
             self._buckets = {u: b for u, b in self._buckets.items() if now_ms - b[1] < full_after_ms}
         return ok
 
-    def _presence(self, plan: Plan, uid: str, status: str | None) -> None:
+    def _presence(self, plan: Plan, uid: str, status: str | None, now_ms: int) -> None:
         if status == p.ONLINE:
-            if uid not in self.online:
-                self.online.add(uid)
-                plan.ops.append(CountBacklog(receiver=uid, req_id=None))
+            # Every `online`, not only a change: a device that reconnected after a drop the worker never
+            # saw (it still counted it online) publishes `online` again, and must hear what waits.
+            self.online.add(uid)
+            self._watch_fresh(uid)
+            self._plan_announcement(plan, uid, now_ms)
         elif status == p.OFFLINE:
             self.set_offline(uid)
         # Any other word (a client's "away") says nothing about reachability: ignored.
 
     def set_offline(self, uid: str) -> None:
-        """Forget a receiver's presence and its pending pushes: they wait for its next pull."""
+        """Forget a receiver's presence, its pending pushes and announcements: they wait for its next pull."""
         self.online.discard(uid)
+        self._watch.pop(uid, None)
         for key in [k for k in self._pending if k[0] == uid]:
             del self._pending[key]
 
     def reset_presence(self) -> None:
-        """Called on (re)connect to the broker: retained statuses will rebuild presence."""
+        """Called on (re)connect to the broker: retained statuses will rebuild presence (and announce)."""
         self.online.clear()
         self._pending.clear()
         self._timers.clear()
+        self._watch.clear()
+        self._announce_timers.clear()
+
+    # -- announcements -----------------------------------------------------------
+    def _watch_fresh(self, uid: str) -> _Watch | None:
+        """The receiver's watch with its backoff reset (new evidence that something may wait for it)."""
+        w = self._watch.get(uid)
+        if w is None:
+            if len(self._watch) >= ANNOUNCE_WATCH_MAX:
+                return None
+            w = self._watch[uid] = _Watch(due=None, wait=self.announce_repeat_ms)
+        w.wait = self.announce_repeat_ms
+        return w
+
+    def _set_due(self, w: _Watch, uid: str, due: int) -> None:
+        w.due = due
+        heapq.heappush(self._announce_timers, (due, uid))
+
+    def _plan_announcement(self, plan: Plan, uid: str, now_ms: int) -> None:
+        """Count for an announcement in this plan; the next one is due after the watch's wait (doubling),
+        unless the count finds nothing or the receiver pulls meanwhile."""
+        plan.ops.append(CountBacklog(receiver=uid, req_id=None))
+        w = self._watch.get(uid)
+        if w is not None:
+            w.last = now_ms
+            self._set_due(w, uid, now_ms + w.wait)
+            w.wait = min(w.wait * 2, self.announce_repeat_max_ms)
+
+    def announce(self, uid: str, now_ms: int) -> None:
+        """Queue a count announcement for ``uid`` if it is online: planned at once, or ANNOUNCE_MIN_GAP_MS
+        after the last one (bursts coalesce). Ignored for a receiver that is not online."""
+        if uid not in self.online:
+            return
+        w = self._watch_fresh(uid)
+        if w is None:
+            return
+        earliest = now_ms if w.last is None else max(now_ms, w.last + self.announce_min_gap_ms)
+        if w.due is None or earliest < w.due:
+            self._set_due(w, uid, earliest)
+
+    def _announce_deadline(self) -> int | None:
+        timers = self._announce_timers
+        while timers:
+            due, uid = timers[0]
+            w = self._watch.get(uid)
+            if w is not None and w.due == due and uid in self.online:
+                return due
+            heapq.heappop(timers)
+        return None
+
+    def announcements_due(self, now_ms: int) -> bool:
+        """Is an announcement due? Then the transport plans a batch even with nothing inbound."""
+        due = self._announce_deadline()
+        return due is not None and due <= now_ms
+
+    def _plan_due_announcements(self, plan: Plan, now_ms: int) -> None:
+        while True:
+            due = self._announce_deadline()
+            if due is None or due > now_ms:
+                return
+            _, uid = heapq.heappop(self._announce_timers)
+            self._plan_announcement(plan, uid, now_ms)
+
+    def _backlog_empty(self, uid: str) -> None:
+        self._watch.pop(uid, None)
+
+    def _backlog_read(self, uid: str, now_ms: int) -> None:
+        """The receiver pulled (or counted) and something waits: it knows. Remind it only if it then goes quiet."""
+        w = self._watch.get(uid)
+        if w is not None:
+            self._set_due(w, uid, now_ms + self.announce_repeat_ms)
 
     # -- after the transaction committed ----------------------------------------
     def after_commit(self, outcomes: list[Outcome], now_ms: int) -> list[Publish]:
@@ -285,12 +413,20 @@ class Delivery:
             elif isinstance(o, Counted):
                 payload: dict[str, Any] = {"kind": "count", "total": o.total, "by_sender": o.by_sender,
                                            "previews": o.previews, "expired": o.expired}
+                if o.total == 0:
+                    self._backlog_empty(o.op.receiver)
+                elif o.op.req_id is not None:
+                    self._backlog_read(o.op.receiver, now_ms)
                 if o.op.req_id is not None:
                     payload["req_id"] = o.op.req_id
                 elif o.total == 0 and o.expired == 0:
                     continue  # nothing waits: no announcement
-                out.append(Publish(p.reply_topic(o.op.receiver), payload))
+                out.append(Publish(p.reply_topic(o.op.receiver), p.fit_count(payload)))
             elif isinstance(o, Paged):
+                if o.messages:
+                    self._backlog_read(o.op.receiver, now_ms)
+                elif o.op.from_uid is None:
+                    self._backlog_empty(o.op.receiver)  # the drain reached its end
                 self._delivered(out, batched, o.deleted)
                 out.append(Publish(p.reply_topic(o.op.receiver), {
                     "kind": "page", "req_id": o.op.req_id, "messages": list(o.messages),
@@ -320,7 +456,11 @@ class Delivery:
         if not self._held:
             return []
         due = [s for s, (at, _) in self._held.items() if now_ms is None or at <= now_ms]
-        return [Publish(p.reply_topic(s), p.receipts(self._held.pop(s)[1])) for s in due]
+        out = []
+        for s in due:
+            items, n = self._held.pop(s)[1], RECEIPTS_PER_PAYLOAD_MAX
+            out += [Publish(p.reply_topic(s), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
+        return out
 
     @staticmethod
     def _receipt(out: list[Publish], batched: dict[str, list[dict[str, Any]]], sender: str, batch: bool,
@@ -334,12 +474,19 @@ class Delivery:
         op = o.op
         if o.duplicate:
             self._receipt(out, batched, op.sender, op.batch_receipts, p.receipt(op.msg_id, o.to, o.seq, "duplicate"))
+            if o.waiting and (o.to, o.seq) not in self._pending:
+                # Still stored and not ours to push: the worker that stored it may have died before its
+                # push (worker sessions are clean, so the sender's resend is what reaches us). Tell the
+                # receiver if it is online; the count it triggers covers the message either way.
+                self.announce(o.to, now_ms)
             return
-        self._receipt(out, batched, op.sender, op.batch_receipts, p.receipt(op.msg_id, op.to, o.seq, "stored"))
+        # The push goes out before the `stored` receipt: the worker's packets reach the broker in order,
+        # so a sender that has its receipt (and so never resends) knows the push reached the broker too.
         if op.push and op.to in self.online:
             push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts)
             out.append(Publish(p.inbox_topic(op.to), push))
             self._track(op.to, o.seq, push, now_ms)
+        self._receipt(out, batched, op.sender, op.batch_receipts, p.receipt(op.msg_id, op.to, o.seq, "stored"))
 
     def _delivered(self, out: list[Publish], batched: dict[str, list[dict[str, Any]]],
                    rows: tuple[DeletedRow, ...]) -> None:
@@ -350,25 +497,28 @@ class Delivery:
     # -- retransmission ---------------------------------------------------------
     def _track(self, receiver: str, seq: int, push: dict[str, Any], now_ms: int) -> None:
         if len(self._pending) >= PENDING_PUSH_MAX:
-            return  # left for pull: the store has it
+            self.announce(receiver, now_ms)  # not tracked, so never retransmitted: tell the receiver instead
+            return
         deadline = now_ms + self.ack_timeout_ms
         self._pending[(receiver, seq)] = _Pending(receiver, seq, push, 1, deadline)
         heapq.heappush(self._timers, (deadline, receiver, seq))
 
     def next_deadline(self) -> int | None:
-        """The earliest time something is due: a push's retransmission or held receipts."""
-        held = min((at for at, _ in self._held.values()), default=None)
+        """The earliest time something is due: a push's retransmission, held receipts or an announcement."""
+        dues = [min((at for at, _ in self._held.values()), default=None), self._announce_deadline()]
         while self._timers:
             deadline, receiver, seq = self._timers[0]
             entry = self._pending.get((receiver, seq))
             if entry is not None and entry.deadline == deadline:
-                return deadline if held is None else min(deadline, held)
+                dues.append(deadline)
+                break
             heapq.heappop(self._timers)
-        return held
+        return min((d for d in dues if d is not None), default=None)
 
     def due(self, now_ms: int) -> list[tuple[str, int]]:
         """Pushes whose ack is overdue and that still have retries left; exhausted ones are dropped
-        (they wait for pull). The caller asks the store which of them still exist, then calls resend."""
+        (they wait for pull) and their receiver, if online, is queued an announcement. The caller asks
+        the store which of them still exist, then calls resend."""
         out: list[tuple[str, int]] = []
         while self._timers and self._timers[0][0] <= now_ms:
             deadline, receiver, seq = heapq.heappop(self._timers)
@@ -377,6 +527,9 @@ class Delivery:
                 continue
             if entry.attempts > self.max_retries or receiver not in self.online:
                 del self._pending[(receiver, seq)]
+                # The receiver is still online but never acked: the push (or its ack) was lost, perhaps
+                # dropped by a broker whose queue for it was full. Tell it what waits.
+                self.announce(receiver, now_ms)
                 continue
             out.append((receiver, seq))
         return out

@@ -2,7 +2,10 @@
 
 Counters move as messages flow; ``/metrics`` is the Prometheus text exposition
 and ``/healthz`` answers 200 while the worker is connected to its broker and its
-last database transaction succeeded, 503 otherwise.
+last database transaction succeeded, 503 otherwise. Its body says ``ok`` or ``unhealthy``, then one
+``warning: ...`` line per configuration problem found at start-up (a broker that does not enforce the per-user
+rights): those keep the status 200, since restarting the worker cannot fix them and an orchestrator would only
+restart it in a loop.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ class Metrics:
                                registry=r)
         self.backlog = Gauge("im_backlog_messages", "Messages waiting in the store (sampled)", registry=r)
         self.connected = Gauge("im_broker_connected", "1 while connected to the broker", registry=r)
+        self.rights_enforced = Gauge("im_broker_rights_enforced", "1 if the broker refused the start-up probes of "
+                                     "the per-user rights, 0 if it let a client read or write another user's "
+                                     "topics, -1 until checked (or not checkable)", registry=r)
+        self.rights_enforced.set(-1)
+        # Configuration warnings found at start-up, one line each, shown in /healthz's body.
+        self.notes: list[str] = []
         self.store_seconds = Histogram("im_store_batch_seconds", "Time of one batch's store transaction",
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
                                        registry=r)
@@ -46,7 +55,8 @@ def serve_http(metrics: Metrics, healthy: Callable[[], bool], host: str, port: i
         if environ.get("PATH_INFO") == "/healthz":
             ok = healthy()
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"unhealthy\n"]
+            body = "ok\n" if ok else "unhealthy\n"
+            return [(body + "".join(n + "\n" for n in metrics.notes)).encode()]
         return prom(environ, start_response)
 
     server = make_server(host, port, app, handler_class=_Quiet)

@@ -29,14 +29,22 @@ REQ_ID_MAX = 64
 CONTENT_MAX = 64 * 1024
 # A message type is a short label ("text", "image"...); 32 bytes is plenty and keeps rows small.
 TYPE_MAX = 32
-# Whole payload, checked before parsing: JSON may escape every content byte as \uXXXX (6 bytes),
-# plus 4 KiB of envelope. Mosquitto's and amqtt's packet limits are far larger (256 MiB).
+# Whole payload a client sends, checked before parsing: JSON may escape every content byte as \uXXXX
+# (6 bytes), plus 4 KiB of envelope. (What the server sends has its own bound, REPLY_PAYLOAD_MAX.)
 PAYLOAD_MAX = 6 * CONTENT_MAX + 4 * 1024
+# Every payload the server sends (a page, a count) is at most 1 MiB: under the embedded broker's 2 MiB
+# packet limit and the message_size_limit broker_config/ gives Mosquitto, with room for MQTT's header.
+# A page is cut by bytes as well as by count; one message (64 KiB of content escaped at worst, ~400 KB)
+# always fits, so a page always holds at least one.
+REPLY_PAYLOAD_MAX = 1024 * 1024
+# What a page's envelope may take beside its messages: kind, a req_id escaped at worst (6 x 64 bytes),
+# the cursor and `more`, with room to spare.
+PAGE_ENVELOPE_MAX = 1024
 # An ack carries at most one page's worth of seqs (a page is at most PULL_LIMIT_MAX messages),
 # plus slack for batched acks of pushes.
 ACK_SEQS_MAX = 1000
-# Default and largest page: 100 keeps a typical page well under 1 MiB; even 500 x 64 KiB of content
-# JSON-escaped at worst 6x (~188 MiB) stays under MQTT's 256 MiB packet limit (docs/PROTOCOL.md).
+# Default and largest page: 100 keeps a typical page well under 1 MiB; 500 short chat messages make
+# about 75 KB. A page of large messages is cut earlier, at REPLY_PAYLOAD_MAX bytes (docs/PROTOCOL.md).
 PULL_LIMIT_DEFAULT = 100
 PULL_LIMIT_MAX = 500
 # A cursor is a token we issued (32 hex chars now); anything longer, or outside this alphabet, is not ours.
@@ -166,10 +174,11 @@ def _decode_stdlib(payload: bytes) -> Any:
         raise ProtocolError("bad_json", "payload is not valid JSON") from None
 
 
-def decode_object(payload: bytes) -> dict[str, Any]:
-    """Parse a payload into a JSON object or raise ProtocolError."""
-    if len(payload) > PAYLOAD_MAX:
-        raise ProtocolError("payload_too_large", f"payload is {len(payload)} bytes; the limit is {PAYLOAD_MAX}")
+def decode_object(payload: bytes, max_bytes: int = PAYLOAD_MAX) -> dict[str, Any]:
+    """Parse a payload into a JSON object or raise ProtocolError. ``max_bytes``: PAYLOAD_MAX for what
+    clients send; a client reading the server's payloads passes its own, larger bound."""
+    if len(payload) > max_bytes:
+        raise ProtocolError("payload_too_large", f"payload is {len(payload)} bytes; the limit is {max_bytes}")
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -343,3 +352,47 @@ def receipt(msg_id: str, to: str, seq: int, status: str) -> dict[str, Any]:
 def receipts(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Several receipts for one sender in one payload (senders that sent with "receipts": "batch")."""
     return {"kind": "receipts", "receipts": items}
+
+
+def page_fit(messages: list[dict[str, Any]], budget: int = REPLY_PAYLOAD_MAX - PAGE_ENVELOPE_MAX) -> int:
+    """How many of ``messages`` (from the first) fit in a page's ``budget`` bytes: at least one, so a
+    page is never empty while messages wait. One encode() of the list answers for ordinary pages (0.2 ms
+    for 500 chat messages here); only a page that does not fit is measured entry by entry."""
+    if len(encode(messages)) <= budget:  # type: ignore[arg-type]
+        return len(messages)
+    size = 0
+    for i, m in enumerate(messages):
+        size += len(encode(m)) + 1  # the entry and its comma
+        if size > budget:
+            return max(i, 1)
+    return len(messages)
+
+
+def fit_count(payload: dict[str, Any], limit: int = REPLY_PAYLOAD_MAX) -> dict[str, Any]:
+    """A count payload cut to at most ``limit`` bytes. A count has one entry per sender, and a receiver
+    with thousands of senders waiting would pass the limit: the previews of the senders whose newest
+    message is oldest go first, then (if still too large) the senders with the fewest messages leave
+    ``by_sender``, and ``senders_cut`` says how many left. ``total`` always counts everything."""
+    if len(encode(payload)) <= limit:
+        return payload
+    previews, by_sender = payload.get("previews", {}), payload.get("by_sender", {})
+    size = len(encode({**payload, "previews": {}, "by_sender": {}, "senders_cut": 0}))
+    preview_size = {k: len(encode({k: v})) - 1 for k, v in previews.items()}  # the entry and its comma
+    sender_size = {k: len(encode({k: v})) - 1 for k, v in by_sender.items()}
+    size += sum(preview_size.values()) + sum(sender_size.values())
+    keep_previews = dict(previews)
+    for k in sorted(previews, key=lambda k: previews[k].get("seq", 0) if isinstance(previews[k], dict) else 0):
+        if size <= limit:
+            break
+        del keep_previews[k]
+        size -= preview_size[k]
+    keep_senders = dict(by_sender)
+    for k in sorted(by_sender, key=lambda k: by_sender[k]):
+        if size <= limit:
+            break
+        del keep_senders[k]
+        size -= sender_size[k]
+    out = {**payload, "by_sender": keep_senders, "previews": keep_previews}
+    if len(keep_senders) < len(by_sender):
+        out["senders_cut"] = len(by_sender) - len(keep_senders)
+    return out

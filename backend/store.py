@@ -370,6 +370,7 @@ class Store:
             "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
                       f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
+            "waiting": f"SELECT 1 FROM message WHERE seq = {q}",
             # Pages: page_query's text, its parameters (receiver, [from,] limit) given per pull.
             **{f"page_{order}{'_from' if from_uid else ''}": page_query("", 1, "" if from_uid else None, order).sql()[0]
                for order in p.PULL_ORDERS for from_uid in (False, True)},
@@ -377,6 +378,12 @@ class Store:
 
     def _first(self, sender: str, msg_id: str) -> tuple[int, str] | None:
         return self.db.execute_sql(self._sql["first"], (sender, msg_id)).fetchone()
+
+    def _duplicate(self, op: core.StoreMessage, first: tuple[int, str]) -> core.Stored:
+        """A `duplicate` outcome, saying whether the first message still waits (the core then makes
+        sure its receiver, if online, hears of it)."""
+        waiting = self.db.execute_sql(self._sql["waiting"], (first[0],)).fetchone() is not None
+        return core.Stored(op, first[0], duplicate=True, to=first[1], waiting=waiting)
 
     def _known(self, uid: str) -> bool:
         """Is ``uid`` an account? Positive answers are cached briefly (accounts are rarely removed)."""
@@ -394,7 +401,7 @@ class Store:
     def store_message(self, op: core.StoreMessage) -> core.Outcome:
         first = self._first(op.sender, op.msg_id)
         if first is not None:
-            return core.Stored(op, first[0], duplicate=True, to=first[1])
+            return self._duplicate(op, first)
         if self.known_accounts and not self._known(op.to):
             return core.Refused(op, "unknown_receiver", f"no user '{op.to}'")
         if self.quota is not None:
@@ -413,8 +420,7 @@ class Store:
         if inserted != 1:
             # Another worker stored the same (sender, msg_id) after our look-up: theirs wins.
             self.db.execute_sql(sql["unstore"], (seq,))
-            first = self._first(op.sender, op.msg_id)
-            return core.Stored(op, first[0], duplicate=True, to=first[1])
+            return self._duplicate(op, self._first(op.sender, op.msg_id))
         return core.Stored(op, seq)
 
     def delete(self, receiver: str, seqs: Iterable[int]) -> tuple[core.DeletedRow, ...]:
@@ -476,13 +482,18 @@ class Store:
         params = (op.receiver, op.from_uid, op.limit + 1) if op.from_uid is not None else (op.receiver, op.limit + 1)
         rows = self.db.execute_sql(self._sql[name], params).fetchall()
         more = len(rows) > op.limit
-        rows = rows[:op.limit]
+        entries = [self._push_dict(r) for r in rows[:op.limit]]
+        # Cut by bytes too: the page must stay deliverable (REPLY_PAYLOAD_MAX, under every broker's limit).
+        fit = p.page_fit(entries)
+        if fit < len(entries):
+            entries, more = entries[:fit], True
+        rows = rows[:len(entries)]
         cursor = None
         if rows:
             cursor = secrets.token_hex(16)
             Page.insert(cursor=cursor, receiver_uid=op.receiver, seqs=",".join(str(r[0]) for r in rows),
                         created_at=now_ms(), acked=False).execute()
-        return core.Paged(op, tuple(self._push_dict(r) for r in rows), cursor, more, deleted)
+        return core.Paged(op, tuple(entries), cursor, more, deleted)
 
     def _push_dict(self, row: tuple) -> dict:
         """A page entry (or push) from a row of PAGE_FIELDS, its content opened if it was sealed."""

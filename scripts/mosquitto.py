@@ -13,7 +13,9 @@ or from a shell (Ctrl-C stops it):
 broker_config/mosquitto.conf is the base: its first active ``listener`` line becomes
 ``listener <port> <host>`` and persistence_location, password_file and acl_file point
 into a fresh temporary directory (a copy of broker_config/acl goes there, and a password
-file made with ``mosquitto_passwd -U``); every other line is used as written. Started as
+file made with ``mosquitto_passwd -U``); every other line is used as written, except those that
+``extra_config`` (``--set``) replaces: ``start_mosquitto(users, extra_config=["max_queued_messages 1000"])``
+puts Mosquitto's own default back in place of the base's 100,000, for instance. Started as
 root, Mosquitto drops its privileges to the user named by the config's ``user`` option
 (default ``mosquitto``), so the directory and its files are handed to that user.
 
@@ -78,13 +80,30 @@ def _directives(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def render_config(base: str, *, host: str, port: int, workdir: Path) -> str:
-    """The base config with its listener, persistence and auth paths moved to host:port and workdir."""
+def render_config(base: str, *, host: str, port: int, workdir: Path, open_: bool = False,
+                  extra: Iterable[str] = ()) -> str:
+    """The base config with its listener, persistence and auth paths moved to host:port and workdir.
+
+    ``open_``: as a Mosquitto left at its defaults for who may do what (anonymous clients allowed, no password
+    file, no ACL), to show what the worker and ``doctor`` say beside such a broker.
+    ``extra``: config lines (e.g. ``"max_queued_messages 1000"``) that replace the base's line with the
+    same keyword where it has one (in place), and are appended otherwise."""
+    overrides: dict[str, str] = {}
+    for line in extra:
+        keyword = line.strip().split()[0] if line.strip() else ""
+        if not keyword or keyword.startswith("#") or "\n" in line:
+            raise ValueError(f"extra config line {line!r}: one 'keyword value' line expected")
+        if keyword in ("listener", "persistence_location", "password_file", "acl_file"):
+            raise ValueError(f"extra config line {line!r}: {keyword} is set by scripts/mosquitto.py")
+        overrides[keyword] = line.strip()
     replace = {
         "persistence_location": f"persistence_location {workdir / 'data'}/",
         "password_file": f"password_file {workdir / 'passwd'}",
         "acl_file": f"acl_file {workdir / 'acl'}",
     }
+    if open_:
+        replace.update({"password_file": "# password_file dropped: open broker",
+                        "acl_file": "# acl_file dropped: open broker", "allow_anonymous": "allow_anonymous true"})
     lines, seen, listeners = [], set(), 0
     for keyword, line in _directives(base):
         if keyword == "listener":
@@ -99,12 +118,15 @@ def render_config(base: str, *, host: str, port: int, workdir: Path) -> str:
         elif keyword == "log_dest":
             # Whatever the base says, log to stderr, which start() sends to workdir/mosquitto.log.
             line = "log_dest stderr" if "log_dest" not in seen else "# second log_dest dropped"
+        elif keyword in overrides:
+            line = overrides.pop(keyword)
         seen.add(keyword)
         lines.append(line)
+    lines.extend(overrides.values())
     if listeners == 0:
         lines.append(f"listener {port} {host}")
     for keyword, line in replace.items():
-        if keyword not in seen:
+        if keyword not in seen and not line.startswith("#"):
             lines.append(line)
     if "persistence" not in seen:
         lines.append("persistence true")
@@ -252,11 +274,15 @@ class Mosquitto:
 
 def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port: int | None = None,
                     host: str = "127.0.0.1", config: Path | str = BASE_CONFIG, acl: Path | str = BASE_ACL,
-                    timeout: float = START_TIMEOUT_S) -> Mosquitto:
+                    timeout: float = START_TIMEOUT_S, open_: bool = False,
+                    extra_config: Iterable[str] = ()) -> Mosquitto:
     """Lay out a temporary directory, start Mosquitto on host:port (a free port if None) and return it.
 
-    ``users`` maps usernames to passwords; include the worker's account (im-worker).
+    ``users`` maps usernames to passwords; include the worker's account (im-worker). ``open_``: anonymous
+    clients allowed, no password file and no ACL (see render_config); ``users`` are then ignored.
+    ``extra_config``: lines that replace the base config's line with the same keyword, or are added.
     """
+    extra_config = list(extra_config)
     binary = find_mosquitto()
     if binary is None:
         raise FileNotFoundError("mosquitto not found (Debian: apt-get install mosquitto)")
@@ -268,13 +294,17 @@ def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, por
     try:
         (workdir / "data").mkdir()
         shutil.copyfile(acl, workdir / "acl")
-        write_password_file(workdir / "passwd", users)
+        if not open_:
+            write_password_file(workdir / "passwd", users)
         attempts = 1 if port is not None else 3  # a port picked by free_port() may be taken before we bind
         for attempt in range(attempts):
             chosen = port if port is not None else free_port(host)
-            (workdir / "mosquitto.conf").write_text(render_config(base, host=host, port=chosen, workdir=workdir),
+            (workdir / "mosquitto.conf").write_text(render_config(base, host=host, port=chosen, workdir=workdir,
+                                                                  open_=open_, extra=extra_config),
                                                     encoding="utf-8")
             for path in (workdir, workdir / "data", workdir / "acl", workdir / "passwd", workdir / "mosquitto.conf"):
+                if not path.exists():
+                    continue  # no password file for an open broker
                 os.chmod(path, 0o700 if path.is_dir() else 0o600)
                 if owner is not None:
                     os.chown(path, *owner)
@@ -306,11 +336,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="an account; repeat for each, e.g. --user alice:pw --user im-worker:secret")
     parser.add_argument("--config", default=str(BASE_CONFIG), help=f"base config (default: {BASE_CONFIG})")
     parser.add_argument("--acl", default=str(BASE_ACL), help=f"ACL file (default: {BASE_ACL})")
+    parser.add_argument("--open", action="store_true",
+                        help="anonymous clients allowed, no password file, no ACL: an INSECURE broker, as Mosquitto's "
+                             "defaults leave it (to try `python -m backend doctor` or the worker's warning)")
+    parser.add_argument("--set", action="append", default=[], metavar="'KEYWORD VALUE'", dest="extra",
+                        help="a config line replacing the base's line with that keyword (or added), e.g. "
+                             "--set 'max_queued_messages 1000'; repeat for more")
     args = parser.parse_args(argv)
-    if not args.user:
+    if not args.user and not args.open:
         parser.error("give at least one --user USER:PASSWORD (anonymous clients are refused)")
     try:
-        broker = start_mosquitto(args.user, port=args.port, host=args.host, config=args.config, acl=args.acl)
+        broker = start_mosquitto(args.user, port=args.port, host=args.host, config=args.config, acl=args.acl,
+                                 open_=args.open, extra_config=args.extra)
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

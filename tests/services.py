@@ -23,17 +23,18 @@ def require(available: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-def mosquitto(users: dict[str, str]):
-    """Start a Mosquitto with the project's config and these users (plus the worker's account)."""
+def mosquitto(users: dict[str, str], extra_config: tuple[str, ...] = ()):
+    """Start a Mosquitto with the project's config and these users (plus the worker's account);
+    ``extra_config`` lines replace the config's own (e.g. "max_queued_messages 1000")."""
     from scripts.mosquitto import find_mosquitto, start_mosquitto
     require(find_mosquitto() is not None, "mosquitto binary not installed")
-    return start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD})
+    return start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD}, extra_config=extra_config)
 
 
 class WorkerProcess(BackendProcess):
     """`python -m backend worker` beside a broker; start() returns once it is connected."""
 
-    def __init__(self, port: int, db_url: str, client_id: str = "im-worker", host: str = "127.0.0.1",
+    def __init__(self, port: int, db_url: str, client_id: str | None = "im-worker", host: str = "127.0.0.1",
                  extra: list[str] | None = None, username: str | None = WORKER_USER, scheme: str = "mqtt"):
         super().__init__()
         self.port, self.db_url, self.client_id, self.host = port, db_url, client_id, host
@@ -42,7 +43,7 @@ class WorkerProcess(BackendProcess):
     def args(self) -> list[str]:
         user = f"{self.username}@" if self.username else ""
         return ["worker", "--broker", f"{self.scheme}://{user}{self.host}:{self.port}", "--database-url", self.db_url,
-                "--client-id", self.client_id, *self.extra]
+                *(["--client-id", self.client_id] if self.client_id else []), *self.extra]
 
     def env(self) -> dict:
         return {"IM_BROKER_PASSWORD": WORKER_PASSWORD}
@@ -71,7 +72,7 @@ class MosquittoWorkers:
         self.victim.kill()
 
     def start_worker(self) -> None:
-        # Same id: it resumes its own persistent session; traffic goes on while it starts.
+        # Same id (its session is clean: nothing of the dead one waits at the broker); traffic goes on meanwhile.
         self.victim.start(wait=False)
 
     def restart_broker(self) -> None:
@@ -101,6 +102,25 @@ def reachable(url: str) -> str | None:
         return None
     except (pw.OperationalError, pw.InterfaceError, ImportError) as e:
         return f"{url.split('://')[0]} not reachable at {url.split('@')[-1]}: {str(e).strip()[:120]}"
+
+
+class PrivateSchema:
+    """A PostgreSQL schema of its own for one test (``url`` selects it through search_path), dropped on close:
+    tests running at the same time on the shared database never see each other's tables."""
+
+    def __init__(self, base_url: str = POSTGRES_URL):
+        from playhouse.db_url import connect
+        why = reachable(base_url)
+        require(why is None, why or "")
+        self.name = f"im_test_{os.urandom(4).hex()}"
+        self._admin = connect(base_url)
+        self._admin.execute_sql(f"CREATE SCHEMA {self.name}")
+        sep = "&" if "?" in base_url else "?"
+        self.url = f"{base_url}{sep}options=-csearch_path%3D{self.name}"
+
+    def close(self) -> None:
+        self._admin.execute_sql(f"DROP SCHEMA IF EXISTS {self.name} CASCADE")
+        self._admin.close()
 
 
 def fresh_database(url: str):

@@ -38,9 +38,11 @@ def test_worker_has_what_it_needs_and_no_more():
     assert not acl.may(W, W, acl.PUBLISH, p.status_topic("bob"))
 
 
-def test_client_ids():
-    assert acl.owns_client_id("alice", "alice") and acl.owns_client_id("alice", "alice:phone")
-    assert not acl.owns_client_id("alice", "alice2") and not acl.owns_client_id("alice", "bob")
+def test_session_keys_are_scoped_by_user():
+    """Any client id is accepted on the embedded broker; the session key keeps users apart."""
+    keys = {acl.session_key(uid, cid) for uid in ("alice", "bob", "al") for cid in ("alice", "bob", "ice:bob", "", "!w")}
+    assert len(keys) == 15, "no two (user, client id) pairs share a session"
+    assert acl.session_key("bob", "alice").startswith("bob:") and not any(k.startswith("!") for k in keys)
 
 
 def test_presence_visibility_self():

@@ -36,13 +36,14 @@ def test_send_plans_a_store_and_publishes_nothing_before_commit():
     # Crash here (no after_commit): no receipt went out, so the sender resends; nothing was promised.
 
 
-def test_after_commit_receipt_then_push_when_online():
+def test_after_commit_push_then_receipt_when_online():
     d = core.Delivery()
     plan = d.plan([status("bob", "online"), send("alice", "bob", "m1")], T0)
     out = d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(plan.ops[1], 7)], T0)
-    assert [a.topic for a in out] == [p.reply_topic("alice"), p.inbox_topic("bob")]
-    assert out[0].payload == {"kind": "receipt", "msg_id": "m1", "to": "bob", "seq": 7, "status": "stored"}
-    assert out[1].payload["seq"] == 7 and out[1].payload["from"] == "alice"
+    # The push first: a worker killed between the two leaves the sender without a receipt, so it resends.
+    assert [a.topic for a in out] == [p.inbox_topic("bob"), p.reply_topic("alice")]
+    assert out[1].payload == {"kind": "receipt", "msg_id": "m1", "to": "bob", "seq": 7, "status": "stored"}
+    assert out[0].payload["seq"] == 7 and out[0].payload["from"] == "alice"
     assert d.pending_pushes == 1
 
 
@@ -63,8 +64,8 @@ def test_coming_online_announces_count_only_when_something_waits():
     out = d.after_commit([core.Counted(plan.ops[0], 3, {"alice": 3})], T0)
     assert out == [core.Publish(p.reply_topic("bob"), {"kind": "count", "total": 3, "by_sender": {"alice": 3},
                                                         "previews": {}, "expired": 0})]
-    # A repeated `online` (a retained replay) is not a new transition.
-    assert d.plan([status("bob", "online")], T0).ops == []
+    # A repeated `online` is announced too: the device may have dropped and reconnected unseen.
+    assert d.plan([status("bob", "online")], T0).ops == [core.CountBacklog("bob", None)]
 
 
 def test_duplicate_gets_duplicate_receipt_and_no_push():
@@ -86,8 +87,11 @@ def test_push_retransmitted_with_backoff_then_left_for_pull():
     assert d.tick(T0 + 299) == []           # second wait is doubled: 200 ms
     assert len(d.tick(T0 + 300)) == 1
     assert d.tick(T0 + 300 + 399) == []
-    assert d.tick(T0 + 700) == []           # retries exhausted: it waits for pull
-    assert d.pending_pushes == 0 and d.next_deadline() is None
+    assert d.tick(T0 + 700) == []           # retries exhausted: it waits for pull...
+    assert d.pending_pushes == 0
+    # ...and bob, still online, is told of it (rule: an exhausted push to an online receiver is announced).
+    assert d.next_deadline() == T0 + 700 and d.announcements_due(T0 + 700)
+    assert d.plan([], T0 + 700).ops == [core.CountBacklog("bob", None)]
 
 
 def test_ack_stops_retransmission_and_tells_the_sender():
@@ -166,7 +170,7 @@ def test_push_carries_the_senders_ts():
     d.plan([status("bob", "online")], T0)
     plan = d.plan([(p.send_topic("alice"), b'{"msg_id":"m","to":"bob","content":"x","ts":123}')], T0)
     out = d.after_commit([stored(plan.ops[0], 1)], T0)
-    assert out[1].payload["ts"] == 123 and out[1].payload["sent_at"] == T0
+    assert out[0].payload["ts"] == 123 and out[0].payload["sent_at"] == T0
 
 
 def test_presence_is_decided_at_the_messages_place_in_the_batch():
@@ -228,9 +232,9 @@ def test_batched_receipts_one_payload_per_sender_per_transaction():
     out = d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(ops[0], 1), stored(ops[1], 2), stored(ops[2], 3),
                           core.Stored(ops[3], 1, duplicate=True, to="bob")], T0)
     # carol (no opt-in) gets v1's single receipt; pushes go out in order; alice's receipts come last, together.
-    assert [a.topic for a in out] == [p.inbox_topic("bob"), p.reply_topic("carol"), p.inbox_topic("bob"),
+    assert [a.topic for a in out] == [p.inbox_topic("bob"), p.inbox_topic("bob"), p.reply_topic("carol"),
                                       p.inbox_topic("bob"), p.reply_topic("alice")]
-    assert out[1].payload == p.receipt("c1", "bob", 2, "stored")
+    assert out[2].payload == p.receipt("c1", "bob", 2, "stored")
     assert out[4].payload == {"kind": "receipts", "receipts": [
         p.receipt("a1", "bob", 1, "stored"), p.receipt("a2", "bob", 3, "stored"), p.receipt("a1", "bob", 1, "duplicate")]}
 
@@ -273,3 +277,188 @@ def test_batched_receipts_are_held_briefly_and_merged_across_transactions():
     third = d.plan([send_batched("alice", "bob", "a3")], T0 + 200)
     d.after_commit([stored(third.ops[0], 4)], T0 + 200)
     assert [r["msg_id"] for r in d.flush_receipts()[0].payload["receipts"]] == ["a3"]
+
+
+# --- announcements: no online receiver is left unaware of what waits for it --------------------------
+def counted(op, total, by_sender=None):
+    return core.Counted(op, total, by_sender or ({"alice": total} if total else {}))
+
+
+def announcement(uid, total):
+    return core.Publish(p.reply_topic(uid), {"kind": "count", "total": total,
+                                             "by_sender": {"alice": total} if total else {}, "previews": {},
+                                             "expired": 0})
+
+
+def test_every_online_is_announced_even_when_already_online():
+    d = core.Delivery()
+    first = d.plan([status("bob", "online")], T0)
+    assert d.after_commit([counted(first.ops[0], 2)], T0) == [announcement("bob", 2)]
+    # bob dropped without the worker noticing (no will yet) and came back: the same `online` again.
+    again = d.plan([status("bob", "online")], T0 + 5)
+    assert again.ops == [core.CountBacklog("bob", None)]
+    assert d.after_commit([counted(again.ops[0], 2)], T0 + 5) == [announcement("bob", 2)]
+    # Nothing waits: no announcement, and nothing more is planned for bob.
+    third = d.plan([status("bob", "online")], T0 + 6)
+    assert d.after_commit([counted(third.ops[0], 0)], T0 + 6) == []
+    assert d.next_deadline() is None
+
+
+def test_exhausted_pushes_announce_once_per_gap_and_only_to_online_receivers():
+    d = core.Delivery(ack_timeout_ms=100, max_retries=0, announce_min_gap_ms=1000)
+    plan = d.plan([status("bob", "online"), status("carol", "online"), send("alice", "bob", "m1"),
+                   send("alice", "bob", "m2"), send("alice", "carol", "m3")], T0)
+    d.after_commit([counted(plan.ops[0], 0), counted(plan.ops[1], 0), stored(plan.ops[2], 1), stored(plan.ops[3], 2),
+                    stored(plan.ops[4], 3)], T0)
+    d.plan([status("carol", "offline")], T0 + 1)
+    assert d.due(T0 + 100) == [] and d.pending_pushes == 0  # no retries: all exhausted at the first deadline
+    # One announcement for bob's two exhausted pushes; none for carol, who went offline.
+    assert d.announcements_due(T0 + 100)
+    assert d.plan([], T0 + 100).ops == [core.CountBacklog("bob", None)]
+    assert not d.announcements_due(T0 + 100)
+    # Another push to bob runs out 200 ms later: its announcement waits for the 1 s gap.
+    later = d.plan([send("alice", "bob", "m4")], T0 + 200)
+    d.after_commit([stored(later.ops[0], 4)], T0 + 200)
+    d.due(T0 + 300)
+    assert not d.announcements_due(T0 + 999) and d.next_deadline() == T0 + 1100
+    assert d.plan([], T0 + 1100).ops == [core.CountBacklog("bob", None)]
+
+
+def test_untracked_push_past_the_table_bound_is_announced(monkeypatch):
+    monkeypatch.setattr(core, "PENDING_PUSH_MAX", 1)
+    d = core.Delivery()
+    plan = d.plan([status("bob", "online"), send("alice", "bob", "m1"), send("alice", "bob", "m2")], T0)
+    d.after_commit([counted(plan.ops[0], 0), stored(plan.ops[1], 1), stored(plan.ops[2], 2)], T0)
+    assert d.pending_pushes == 1  # m2 was pushed but is not tracked: no retransmission for it...
+    assert d.plan([], T0).ops == [core.CountBacklog("bob", None)]  # ...so bob is told instead
+
+
+def test_duplicate_of_a_message_still_waiting_announces_it():
+    d = core.Delivery()
+    d.after_commit([counted(d.plan([status("bob", "online")], T0).ops[0], 0)], T0)
+    resend = d.plan([send("alice", "bob", "m1")], T0 + 1).ops[0]
+    # Stored by a worker that died before pushing: still waiting, not pushed by us. bob must hear of it.
+    out = d.after_commit([core.Stored(resend, 9, duplicate=True, to="bob", waiting=True)], T0 + 1)
+    assert out == [core.Publish(p.reply_topic("alice"), p.receipt("m1", "bob", 9, "duplicate"))]
+    assert d.plan([], T0 + 1).ops == [core.CountBacklog("bob", None)]
+    # Already acked (not waiting): nothing to tell.
+    d2 = core.Delivery()
+    d2.plan([status("bob", "online")], T0)
+    d2.after_commit([core.Stored(resend, 9, duplicate=True, to="bob", waiting=False)], T0 + 1)
+    assert not d2.announcements_due(T0 + 1)
+    # Receiver offline: it is announced when it comes online anyway.
+    d3 = core.Delivery()
+    d3.after_commit([core.Stored(resend, 9, duplicate=True, to="bob", waiting=True)], T0 + 1)
+    assert not d3.announcements_due(T0 + 1)
+
+
+def test_duplicate_of_a_push_we_are_retransmitting_announces_nothing():
+    d = core.Delivery()
+    plan = d.plan([status("bob", "online"), send("alice", "bob", "m1")], T0)
+    d.after_commit([counted(plan.ops[0], 0), stored(plan.ops[1], 9)], T0)
+    resend = d.plan([send("alice", "bob", "m1")], T0 + 1).ops[0]  # alice lost her receipt
+    d.after_commit([core.Stored(resend, 9, duplicate=True, to="bob", waiting=True)], T0 + 1)
+    assert not d.announcements_due(T0 + 1)  # our own retransmission covers it
+
+
+def test_announcement_repeated_with_backoff_while_nothing_is_pulled():
+    d = core.Delivery(announce_repeat_ms=1000, announce_repeat_max_ms=4000)
+    plan = d.plan([status("bob", "online")], T0)
+    assert d.after_commit([counted(plan.ops[0], 3)], T0) == [announcement("bob", 3)]
+    now, repeats = T0, []
+    for _ in range(4):  # the announcements are dropped by the broker: bob never pulls
+        now = d.next_deadline()
+        assert d.announcements_due(now) and not d.announcements_due(now - 1)
+        repeats.append(now)
+        plan = d.plan([], now)
+        assert plan.ops == [core.CountBacklog("bob", None)]
+        assert d.after_commit([counted(plan.ops[0], 3)], now) == [announcement("bob", 3)]
+    assert [b - a for a, b in zip([T0] + repeats, repeats)] == [1000, 2000, 4000, 4000]  # doubling, capped
+
+
+def test_announcement_repeats_stop_on_empty_backlog_pull_or_offline():
+    def watched(**kw):
+        d = core.Delivery(announce_repeat_ms=1000, **kw)
+        plan = d.plan([status("bob", "online")], T0)
+        d.after_commit([counted(plan.ops[0], 3)], T0)
+        assert d.next_deadline() == T0 + 1000
+        return d
+
+    def req(d, body, at):
+        return d.plan([(p.req_topic("bob"), json.dumps(body).encode())], at).ops[0]
+
+    # A pull that brings messages: bob knows; he is reminded only after 1 s of silence from then.
+    d = watched()
+    pull = req(d, {"req_id": "r1", "op": "pull"}, T0 + 500)
+    d.after_commit([core.Paged(pull, ({"seq": 1},), "c", True)], T0 + 500)
+    assert not d.announcements_due(T0 + 1000) and d.next_deadline() == T0 + 1500
+    # The empty last page of a drain ends it.
+    last = req(d, {"req_id": "r2", "op": "pull", "ack": "c"}, T0 + 600)
+    d.after_commit([core.Paged(last, (), None, False)], T0 + 600)
+    assert d.next_deadline() is None
+    # A count that finds nothing ends it; one that finds something postpones it like a pull.
+    d = watched()
+    count = req(d, {"req_id": "r3", "op": "count"}, T0 + 200)
+    d.after_commit([counted(count, 3)], T0 + 200)
+    assert d.next_deadline() == T0 + 1200
+    d.after_commit([counted(count, 0)], T0 + 300)
+    assert d.next_deadline() is None
+    # Going offline ends it (the next `online` is announced anyway).
+    d = watched()
+    d.plan([status("bob", "offline")], T0 + 10)
+    assert d.next_deadline() is None and d.plan([], T0 + 5000).ops == []
+    # A page filtered by sender that comes back empty says nothing about the rest: still watched.
+    d = watched()
+    only_carol = req(d, {"req_id": "r4", "op": "pull", "from": "carol"}, T0 + 100)
+    d.after_commit([core.Paged(only_carol, (), None, False)], T0 + 100)
+    assert d.next_deadline() == T0 + 1000
+
+
+def test_worker_reconnect_forgets_announcements():
+    d = core.Delivery(announce_repeat_ms=1000)
+    plan = d.plan([status("bob", "online")], T0)
+    d.after_commit([counted(plan.ops[0], 3)], T0)
+    d.reset_presence()  # the retained statuses replayed after the reconnect announce afresh
+    assert d.next_deadline() is None and d.plan([], T0 + 5000).ops == []
+
+
+def test_page_fit_cuts_by_bytes_but_keeps_at_least_one():
+    small = [{"kind": "msg", "seq": i, "content": "hi"} for i in range(500)]
+    assert p.page_fit(small) == 500  # one encode of the whole page answers
+    big = [{"kind": "msg", "seq": i, "content": "\x01" * 1000} for i in range(10)]  # 6,000+ bytes each escaped
+    assert p.page_fit(big, budget=20_000) == 3
+    assert p.page_fit(big, budget=100) == 1  # one entry larger than the budget still makes a page
+    assert p.page_fit([], budget=100) == 0
+
+
+def test_count_of_thousands_of_senders_is_cut_to_the_reply_limit():
+    senders = {f"user{i:05d}": 1 + i % 3 for i in range(5000)}
+    previews = {u: {"seq": i, "type": "text", "content": "\x01" * 100, "sent_at": T0} for i, u in enumerate(senders)}
+    d = core.Delivery()
+    plan = d.plan([(p.req_topic("bob"), b'{"req_id":"c","op":"count"}')], T0)
+    (out,) = d.after_commit([core.Counted(plan.ops[0], sum(senders.values()), senders, previews)], T0)
+    body = out.payload
+    assert len(p.encode(body)) <= p.REPLY_PAYLOAD_MAX and body["total"] == sum(senders.values())
+    assert body["req_id"] == "c" and "senders_cut" not in body  # every sender kept; previews cut
+    assert len(body["by_sender"]) == 5000 and 0 < len(body["previews"]) < 5000
+    assert "user04999" in body["previews"] and "user00000" not in body["previews"]  # the newest kept
+    # Small counts are left exactly as they are.
+    small = {"kind": "count", "total": 1, "by_sender": {"a": 1}, "previews": {}, "expired": 0}
+    assert p.fit_count(small) is small
+    # By_sender alone past the limit: the senders with the fewest messages go, and it says how many.
+    many = {f"s{i:06d}" + "x" * 40: i for i in range(1, 30_000)}
+    cut = p.fit_count({"kind": "count", "total": sum(many.values()), "by_sender": many, "previews": {}, "expired": 0})
+    assert len(p.encode(cut)) <= p.REPLY_PAYLOAD_MAX and cut["senders_cut"] == 30_000 - 1 - len(cut["by_sender"])
+    assert min(cut["by_sender"].values()) > max(set(many.values()) - set(cut["by_sender"].values()))
+
+
+def test_batched_receipts_are_split_to_stay_under_the_reply_limit():
+    d = core.Delivery(receipt_delay_ms=10, send_rate=0)
+    sends = [(p.send_topic("alice"), json.dumps({"msg_id": "m" * 60 + f"{i:05d}", "to": "bob", "content": "x",
+                                                 "receipts": "batch"}).encode()) for i in range(2500)]
+    plan = d.plan(sends, T0)
+    d.after_commit([stored(op, i + 1) for i, op in enumerate(plan.ops)], T0)
+    out = d.flush_receipts(T0 + 10)
+    assert [len(a.payload["receipts"]) for a in out] == [1000, 1000, 500]
+    assert all(len(p.encode(a.payload)) <= p.REPLY_PAYLOAD_MAX for a in out)
+    assert [r["seq"] for a in out for r in a.payload["receipts"]] == list(range(1, 2501))  # in order, all

@@ -44,8 +44,8 @@ WAIT_S = 15.0
 class WorkerProcess:
     """``python -m backend worker`` beside the broker, its output in a log file."""
 
-    def __init__(self, port: int, database: Path, log_path: Path):
-        self.port, self.database, self.log_path = port, database, log_path
+    def __init__(self, port: int, database: Path, log_path: Path, extra: tuple[str, ...] = ()):
+        self.port, self.database, self.log_path, self.extra = port, database, log_path, extra
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProcess":
@@ -56,7 +56,7 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "backend", "worker",
                "--broker", f"mqtt://im-worker@127.0.0.1:{self.port}",
                "--database-url", f"sqlite:///{self.database}",
-               "--client-id", WORKER_CLIENT_ID]
+               "--client-id", WORKER_CLIENT_ID, *self.extra]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -254,7 +254,8 @@ def test_worker_sigkill_loses_nothing(broker, worker, clients):
     done_at_kill, sent_at_kill = sum(o.done.is_set() for o in outs), len(outs)
     sender.join(WAIT_S)
     assert len(outs) == n
-    # Mosquitto kept the rest for the persistent session: the un-PUBACKed ones are sent again.
+    # The worker's session is clean: what it had not PUBACKed, and what arrived while it was down, is gone
+    # from the broker; alice's client resends every send that got no receipt.
     worker.start()
 
     for o in outs:
@@ -277,8 +278,12 @@ def test_worker_sigkill_loses_nothing(broker, worker, clients):
     assert bob.count(WAIT_S)["total"] == 0
 
 
-def test_broker_restart_keeps_the_worker_session(broker, worker, clients):
-    """persistence true: what Mosquitto queued for the offline worker survives a broker restart."""
+def test_broker_restart_keeps_the_worker_session(broker, worker, clients, tmp_path):
+    """--persistent-session with persistence true: what Mosquitto queued for the offline worker survives a
+    broker restart."""
+    worker.stop()  # the fixture's worker has a clean session: nothing of it stays
+    worker = WorkerProcess(broker.port, tmp_path / "im.db", tmp_path / "worker.log",
+                           extra=("--persistent-session",)).start()
     worker.stop()  # clean DISCONNECT: its persistent session stays, and queues from now on
     # A raw publisher, so no client resend can stand in for what the broker kept.
     raw = RawSubscriber("alice", broker.port, client_id="alice:raw")
@@ -302,3 +307,4 @@ def test_broker_restart_keeps_the_worker_session(broker, worker, clients):
     bob = clients("bob", auto_sync=False)
     assert bob.count(WAIT_S)["total"] == len(ids)
     assert [m["msg_id"] for m in bob.drain()] == ids
+    worker.stop()

@@ -1,5 +1,5 @@
-"""Beside any broker, beyond one machine: several workers on Mosquitto + PostgreSQL, the machine's own
-unconfigured Mosquitto, metrics and the health check."""
+"""Beside any broker, beyond one machine: several workers on Mosquitto + PostgreSQL, an unconfigured
+Mosquitto, metrics and the health check."""
 
 from __future__ import annotations
 
@@ -50,39 +50,61 @@ def test_three_workers_on_mariadb_one_killed_mid_load(capsys):
     _scale_out(MYSQL_URL, capsys)
 
 
-def test_beside_the_machines_own_unconfigured_mosquitto(db_url):
-    """The machine's Mosquitto at 127.0.0.1:1883 (anonymous, no ACL): the worker works beside it."""
-    import socket
-    try:
-        socket.create_connection(("127.0.0.1", 1883), timeout=2).close()
-    except OSError:
-        require(False, "no MQTT broker at 127.0.0.1:1883")
+def test_beside_an_unconfigured_mosquitto(db_url):
+    """A Mosquitto as a user's own often is (anonymous allowed, no ACL): the worker works beside it, says
+    loudly that it is insecure, and leaves no session behind (its session is clean)."""
+    from scripts.mosquitto import find_mosquitto, start_mosquitto
+    require(find_mosquitto() is not None, "mosquitto binary not installed")
+    broker = start_mosquitto({}, open_=True)  # private, on a free port: tests never touch the machine's 1883
+    port = broker.port
     tag = os.urandom(3).hex()
     alice, bob = f"alice-{tag}", f"bob-{tag}"
-    worker = WorkerProcess(1883, db_url, client_id=f"im-worker-test-{tag}", username=None,
+    worker_id = f"im-worker-test-{tag}"
+    worker = WorkerProcess(port, db_url, client_id=worker_id, username=None,
                            extra=["--share-group", f"g{tag}"]).start()
     clients = []
     try:
-        b = IMClient(bob, port=1883).connect()
-        a = IMClient(alice, port=1883).connect()
+        b = IMClient(bob, port=port).connect()
+        a = IMClient(alice, port=port).connect()
         clients += [a, b]
         out = a.send(bob, "hello beside mosquitto")
         assert out.wait(10)["status"] == "stored"
         assert b.wait_for_messages(1) and out.delivered.wait(10)
         b.close()
         a.send(bob, "while you were away").wait(10)
-        b2 = IMClient(bob, port=1883, auto_sync=False).connect()
+        b2 = IMClient(bob, port=port, auto_sync=False).connect()
         clients.append(b2)
         assert b2.count()["by_sender"] == {alice: 1}
         assert [m["content"] for m in b2.drain()] == ["while you were away"]
+        assert worker.wait_log("does NOT enforce the per-user rights", 10)
+        for c in clients:
+            c.kill()
+        assert worker.stop() == 0
+        # Nothing of the worker stays at the broker: its client id finds no session.
+        assert not _session_present(port, worker_id)
     finally:
         for c in clients:
             c.kill()
-        worker.stop()
-        # Leave the shared broker as we found it: clear our retained statuses.
-        import paho.mqtt.publish as publish
-        publish.multiple([{"topic": f"im/status/{u}", "payload": b"", "retain": True, "qos": 1}
-                          for u in (alice, bob)], hostname="127.0.0.1", port=1883)
+        worker.kill()
+        broker.close()
+
+
+def _session_present(port: int, client_id: str) -> bool:
+    """Connect once with clean session off and read the CONNACK's session-present flag (then remove the
+    session that connection made, with a clean one)."""
+    import threading
+    import paho.mqtt.client as mqtt
+    flags: list[bool] = []
+    for clean in (False, True):
+        done = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+        c.on_connect = lambda cl, u, f, rc, pr: (flags.append(f.session_present), done.set())
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        assert done.wait(10)
+        c.disconnect()
+        c.loop_stop()
+    return flags[0]
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -222,3 +222,19 @@ def test_batched_receipts_flag_is_kept_with_the_row_until_the_ack(store):
     (page,) = store.apply([pull("bob")])
     (done,) = store.apply([pull("bob", ack=page.cursor)])
     assert [(r.msg_id, r.batch_receipts) for r in done.deleted] == [("a", False), ("b", True)]
+
+
+def test_pages_are_cut_by_bytes_and_always_hold_one(store):
+    from backend import protocol as p
+    big = '"\x01' * 30_000  # 60,000 bytes that JSON escapes to 240,000: 7 of them make 1.68 MB
+    store.apply([core.StoreMessage(sender="alice", msg_id=str(i), to="bob", type="text", content=big, ts=None,
+                                   sent_at=1000) for i in range(7)])
+    (first,) = store.apply([pull("bob", limit=100)])
+    assert len(first.messages) == 4 and first.more  # cut by bytes, not by the limit: `more` says so
+    (payload,) = [a.payload for a in core.Delivery().after_commit([first], 0)]
+    assert p.REPLY_PAYLOAD_MAX - 250_000 < len(p.encode(payload)) <= p.REPLY_PAYLOAD_MAX
+    (second,) = store.apply([pull("bob", limit=100, ack=first.cursor)])
+    assert [m["msg_id"] for m in second.messages] == ["4", "5", "6"] and not second.more
+    assert all(m["content"] == big for m in first.messages + second.messages)
+    (last,) = store.apply([pull("bob", ack=second.cursor)])
+    assert last.messages == () and Message.select().count() == 0

@@ -16,8 +16,11 @@ last one's publishes, and the next batch is larger for it: the bench measured 25
 throughput than one thread doing both, and far less latency than paho's network thread plus a
 worker thread exchanging every packet through a queue. Outgoing packets are queued by paho
 and written with one send() per pass (``_Client._packet_write``).
-The session is persistent (clean_session off, fixed client id) so the broker keeps what arrives
-while the worker is away.
+The session is clean by default: a worker that dies or is retired leaves the shared-subscription group
+at once, so no payload waits for it at the broker. What was in flight to it is recovered by the senders'
+retransmissions (the reference client resends until answered) and by count announcements.
+``clean_session=False`` (``worker --persistent-session``) keeps a persistent session instead, for one
+worker whose raw publishers never resend; see broker_config/README.md for its trade-off.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
@@ -55,6 +59,13 @@ NETWORK_WAIT_S = 1.0
 # Reconnect backoff bounds, as paho's defaults (1 s doubling to 120 s), capped lower: a chat worker
 # that waits 2 minutes after a broker restart leaves every user waiting too.
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 16
+# A connection the broker closes this soon after its CONNACK (with no error on our side) is a quick drop.
+# Mosquitto closes the older of two connections with one client id at once (a session takeover); 10 s is far
+# shorter than any keepalive, so a lost network link rarely looks like one.
+QUICK_DROP_S = 10.0
+# After this many quick drops in a row the worker says that another client is taking its client id: one or
+# two could be a broker restart; three within seconds of each connect is two workers fighting over one id.
+TAKEOVER_DROPS = 3
 # When the database is unavailable, retry the batch (unacked) no faster than this, up to the max.
 DB_RETRY_MIN_S, DB_RETRY_MAX_S = 0.2, 5.0
 # Housekeeping (expiry, old cursors, remembered msg_ids) runs this often: a message expires at most
@@ -107,6 +118,71 @@ def parse_broker_url(url: str, password: str | None = None, ca_file: str | None 
     return BrokerAddress(host=u.hostname or "127.0.0.1", port=u.port or (8883 if tls else 1883),
                          username=unquote(u.username) if u.username else None,
                          password=unquote(u.password) if u.password else password, tls=tls, ca_file=ca_file)
+
+
+def describe_op(op: core.Operation) -> str:
+    """A store operation for a log line: kind, ids and sizes, never the content (users' private data)."""
+    if isinstance(op, core.StoreMessage):
+        return (f"message msg_id={op.msg_id!r} from {op.sender} to {op.to} "
+                f"(type {op.type!r}, {len(op.content)} characters of content)")
+    if isinstance(op, core.DeleteAcked):
+        return f"ack of {len(op.seqs)} seqs by {op.receiver}"
+    if isinstance(op, core.CountBacklog):
+        return f"count for {op.receiver}"
+    if isinstance(op, core.PullPage):
+        return f"pull of up to {op.limit} for {op.receiver}"
+    return type(op).__name__
+
+
+def log_bug(message: str, *args) -> None:
+    """Log the exception being handled as ERROR with its type and stack but not its text: an exception raised
+    on a payload may quote it (a decode error, a driver's "Incorrect string value"), and content never goes to
+    a log line."""
+    import sys
+    import traceback
+    exc_type, _, tb = sys.exc_info()
+    stack = "".join(traceback.format_tb(tb)).rstrip()
+    log.error(message + " (%s; its message is not logged, it may quote the payload)\n%s", *args,
+              getattr(exc_type, "__name__", "?"), stack)
+
+
+def describe_db_error(error: BaseException) -> str:
+    """A database error's class and code, not its text: drivers quote the offending value in it (MariaDB's
+    "Incorrect string value: '\\xF0...' for column content"), which may be message content."""
+    code = getattr(error, "pgcode", None) or getattr(getattr(error, "orig", None), "pgcode", None)
+    if code is None and getattr(error, "args", None) and isinstance(error.args[0], int):
+        code = error.args[0]  # PyMySQL: (errno, text)
+    if code is None and error.__cause__ is not None:
+        return f"{type(error).__name__} ({type(error.__cause__).__name__})"
+    return type(error).__name__ + (f" (code {code})" if code is not None else "")
+
+
+def describe_outage(error: BaseException) -> str:
+    """A failed transaction's error for a log line: its first line (the lost connection, the lock timeout), unless
+    it quotes a value (MariaDB reports some bad values as OperationalError), then only its class and code."""
+    text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    if not text or "value" in text.lower() or "content" in text.lower():
+        return describe_db_error(error)
+    return text
+
+
+def refusal_message(broker: BrokerAddress, client_id: str, reason) -> str:
+    """One line for a CONNACK refusal: what the broker said and what to do about it."""
+    where = f"the broker at {broker.host}:{broker.port}"
+    code = getattr(reason, "value", None)
+    if code == 133:  # 3.1.1 return code 2: identifier rejected
+        return f"{where} refused the client id {client_id!r} ({reason}): pick another with --id or --client-id"
+    if code in (134, 135, 140):  # bad user name or password / not authorized / bad authentication method
+        if not broker.username:
+            return (f"{where} refused a login without a username ({reason}): give the worker's account in "
+                    f"--broker (mqtt://im-worker@{broker.host}:{broker.port}) and its password in "
+                    f"$IM_BROKER_PASSWORD or --password-file")
+        if broker.password is None:
+            return (f"{where} refused the login as {broker.username!r} ({reason}): no password was given; "
+                    f"set $IM_BROKER_PASSWORD or --password-file")
+        return (f"{where} refused the login as {broker.username!r} ({reason}): check the account in --broker and "
+                f"its password ($IM_BROKER_PASSWORD or --password-file) against the broker's password file")
+    return f"{where} refused the connection ({reason})"
 
 
 def configure_tls(client: mqtt.Client, address: BrokerAddress) -> None:
@@ -221,6 +297,7 @@ class _Batch:
     msgs: list
     kinds: dict[str, int]
     plan: core.Plan
+    gen: int = 0  # the connection its packets came on (Worker._inbox_gen); PUBACKed only on that one
     future: Future | None = None  # None: waiting to be (re)submitted at retry_at
     started: float = 0.0
     retry_at: float = 0.0
@@ -230,12 +307,18 @@ class _Batch:
 class Worker:
     def __init__(self, broker: BrokerAddress, store: Store, *, client_id: str = "im-worker",
                  delivery: core.Delivery | None = None, skip_retained: bool = True,
-                 share_group: str | None = None, metrics: Metrics | None = None):
+                 share_group: str | None = None, metrics: Metrics | None = None,
+                 clean_session: bool = True, on_fatal: Callable[[str], None] | None = None):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
         retained publishes itself, and amqtt flags its replay of queued messages retain=1, so
-        `serve` passes False."""
+        `serve` passes False.
+
+        ``clean_session``: True (the default) leaves the broker nothing of this worker once it is gone;
+        False keeps a persistent session under ``client_id`` (see the module docstring).
+        ``on_fatal(message)``: if given, a login the broker refuses before the worker ever connected stops
+        the worker and is handed to it (one line saying what to do) instead of being retried."""
         self.broker = broker
         self.store = store
         self.core = delivery or core.Delivery()
@@ -256,11 +339,26 @@ class Worker:
         self._purging = None  # Store.purge_chunks() in progress, stepped on the store thread
         self._reconnect_wait = float(RECONNECT_MIN_S)
         self._next_connect = 0.0  # monotonic time of the next connection attempt
+        self.on_fatal = on_fatal
+        self.fatal: str | None = None  # why the worker gave up (a refused first login), else None
+        self._ever_connected = False
+        self._session_up = False  # a CONNACK accepted and no disconnect since (network thread only)
+        self._connected_at = 0.0
+        self._quick_drops = 0  # connections the broker closed within QUICK_DROP_S, in a row
+        self._unreachable_logged = False
+        # Connection generations: _conn_gen counts accepted CONNACKs; _inbox_gen counts the _CONNECTED markers
+        # taken from the inbox, so it is the generation of the packets now being planned. A packet id is only
+        # meaningful on the connection it came on: with a clean session the broker forgets what was in flight
+        # when the connection drops, and the same id may then name a new packet. A batch whose connection is
+        # gone is stored and answered but not PUBACKed.
+        self._conn_gen = 0
+        self._inbox_gen = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
         self._last_info: mqtt.MQTTMessageInfo | None = None
-        self.client = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+        self.clean_session = clean_session
+        self.client = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                                   protocol=mqtt.MQTTv311, manual_ack=True)
         if broker.username:
             self.client.username_pw_set(broker.username, broker.password)
@@ -276,10 +374,19 @@ class Worker:
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            log.error("broker refused the worker: %s", reason_code)
+            message = refusal_message(self.broker, self.client_id, reason_code)
+            if not self._ever_connected and self.on_fatal is not None:
+                self.fatal = message
+                self._stop.set()  # _run ends; the caller reports the one line and exits
+                self.on_fatal(message)
+                return
+            log.error("%s; retrying in %.0fs", message, max(0.0, self._next_connect - time.monotonic()))
             return
         set_nodelay(client)
-        self._reconnect_wait = float(RECONNECT_MIN_S)
+        self._ever_connected = self._session_up = True
+        self._unreachable_logged = False
+        self._connected_at = time.monotonic()
+        self._conn_gen += 1
         # The marker goes first so presence is reset before the retained statuses arrive.
         self._inbox.append(_CONNECTED)
         client.subscribe([(t, 1) for t in self.subscriptions])
@@ -290,8 +397,35 @@ class Worker:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
         self.metrics.connected.set(0)
-        if not self._stop.is_set():
+        if not self._connection_ended():
+            return  # a refused CONNECT: _on_connect said why
+        if self._stop.is_set():
+            return
+        wait = max(0.0, self._next_connect - time.monotonic())
+        if self._quick_drops >= TAKEOVER_DROPS:
+            # The backoff keeps growing meanwhile (_connection_ended resets it only after a stable connection).
+            log.error("the broker closed the connection %d times in a row within %.0fs of connecting (%s): "
+                      "another client is probably connected with this worker's client id %r (two workers with "
+                      "one --id?); give each worker its own --id; retrying in %.0fs", self._quick_drops,
+                      QUICK_DROP_S, reason_code, self.client_id, wait)
+        else:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _connection_ended(self) -> bool:
+        """Bookkeeping when an accepted connection ends (False if none was up): a connection that lived
+        QUICK_DROP_S resets the backoff; a shorter one counts as a quick drop and leaves it growing."""
+        if not self._session_up:
+            return False
+        self._session_up = False
+        if time.monotonic() - self._connected_at >= QUICK_DROP_S:
+            self._quick_drops = 0
+            self._reconnect_wait = float(RECONNECT_MIN_S)
+            self._next_connect = 0.0
+        else:
+            self._quick_drops += 1
+            # Back off from now, not from the last attempt: the connection may have lived longer than the wait.
+            self._next_connect = max(self._next_connect, time.monotonic() + self._reconnect_wait / 2)
+        return True
 
     def _on_message(self, client, userdata, msg):
         self._inbox.append(msg)
@@ -374,13 +508,21 @@ class Worker:
             self.client.reconnect()  # TCP (and TLS) connect and CONNECT; the CONNACK is read by _network
             set_nodelay(self.client)
         except Exception as e:  # noqa: BLE001 - refused, unreachable, TLS failure: all retried
-            log.warning("cannot reach the broker at %s:%s (%s); retrying in %.0fs", self.broker.host,
-                        self.broker.port, e, self._next_connect - now)
+            if not self._unreachable_logged:
+                self._unreachable_logged = True  # one line with what to do; then shorter ones per attempt
+                log.warning("cannot reach the broker at %s:%s (%s): is it running there, and are --broker "
+                            "(or $IM_BROKER_URL) and its port right? retrying in %.0fs, then with backoff up "
+                            "to %ds", self.broker.host, self.broker.port, e, self._next_connect - now,
+                            RECONNECT_MAX_S)
+            else:
+                log.warning("still cannot reach the broker at %s:%s (%s); retrying in %.0fs", self.broker.host,
+                            self.broker.port, e, self._next_connect - now)
 
     def _drop_connection(self) -> None:
         self.client._reset_sockets()  # paho's own clean-up (closes the socket); the next _network reconnects
         self.connected.clear()
         self.metrics.connected.set(0)
+        self._connection_ended()
 
     def _idle(self, seconds: float) -> None:
         """Wait, keeping the connection serviced (what arrives meanwhile waits in the inbox, unacked)."""
@@ -404,7 +546,9 @@ class Worker:
         next_sample = time.monotonic()
         while not self._stop.is_set():
             batch = self._batch
-            if batch is None and self._inbox:
+            # Announcements the core owes online receivers need a transaction (a count) even when
+            # nothing arrives; next_deadline() below wakes this loop when one falls due.
+            if batch is None and (self._inbox or self.core.announcements_due(now_ms())):
                 self._start_next()
             elif batch is not None and batch.future is None and time.monotonic() >= batch.retry_at:
                 self._submit(batch)  # the database failed this batch: try it again, still unacked
@@ -456,18 +600,19 @@ class Worker:
         inbox = self._inbox
         while inbox and inbox[0] is _CONNECTED:
             inbox.pop(0)
+            self._inbox_gen += 1
             self.core.reset_presence()
         n = 0
         while n < len(inbox) and n < BATCH_MAX and inbox[n] is not _CONNECTED:
             n += 1
         msgs = inbox[:n]
         del inbox[:n]
-        if not msgs:
+        if not msgs and not self.core.announcements_due(now_ms()):
             return
         try:
             batch = self._plan(msgs)
         except Exception:  # noqa: BLE001 - a bug in planning: isolate the poisonous packet
-            log.exception("planning a batch of %d failed; taking its packets one by one", len(msgs))
+            log_bug("planning a batch of %d failed; taking its packets one by one", len(msgs))
             self._one_by_one(msgs)
             return
         self._submit(batch)
@@ -487,7 +632,7 @@ class Worker:
                 log.warning("dropped a retained replay on %s (retained sends are not messages)", m.topic)
                 continue
             inbound.append((m.topic, m.payload))
-        return _Batch(msgs, kinds, self.core.plan(inbound, now))
+        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen)
 
     def _submit(self, batch: "_Batch") -> None:
         batch.started = time.perf_counter()
@@ -509,7 +654,7 @@ class Worker:
             batch.future, batch.retry_at = None, time.monotonic() + self._db_failed(batch, e)
             self._batch = batch  # resubmitted by _run at retry_at; the network stays served meanwhile
         except Exception:  # noqa: BLE001 - a bug (not the database): isolate the poisonous packet
-            log.exception("batch of %d failed; retrying its packets one by one", len(batch.msgs))
+            log_bug("batch of %d failed; retrying its packets one by one", len(batch.msgs))
             self._one_by_one(batch.msgs)
 
     def _complete(self, batch: "_Batch") -> None:
@@ -524,16 +669,22 @@ class Worker:
         actions = self.core.after_commit(outcomes, now_ms())
         self.metrics.pushed.inc(sum(1 for a in actions if a.payload.get("kind") == "msg"))
         self._publish(actions)
-        for m in batch.msgs:
-            if m.qos > 0:
-                self.client.ack(m.mid, m.qos)
+        if self._may_ack(batch.gen):
+            for m in batch.msgs:
+                if m.qos > 0:
+                    self.client.ack(m.mid, m.qos)
+
+    def _may_ack(self, gen: int) -> bool:
+        """PUBACK only on the connection the packets came on (see _conn_gen); after a reconnect a clean
+        session's broker has forgotten them, and a persistent one's resends them (answered duplicate)."""
+        return self._session_up and gen == self._conn_gen
 
     def _db_failed(self, batch: "_Batch", error: Exception) -> float:
         """The database failed this batch's transaction: how long to wait before trying it again."""
         self.db_ok = False
         # A deadlock or lock timeout between workers is as transient as a lost connection: roll back,
         # keep the batch unacked, reconnect, try again after a pause that doubles up to the max.
-        log.warning("transaction failed (%s); retrying in %.1fs", error, batch.wait)
+        log.warning("transaction failed (%s); retrying in %.1fs", describe_outage(error), batch.wait)
         self._db_call_quietly(self._close_db)
         wait, batch.wait = batch.wait, min(batch.wait * 2, DB_RETRY_MAX_S)
         return wait
@@ -553,12 +704,12 @@ class Worker:
                     except (pw.OperationalError, pw.InterfaceError) as e:
                         self._idle(self._db_failed(batch, e))
             except Exception:  # noqa: BLE001
-                log.exception("dropped a packet on %s that the worker cannot process", getattr(item, "topic", "?"))
+                log_bug("dropped a packet on %s that the worker cannot process", getattr(item, "topic", "?"))
                 parsed = protocol.parse_topic(getattr(item, "topic", ""))
                 if parsed is not None and parsed.kind in protocol.CLIENT_TOPICS:
                     self._publish([core.Publish(protocol.reply_topic(parsed.uid), protocol.error_payload(
                         "internal_error", "the server could not process this payload; it was not stored"))])
-                if getattr(item, "qos", 0) > 0:
+                if getattr(item, "qos", 0) > 0 and self._may_ack(self._inbox_gen):
                     self.client.ack(item.mid, item.qos)
 
     # -- the store thread ----------------------------------------------------------
@@ -614,7 +765,8 @@ class Worker:
         try:
             return self.store.apply([op])[0]
         except (pw.IntegrityError, pw.DataError, pw.ProgrammingError, ValueError) as e:
-            log.error("store refused %r: %s", op, e)
+            # Ids and sizes only: the op holds the message itself, and content never goes to a log line.
+            log.error("store refused %s: %s", describe_op(op), describe_db_error(e))
             return core.Refused(op, "bad_request", "the store could not accept this payload")
 
     def _close_db(self) -> None:
