@@ -57,11 +57,12 @@ HEALTH_POLL_S = 0.1
 
 
 def _with(url: str, *, port: int | None = None, database: str | None = None, query: str = "") -> str:
-    """``url`` with another port, database or query string."""
+    """``url`` with another port or database, and ``query`` added to its query string."""
     u = urlparse(url)
     auth = u.netloc.rpartition("@")[0]
     netloc = f"{auth + '@' if auth else ''}{u.hostname}:{port or u.port or 5432}"
-    return urlunparse(u._replace(netloc=netloc, path=f"/{database}" if database else u.path, query=query))
+    return urlunparse(u._replace(netloc=netloc, path=f"/{database}" if database else u.path,
+                                 query="&".join(q for q in (u.query, query) if q)))
 
 
 class Admin:
