@@ -39,6 +39,8 @@ RESEND_TIMEOUT_S = 3.0
 # ...up to this many resends (sent 3, 9, 21, 45 and 75 s after the first; reported failed at 105 s).
 MAX_RESENDS = 5
 RESEND_WAIT_MAX_S = 30.0
+# MQTT keepalive: a dead link (no FIN, no RST) is noticed within 1-2x this; 30 s suits a phone's radio.
+KEEPALIVE_S = 30
 # Acks of pushes are gathered this long (or until ACK_BATCH seqs) and sent as one.
 ACK_DELAY_S = 0.05
 ACK_BATCH = 100
@@ -78,7 +80,8 @@ class IMClient:
                  messages: list[dict[str, Any]] | None = None, receiver: bool = True,
                  ack_delay: float = ACK_DELAY_S, tls: bool = False, ca_file: str | None = None,
                  transport: str = "tcp", batch_receipts: bool = True,
-                 on_message: Callable[[dict[str, Any]], None] | None = None, device: str = ""):
+                 on_message: Callable[[dict[str, Any]], None] | None = None, keepalive: int = KEEPALIVE_S,
+                 device: str = ""):
         """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
         user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
         likewise. ``receiver=False`` makes a send-only client (a sensor, or a second connection used only
@@ -97,6 +100,7 @@ class IMClient:
         self.resend_timeout, self.max_resends = resend_timeout, max_resends
         self.request_timeout, self.resend_wait_max = request_timeout, resend_wait_max
         self.ack_delay = ack_delay
+        self.keepalive = keepalive
         # Ask for batched receipts: one `receipts` payload per 10 ms of server work, not one per receipt.
         self.batch_receipts = batch_receipts
         self.on_message = on_message
@@ -147,7 +151,7 @@ class IMClient:
     # -- connection ------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> "IMClient":
         """Connect and wait until subscribed and announced online; raises ConnectionError if refused."""
-        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
         self.client.loop_start()
         if not self._helper.is_alive():
             self._helper.start()

@@ -37,6 +37,16 @@ class Metrics:
         self.rights_enforced.set(-1)
         # Configuration warnings found at start-up, one line each, shown in /healthz's body.
         self.notes: list[str] = []
+        # Push notifications (backend/push.py); no labels: a label would name a user or an endpoint.
+        self.push_sent = Counter("im_push_sent", "Push notifications accepted (2xx) by a push gateway", registry=r)
+        self.push_failed = Counter("im_push_failed", "Push notifications given up after retries or refused "
+                                   "(a 4xx other than 404/410)", registry=r)
+        self.push_dropped = Counter("im_push_dropped", "Push endpoints dropped: the gateway answered 404 or 410",
+                                    registry=r)
+        self.push_retries = Counter("im_push_retries", "Push POSTs retried (connection error, timeout, 408, 429, "
+                                    "5xx)", registry=r)
+        self.push_overflow = Counter("im_push_overflow", "Queued push notifications dropped because the queue "
+                                     "was full", registry=r)
         self.store_seconds = Histogram("im_store_batch_seconds", "Time of one batch's store transaction",
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
                                        registry=r)

@@ -535,6 +535,11 @@ class Store:
         return dict(Device.select(Device.device, Device.push_endpoint)
                     .where((Device.uid == uid) & Device.push_endpoint.is_null(False)).tuples())
 
+    def drop_push_endpoint(self, uid: str, device: str, endpoint: str) -> bool:
+        """Forget an endpoint its gateway called gone (404/410), unless the device registered another since."""
+        return bool(Device.update(push_endpoint=None).where(
+            (Device.uid == uid) & (Device.device == device) & (Device.push_endpoint == endpoint)).execute())
+
     def expire_devices(self, now: int | None = None, online: set[tuple[str, str]] = frozenset()) -> int:
         """Remove the devices silent for longer than the expiry age (never one in ``online``: their
         last_seen is refreshed first). Returns how many were removed."""

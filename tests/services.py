@@ -133,3 +133,64 @@ def fresh_database(url: str):
     drop_schema(db)
     create_schema(db)
     return db
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster of the installed version (initdb, pg_ctl) on a free port, for the
+    tests that stop the database server itself. As root it runs as the ``postgres`` system user
+    (PostgreSQL refuses to run as root). ``stop()`` is ``pg_ctl -m immediate``: a crash, with recovery
+    from the WAL at the next ``start()``."""
+
+    def __init__(self, port: int):
+        import shutil
+        import subprocess
+        import tempfile
+        self.port = port
+        self.bindir = self._bindir()
+        require(self.bindir is not None, "PostgreSQL server binaries (initdb, pg_ctl) not installed")
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                require(False, "running as root and there is no postgres user to run a private PostgreSQL as")
+            self.as_user = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", "postgres", "--"]
+        self.dir = tempfile.mkdtemp(prefix="im-pg-")  # in /tmp: pytest's tmp_path is closed to other users
+        if self.as_user:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run = lambda *args: subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=60)
+        r = self._run(f"{self.bindir}/initdb", "-D", f"{self.dir}/data", "-U", "postgres", "--auth=trust",
+                      "-E", "UTF8", "--no-sync")
+        if r.returncode != 0:
+            raise RuntimeError(f"initdb failed: {r.stdout}{r.stderr}")
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    @staticmethod
+    def _bindir() -> str | None:
+        import glob
+        import shutil
+        import subprocess
+        if shutil.which("pg_config"):
+            d = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+            if os.path.exists(f"{d}/initdb") and os.path.exists(f"{d}/pg_ctl"):
+                return d
+        for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):  # Debian keeps them here
+            if os.path.exists(f"{d}/initdb"):
+                return d
+        return None
+
+    def start(self) -> None:
+        r = self._run(f"{self.bindir}/pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/log", "-w", "-t", "30",
+                      "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+        if r.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {r.stdout}{r.stderr}")
+
+    def stop(self) -> None:
+        """Immediate shutdown: every backend killed at once, nothing flushed (recovery on the next start)."""
+        self._run(f"{self.bindir}/pg_ctl", "-D", f"{self.dir}/data", "-m", "immediate", "-w", "stop")
+
+    def close(self) -> None:
+        import shutil
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -25,7 +25,12 @@ override below names the amqtt 0.12.1 behaviour it corrects:
   that serves every client);
 * a malformed packet, or a PUBLISH amqtt will not serve (a wildcard or ``$`` topic),
   closes its connection with its will (amqtt read on from the middle of the packet, or
-  left the connection open and unserved).
+  left the connection open and unserved);
+* a broadcast walks a snapshot of the subscription table (amqtt iterates the live dict
+  across awaits, so a client subscribing or leaving meanwhile raised "dictionary changed
+  size during iteration" and the message was dropped for every subscriber), and a
+  delivery that fails (a PUBACK that never comes from a black-holed client) is one INFO
+  line, not an ERROR traceback per message.
 """
 
 from __future__ import annotations
@@ -419,6 +424,37 @@ class IMBroker(Broker):
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         # Already checked before the session table was touched (see _initialize_client_session).
         return bool(getattr(session, "_im_authenticated", False))
+
+    async def _run_broadcast(self, running_tasks: deque) -> None:
+        # amqtt 0.12.1's own loop body, over a snapshot of the subscriptions (see the module docstring).
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for k_filter, subscriptions in list(self._subscriptions.items()):
+            if not self._matches(topic, k_filter):
+                continue
+            for target_session, sub_qos in list(subscriptions):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    continue
+                state = target_session.transitions.state
+                if state != "connected":
+                    # Kept for an offline persistent session at QoS 1/2 (MQTT 3.1.2.4), as amqtt does.
+                    if not target_session.clean_session and qos in (1, 2) and not target_session.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+                handler = self._get_handler(target_session)
+                if handler:
+                    running_tasks.append(asyncio.ensure_future(
+                        self._deliver(handler, target_session, topic, broadcast["data"], qos)))
+
+    @staticmethod
+    async def _deliver(handler: Any, session: Session, topic: str, data: bytes, qos: int) -> None:
+        try:
+            await handler.mqtt_publish(topic, data, qos, retain=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the client's connection is failing; its own handler closes it
+            log.info("delivery on %s to client %s failed: %s", topic, session.client_id, type(e).__name__)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
         topic_filter, qos = subscription
