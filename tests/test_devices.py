@@ -192,6 +192,11 @@ def test_list_and_remove_devices(system, made):
     assert laptop.remove_device("old")["code"] == "unknown_device"
     assert laptop.request({"op": "remove_device", "device": "a.b"})["code"] == "bad_field"
     assert [d["device"] for d in laptop.devices()["devices"]] == ["laptop"]
+    answer = laptop.push_register("https://push.example.com/t/1")
+    assert (answer["kind"], answer["registered"]) == ("push", True)
+    assert laptop.devices()["devices"][0]["push"] is True
+    assert laptop.push_register("http://example.com/t")["code"] == "bad_endpoint"
+    assert laptop.push_register(None)["registered"] is False and laptop.devices()["devices"][0]["push"] is False
     back = system.client("hank", "old")
     made.append(back)
     assert back.wait_for(lambda: back.removed, 10), "a removed device is told when it returns"
