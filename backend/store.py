@@ -660,11 +660,15 @@ class Store:
             return ()
         q = self.db.param
         marks = ", ".join([q] * len(seqs))
-        # Lock the messages first (seq order: no deadlock between workers), so the last two entries of one
-        # message released at once by two workers always see each other's delete (see _release).
-        rows = {r[0]: r for r in self.db.execute_sql(
-            f"SELECT seq, sender_uid, msg_id, batch_receipts, sender_device, receiver_uid, delivered FROM message "
-            f"WHERE seq IN ({marks}) ORDER BY seq{_for_update(self.db)}", seqs).fetchall()}
+        columns = "seq, sender_uid, msg_id, batch_receipts, sender_device, receiver_uid, delivered"
+        sqlite = isinstance(self.db, pw.SqliteDatabase)
+        rows: dict[int, tuple] = {}
+        if not sqlite:
+            # Lock the messages first (seq order: no deadlock between workers), so the last two entries of one
+            # message released at once by two workers always see each other's delete (see _release). SQLite
+            # has one writer at a time: no lock, and one statement fewer on its hot path.
+            rows = {r[0]: r for r in self.db.execute_sql(
+                f"SELECT {columns} FROM message WHERE seq IN ({marks}) ORDER BY seq FOR UPDATE", seqs).fetchall()}
         where = f"uid = {q} AND device = {q} AND seq IN ({marks})"
         params = (receiver, device, *seqs)
         if self._returning:  # one statement instead of two
@@ -677,9 +681,21 @@ class Store:
             return ()
         found.sort()
         fmarks = ", ".join([q] * len(found))
-        left = len(found) - self.db.execute_sql(
-            f"DELETE FROM message WHERE seq IN ({fmarks}) AND NOT EXISTS "
-            "(SELECT 1 FROM entry WHERE entry.seq = message.seq)", found).rowcount
+        gone_sql = (f"DELETE FROM message WHERE seq IN ({fmarks}) AND NOT EXISTS "
+                    "(SELECT 1 FROM entry WHERE entry.seq = message.seq)")
+        if sqlite and self._returning:
+            gone = {r[0]: r for r in self.db.execute_sql(f"{gone_sql} RETURNING {columns}", found).fetchall()}
+            rows.update(gone)
+            rest = [s for s in found if s not in gone]
+            if rest:
+                rows.update((r[0], r) for r in self.db.execute_sql(
+                    f"SELECT {columns} FROM message WHERE seq IN ({', '.join([q] * len(rest))})", rest).fetchall())
+            left = len(rest)
+        else:
+            if sqlite:  # SQLite before 3.35: read them first
+                rows = {r[0]: r for r in self.db.execute_sql(
+                    f"SELECT {columns} FROM message WHERE seq IN ({fmarks})", found).fetchall()}
+            left = len(found) - self.db.execute_sql(gone_sql, found).rowcount
         out = []
         first = []
         for seq in found:
