@@ -238,7 +238,7 @@ def _ask_password(uid: str) -> str | None:
 
 def _user(args: argparse.Namespace) -> int:
     from . import accounts, protocol
-    from .store import check_database_url, open_database
+    from .store import check_database_url, open_database, redact_url
     check_database_url(args.database_url)  # a malformed URL fails before the password is asked
     password = None
     if args.user_command == "add":
@@ -257,15 +257,18 @@ def _user(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"user {args.uid} saved")
+        print(f"user {args.uid} saved in {redact_url(args.database_url)}")  # which database: serve must use it too
     elif args.user_command == "remove":
         if not accounts.remove_user(args.uid):
             print(f"error: no user {args.uid}", file=sys.stderr)
             return 1
         print(f"user {args.uid} removed")
     else:
-        for uid in accounts.list_users():
+        users = accounts.list_users()
+        for uid in users:
             print(uid)
+        if not users:  # say where we looked: an empty list from another directory's data/ is a common slip
+            print(f"no users in {redact_url(args.database_url)}", file=sys.stderr)
     return 0
 
 
@@ -337,7 +340,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_async(args: argparse.Namespace) -> int:
     from .accounts import WORKER_USERNAME
-    from .store import open_database
+    from .store import open_database, redact_url
     from .transport.embedded import start_broker
     from .transport.worker import BrokerAddress, Worker
     log = logging.getLogger("backend")
@@ -361,7 +364,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("serving MQTT on %s ports %s with database %s; Ctrl-C stops", args.host,
              ", ".join(f"{name} {port}" for name, port in (("mqtt", listeners.port), ("mqtts", listeners.tls_port),
-                                                           ("ws", listeners.ws_port)) if port), args.database_url)
+                                                           ("ws", listeners.ws_port)) if port),
+             redact_url(args.database_url))  # never the database password in a log
     await stop.wait()
     log.info("stopping")
     # From here on amqtt reports its own cancelled tasks as errors with tracebacks: noise, not news.

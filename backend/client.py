@@ -360,7 +360,8 @@ class IMClient:
                     if slot:
                         return slot[0]
                 if time.monotonic() >= end:
-                    raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id}")
+                    raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id} within {timeout}s: is a "
+                                       f"worker running beside the broker at {self.host}:{self.port}?")
         finally:
             with self._lock:
                 self._requests.pop(req_id, None)

@@ -201,18 +201,18 @@ def check_database_url(url: str) -> None:
         hint = f" (for a SQLite file, sqlite:///{url})" if url and ":" not in url else ""
         raise DatabaseOpenError(f"database URL {url!r} has no scheme{hint}; the forms are {DATABASE_URL_FORMS}")
     if scheme not in schemes and scheme != "mariadb":
-        raise DatabaseOpenError(f"unknown database URL scheme {scheme!r} in {_redact(url)!r}; "
+        raise DatabaseOpenError(f"unknown database URL scheme {scheme!r} in {redact_url(url)!r}; "
                                 f"the forms are {DATABASE_URL_FORMS}")
     if scheme.startswith("sqlite"):
         if not url.startswith(f"{scheme}:///") or url == f"{scheme}:///":
             raise DatabaseOpenError(f"a SQLite URL is {scheme}:/// then a path, e.g. sqlite:///data/im.db "
                                     f"(got {url!r})")
     elif not urlsplit(url).path.strip("/"):
-        raise DatabaseOpenError(f"database URL {_redact(url)!r} names no database; the forms are "
+        raise DatabaseOpenError(f"database URL {redact_url(url)!r} names no database; the forms are "
                                 f"{DATABASE_URL_FORMS}")
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its password (error messages and logs)."""
     from urllib.parse import urlsplit, urlunsplit
     parts = urlsplit(url)
