@@ -51,3 +51,11 @@ def test_an_app_imports_the_client_from_any_directory(tmp_path):
                        timeout=30)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).resolve().parent.parent == REPO  # the editable install points at this clone
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run is the README's command 2, which installs the package (so the tests above run there)."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("python3 -m venv") and "pytest" in line)
+    assert "-e ." in command
+    assert command in (REPO / ".ci" / "run").read_text()
