@@ -348,7 +348,19 @@ async def _serve_async(args: argparse.Namespace) -> int:
     store = _store(args, db, known_accounts=True)  # refuses a wrong encryption key before anything listens
     worker_password = secrets.token_urlsafe(24)  # lives only in this process
     listeners = _listeners(args)
-    broker = await start_broker(listeners, worker_password)
+    from amqtt.errors import BrokerError
+    amqtt_log = logging.getLogger("amqtt.broker")
+    level = amqtt_log.level
+    if args.log_level != "DEBUG":
+        amqtt_log.setLevel(logging.CRITICAL)  # it logs a failed start as a traceback; we say it in one line
+    try:
+        broker = await start_broker(listeners, worker_password)
+    except BrokerError as e:  # e.g. --host not an address of this machine; a port taken since the check
+        cause = e.__cause__.strerror if isinstance(e.__cause__, OSError) and e.__cause__.strerror else e
+        print(f"error: the embedded broker cannot listen: {cause}; check --host and the ports", file=sys.stderr)
+        return 2
+    finally:
+        amqtt_log.setLevel(level)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     # The in-process worker: plaintext on loopback, or with --tls-only over TLS without verification
     # (the broker is this very process; there is no one in between to verify).

@@ -218,3 +218,10 @@ def test_the_password_is_asked_twice_and_must_match(db_url):
     code, out = _run_in_pty(["user", "add", "zoe", "--database-url", db_url], [b"pw-one\n", b"pw-one\n"])
     assert code == 0 and "password for zoe again:" in out and "user zoe saved" in out
     assert run_cli("user", "list", "--database-url", db_url).stdout.split() == ["zoe"]
+
+
+def test_serve_on_an_address_not_of_this_machine_says_so_in_one_line(db_url):
+    r = run_cli("serve", "--host", "192.0.2.1", "--port", str(free_port()), "--database-url", db_url)  # TEST-NET-1
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: the embedded broker cannot listen:") and "check --host" in lines[0]
