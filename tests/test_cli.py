@@ -164,6 +164,23 @@ def test_a_database_nobody_listens_on_is_one_line(url):
     assert lines[0].startswith("error: cannot reach ") and "is it running there?" in lines[0]
 
 
+def test_mariadb_a_missing_database_and_a_refused_login_are_one_line_each():
+    from urllib.parse import urlsplit
+    from services import MYSQL_URL, reachable, require
+    why = reachable(MYSQL_URL)
+    require(why is None, why or "")
+    parts = urlsplit(MYSQL_URL)
+    where = f"{parts.hostname}:{parts.port or 3306}"
+    r = run_cli("user", "list", "--database-url", f"{MYSQL_URL.rsplit('/', 1)[0]}/im_no_such_db")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "has no database 'im_no_such_db'" in lines[0] and "CREATE DATABASE im_no_such_db" in lines[0]
+    r = run_cli("user", "list", "--database-url", f"mysql://im_no_such_user:secret-pw@{where}{parts.path}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "refused the login of user 'im_no_such_user'" in lines[0] and "secret-pw" not in lines[0]
+
+
 def test_a_wrong_postgresql_password_is_one_line():
     """With password authentication (a server that uses it: $IM_TEST_POSTGRES_PASSWORD_URL), else the
     message is checked against the driver's own words, as a server with password authentication says them."""
