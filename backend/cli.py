@@ -238,9 +238,8 @@ def _ask_password(uid: str) -> str | None:
 
 def _user(args: argparse.Namespace) -> int:
     from . import accounts, protocol
-    from .store import check_database_url, open_database, redact_url
-    check_database_url(args.database_url)  # a malformed URL fails before the password is asked
-    password = None
+    from .store import open_database, redact_url
+    password = None  # (main() checked the database URL's form already: it fails before the password is asked)
     if args.user_command == "add":
         if not protocol.valid_uid(args.uid):
             print("error: a uid is 1-50 characters of A-Z a-z 0-9 _ . -", file=sys.stderr)
