@@ -164,7 +164,7 @@ class IMClient:
         if rc is not None and rc.is_failure:
             if rc.value in (4, 5, 134, 135):  # MQTT 3.1.1: bad user name or password, not authorised; 5.0 likewise
                 return LoginRefused(f"{self.uid}: the broker at {where} refused the login ({rc}): wrong user name "
-                                    f"or password, or this account may not connect")
+                                    f"or password, or no such account (serve: `user add` makes them)")
             return ConnectionError(f"{self.uid}: the broker at {where} refused the connection ({rc})")
         if rc is not None:
             return ConnectionError(f"{self.uid}: logged in at {where}, but the broker did not confirm the "
