@@ -149,7 +149,7 @@ class Runner:
         self.subs: dict[str, Process] = {}
         self.servers: list[Process] = []
         self.output: list[str] = []  # the last foreground command's output
-        self.output_status = 0
+        self.output_is_expected_next = False  # then a failing command is an example, not an error
 
     # -- steps ------------------------------------------------------------------------
     def do_file(self, step: Step) -> None:
@@ -234,17 +234,14 @@ class Runner:
             else:
                 r = subprocess.run(argv, cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=60)
                 self.output = (r.stdout + r.stderr).splitlines()
-                self.output_status = r.returncode
-                if r.returncode != 0 and not self._output_is_expected_next:
+                if r.returncode != 0 and not self.output_is_expected_next:
                     raise DocError(f"{where}: `{part}` exited with {r.returncode}:\n{r.stdout}{r.stderr}")
-
-    _output_is_expected_next = False
 
     def run_document(self, path: Path) -> None:
         steps = parse(path)
         for i, step in enumerate(steps):
             nxt = steps[i + 1] if i + 1 < len(steps) else None
-            self._output_is_expected_next = nxt is not None and nxt.action == "expect" and nxt.arg == "output"
+            self.output_is_expected_next = nxt is not None and nxt.action == "expect" and nxt.arg == "output"
             if self.verbose:
                 print(f"{step.where}: {step.action} {step.arg}", file=sys.stderr)
             getattr(self, f"do_{step.action}")(step)
