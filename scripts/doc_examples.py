@@ -106,10 +106,11 @@ def free_port() -> int:
 class Process:
     """A background process whose output lines are collected for expect steps."""
 
-    def __init__(self, name: str, argv: list[str], cwd: Path, env: dict, where: str):
-        self.name, self.where = name, where
+    def __init__(self, name: str, argv: list[str], cwd: Path, env: dict, where: str, subscriber: bool = False):
+        self.name, self.where, self.subscriber = name, where, subscriber
         self.lines: list[str] = []  # output not yet matched by an expect step
         self.log: list[str] = []  # everything, for error messages
+        self.publishes = 0  # a subscriber's PUBLISHes received and not yet printed
         self.cond = threading.Condition()
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1)
@@ -120,7 +121,14 @@ class Process:
             line = line.rstrip("\n")
             with self.cond:
                 self.log.append(line)
-                if not DEBUG_LINE.match(line):
+                if DEBUG_LINE.match(line):
+                    self.publishes += " received PUBLISH " in line
+                elif not self.subscriber:
+                    self.lines.append(line)
+                elif self.publishes > 0:
+                    # One printed line per PUBLISH received. (Under stdbuf, mosquitto_sub stopped by SIGINT
+                    # sometimes prints its last line a second time, with no PUBLISH behind it: not output.)
+                    self.publishes -= 1
                     self.lines.append(line)
                 self.cond.notify_all()
 
@@ -265,7 +273,7 @@ class Runner:
             self._check_all_expected(old, where)
         # stdbuf: mosquitto_sub's debug lines go through stdio, block-buffered into a pipe.
         stdbuf = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
-        proc = Process(name, [*stdbuf, argv[0], "-d", *argv[1:]], self.workdir, self.env, where)
+        proc = Process(name, [*stdbuf, argv[0], "-d", *argv[1:]], self.workdir, self.env, where, subscriber=True)
         self.subs[name] = proc
         if not proc.wait_log("received SUBACK", READY_TIMEOUT_S):
             raise DocError(f"{where}: {name}'s mosquitto_sub did not subscribe:\n" + "\n".join(proc.log))
@@ -337,17 +345,23 @@ class Runner:
         with proc.cond:
             if proc.lines:
                 raise DocError(f"{where}: {proc.name}'s subscriber printed lines the documents do not show:\n  "
-                               + "\n  ".join(proc.lines))
+                               + "\n  ".join(proc.lines) + "\nits last exchanges with the broker:\n  "
+                               + "\n  ".join(proc.log[-24:]))
 
 
 def run(documents: list[Path], ready: str = "backend.worker: connected", verbose: bool = False) -> None:
-    """Run the documents' examples in order on one fresh directory; raise DocError at the first mismatch."""
+    """Run the documents' examples in order on one fresh directory; raise DocError at the first mismatch
+    (with the servers' last log lines, to tell a document's error from the server's)."""
     with tempfile.TemporaryDirectory(prefix="im-doc-examples-") as tmp:
         runner = Runner(Path(tmp), ready=ready, verbose=verbose)
         try:
             for doc in documents:
                 runner.run_document(doc)
             runner.finish(str(documents[-1].name))
+        except DocError as e:
+            logs = "".join(f"\nserve {' '.join(p.proc.args[-6:])} logged:\n  " + "\n  ".join(p.log[-30:])
+                           for p in runner.servers)
+            raise DocError(f"{e}{logs}") from None
         finally:
             runner.close()
 
