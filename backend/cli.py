@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.log_level != "DEBUG" else logging.INFO)
     logging.getLogger("peewee").setLevel(logging.INFO)
+    logging.getLogger("backend").debug("logging at %s as %s", args.log_level, args.log_format)
     if args.command == "keygen":
         from .crypto import new_key_line
         print(new_key_line(args.id))
