@@ -49,7 +49,9 @@ def may(username: str | None, worker_username: str, action: str, topic: str, pre
 
 def _worker_may(action: str, topic: str) -> bool:
     if action == SUBSCRIBE:
-        return topic in p.WORKER_SUBSCRIPTIONS
+        return topic in p.WORKER_SUBSCRIPTIONS or topic == p.WORKER_TOPIC_FILTER
+    if topic.startswith(p.WORKER_TOPIC_FILTER[:-1]) and topic.count("/") == 2:
+        return action in (PUBLISH, RECEIVE)  # the workers' "gone" signal (its will)
     parsed = p.parse_topic(topic)
     if parsed is None:
         return False

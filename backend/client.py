@@ -22,6 +22,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,6 +55,13 @@ SYNC_RETRY_MIN_S, SYNC_RETRY_MAX_S = 1.0, 30.0
 # Largest payload accepted from the server: it cuts its payloads at 1 MiB (protocol.REPLY_PAYLOAD_MAX);
 # 4 MiB leaves room for a server that raises that, and still bounds what a broken broker can hand us.
 REPLY_ACCEPT_MAX = 4 * 1024 * 1024
+# A send with no receipt after its first resend window logs a warning (a broker without a worker looks
+# connected but never answers); at most once a minute, so an outage is not a flood of lines.
+NO_RECEIPT_WARN_INTERVAL_S = 60.0
+
+
+class LoginRefused(ConnectionError):
+    """The broker refused the login: wrong user name or password (or an account it does not allow)."""
 
 
 @dataclass
@@ -66,8 +75,13 @@ class Outgoing:
     receipt: dict[str, Any] | None = None  # stored / duplicate receipt, or the error
     failed: bool = False
     delivered: threading.Event = field(default_factory=threading.Event)
+    # Set once the first resend window passed without a receipt: why wait() may return None.
+    problem: str | None = None
+    created: float = field(default_factory=time.monotonic)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The receipt (or error) once it came; None if none came within ``timeout`` seconds, and then
+        ``problem`` says what is known (e.g. no receipt after the first resend: no worker answering?)."""
         self.done.wait(timeout)
         return self.receipt
 
@@ -128,6 +142,7 @@ class IMClient:
         self._refused = threading.Event()
         self._online_info: mqtt.MQTTMessageInfo | None = None
         self._closing = threading.Event()
+        self._no_receipt_warned = -NO_RECEIPT_WARN_INTERVAL_S  # monotonic time of the last such warning
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or (f"{uid}:{device}" if device else uid),
                                   clean_session=clean_session, protocol=mqtt.MQTTv311, transport=transport)
         if tls or ca_file:  # verifies the broker's certificate and host name (ca_file, else the system's CAs)
@@ -142,7 +157,9 @@ class IMClient:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_msg
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.connect_result: Any = None
+        self.connect_error: BaseException | None = None  # the last failed TCP/TLS connect, for connect()'s message
         self._helper = threading.Thread(target=self._helper_loop, name=f"im-client-{uid}", daemon=True)
         # Syncs run on their own thread: a drain waits on the network for seconds, and resends and
         # batched acks (the helper's work) must not wait behind it.
@@ -150,7 +167,11 @@ class IMClient:
 
     # -- connection ------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> "IMClient":
-        """Connect and wait until subscribed and announced online; raises ConnectionError if refused."""
+        """Connect and wait until subscribed and announced online.
+
+        Raises :class:`LoginRefused` (a ConnectionError) at once if the broker refuses the user name or
+        password, and ConnectionError after ``timeout`` seconds if the broker cannot be reached (the
+        message says why: refused, unknown host, TLS, no MQTT answer)."""
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
         self.client.loop_start()
         if not self._helper.is_alive():
@@ -160,11 +181,34 @@ class IMClient:
             self._ready.wait(0.05)  # either event ends the wait; a refused login fails at once
         if not self._ready.is_set():
             self.client.loop_stop()
-            raise ConnectionError(f"{self.uid}: not connected within {timeout}s ({self.connect_result})")
+            raise self._connect_failure(timeout)
         # Return once the broker has our `online`: the worker sees it before anything sent to us later.
         if self._online_info is not None:
             self._online_info.wait_for_publish(timeout)
         return self
+
+    def _connect_failure(self, timeout: float) -> ConnectionError:
+        """One line on why connect() failed, naming the likely cause."""
+        where = f"{self.host}:{self.port}"
+        rc = self.connect_result
+        if rc is not None and rc.is_failure:
+            if rc.value in (4, 5, 134, 135):  # MQTT 3.1.1: bad user name or password, not authorised; 5.0 likewise
+                return LoginRefused(f"{self.uid}: the broker at {where} refused the login ({rc}): wrong user name "
+                                    f"or password, or no such account (serve: `user add` makes them)")
+            return ConnectionError(f"{self.uid}: the broker at {where} refused the connection ({rc})")
+        if rc is not None:
+            return ConnectionError(f"{self.uid}: logged in at {where}, but the broker did not confirm the "
+                                   f"subscriptions within {timeout}s")
+        err = self.connect_error
+        if err is not None:
+            if isinstance(err, ssl.SSLError):
+                return ConnectionError(f"{self.uid}: TLS with the broker at {where} failed ({err}): check ca_file "
+                                       f"and that the host name matches its certificate")
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+            return ConnectionError(f"{self.uid}: cannot reach a broker at {where} ({why}): is it running, and are "
+                                   f"the host and port right?")
+        return ConnectionError(f"{self.uid}: no MQTT answer from {where} within {timeout}s: is an MQTT broker "
+                               f"listening on that port (not TLS or WebSocket only)?")
 
     def close(self) -> None:
         """Leave politely: retained offline status, then DISCONNECT."""
@@ -220,6 +264,10 @@ class IMClient:
                 # included) is pulled now, without waiting for the announcement our `online` triggers.
                 self.want_sync()
         self._ready.set()
+
+    def _on_connect_fail(self, client, userdata):
+        # paho calls this inside its `except OSError:` around the TCP/TLS connect: keep the error for connect().
+        self.connect_error = sys.exc_info()[1]
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if not self._closing.is_set():
@@ -355,7 +403,8 @@ class IMClient:
                     if slot:
                         return slot[0]
                 if time.monotonic() >= end:
-                    raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id}")
+                    raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id} within {timeout}s: is a "
+                                       f"worker running beside the broker at {self.host}:{self.port}?")
         finally:
             with self._lock:
                 self._requests.pop(req_id, None)
@@ -488,7 +537,14 @@ class IMClient:
                 now = time.monotonic()
                 for o in list(self._outgoing.values()):
                     if o.deadline <= now:
+                        waited = now - o.created
+                        o.problem = (f"no receipt after {waited:.1f}s and {o.attempts} sends: is a worker running "
+                                     f"beside the broker at {self.host}:{self.port}?")
+                        if o.attempts == 1 and now - self._no_receipt_warned >= NO_RECEIPT_WARN_INTERVAL_S:
+                            self._no_receipt_warned = now
+                            log.warning("%s: %s (still resending)", self.uid, o.problem)
                         if o.attempts > self.max_resends:
+                            o.problem += " Reported failed."
                             o.failed = True
                             o.done.set()
                             del self._outgoing[o.msg_id]

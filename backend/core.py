@@ -43,6 +43,8 @@ from typing import Any
 
 from . import protocol as p
 
+WORKER_TOPIC_PREFIX = p.WORKER_TOPIC_FILTER[:-1]  # im/worker/
+
 # --- timing defaults --------------------------------------------------------
 # MobileIMSDK resends an unacked message after 2-3 s (its QoS4 "resend interval").
 PUSH_ACK_TIMEOUT_MS = 3000
@@ -84,6 +86,9 @@ ANNOUNCE_MIN_GAP_MS = 1000
 # Bound on the receivers being watched for repeated announcements (memory); past it a new receiver still
 # gets its announcements from `online` and exhausted pushes, but no repeat if one is dropped.
 ANNOUNCE_WATCH_MAX = 100_000
+# When another worker is gone, every receiver online is re-announced, spread over this long: 10,000
+# online receivers cost 10,000 small counts, which must not stall live traffic in one transaction.
+WORKER_GONE_SPREAD_MS = 10_000
 
 
 # --- operations the store runs (one transaction per plan) -------------------
@@ -382,6 +387,10 @@ class Delivery:
         return plan
 
     def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int, retained: bool = False) -> None:
+        if topic.startswith(WORKER_TOPIC_PREFIX):
+            if payload.strip() == p.WORKER_GONE:
+                self.worker_gone(now_ms)
+            return
         parsed = p.parse_topic(topic)
         if parsed is None or parsed.kind in ("inbox", "reply"):
             return  # not ours to answer: no valid uid to reply to (logged by the transport)
@@ -559,6 +568,19 @@ class Delivery:
             earliest = now_ms if w.last is None else max(now_ms, w.last + self.announce_min_gap_ms)
             if w.due is None or earliest < w.due:
                 self._set_due(w, (uid, dev), earliest)
+
+    def worker_gone(self, now_ms: int) -> None:
+        """Another worker ended: pushes it was retransmitting and acks in flight to it died with it (worker
+        sessions are clean), so every receiver online gets an announcement, spread over WORKER_GONE_SPREAD_MS
+        (a count that finds nothing sends nothing)."""
+        online = sorted(self.online_devices())
+        for i, key in enumerate(online):
+            w = self._watch_fresh(key)
+            if w is None:
+                return
+            due = now_ms + i * WORKER_GONE_SPREAD_MS // len(online)
+            if w.due is None or due < w.due:
+                self._set_due(w, key, due)
 
     def _announce_deadline(self) -> int | None:
         timers = self._announce_timers

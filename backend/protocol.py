@@ -105,6 +105,18 @@ def status_topic(uid: str, device: str = "") -> str:
 WORKER_SUBSCRIPTIONS = tuple(f"{PREFIX}/u/+/{kind}" for kind in CLIENT_TOPICS) + \
     tuple(f"{PREFIX}/u/+/d/+/{kind}" for kind in CLIENT_TOPICS) + (f"{PREFIX}/status/+", f"{PREFIX}/status/+/+")
 
+# Workers' lifecycle: a worker's last will (and its polite stop) publishes WORKER_GONE on
+# im/worker/<client id>. Pushes it was retransmitting and acks in flight to it (its session is clean)
+# die with it, so the other workers re-announce to the receivers they count online.
+WORKER_TOPIC_FILTER = f"{PREFIX}/worker/+"
+WORKER_GONE = b"gone"
+
+
+def worker_topic(client_id: str) -> str:
+    """im/worker/<client id>, with MQTT's special characters in the id replaced (a topic level holds no / + #)."""
+    return f"{PREFIX}/worker/" + re.sub(r"[/+#]", "_", client_id or "-")
+
+
 ONLINE = "online"
 OFFLINE = "offline"
 

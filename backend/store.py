@@ -237,8 +237,95 @@ def _pooled(url: str) -> str:
     return url
 
 
+class DatabaseOpenError(Exception):
+    """A database URL that is malformed, or a database that cannot be reached, logged into or opened.
+    The message is one line saying what happened and what to do (never the URL's password)."""
+
+
+# What a database URL looks like, for the error that a malformed one gets.
+DATABASE_URL_FORMS = ("sqlite:///PATH (a file: three slashes, then a path relative to the current directory, "
+                      "or four for an absolute one), postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE or "
+                      "mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
+
+
+def check_database_url(url: str) -> None:
+    """Raise :class:`DatabaseOpenError` unless ``url`` has a form :func:`open_database` can open (no I/O)."""
+    from playhouse.db_url import schemes
+    from urllib.parse import urlsplit
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if not scheme:
+        hint = f" (for a SQLite file, sqlite:///{url})" if url and ":" not in url else ""
+        raise DatabaseOpenError(f"database URL {url!r} has no scheme{hint}; the forms are {DATABASE_URL_FORMS}")
+    if scheme not in schemes and scheme != "mariadb":
+        raise DatabaseOpenError(f"unknown database URL scheme {scheme!r} in {redact_url(url)!r}; "
+                                f"the forms are {DATABASE_URL_FORMS}")
+    if scheme.startswith("sqlite"):
+        if not url.startswith(f"{scheme}:///") or url == f"{scheme}:///":
+            raise DatabaseOpenError(f"a SQLite URL is {scheme}:/// then a path, e.g. sqlite:///data/im.db "
+                                    f"(got {url!r})")
+    elif not urlsplit(url).path.strip("/"):
+        raise DatabaseOpenError(f"database URL {redact_url(url)!r} names no database; the forms are "
+                                f"{DATABASE_URL_FORMS}")
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (error messages and logs)."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _open_failure(url: str, e: BaseException) -> str:
+    """One line: why opening ``url`` failed, and what to do."""
+    from urllib.parse import unquote, urlsplit
+    parts = urlsplit(url)
+    text = " ".join(str(e).split())  # drivers' messages span lines
+    low = text.lower()
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1]
+        return (f"cannot open the SQLite file {path!r} ({getattr(e, 'strerror', None) or text}): check the path "
+                f"in the database URL (--database-url) and that its directory is writable")
+    user, name = unquote(parts.username or ""), parts.path.strip("/")
+    where = f"{parts.hostname or 'localhost'}:{parts.port or ''}".rstrip(":")
+    mysql = url.startswith(("mysql", "mariadb"))
+    kind = "MariaDB/MySQL" if mysql else "PostgreSQL"
+    code = e.args[0] if e.args and isinstance(e.args[0], int) else None  # PyMySQL: (errno, message)
+    if code is not None and len(e.args) > 1:
+        text = " ".join(str(e.args[1]).split())
+    if code == 1049 or ("database" in low and "does not exist" in low):
+        make = f'mysql -h {parts.hostname} -u {user} -p -e "CREATE DATABASE {name}"' if mysql else \
+            f"createdb -h {parts.hostname} -U {user or 'postgres'} {name}"
+        return f"{kind} at {where} has no database {name!r}: create it ({make}) or fix the database URL"
+    if code in (1045, 1698) or "password authentication failed" in low or "no password supplied" in low:
+        return (f"{kind} at {where} refused the login of user {user!r} (wrong user name or password): "
+                f"check them in the database URL")
+    if "role" in low and "does not exist" in low:
+        return f"{kind} at {where} has no user {user!r}: create it (createuser) or fix the user name in the database URL"
+    if code in (2003, 2005) or "connection refused" in low or "could not translate host name" in low \
+            or "timeout" in low or "timed out" in low:
+        return f"cannot reach {kind} at {where} ({text}): is it running there? Check the host and port in the database URL"
+    if isinstance(e, (pw.ImproperlyConfigured, ImportError)):
+        return f"cannot use {kind}: {text} (pip install -r requirements.txt installs its driver)"
+    return f"cannot open the {kind} database {name!r} at {where}: {text}"
+
+
 def open_database(url: str, *, create: bool = True) -> pw.Database:
-    """Connect to ``url`` (any playhouse.db_url URL), bind the models, create or migrate the schema."""
+    """Connect to ``url`` (any playhouse.db_url URL), bind the models, create or migrate the schema.
+
+    Raises :class:`DatabaseOpenError` (one line: what happened, what to do) for a malformed URL, or a
+    database that cannot be reached, logged into or opened; with ``create=False`` nothing connects yet."""
+    check_database_url(url)
+    try:
+        return _open_database(url, create)
+    except (pw.OperationalError, pw.InterfaceError, pw.ImproperlyConfigured, ImportError, sqlite3.Error,
+            OSError) as e:
+        raise DatabaseOpenError(_open_failure(url, e)) from e
+
+
+def _open_database(url: str, create: bool) -> pw.Database:
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
@@ -482,7 +569,9 @@ class Store:
     def _note_seen(self, key: tuple[str, str], mono: float) -> None:
         if len(self._seen) > DEVICE_SEEN_MAX:
             self._seen.clear()
-        self._seen[key] = mono + DEVICE_SEEN_S
+        # A short expiry age (tests, demos) shortens the period, so last_seen never lags a tenth of it.
+        period = DEVICE_SEEN_S if not self.expire_after_ms else min(DEVICE_SEEN_S, self.expire_after_ms / 10_000)
+        self._seen[key] = mono + period
 
     def devices(self, uid: str) -> list[dict]:
         """The user's devices: [{"device", "registered_at", "last_seen" (ms), "push" (has an endpoint)}]."""
@@ -541,8 +630,9 @@ class Store:
             (Device.uid == uid) & (Device.device == device) & (Device.push_endpoint == endpoint)).execute())
 
     def expire_devices(self, now: int | None = None, online: set[tuple[str, str]] = frozenset()) -> int:
-        """Remove the devices silent for longer than the expiry age (never one in ``online``: their
-        last_seen is refreshed first). Returns how many were removed."""
+        """Remove the device-aware devices silent for longer than the expiry age (never one in ``online``:
+        their last_seen is refreshed first). The default device "" is never removed for silence: a v1 client's
+        messages leave by their own age, exactly as before devices. Returns how many were removed."""
         if not self.expire_after_ms:
             return 0
         now = now_ms() if now is None else now
@@ -553,8 +643,9 @@ class Store:
                     Device.update(last_seen=now).where((Device.uid == uid) & (Device.device == device)).execute()
         removed = 0
         while True:
-            silent = list(Device.select(Device.uid, Device.device).where(Device.last_seen < now - self.expire_after_ms)
-                          .order_by(Device.last_seen).limit(PURGE_CHUNK).tuples())
+            silent = list(Device.select(Device.uid, Device.device).where(
+                (Device.last_seen < now - self.expire_after_ms) & (Device.device != ""))
+                .order_by(Device.last_seen).limit(PURGE_CHUNK).tuples())
             for uid, device in silent:
                 with self.db.atomic():
                     if self.remove_device(uid, device, now) is not None:

@@ -568,3 +568,19 @@ def test_device_requests_refusals_and_the_removed_notice_answer_on_the_devices_r
     assert out[0].payload["code"] == "device_removed"
     assert out[1].payload["devices"][0]["online"] is True
     assert (out[2].payload["code"], out[2].payload["req_id"]) == ("too_many_devices", "c")
+
+
+def test_another_worker_gone_announces_to_every_online_receiver_spread_out():
+    d = core.Delivery()
+    plan = d.plan([status(u, "online") for u in ("bob", "carol", "dave")] + [status("erin", "offline")], T0)
+    d.after_commit([counted(op, 0) for op in plan.ops], T0)  # nothing waited then: no reminders planned
+    assert d.next_deadline() is None
+    assert d.plan([(p.worker_topic("im-worker-a"), p.WORKER_GONE)], T0 + 10).ops == []
+    assert d.announcements_due(T0 + 10)  # the transport plans a batch for them at once
+    first = d.plan([], T0 + 10)
+    assert len(first.ops) == 1 and isinstance(first.ops[0], core.CountBacklog)  # the first at once...
+    later = d.plan([], T0 + 10 + core.WORKER_GONE_SPREAD_MS)  # ...the others spread over the window
+    receivers = {op.receiver for op in first.ops + later.ops}
+    assert receivers == {"bob", "carol", "dave"} and len(later.ops) == 2  # never erin (offline)
+    # Any other word on a worker topic, or a user's forgery attempt elsewhere, plans nothing.
+    assert d.plan([(p.worker_topic("im-worker-a"), b"hello")], T0 + 20).ops == []

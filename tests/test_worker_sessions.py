@@ -153,3 +153,77 @@ def test_no_test_uses_the_machines_own_brokers():
             if pattern.search(line) and "default" not in line and "pattern = re.compile" not in line:
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert offenders == [], offenders
+
+
+class RawReceiver:
+    """bob as a plain paho client that is online but never acks a push: what a worker that dies mid-retransmission
+    leaves behind. It records the count announcements (count payloads without a req_id) with their time."""
+
+    def __init__(self, port: int):
+        self.announcements: list[tuple[float, dict]] = []
+        self.pushes = 0
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bob:raw", clean_session=True,
+                             protocol=mqtt.MQTTv311)
+        self.c.username_pw_set("bob", PASSWORDS["bob"])
+        self.c.will_set(p.status_topic("bob"), p.OFFLINE, qos=1, retain=True)
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = lambda *a: self._subscribed.set()
+        self.c.on_connect = lambda c, *a: c.subscribe([(p.inbox_topic("bob"), 1), (p.reply_topic("bob"), 1)])
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        assert self._subscribed.wait(10)
+        self.c.publish(p.status_topic("bob"), p.ONLINE, qos=1, retain=True).wait_for_publish(10)
+
+    def _on_message(self, client, userdata, msg):
+        obj = p.decode_object(msg.payload, max_bytes=4 * 1024 * 1024)
+        with self._cond:
+            if obj.get("kind") == "count" and "req_id" not in obj:
+                self.announcements.append((time.monotonic(), obj))
+            elif obj.get("kind") == "msg":
+                self.pushes += 1
+            self._cond.notify_all()
+
+    def wait(self, predicate, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def close(self) -> None:
+        self.c.publish(p.status_topic("bob"), b"", qos=1, retain=True).wait_for_publish(5)  # leave no retained status
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def test_a_dead_workers_receivers_are_announced_by_the_others():
+    """Worker A pushes to bob, who is online but does not ack; A is SIGKILLed. Its last will ("gone" on
+    im/worker/<id>) makes worker B re-announce at once what waits for bob, instead of B's next reminder 30 s
+    later (before: nothing within 15 s)."""
+    schema = PrivateSchema()
+    broker = mosquitto(PASSWORDS)
+    a = WorkerProcess(broker.port, schema.url, client_id="im-worker-a")
+    b = WorkerProcess(broker.port, schema.url, client_id="im-worker-b")
+    bob = alice = None
+    try:
+        a.start()
+        bob = RawReceiver(broker.port)
+        alice = IMClient("alice", PASSWORDS["alice"], port=broker.port, receiver=False).connect()
+        assert alice.send("bob", "hello").wait(10)["status"] == "stored"
+        assert bob.wait(lambda: bob.pushes >= 1, 10)  # A pushed; bob never acks
+        b.start()  # B learns bob is online from his retained status, and announces once
+        assert bob.wait(lambda: len(bob.announcements) >= 1, 10)
+        before = len(bob.announcements)
+        a.kill()
+        killed = time.monotonic()
+        assert bob.wait(lambda: len(bob.announcements) > before, 15), "no announcement after worker A died"
+        at, count = bob.announcements[before]
+        print(f"\nannounced {at - killed:.2f}s after worker A was killed: {count['total']} waiting")
+        assert count["total"] == 1 and at - killed < 10
+    finally:
+        for c in (alice, bob):
+            if c is not None:
+                c.close()
+        for w in (a, b):
+            w.kill()
+        broker.close()
+        schema.close()

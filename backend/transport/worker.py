@@ -86,10 +86,11 @@ DEFAULT_SHARE_GROUP = "im-workers"
 
 
 def worker_subscriptions(share_group: str | None) -> list[str]:
-    """send/ack/req through the shared group (if any); statuses always plain: every worker sees all presence."""
+    """send/ack/req through the shared group (if any); statuses and the workers' "gone" signal always plain:
+    every worker sees all presence and every other worker's end."""
     prefix = f"$share/{share_group}/" if share_group else ""
     return [prefix + t for t in protocol.WORKER_SUBSCRIPTIONS if "/status/" not in t] + \
-        [t for t in protocol.WORKER_SUBSCRIPTIONS if "/status/" in t]
+        [t for t in protocol.WORKER_SUBSCRIPTIONS if "/status/" in t] + [protocol.WORKER_TOPIC_FILTER]
 
 
 # Fault injection, for the tests that kill the worker inside one delivery window: when set, the
@@ -363,6 +364,8 @@ class Worker:
         if broker.username:
             self.client.username_pw_set(broker.username, broker.password)
         configure_tls(self.client, broker)
+        # Our end (a crash, a lost link, a stop) tells the other workers to re-announce (protocol.WORKER_GONE).
+        self.client.will_set(protocol.worker_topic(client_id), protocol.WORKER_GONE, qos=1)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
         # paho's hook for an external event loop: with it set, publish() and ack() only queue their
         # packet and _network writes the queue in one go (_Client._packet_write). Nothing to register.
@@ -448,6 +451,9 @@ class Worker:
             pass
         self._store_thread.shutdown(wait=True)
         if self.client.socket() is not None:
+            # A clean DISCONNECT discards the will: say "gone" ourselves (the others re-announce what our
+            # unfinished pushes leave waiting).
+            self.client.publish(protocol.worker_topic(self.client_id), protocol.WORKER_GONE, qos=0)
             self.client.disconnect()
             self.client.loop_write()  # what is still queued, then the DISCONNECT
 
