@@ -89,8 +89,9 @@ def test_free_port_helper_is_free():
 
 
 @pytest.mark.parametrize("args, text", [
-    ([], "error: choose a command: serve, worker, user, doctor, keygen"),
+    ([], "error: choose a command: serve, worker, user, device, doctor, keygen"),
     (["user"], "error: choose a user command: add, remove, list"),
+    (["device"], "error: choose a device command: list, remove"),
 ])
 def test_a_missing_command_is_named_in_words(args, text):
     r = run_cli(*args)
