@@ -107,6 +107,16 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: 127.0.0.1)")
 
 
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    """The broker and the worker's account on it (`worker` and `doctor`)."""
+    p.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
+                   help="mqtt://[user[:pass]@]host:port, the worker's account (default: $IM_BROKER_URL or "
+                        "mqtt://127.0.0.1:1883); prefer $IM_BROKER_PASSWORD or --password-file to a password in "
+                        "the URL")
+    p.add_argument("--password-file", help="file holding the worker's broker password")
+    p.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
+
+
 def default_worker_id() -> str:
     """Unique per process (host name, then a random suffix): two workers started without --id on one host must
     never share a client id (the broker would keep disconnecting one for the other). With clean sessions (the
@@ -146,11 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", parents=[logs], help="run the worker alone, beside any MQTT 3.1.1/5 broker",
                        description="Run the worker beside an existing broker (Mosquitto, EMQX, ...). "
                                    "The broker must enforce the per-user topic ACL (see broker_config/).")
-    w.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
-                   help="mqtt://[user[:pass]@]host:port (default: $IM_BROKER_URL or mqtt://127.0.0.1:1883); "
-                        "prefer $IM_BROKER_PASSWORD or --password-file to a password in the URL")
-    w.add_argument("--password-file", help="file holding the worker's broker password")
-    w.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
+    _broker_args(w)
     w.add_argument("--id", default=None,
                    help="this worker's name; its MQTT client id is im-worker-NAME, which must differ between "
                         "workers on one broker (default: the host name and a random suffix, unique per process)")
@@ -173,11 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(ok / WARN / FAIL and what to do): per-user rights, $share delivery, payload "
                                    "size, queue length, keepalive, retained messages on wildcards, latency. Exits "
                                    "1 on any FAIL. Takes a few seconds; leaves no session or retained message.")
-    d.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
-                   help="mqtt://[user@]host:port, the worker's account (default: $IM_BROKER_URL or "
-                        "mqtt://127.0.0.1:1883); the password from $IM_BROKER_PASSWORD or --password-file")
-    d.add_argument("--password-file", help="file holding the account's broker password")
-    d.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
+    _broker_args(d)
 
     k = sub.add_parser("keygen", parents=[logs], help="print a new encryption key line (ID:BASE64) for --encryption-key-file")
     k.add_argument("--id", default="k1", help="the key id stored with each row it seals (default: k1)")
