@@ -44,6 +44,8 @@ def may(username: str | None, worker_username: str, action: str, topic: str, pre
         return False
     if action == SUBSCRIBE and topic in (f"{p.PREFIX}/status/+", f"{p.PREFIX}/status/+/+"):
         return True
+    if action == SUBSCRIBE and topic.startswith(f"{p.PREFIX}/status/") and topic.endswith("/+"):
+        return p.valid_uid(topic[len(p.PREFIX) + 8:-2])  # one user's devices: im/status/{uid}/+
     return parsed is not None and parsed.kind == "status" and action in (SUBSCRIBE, RECEIVE)
 
 

@@ -53,12 +53,17 @@ def test_device_topics_are_their_users_own():
         assert acl.may("alice", W, acl.SUBSCRIBE, t) and acl.may("alice", W, acl.RECEIVE, t)
         assert not acl.may("bob", W, acl.SUBSCRIBE, t) and not acl.may("bob", W, acl.RECEIVE, t)
         assert not acl.may("alice", W, acl.PUBLISH, t)
-    for f in ("im/u/alice/d/+/inbox", "im/u/alice/d/+/reply", "im/status/alice/+"):
+    for f in ("im/u/alice/d/+/inbox", "im/u/alice/d/+/reply"):
         assert acl.may("alice", W, acl.SUBSCRIBE, f) and not acl.may("bob", W, acl.SUBSCRIBE, f)
+    assert acl.may("alice", W, acl.SUBSCRIBE, "im/status/alice/+", presence="self")
+    assert not acl.may("bob", W, acl.SUBSCRIBE, "im/status/alice/+", presence="self")
     for f in ("im/u/+/d/+/inbox", "im/u/alice/d/#", "im/u/alice/d/+/send", "im/u/alice/d/a.b/inbox"):
         assert not acl.may("alice", W, acl.SUBSCRIBE, f)
     assert not acl.may("alice", W, acl.PUBLISH, "im/u/alice/d/a.b/send"), "not a device id"
     assert acl.may("alice", W, acl.SUBSCRIBE, "im/status/+/+") and acl.may("alice", W, acl.RECEIVE, "im/status/bob/x")
+    assert acl.may("alice", W, acl.SUBSCRIBE, "im/status/bob/+"), "one buddy's devices"
+    assert not acl.may("alice", W, acl.SUBSCRIBE, "im/status/bob/+", presence="self")
+    assert not acl.may("alice", W, acl.SUBSCRIBE, "im/status/b+b/+") and not acl.may("alice", W, acl.SUBSCRIBE, "im/status/#/+")
     assert not acl.may("alice", W, acl.RECEIVE, "im/status/bob/x", presence="self")
     assert acl.may("alice", W, acl.RECEIVE, "im/status/alice/x", presence="self")
 
