@@ -1,6 +1,7 @@
-"""Devices under chaos: beside Mosquitto with three workers on PostgreSQL, 6 users with 3 devices each;
-the phones and tablets go offline and online on their own (cleanly and abruptly), the workers are
-SIGKILLed 5 times and the broker restarted once. Every device of every receiver ends with every message
+"""Devices under chaos, on PostgreSQL: beside Mosquitto with three workers, and on the embedded broker
+(`serve`, whose every kill takes the broker too). 6 users with 3 devices each; the phones and tablets go
+offline and online on their own (cleanly and abruptly), the worker is SIGKILLed 5 times and the broker
+restarted once. Every device of every receiver ends with every message
 addressed to its user, and every sync copy of what its user sent from another device, exactly once; the
 store ends empty."""
 
@@ -10,10 +11,14 @@ import random
 import time
 from collections import Counter
 
+import pytest
+
 import chaos
 from backend.client import IMClient
 from backend.store import Device, Message, open_database
+from conftest import add_users
 from services import MosquittoWorkers, PrivateSchema
+from test_faults import EmbeddedSystem
 
 UIDS = [f"m{i}" for i in range(6)]
 PASSWORDS = {u: f"{u}-pw" for u in UIDS}
@@ -48,9 +53,14 @@ class Dev:
             c.kill() if abrupt else c.close()
 
 
-def test_every_device_gets_everything_once_through_kills_and_a_broker_restart(capsys):
+@pytest.mark.parametrize("kind", ["mosquitto", "embedded"])
+def test_every_device_gets_everything_once_through_kills_and_a_broker_restart(kind, capsys):
     schema = PrivateSchema()
-    system = MosquittoWorkers(schema.url, PASSWORDS, workers=3, seed=7)
+    if kind == "mosquitto":
+        system = MosquittoWorkers(schema.url, PASSWORDS, workers=3, seed=7)
+    else:
+        add_users(schema.url, *UIDS)
+        system = EmbeddedSystem(schema.url)
     rng = random.Random(13)
     devs = {(u, d): Dev(u, d, system.port) for u in UIDS for d in DEVICES}
     try:
@@ -115,7 +125,7 @@ def test_every_device_gets_everything_once_through_kills_and_a_broker_restart(ca
         took = time.monotonic() - t0
         dropped = sum(c.duplicates_dropped for d in devs.values() for c in d.instances)
         with capsys.disabled():
-            print(f"\ndevices chaos (mosquitto, 3 workers, postgresql): sent={n} device deliveries={received} "
+            print(f"\ndevices chaos ({kind}, postgresql): sent={n} device deliveries={received} "
                   f"lost={len(lost)} twice={len(twice)} repeats_dropped_by_clients={dropped} left_in_store={left} "
                   f"({took:.1f} s)")
         assert lost == [], lost[:10]
@@ -129,5 +139,5 @@ def test_every_device_gets_everything_once_through_kills_and_a_broker_restart(ca
                     c.kill()
                 except Exception:  # noqa: BLE001
                     pass
-        system.close()
+        system.close() if kind == "mosquitto" else system.server.kill()
         schema.close()
