@@ -114,7 +114,7 @@ def parse_broker_url(url: str, password: str | None = None, ca_file: str | None 
     """mqtt://[user[:pass]@]host[:port]; the password may instead come from the caller (env or file)."""
     u = urlparse(url)
     if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
-        raise ValueError(f"broker URL must start with mqtt:// (got {url!r})")
+        raise ValueError(f"broker URL must start with mqtt:// (or mqtts:// for TLS), got {url!r}")
     tls = u.scheme in ("mqtts", "ssl")
     return BrokerAddress(host=u.hostname or "127.0.0.1", port=u.port or (8883 if tls else 1883),
                          username=unquote(u.username) if u.username else None,
