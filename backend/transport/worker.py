@@ -288,6 +288,20 @@ class _Client(mqtt.Client):
         return mqtt.MQTT_ERR_AGAIN if out else mqtt.MQTT_ERR_SUCCESS
 
 
+def _describe(payload) -> str:
+    """A published payload by its kind and ids, for DEBUG lines (content and previews left out)."""
+    if isinstance(payload, str):
+        return payload  # a status word
+    kind = payload.get("kind")
+    ids = " ".join(f"{k}={payload[k]}" for k in ("seq", "msg_id", "status", "code", "req_id", "total", "cursor")
+                   if k in payload)
+    if kind == "page":
+        ids += f" messages={len(payload.get('messages', ()))} more={payload.get('more')}"
+    elif kind == "receipts":
+        ids += f" receipts={len(payload.get('receipts', ()))}"
+    return f"{kind} {ids}".strip()
+
+
 _CONNECTED = object()  # inbox marker: a (re)connection, after which retained statuses rebuild presence
 
 
@@ -640,6 +654,9 @@ class Worker:
                 log.warning("dropped a retained replay on %s (retained sends are not messages)", m.topic)
                 continue
             inbound.append((m.topic, m.payload, m.retain))
+        if log.isEnabledFor(logging.DEBUG):  # topics and sizes only: payloads hold message content
+            for topic, payload, _ in inbound:
+                log.debug("in  %s (%d bytes)", topic, len(payload))
         return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen)
 
     def _submit(self, batch: "_Batch") -> None:
@@ -784,6 +801,9 @@ class Worker:
             pass
 
     def _publish(self, actions: list[core.Publish]) -> None:
+        if log.isEnabledFor(logging.DEBUG):  # what went where, by ids: never content
+            for a in actions:
+                log.debug("out %s %s", a.topic, _describe(a.payload))
         for a in actions:
             if isinstance(a.payload, str):  # a status word (the derived user status), sent as is
                 self._last_info = self.client.publish(a.topic, a.payload.encode(), qos=a.qos, retain=a.retain)
