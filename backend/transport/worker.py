@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 import select
 import signal
@@ -83,6 +84,29 @@ BACKLOG_SAMPLE_S = 30
 # Workers share send/ack/req through this MQTT shared-subscription group by default ($share/<group>/...):
 # with one worker it changes nothing; with several, the broker spreads the load between them.
 DEFAULT_SHARE_GROUP = "im-workers"
+# How long the start-up probe through a $share subscription may take to come back: a QoS 1 round trip through
+# a local broker takes milliseconds (Mosquitto: ~1 ms here); NATS and RabbitMQ grant $share and never deliver.
+SHARE_PROBE_WAIT_S = 3.0
+# A SUBSCRIBE the broker refuses (SUBACK 0x80) is tried again after 1 s, doubling up to 16 s: NATS refuses
+# while JetStream is unavailable (a few seconds after a cluster node dies, BROKERS.md); the reconnect bounds.
+RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S = 1.0, 16.0
+
+
+def probe_topic(client_id: str) -> str:
+    """im/worker/probe/<client id>: where a worker checks that its $share subscriptions deliver (its own
+    topic, so no other worker's shared subscription is in that group; '.' replaced: NATS refuses it in a level)."""
+    return f"{protocol.PREFIX}/worker/probe/" + re.sub(r"[/+#. ]", "_", client_id or "-")
+
+
+def mangled_uid(topic: str) -> str | None:
+    """The uid a broker split into levels, if ``topic`` looks like one: RabbitMQ turns '.' into '/', so
+    bob.x's im/u/bob.x/send arrives as im/u/bob/x/send. None for anything else."""
+    parts = topic.split("/")
+    if len(parts) == 6 and parts[3] == "d":
+        return None  # a device topic (im/u/{uid}/d/{dev}/send), not a split uid
+    if len(parts) > 4 and parts[:2] == [protocol.PREFIX, "u"] and parts[-1] in protocol.CLIENT_TOPICS:
+        return ".".join(parts[2:-1])
+    return None
 
 
 def worker_subscriptions(share_group: str | None) -> list[str]:
@@ -325,7 +349,21 @@ class Worker:
         self.core = delivery or core.Delivery()
         self.client_id = client_id
         self.skip_retained = skip_retained
+        self.share_group = share_group
         self.subscriptions = worker_subscriptions(share_group)
+        # Whether the broker delivers through $share: None until the start-up probe tells (only with a share
+        # group); False makes the worker subscribe plainly (each worker then gets every payload).
+        self.share_delivers: bool | None = None if share_group else False
+        self.probe_topic = probe_topic(client_id)
+        self._probe_nonce = b""
+        self._probe_deadline: float | None = None  # monotonic; while a probe is out
+        self._probe_drops = 0  # connections that ended while the probe was out
+        self._probe_refused = ""  # the SUBACK code when the broker refused the probe's $share subscription
+        self._pending_subs: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters, until the SUBACK
+        self._refused_subs: list[str] = []  # filters the broker refused, tried again at _resubscribe_at
+        self._resubscribe_at = 0.0
+        self._resubscribe_wait = RESUBSCRIBE_MIN_S
+        self._mangled_seen: set[str] = set()  # split uids already logged (one line each)
         self.metrics = metrics or Metrics()
         self.db_ok = True
         self._inbox: list = []  # what paho's callbacks handed over, oldest first (this thread only)
@@ -373,6 +411,7 @@ class Worker:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -392,7 +431,20 @@ class Worker:
         self._conn_gen += 1
         # The marker goes first so presence is reset before the retained statuses arrive.
         self._inbox.append(_CONNECTED)
-        client.subscribe([(t, 1) for t in self.subscriptions])
+        self._pending_subs.clear()
+        self._refused_subs = []
+        self._resubscribe_wait = RESUBSCRIBE_MIN_S
+        if self.share_delivers is None:
+            # Not known yet: first the statuses and a probe through a $share subscription of our own; the
+            # send/ack/req subscriptions follow once the probe says shared or plain (_settle_probe).
+            self._subscribe([t for t in self.subscriptions if not t.startswith("$share/")]
+                            + [f"$share/{self.share_group}/{self.probe_topic}"])
+            self._probe_nonce = os.urandom(8).hex().encode()
+            self._probe_refused = ""
+            self._probe_deadline = time.monotonic() + SHARE_PROBE_WAIT_S
+            client.publish(self.probe_topic, self._probe_nonce, qos=1)
+        else:
+            self._subscribe(self.subscriptions)
         self.connected.set()
         self.metrics.connected.set(1)
         log.info("connected to %s:%s as %s", self.broker.host, self.broker.port, self.client_id)
@@ -420,6 +472,16 @@ class Worker:
         if not self._session_up:
             return False
         self._session_up = False
+        if self._probe_deadline is not None:
+            # RabbitMQ closes the connection of a client whose SUBSCRIBE it refuses: twice in a row while the
+            # $share probe is out, and the worker stops asking for $share (the next connection subscribes plainly).
+            self._probe_drops += 1
+            self._probe_deadline = None
+            if self._probe_drops >= 2:
+                self._probe_refused = "the broker closed the connection on it, twice"
+                self.share_delivers = False
+                self._log_share_verdict(False)
+                self.subscriptions = worker_subscriptions(None)
         if time.monotonic() - self._connected_at >= QUICK_DROP_S:
             self._quick_drops = 0
             self._reconnect_wait = float(RECONNECT_MIN_S)
@@ -431,7 +493,74 @@ class Worker:
         return True
 
     def _on_message(self, client, userdata, msg):
+        if msg.topic == self.probe_topic:
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)  # manual_ack: our own probe, nothing to store
+            if self._probe_deadline is not None and msg.payload == self._probe_nonce:
+                self._settle_probe(True)
+            return
         self._inbox.append(msg)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        filters = self._pending_subs.pop(mid, [])
+        refused = [(f, rc) for f, rc in zip(filters, reason_codes) if rc.is_failure]
+        for f, rc in refused:
+            if f.startswith("$share/") and self._probe_deadline is not None:
+                self._probe_refused = str(rc)
+                self._settle_probe(False)
+            elif not f.startswith("$share/") or self.share_delivers:
+                self._refused_subs.append(f)
+        if refused and self._refused_subs and not self._resubscribe_at:
+            self._resubscribe_at = time.monotonic() + self._resubscribe_wait
+            log.warning("the broker refused the subscription to %s (%s); retrying in %.0fs (NATS refuses while "
+                        "JetStream is unavailable; otherwise check the worker account's rights, broker_config/)",
+                        ", ".join(self._refused_subs), refused[0][1], self._resubscribe_wait)
+        elif not refused and filters and self._resubscribe_wait > RESUBSCRIBE_MIN_S and not self._refused_subs:
+            log.info("subscribed to %s after the broker's earlier refusal", ", ".join(filters))
+            self._resubscribe_wait = RESUBSCRIBE_MIN_S
+
+    def _subscribe(self, filters: list[str]) -> None:
+        if not filters:
+            return
+        rc, mid = self.client.subscribe([(t, 1) for t in filters])
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            self._pending_subs[mid] = list(filters)
+
+    def _settle_probe(self, delivered: bool) -> None:
+        """The $share probe came back (or not): say what that means in one line, then subscribe to
+        send/ack/req through the group, or plainly."""
+        self._probe_deadline = None
+        self.share_delivers = delivered
+        self.client.unsubscribe(f"$share/{self.share_group}/{self.probe_topic}")
+        self._log_share_verdict(delivered)
+        if not delivered:
+            self.subscriptions = worker_subscriptions(None)
+        self._subscribe([t for t in self.subscriptions if "/status/" not in t and t != protocol.WORKER_TOPIC_FILTER])
+
+    def _log_share_verdict(self, delivered: bool) -> None:
+        where = f"{self.broker.host}:{self.broker.port}"
+        if delivered:
+            log.info("the broker at %s delivers through shared subscriptions: workers in the group %r split "
+                     "send/ack/req between them", where, self.share_group)
+        else:
+            how = (f"refused it ({self._probe_refused})" if self._probe_refused else
+                   f"granted it, but a probe sent through it did not arrive within {SHARE_PROBE_WAIT_S:.0f}s")
+            log.warning("the broker at %s has no shared subscriptions ($share/%s/...: it %s; NATS and RabbitMQ "
+                        "do this): subscribing to send/ack/req plainly instead. One worker is fine; several "
+                        "workers beside this broker would each get every payload (the store keeps each message "
+                        "once, but all of them do all the work): run one worker here", where, self.share_group, how)
+            self.metrics.notes.append(f"note: no shared subscriptions at {where}; plain subscriptions in use")
+
+    def _subscription_upkeep(self) -> None:
+        """On the network thread, each pass: a probe past its deadline, refused subscriptions due again."""
+        now = time.monotonic()
+        if self._probe_deadline is not None and now >= self._probe_deadline and self._session_up:
+            self._settle_probe(False)
+        if self._refused_subs and self._resubscribe_at and now >= self._resubscribe_at and self._session_up:
+            again, self._refused_subs = self._refused_subs, []
+            self._resubscribe_at = 0.0
+            self._resubscribe_wait = min(self._resubscribe_wait * 2, RESUBSCRIBE_MAX_S)
+            self._subscribe(again)
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -565,8 +694,11 @@ class Worker:
                 timeout = 0.0
             elif self._batch is not None and self._batch.future is None:
                 timeout = max(0.0, min(timeout, self._batch.retry_at - time.monotonic()))
+            if self._probe_deadline is not None:
+                timeout = max(0.0, min(timeout, self._probe_deadline - time.monotonic()))
             # While the store thread commits a batch, this thread reads what arrives (and writes).
             self._network(timeout)
+            self._subscription_upkeep()
             if self._batch is not None and self._batch.future is not None and self._batch.future.done():
                 done, self._batch = self._batch, None
                 self._complete_safely(done)
@@ -632,6 +764,16 @@ class Worker:
             parsed = protocol.parse_topic(m.topic)
             kind = parsed.kind if parsed else "invalid"
             kinds[kind] = kinds.get(kind, 0) + 1
+            split = mangled_uid(m.topic) if parsed is None else None
+            if split is not None:
+                # Never stored under another uid: the broker rewrote the topic (RabbitMQ: '.' -> '/').
+                if split not in self._mangled_seen:
+                    self._mangled_seen.add(split)
+                    log.error("dropped a payload on %r: the broker split a uid into topic levels (uid %r? "
+                              "RabbitMQ turns '.' in a topic level into '/'); a uid with '.' cannot work beside "
+                              "this broker: give that user a uid without '.' (docs/PROTOCOL.md, section 2)",
+                              m.topic, split)
+                continue
             if parsed is None:
                 log.warning("dropped a payload on %r: not a protocol topic with a valid uid", m.topic)
             elif m.retain and self.skip_retained and parsed.kind != "status":
