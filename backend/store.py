@@ -167,7 +167,16 @@ class KeyCheck(BaseModel):
     probe = pw.TextField()
 
 
-MODELS = (User, Message, Accepted, Page, Expired, KeyCheck)
+class LastStatus(BaseModel):
+    """Each uid's last status word the workers heard (online/offline), so a restarted worker knows whom to
+    ask the broker about: RabbitMQ never sends retained statuses to the wildcard im/status/+ (docs/PROTOCOL.md)."""
+
+    uid = pw.CharField(max_length=50, primary_key=True)
+    status = pw.CharField(max_length=16)
+    changed_at = pw.BigIntegerField()
+
+
+MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, LastStatus)
 
 
 def _pooled(url: str) -> str:
@@ -512,6 +521,28 @@ class Store:
         if unreadable:
             out["unreadable"] = True
         return out
+
+    def save_statuses(self, statuses: dict[str, str], now: int | None = None) -> None:
+        """Remember each uid's last status word (``{uid: "online"}``); one upsert per uid."""
+        if not statuses:
+            return
+        now = now or now_ms()
+        rows = [{"uid": uid, "status": word, "changed_at": now} for uid, word in statuses.items()]
+        update = {LastStatus.status: pw.EXCLUDED.status, LastStatus.changed_at: pw.EXCLUDED.changed_at}
+        with self.db.atomic():
+            for row in rows:
+                q = LastStatus.insert(**row)
+                if isinstance(self.db, pw.MySQLDatabase):
+                    q = q.on_conflict(update={LastStatus.status: row["status"], LastStatus.changed_at: now})
+                else:
+                    q = q.on_conflict(conflict_target=[LastStatus.uid], update=update)
+                q.execute()
+
+    def last_online(self, limit: int = 100_000) -> list[str]:
+        """The uids whose last status heard was ``online``, most recent first (at most ``limit``)."""
+        q = (LastStatus.select(LastStatus.uid).where(LastStatus.status == "online")
+             .order_by(LastStatus.changed_at.desc()).limit(limit))
+        return [r.uid for r in q]
 
     def backlog(self) -> int:
         return Message.select().count()

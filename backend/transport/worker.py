@@ -90,6 +90,16 @@ SHARE_PROBE_WAIT_S = 3.0
 # A SUBSCRIBE the broker refuses (SUBACK 0x80) is tried again after 1 s, doubling up to 16 s: NATS refuses
 # while JetStream is unavailable (a few seconds after a cluster node dies, BROKERS.md); the reconnect bounds.
 RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S = 1.0, 16.0
+# Presence after a (re)connection, beside brokers that never send retained messages to wildcard subscriptions
+# (RabbitMQ): the worker subscribes to the exact status topic of each uid last heard online (the store's
+# last_status table), takes the retained words, and unsubscribes this long after the SUBACK: retained messages
+# follow the SUBACK at once; 5 s leaves room on a loaded broker.
+PRESENCE_RESTORE_S = 5.0
+# Exact status filters per SUBSCRIBE packet: 200 filters of ~60 bytes keep a packet near 12 KB.
+PRESENCE_FILTERS_PER_PACKET = 200
+# The most uids asked about at a (re)connection: the most recently active first; beyond it, users are seen
+# online again when they next publish their status (the reference client does at every connect).
+PRESENCE_RESTORE_MAX = 100_000
 
 
 def probe_topic(client_id: str) -> str:
@@ -322,6 +332,7 @@ class _Batch:
     msgs: list
     kinds: dict[str, int]
     plan: core.Plan
+    statuses: dict = field(default_factory=dict)  # uid -> status word heard in this batch (Store.save_statuses)
     gen: int = 0  # the connection its packets came on (Worker._inbox_gen); PUBACKed only on that one
     future: Future | None = None  # None: waiting to be (re)submitted at retry_at
     started: float = 0.0
@@ -333,7 +344,8 @@ class Worker:
     def __init__(self, broker: BrokerAddress, store: Store, *, client_id: str = "im-worker",
                  delivery: core.Delivery | None = None, skip_retained: bool = True,
                  share_group: str | None = None, metrics: Metrics | None = None,
-                 clean_session: bool = True, on_fatal: Callable[[str], None] | None = None):
+                 clean_session: bool = True, on_fatal: Callable[[str], None] | None = None,
+                 restore_presence: bool = True):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
@@ -342,6 +354,9 @@ class Worker:
 
         ``clean_session``: True (the default) leaves the broker nothing of this worker once it is gone;
         False keeps a persistent session under ``client_id`` (see the module docstring).
+        ``restore_presence``: after each (re)connection, ask the broker for the retained status of each uid the
+        store last heard online (exact subscriptions), for brokers that send none to ``im/status/+``; the
+        embedded broker does send them (``serve`` passes False).
         ``on_fatal(message)``: if given, a login the broker refuses before the worker ever connected stops
         the worker and is handed to it (one line saying what to do) instead of being retried."""
         self.broker = broker
@@ -363,6 +378,11 @@ class Worker:
         self._refused_subs: list[str] = []  # filters the broker refused, tried again at _resubscribe_at
         self._resubscribe_at = 0.0
         self._resubscribe_wait = RESUBSCRIBE_MIN_S
+        self.restore_presence = restore_presence
+        self._presence_future: Future | None = None  # the store's last_online(), after a _CONNECTED marker
+        self._restore_mids: dict[int, int] = {}  # SUBSCRIBE mid -> how many exact status filters it holds
+        self._restore_filters: list[str] = []  # exact status filters to drop at _restore_until
+        self._restore_until = 0.0
         self._mangled_seen: set[str] = set()  # split uids already logged (one line each)
         self.metrics = metrics or Metrics()
         self.db_ok = True
@@ -502,6 +522,14 @@ class Worker:
         self._inbox.append(msg)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if mid in self._restore_mids:
+            n = self._restore_mids.pop(mid)
+            refused = sum(1 for rc in reason_codes if rc.is_failure)
+            if not self._restore_mids:
+                self._restore_until = time.monotonic() + PRESENCE_RESTORE_S
+            log.info("presence: asked the broker for the retained status of %d users last heard online%s",
+                     n, f" ({refused} refused: check the worker's read right on im/status/+)" if refused else "")
+            return
         filters = self._pending_subs.pop(mid, [])
         refused = [(f, rc) for f, rc in zip(filters, reason_codes) if rc.is_failure]
         for f, rc in refused:
@@ -518,6 +546,15 @@ class Worker:
         elif not refused and filters and self._resubscribe_wait > RESUBSCRIBE_MIN_S and not self._refused_subs:
             log.info("subscribed to %s after the broker's earlier refusal", ", ".join(filters))
             self._resubscribe_wait = RESUBSCRIBE_MIN_S
+
+    def _restore(self, uids: list[str]) -> None:
+        filters = [protocol.status_topic(uid) for uid in uids if protocol.valid_uid(uid)]
+        self._restore_filters, self._restore_until = filters, 0.0
+        for i in range(0, len(filters), PRESENCE_FILTERS_PER_PACKET):
+            chunk = filters[i:i + PRESENCE_FILTERS_PER_PACKET]
+            rc, mid = self.client.subscribe([(t, 1) for t in chunk])
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                self._restore_mids[mid] = len(chunk)
 
     def _subscribe(self, filters: list[str]) -> None:
         if not filters:
@@ -552,8 +589,25 @@ class Worker:
             self.metrics.notes.append(f"note: no shared subscriptions at {where}; plain subscriptions in use")
 
     def _subscription_upkeep(self) -> None:
-        """On the network thread, each pass: a probe past its deadline, refused subscriptions due again."""
+        """On the network thread, each pass: a probe past its deadline, refused subscriptions due again, the
+        presence restore (its store query done: subscribe; its time up: unsubscribe)."""
         now = time.monotonic()
+        future = self._presence_future
+        if future is not None and future.done():
+            self._presence_future = None
+            try:
+                uids = future.result()
+            except Exception as e:  # noqa: BLE001 - presence is rebuilt from live statuses anyway
+                log.warning("presence: could not read the last statuses from the store (%s); users are seen "
+                            "online again when they next publish their status", describe_outage(e))
+                uids = []
+            if self._session_up and uids:
+                self._restore(uids)
+        if self._restore_filters and self._restore_until and now >= self._restore_until:
+            filters, self._restore_filters, self._restore_until = self._restore_filters, [], 0.0
+            if self._session_up:
+                for i in range(0, len(filters), PRESENCE_FILTERS_PER_PACKET):
+                    self.client.unsubscribe(filters[i:i + PRESENCE_FILTERS_PER_PACKET])
         if self._probe_deadline is not None and now >= self._probe_deadline and self._session_up:
             self._settle_probe(False)
         if self._refused_subs and self._resubscribe_at and now >= self._resubscribe_at and self._session_up:
@@ -740,6 +794,10 @@ class Worker:
             inbox.pop(0)
             self._inbox_gen += 1
             self.core.reset_presence()
+            if self.restore_presence:
+                self._restore_mids.clear()
+                self._presence_future = self._store_thread.submit(self.store.last_online, PRESENCE_RESTORE_MAX)
+                self._presence_future.add_done_callback(self._wake)
         n = 0
         while n < len(inbox) and n < BATCH_MAX and inbox[n] is not _CONNECTED:
             n += 1
@@ -759,6 +817,7 @@ class Worker:
     def _plan(self, msgs: list) -> "_Batch":
         now = now_ms()
         inbound = []
+        statuses: dict[str, str] = {}  # uid -> last status word in this batch, remembered in the store
         kinds: dict[str, int] = {}  # packets per topic kind, for the metrics
         for m in msgs:
             parsed = protocol.parse_topic(m.topic)
@@ -779,21 +838,31 @@ class Worker:
             elif m.retain and self.skip_retained and parsed.kind != "status":
                 log.warning("dropped a retained replay on %s (retained sends are not messages)", m.topic)
                 continue
+            if parsed is not None and parsed.kind == "status" and m.payload in (b"online", b"offline"):
+                statuses[parsed.uid] = m.payload.decode()
             inbound.append((m.topic, m.payload))
-        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen)
+        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, statuses=statuses)
 
     def _submit(self, batch: "_Batch") -> None:
         batch.started = time.perf_counter()
-        batch.future = self._store_thread.submit(self._store_batch, batch.plan.ops)
+        batch.future = self._store_thread.submit(self._store_batch, batch.plan.ops, batch.statuses)
         batch.future.add_done_callback(self._wake)
 
-    def _store_batch(self, ops: list[core.Operation]) -> list[core.Outcome]:
+    def _store_batch(self, ops: list[core.Operation], statuses: dict | None = None) -> list[core.Outcome]:
         """On the store thread: one transaction for the batch; on a data error, one per operation so one
-        bad op can't sink the rest. A database that fails (OperationalError...) raises to the caller."""
+        bad op can't sink the rest. A database that fails (OperationalError...) raises to the caller.
+        Then the batch's status words, remembered for the next restart (best effort: a status lost here only
+        means that user is seen online when it next says so)."""
         try:
-            return self.store.apply(ops)
+            outcomes = self.store.apply(ops)
         except (pw.IntegrityError, pw.DataError, pw.ProgrammingError, ValueError):
-            return [self._apply_one(op) for op in ops]
+            outcomes = [self._apply_one(op) for op in ops]
+        if statuses:
+            try:
+                self.store.save_statuses(statuses)
+            except Exception as e:  # noqa: BLE001 - never fails the batch whose messages are committed
+                log.warning("presence: could not remember %d status words (%s)", len(statuses), describe_outage(e))
+        return outcomes
 
     def _complete_safely(self, batch: "_Batch") -> None:
         try:
