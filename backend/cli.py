@@ -352,7 +352,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
         BrokerAddress(connect_host, listeners.tls_port, WORKER_USERNAME, worker_password, tls=True, verify=False)
     worker = Worker(address,
                     store, client_id="!im-worker", skip_retained=False, delivery=_delivery(args),
-                    restore_presence=False)  # amqtt sends retained statuses to im/status/+ itself
+                    restore_presence=False, split_uid_filters=False)  # amqtt sends retained statuses to
+    # im/status/+ itself, and never rewrites a topic
     worker.metrics.rights_enforced.set(1)  # the embedded broker enforces the per-user rights itself
     _start_metrics(args, worker)
     worker.start()

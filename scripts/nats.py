@@ -54,8 +54,8 @@ NATS_UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,50}$")
 WORKER_PUBLISH = ["im.u.*.inbox", "im.u.*.reply", "im.u.*.d.*.inbox", "im.u.*.d.*.reply", "im.status.*",
                   "im.worker.*", "im.worker.probe.*"]
 WORKER_SUBSCRIBE = ["im.u.*.send", "im.u.*.ack", "im.u.*.req", "im.u.*.d.*.send", "im.u.*.d.*.ack",
-                    "im.u.*.d.*.req", "im.status.*", "im.status.*.*", "im.worker.*", "im.worker.probe.*",
-                    "$MQTT.sub.>"]
+                    "im.u.*.d.*.req", "im.u.*.*.send", "im.u.*.*.ack", "im.u.*.*.req", "im.status.*",
+                    "im.status.*.*", "im.worker.*", "im.worker.probe.*", "$MQTT.sub.>"]
 
 
 def user_permissions(user: str, worker_user: str = WORKER_USER) -> dict:

@@ -165,6 +165,13 @@ class RabbitMQ:
         r = self.ctl("import_definitions", str(path))
         if r.returncode != 0:
             raise RuntimeError(f"rabbitmqctl import_definitions failed: {r.stdout}{r.stderr}")
+        # The import is asynchronous ("can take some time"): wait until the last account can log in.
+        user = list(users)[-1] if users else None
+        end = time.monotonic() + 30  # an import of a few accounts takes milliseconds; 30 s for a loaded CI
+        while user is not None and not mqtt_connects(self.host, self.port, (user, users[user]), timeout=2.0):
+            if time.monotonic() > end:
+                raise RuntimeError(f"the accounts imported into RabbitMQ cannot log in:\n{self.log_tail()}")
+            time.sleep(0.05)  # poll interval
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         if not self.running:

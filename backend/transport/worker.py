@@ -119,6 +119,12 @@ def mangled_uid(topic: str) -> str | None:
     return None
 
 
+# Five-level send/ack/req topics are never protocol topics: beside RabbitMQ (which turns '.' into '/') they are
+# a uid with one '.' split in two (bob.x's im/u/bob.x/send arrives as im/u/bob/x/send, and reaches no
+# im/u/+/send subscription). The worker subscribes to them only to say so (mangled_uid), never to store.
+SPLIT_UID_FILTERS = tuple(f"{protocol.PREFIX}/u/+/+/{kind}" for kind in protocol.CLIENT_TOPICS)
+
+
 def worker_subscriptions(share_group: str | None) -> list[str]:
     """send/ack/req through the shared group (if any); statuses and the workers' "gone" signal always plain:
     every worker sees all presence and every other worker's end."""
@@ -345,7 +351,7 @@ class Worker:
                  delivery: core.Delivery | None = None, skip_retained: bool = True,
                  share_group: str | None = None, metrics: Metrics | None = None,
                  clean_session: bool = True, on_fatal: Callable[[str], None] | None = None,
-                 restore_presence: bool = True):
+                 restore_presence: bool = True, split_uid_filters: bool = True):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
@@ -357,6 +363,8 @@ class Worker:
         ``restore_presence``: after each (re)connection, ask the broker for the retained status of each uid the
         store last heard online (exact subscriptions), for brokers that send none to ``im/status/+``; the
         embedded broker does send them (``serve`` passes False).
+        ``split_uid_filters``: also subscribe to SPLIT_UID_FILTERS, to name a uid the broker split (one line each);
+        a refusal of these is logged once and not retried (the embedded broker never splits: ``serve`` passes False).
         ``on_fatal(message)``: if given, a login the broker refuses before the worker ever connected stops
         the worker and is handed to it (one line saying what to do) instead of being retried."""
         self.broker = broker
@@ -379,6 +387,7 @@ class Worker:
         self._resubscribe_at = 0.0
         self._resubscribe_wait = RESUBSCRIBE_MIN_S
         self.restore_presence = restore_presence
+        self.split_uid_filters = split_uid_filters
         self._presence_future: Future | None = None  # the store's last_online(), after a _CONNECTED marker
         self._restore_mids: dict[int, int] = {}  # SUBSCRIBE mid -> how many exact status filters it holds
         self._restore_filters: list[str] = []  # exact status filters to drop at _restore_until
@@ -454,6 +463,8 @@ class Worker:
         self._pending_subs.clear()
         self._refused_subs = []
         self._resubscribe_wait = RESUBSCRIBE_MIN_S
+        if self.split_uid_filters:
+            self._subscribe(list(SPLIT_UID_FILTERS))
         if self.share_delivers is None:
             # Not known yet: first the statuses and a probe through a $share subscription of our own; the
             # send/ack/req subscriptions follow once the probe says shared or plain (_settle_probe).
@@ -533,7 +544,12 @@ class Worker:
         filters = self._pending_subs.pop(mid, [])
         refused = [(f, rc) for f, rc in zip(filters, reason_codes) if rc.is_failure]
         for f, rc in refused:
-            if f.startswith("$share/") and self._probe_deadline is not None:
+            if f in SPLIT_UID_FILTERS:
+                if not self._mangled_seen:  # once per process: this only loses the naming of split uids
+                    self._mangled_seen.add("")
+                    log.info("the broker refused %s (%s): a uid it splits into topic levels would not be named in "
+                             "the log", f, rc)
+            elif f.startswith("$share/") and self._probe_deadline is not None:
                 self._probe_refused = str(rc)
                 self._settle_probe(False)
             elif not f.startswith("$share/") or self.share_delivers:
@@ -543,7 +559,7 @@ class Worker:
             log.warning("the broker refused the subscription to %s (%s); retrying in %.0fs (NATS refuses while "
                         "JetStream is unavailable; otherwise check the worker account's rights, broker_config/)",
                         ", ".join(self._refused_subs), refused[0][1], self._resubscribe_wait)
-        elif not refused and filters and self._resubscribe_wait > RESUBSCRIBE_MIN_S and not self._refused_subs:
+        elif not refused and filters and not set(filters) & set(SPLIT_UID_FILTERS) and self._resubscribe_wait > RESUBSCRIBE_MIN_S and not self._refused_subs:
             log.info("subscribed to %s after the broker's earlier refusal", ", ".join(filters))
             self._resubscribe_wait = RESUBSCRIBE_MIN_S
 

@@ -11,12 +11,13 @@ USER_WRITE='^im\.u\.{username}\.(d\.[A-Za-z0-9_-]+\.)?(send|ack|req)$|^im\.statu
 USER_READ='^im\.u\.{username}\.(d\.[A-Za-z0-9_*-]+\.)?(inbox|reply)$|^im\.status\.[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)?$'
 # The worker writes inboxes, replies, derived user statuses and the workers' topics; it reads (subscribes
 # to) what clients send, the statuses (im/status/+, and each uid's exact status topic: the worker asks for
-# retained statuses that way after a restart, as RabbitMQ sends none to wildcards) and the workers' topics. RabbitMQ closes the connection of a client
+# retained statuses that way after a restart, as RabbitMQ sends none to wildcards) and the workers' topics;
+# im.u.*.*.send (and ack, req) only to name in its log a uid with a '.' that RabbitMQ split in two. RabbitMQ closes the connection of a client
 # whose SUBSCRIBE is refused, so the worker may also bind $share.* keys: its start-up probe through
 # $share/im-workers/... is then granted, delivers nothing (no one may publish there), and the worker
 # falls back to plain subscriptions (README.md).
 WORKER_WRITE='^im\.u\.[A-Za-z0-9_-]+\.(d\.[A-Za-z0-9_-]+\.)?(inbox|reply)$|^im\.status\.[A-Za-z0-9_-]+$|^im\.worker\.'
-WORKER_READ='^im\.u\.\*\.(d\.\*\.)?(send|ack|req)$|^im\.status\.[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)?$|^im\.worker\.|^\$share\.'
+WORKER_READ='^im\.u\.\*\.((d\.)?\*\.)?(send|ack|req)$|^im\.status\.[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)?$|^im\.worker\.|^\$share\.'
 # vhost rights: only the MQTT plugin's own session queues (mqtt-subscription-<client id>qos0/1) and amq.topic.
 QUEUES='^mqtt-subscription-'
 RW='^(amq\.topic|mqtt-subscription-.*)$'

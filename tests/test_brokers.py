@@ -1,0 +1,126 @@
+"""What the worker finds out by itself beside each broker: whether $share delivers (the start-up probe), who
+is online after a restart (RabbitMQ sends no retained status to im/status/+), and uids a broker splits.
+
+Mosquitto (a private one per test), NATS and RabbitMQ (the session's shared nodes, tests/services.py) with
+per-test uids; the worker is ``python -m backend worker`` with the default --share-group, as an operator
+starts it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from backend.client import IMClient
+from backend import protocol as p
+from conftest import eventually, raw_client
+from conftest import stop_raw as stop
+from services import BROKERS, ProbedWorker, WorkerProcess, mosquitto, shared_broker, unique_users
+
+# Upper bound for anything that takes milliseconds; waits return as soon as the event happens.
+WAIT_S = 15.0
+
+
+@pytest.fixture(params=BROKERS)
+def beside(request, tmp_path):
+    """(kind, port, uids, db_url): a broker with this test's users alice and bob (unique uids)."""
+    uids = unique_users("alice", "bob")
+    passwords = {uid: f"{uid}-pw" for uid in uids.values()}
+    if request.param == "mosquitto":
+        node = mosquitto(passwords)
+        yield request.param, node, uids, f"sqlite:///{tmp_path}/im.db"
+        node.close()
+        return
+    node = shared_broker(request.param)
+    node.add_users(passwords)
+    yield request.param, node, uids, f"sqlite:///{tmp_path}/im.db"
+
+
+def client(node, uid, **kw) -> IMClient:
+    return IMClient(uid, f"{uid}-pw", node.host, node.port, **kw).connect(WAIT_S)
+
+
+def test_share_probe_says_what_it_found_and_the_chat_works(beside):
+    kind, node, uids, db_url = beside
+    worker = ProbedWorker(node.port, db_url).start(timeout=30)
+    try:
+        verdict = next(line for line in worker.lines if "backend.worker: the broker at" in line)
+        if kind == "mosquitto":
+            assert "delivers through shared subscriptions" in verdict, verdict
+        else:  # NATS and RabbitMQ: granted (or refused), never delivered; one WARNING line, then plain
+            assert "WARNING" in verdict and "has no shared subscriptions" in verdict and "plainly" in verdict, verdict
+        bob = client(node, uids["bob"])
+        alice = client(node, uids["alice"])
+        out = alice.send(uids["bob"], "hello")
+        assert out.wait(WAIT_S)["status"] == "stored"
+        assert bob.wait_for_messages(1, WAIT_S), "".join(worker.lines)
+        assert out.delivered.wait(WAIT_S)
+        for c in (alice, bob):
+            c.close()
+    finally:
+        worker.kill()
+
+
+def test_worker_restarted_while_bob_is_online_still_pushes_to_him(beside):
+    """RabbitMQ sends no retained status to the worker's im/status/+ after its restart: without the store's
+    last statuses (and the exact re-subscription) bob stays 'offline' to the new worker and gets no push."""
+    kind, node, uids, db_url = beside
+    worker = ProbedWorker(node.port, db_url).start(timeout=30)
+    bob = client(node, uids["bob"])
+    try:
+        assert bob.count(WAIT_S)["total"] == 0  # answered after the worker took in bob's `online`
+        worker.kill()  # SIGKILL: its clean session is gone; bob stays connected and online
+        worker.start(timeout=30)
+        # Synchronisation only (the assertions below are what matters): the new worker asked about bob.
+        worker.wait_log("presence: asked the broker for the retained status of 1 users", 5)
+        alice = client(node, uids["alice"], receiver=False)
+        out = alice.send(uids["bob"], "after the restart")
+        assert out.wait(WAIT_S)["status"] == "stored"
+        assert bob.wait_for_messages(1, WAIT_S), "".join(worker.lines)
+        assert bob.announcements == [], "bob was told to pull: the new worker did not count him online"
+        assert out.delivered.wait(WAIT_S)
+        alice.close()
+    finally:
+        bob.close()
+        worker.kill()
+
+
+def test_rabbitmq_split_uid_is_refused_and_never_stored_under_another(tmp_path):
+    """RabbitMQ turns '.' into '/': bob.x's im/u/bob.x/send reaches the worker as im/u/bob/x/send. The account
+    is refused by the broker's setup (no '.'), and the worker, if it meets such a topic, says so in one line
+    and stores nothing (never as 'bob', never as anyone)."""
+    from scripts.rabbitmq import definitions
+    with pytest.raises(ValueError, match="no '.'"):
+        definitions({"bob.x": "pw"})
+    node = shared_broker("rabbitmq")
+    tag = os.urandom(3).hex()
+    dotted, bob = f"bob{tag}.x", f"bob{tag}"
+    # Made around the refusal (as a careless operator might, with rabbitmqctl): its rights let it publish.
+    node.add_users({bob: "pw"})
+    path = tmp_path / "dotted.json"
+    import json
+    defs = definitions({f"bob{tag}_x": "pw"})
+    for section in ("users", "permissions", "topic_permissions"):
+        for entry in defs[section]:
+            entry["name" if section == "users" else "user"] = dotted
+    defs["topic_permissions"][0]["write"] = ".*"
+    path.write_text(json.dumps(defs))
+    r = node.ctl("import_definitions", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    from scripts.nats import mqtt_connects
+    assert eventually(lambda: mqtt_connects(node.host, node.port, (dotted, "pw")), WAIT_S)  # the import is async
+    worker = ProbedWorker(node.port, f"sqlite:///{tmp_path}/im.db").start(timeout=30)
+    try:
+        c, rc, _ = raw_client(node.port, dotted, "pw", f"{dotted}:raw")
+        assert rc is not None and not rc.is_failure
+        c.publish(p.send_topic(dotted), p.encode({"msg_id": "split-1", "to": bob, "content": "x"}), qos=1)
+        assert worker.wait_log("the broker split a uid into topic levels", WAIT_S), "".join(worker.lines)
+        stop(c)
+        line = next(line for line in worker.lines if "split a uid" in line)
+        assert f"im/u/{bob}/x/send" in line and "ERROR" in line
+        from backend.store import Message, open_database
+        db = open_database(f"sqlite:///{tmp_path}/im.db")
+        assert Message.select().count() == 0, "a payload of the split uid was stored"
+        db.close()
+    finally:
+        worker.kill()
