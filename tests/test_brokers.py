@@ -124,3 +124,32 @@ def test_rabbitmq_split_uid_is_refused_and_never_stored_under_another(tmp_path):
         db.close()
     finally:
         worker.kill()
+
+
+def test_worker_with_a_dotted_client_id_is_heard_gone_on_nats(tmp_path):
+    """The default client id holds the host name (often with dots). NATS refuses a topic with '.' in a level
+    ("characters ' ' and '.' not supported for MQTT topics"), so the will on im/worker/<client id> never
+    reached the other workers (failed before the fix: no `gone` within 15 s)."""
+    from services import WORKER_PASSWORD, WORKER_USER
+    node = shared_broker("nats")
+    watcher, rc, got = raw_client(node.port, WORKER_USER, WORKER_PASSWORD, f"watcher-{os.urandom(3).hex()}")
+    worker = ProbedWorker(node.port, f"sqlite:///{tmp_path}/im.db", client_id="host.example.org-1")
+    try:
+        assert rc is not None and not rc.is_failure
+        watcher.subscribe(p.WORKER_TOPIC_FILTER, qos=1)
+        worker.start(timeout=WAIT_S)
+        worker.kill()  # SIGKILL: the broker publishes its will
+        assert eventually(lambda: any(m.payload == p.WORKER_GONE for m in got), WAIT_S), node.log_tail(5)
+    finally:
+        worker.kill()
+        stop(watcher)
+
+
+def test_split_uid_is_recognised_only_for_five_level_client_topics():
+    from backend.transport.worker import mangled_uid, probe_topic
+    assert mangled_uid("im/u/bob/x/send") == "bob.x"
+    assert mangled_uid("im/u/a/b/c/req") == "a.b.c"
+    assert mangled_uid("im/u/bob/send") is None  # a v1 topic
+    assert mangled_uid("im/u/bob/d/laptop/send") is None  # a device topic
+    assert mangled_uid("im/u/bob/x/inbox") is None  # not a client topic
+    assert probe_topic("host.example org/1") == "im/worker/probe/host_example_org_1"

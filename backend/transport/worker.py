@@ -414,6 +414,8 @@ class Worker:
         self._connected_at = 0.0
         self._quick_drops = 0  # connections the broker closed within QUICK_DROP_S, in a row
         self._unreachable_logged = False
+        self._connack_seen = False  # a CONNACK (accepted or not) arrived on the current connection attempt
+        self._no_connack_logged = False
         # Connection generations: _conn_gen counts accepted CONNACKs; _inbox_gen counts the _CONNECTED markers
         # taken from the inbox, so it is the generation of the packets now being planned. A packet id is only
         # meaningful on the connection it came on: with a clean session the broker forgets what was in flight
@@ -444,6 +446,7 @@ class Worker:
 
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self._connack_seen = True
         if reason_code.is_failure:
             message = refusal_message(self.broker, self.client_id, reason_code)
             if not self._ever_connected and self.on_fatal is not None:
@@ -454,6 +457,7 @@ class Worker:
             log.error("%s; retrying in %.0fs", message, max(0.0, self._next_connect - time.monotonic()))
             return
         set_nodelay(client)
+        self._no_connack_logged = False
         self._ever_connected = self._session_up = True
         self._unreachable_logged = False
         self._connected_at = time.monotonic()
@@ -484,6 +488,13 @@ class Worker:
         self.connected.clear()
         self.metrics.connected.set(0)
         if not self._connection_ended():
+            if not self._connack_seen and not self._no_connack_logged:
+                # Closed before any CONNACK: NATS does this to a CONNECT it cannot take (e.g. a will topic
+                # with '.'); without this line the worker would retry in silence.
+                self._no_connack_logged = True
+                log.warning("the broker at %s:%s closed the connection before answering the CONNECT (%s): "
+                            "its log says why; retrying with backoff", self.broker.host, self.broker.port,
+                            reason_code)
             return  # a refused CONNECT: _on_connect said why
         if self._stop.is_set():
             return
@@ -709,6 +720,7 @@ class Worker:
         # drops us; a successful CONNACK (_on_connect) resets it.
         self._next_connect = now + self._reconnect_wait
         self._reconnect_wait = min(self._reconnect_wait * 2, float(RECONNECT_MAX_S))
+        self._connack_seen = False
         try:
             self.client.reconnect()  # TCP (and TLS) connect and CONNECT; the CONNACK is read by _network
             set_nodelay(self.client)
