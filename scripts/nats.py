@@ -72,12 +72,16 @@ def user_permissions(user: str, worker_user: str = WORKER_USER) -> dict:
                                     "im.status.*", "im.status.*.*", "$MQTT.sub.>"]}}
 
 
-def users_config(users: Mapping[str, str], worker_user: str = WORKER_USER) -> str:
-    """users.conf text (included in nats.conf's authorization block): one entry per account."""
+def users_config(users: Mapping[str, str], worker_user: str = WORKER_USER,
+                 permissions: Mapping[str, dict] | None = None) -> str:
+    """users.conf text (included in nats.conf's authorization block): one entry per account.
+    ``permissions``: accounts whose permissions are given instead of the protocol's (tests)."""
+    permissions = permissions or {}
     lines = ["# Written by scripts/nats.py: one entry per account, with the protocol's rights (docs/PROTOCOL.md).",
              "users = ["]
     for user, password in users.items():
-        entry = {"user": user, "password": password, "permissions": user_permissions(user, worker_user)}
+        perms = permissions[user] if user in permissions else user_permissions(user, worker_user)
+        entry = {"user": user, "password": password, "permissions": perms}
         lines.append("  " + json.dumps(entry))  # NATS' config syntax accepts JSON
     lines.append("]")
     return "\n".join(lines) + "\n"
@@ -120,6 +124,7 @@ class Nats:
         self.host, self.port, self.http_port, self.workdir, self.binary = host, port, http_port, workdir, binary
         self.probe_user = probe_user
         self.users: dict[str, str] = {}
+        self.permissions: dict[str, dict] = {}
         self.config_path, self.log_path = workdir / "nats.conf", workdir / "nats.log"
         self.proc: subprocess.Popen | None = None
 
@@ -156,10 +161,15 @@ class Nats:
                 return self
             time.sleep(0.05)  # poll interval, not a guess at the start-up time
 
-    def add_users(self, users: Mapping[str, str], worker_user: str = WORKER_USER) -> None:
-        """Add (or update) accounts on the running server: users.conf rewritten, then SIGHUP (a reload)."""
+    def add_users(self, users: Mapping[str, str], worker_user: str = WORKER_USER,
+                  permissions: Mapping[str, dict] | None = None) -> None:
+        """Add (or update) accounts on the running server: users.conf rewritten, then SIGHUP (a reload).
+        ``permissions``: accounts given other permissions than the protocol's (kept until changed again)."""
         self.users.update(users)
-        text = users_config(self.users, worker_user)
+        for user in users:
+            self.permissions.pop(user, None)
+        self.permissions.update(permissions or {})
+        text = users_config(self.users, worker_user, self.permissions)
         (self.workdir / "users.conf").write_text(text, encoding="utf-8")
         if self.running:
             before = self.log_path.read_text(errors="replace").count("Reloaded server configuration")

@@ -153,3 +153,37 @@ def test_split_uid_is_recognised_only_for_five_level_client_topics():
     assert mangled_uid("im/u/bob/d/laptop/send") is None  # a device topic
     assert mangled_uid("im/u/bob/x/inbox") is None  # not a client topic
     assert probe_topic("host.example org/1") == "im/worker/probe/host_example_org_1"
+
+
+def test_refused_subscription_is_retried_until_granted(tmp_path):
+    """NATS answers a SUBSCRIBE it refuses with 0x80 (it does so while JetStream is unavailable): the worker
+    says so in one line and retries with backoff; once the broker grants it, requests are answered."""
+    from scripts.nats import WORKER_PUBLISH, WORKER_SUBSCRIBE
+    node = shared_broker("nats")
+    tag = os.urandom(3).hex()
+    account, uid = f"im-worker-{tag}", f"carol-{tag}"
+    without_req = [f for f in WORKER_SUBSCRIBE if f != "im.u.*.req"]
+    node.add_users({account: "pw", uid: f"{uid}-pw"},
+                   permissions={account: {"publish": {"allow": WORKER_PUBLISH}, "subscribe": {"allow": without_req}}})
+
+    class Worker(ProbedWorker):
+        def args(self):
+            return [a.replace("im-worker@", f"{account}@") for a in super().args()]
+
+        def env(self):
+            return {"IM_BROKER_PASSWORD": "pw"}
+
+    worker = Worker(node.port, f"sqlite:///{tmp_path}/im.db")
+    try:
+        worker.start(timeout=WAIT_S)
+        assert worker.wait_log("the broker refused the subscription to im/u/+/req", WAIT_S), "".join(worker.lines)
+        # Granted now (as NATS does once JetStream is back): the worker's next retry succeeds.
+        node.add_users({account: "pw"}, permissions={account: {"publish": {"allow": WORKER_PUBLISH},
+                                                               "subscribe": {"allow": WORKER_SUBSCRIBE}}})
+        assert worker.wait_log("subscribed to im/u/+/req after the broker's earlier refusal", 20), \
+            "".join(worker.lines)
+        carol = client(node, uid, auto_sync=False)
+        assert carol.count(WAIT_S)["total"] == 0
+        carol.close()
+    finally:
+        worker.kill()
