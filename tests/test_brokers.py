@@ -72,7 +72,7 @@ def test_worker_restarted_while_bob_is_online_still_pushes_to_him(beside):
         worker.kill()  # SIGKILL: its clean session is gone; bob stays connected and online
         worker.start(timeout=30)
         # Synchronisation only (the assertions below are what matters): the new worker asked about bob.
-        worker.wait_log("presence: asked the broker for the retained status of 1 users", 5)
+        worker.wait_log("presence: asked the broker for the retained word of 1 status topics", 5)
         alice = client(node, uids["alice"], receiver=False)
         out = alice.send(uids["bob"], "after the restart")
         assert out.wait(WAIT_S)["status"] == "stored"

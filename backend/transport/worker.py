@@ -338,7 +338,7 @@ class _Batch:
     msgs: list
     kinds: dict[str, int]
     plan: core.Plan
-    statuses: dict = field(default_factory=dict)  # uid -> status word heard in this batch (Store.save_statuses)
+    statuses: dict = field(default_factory=dict)  # status topic -> word heard in this batch (Store.save_statuses)
     gen: int = 0  # the connection its packets came on (Worker._inbox_gen); PUBACKed only on that one
     future: Future | None = None  # None: waiting to be (re)submitted at retry_at
     started: float = 0.0
@@ -360,7 +360,7 @@ class Worker:
 
         ``clean_session``: True (the default) leaves the broker nothing of this worker once it is gone;
         False keeps a persistent session under ``client_id`` (see the module docstring).
-        ``restore_presence``: after each (re)connection, ask the broker for the retained status of each uid the
+        ``restore_presence``: after each (re)connection, ask the broker for the retained word of each status topic the
         store last heard online (exact subscriptions), for brokers that send none to ``im/status/+``; the
         embedded broker does send them (``serve`` passes False).
         ``split_uid_filters``: also subscribe to SPLIT_UID_FILTERS, to name a uid the broker split (one line each);
@@ -549,7 +549,7 @@ class Worker:
             refused = sum(1 for rc in reason_codes if rc.is_failure)
             if not self._restore_mids:
                 self._restore_until = time.monotonic() + PRESENCE_RESTORE_S
-            log.info("presence: asked the broker for the retained status of %d users last heard online%s",
+            log.info("presence: asked the broker for the retained word of %d status topics last heard online%s",
                      n, f" ({refused} refused: check the worker's read right on im/status/+)" if refused else "")
             return
         filters = self._pending_subs.pop(mid, [])
@@ -574,8 +574,8 @@ class Worker:
             log.info("subscribed to %s after the broker's earlier refusal", ", ".join(filters))
             self._resubscribe_wait = RESUBSCRIBE_MIN_S
 
-    def _restore(self, uids: list[str]) -> None:
-        filters = [protocol.status_topic(uid) for uid in uids if protocol.valid_uid(uid)]
+    def _restore(self, topics: list[str]) -> None:
+        filters = [t for t in topics if (getattr(protocol.parse_topic(t), "kind", None) == "status")]
         self._restore_filters, self._restore_until = filters, 0.0
         for i in range(0, len(filters), PRESENCE_FILTERS_PER_PACKET):
             chunk = filters[i:i + PRESENCE_FILTERS_PER_PACKET]
@@ -845,7 +845,7 @@ class Worker:
     def _plan(self, msgs: list) -> "_Batch":
         now = now_ms()
         inbound = []
-        statuses: dict[str, str] = {}  # uid -> last status word in this batch, remembered in the store
+        statuses: dict[str, str] = {}  # status topic -> its last word in this batch, remembered in the store
         kinds: dict[str, int] = {}  # packets per topic kind, for the metrics
         for m in msgs:
             parsed = protocol.parse_topic(m.topic)
@@ -867,7 +867,7 @@ class Worker:
                 log.warning("dropped a retained replay on %s (retained sends are not messages)", m.topic)
                 continue
             if parsed is not None and parsed.kind == "status" and m.payload in (b"online", b"offline"):
-                statuses[parsed.uid] = m.payload.decode()
+                statuses[m.topic] = m.payload.decode()
             inbound.append((m.topic, m.payload))
         return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, statuses=statuses)
 
