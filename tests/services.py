@@ -81,7 +81,10 @@ def unique_users(*names: str) -> dict[str, str]:
 
 
 class WorkerProcess(BackendProcess):
-    """`python -m backend worker` beside a broker; start() returns once it is connected."""
+    """`python -m backend worker` beside a broker; start() returns once the broker granted its send/ack/req
+    subscriptions (after its $share probe, when it has a share group): sends published from then on reach it."""
+
+    ready = "backend.worker: subscribed to send/ack/req"
 
     def __init__(self, port: int, db_url: str, client_id: str | None = "im-worker", host: str = "127.0.0.1",
                  extra: list[str] | None = None, username: str | None = WORKER_USER, scheme: str = "mqtt"):
@@ -99,9 +102,7 @@ class WorkerProcess(BackendProcess):
 
 
 class ProbedWorker(WorkerProcess):
-    """A worker with the default share group: ready once its $share probe settled (shared or plain)."""
-
-    ready = "backend.worker: the broker at"  # "... delivers through shared subscriptions" / "... has no shared ..."
+    """A worker with the default share group (its $share probe's verdict is in ``lines`` once started)."""
 
 
 class MosquittoWorkers:

@@ -554,6 +554,11 @@ class Worker:
             return
         filters = self._pending_subs.pop(mid, [])
         refused = [(f, rc) for f, rc in zip(filters, reason_codes) if rc.is_failure]
+        traffic = [f for f in filters if f.endswith("/send") and f not in SPLIT_UID_FILTERS]
+        if traffic and not any(f.endswith("/send") for f, _ in refused):
+            # The line tests and operators wait for: from here on, sends reach this worker.
+            log.info("subscribed to send/ack/req %s", "through the shared group " + repr(self.share_group)
+                     if traffic[0].startswith("$share/") else "plainly")
         for f, rc in refused:
             if f in SPLIT_UID_FILTERS:
                 if not self._mangled_seen:  # once per process: this only loses the naming of split uids
