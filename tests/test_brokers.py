@@ -15,7 +15,7 @@ from backend.client import IMClient
 from backend import protocol as p
 from conftest import eventually, raw_client
 from conftest import stop_raw as stop
-from services import BROKERS, ProbedWorker, WorkerProcess, mosquitto, shared_broker, unique_users
+from services import BROKERS, ProbedWorker, mosquitto, shared_broker, unique_users
 
 # Upper bound for anything that takes milliseconds; waits return as soon as the event happens.
 WAIT_S = 15.0
