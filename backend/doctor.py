@@ -294,8 +294,9 @@ def _check_retained(main: _Probe, topic: str) -> Verdict:
     if ok:
         return Verdict("retained", "ok", "retained messages reach wildcard subscriptions (presence is rebuilt "
                        "from im/status/+)")
-    return Verdict("retained", "FAIL", "a retained message did not reach a wildcard subscription (RabbitMQ "
-                   "does this): the worker cannot rebuild who is online after a reconnect; use another broker")
+    return Verdict("retained", "WARN", "a retained message did not reach a wildcard subscription (RabbitMQ "
+                   "does this): the worker rebuilds who is online after a reconnect by asking for each status "
+                   "topic it last heard online (docs/PROTOCOL.md, section 10.1)")
 
 
 def _check_latency(main: _Probe, topic: str, address: BrokerAddress) -> Verdict:
