@@ -27,6 +27,11 @@ add() {  # add(name, password, write, read)
   $CTL set_topic_permissions -p / "$1" amq.topic "$3" "$4"
 }
 if [ "${1:-}" = user ]; then
+  # A uid here is 1-50 of A-Z a-z 0-9 _ - : RabbitMQ turns a '.' into a topic level (docs/PROTOCOL.md 10.1).
+  if ! printf '%s' "$2" | grep -Eq '^[A-Za-z0-9_-]{1,50}$'; then
+    echo "error: uid '$2' cannot work beside RabbitMQ: use 1-50 of A-Z a-z 0-9 _ - (no '.')" >&2
+    exit 2
+  fi
   add "$2" "$3" "$USER_WRITE" "$USER_READ"
 else
   $CTL delete_user guest >/dev/null 2>&1 || true   # the well-known default account
