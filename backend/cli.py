@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The broker must enforce the per-user topic ACL (see broker_config/).")
     w.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
                    help="mqtt://[user[:pass]@]host:port (default: $IM_BROKER_URL or mqtt://127.0.0.1:1883); "
-                        "prefer $IM_BROKER_PASSWORD or --password-file to a password in the URL")
+                        "the nodes of a cluster comma-separated (mqtt://im-worker@n1:1883,n2:1883): the worker "
+                        "moves to the next when its node fails; prefer $IM_BROKER_PASSWORD or --password-file "
+                        "to a password in the URL")
     w.add_argument("--password-file", help="file holding the worker's broker password")
     w.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
     w.add_argument("--id", default=None,
@@ -261,10 +263,11 @@ def _broker_password(args: argparse.Namespace) -> str | None:
 
 def _worker(args: argparse.Namespace) -> int:
     from .store import open_database
-    from .transport.worker import Worker, parse_broker_url
+    from .transport.worker import Worker, parse_broker_urls
     password = _broker_password(args)
     try:
-        address = parse_broker_url(args.broker, password, args.ca_file)
+        addresses = parse_broker_urls(args.broker, password, args.ca_file)
+        address = addresses[0]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -276,7 +279,7 @@ def _worker(args: argparse.Namespace) -> int:
     db = open_database(args.database_url)
     client_id = args.client_id or f"im-worker-{args.id or default_worker_id()}"
     stop = _wait_for_signal()
-    worker = Worker(address, _store(args, db), client_id=client_id, share_group=args.share_group or None,
+    worker = Worker(addresses, _store(args, db), client_id=client_id, share_group=args.share_group or None,
                     delivery=_delivery(args), clean_session=not args.persistent_session,
                     on_fatal=lambda _message: stop.set())
     if args.persistent_session and args.share_group:
@@ -285,10 +288,15 @@ def _worker(args: argparse.Namespace) -> int:
                     "to retire it, clear its session (broker_config/README.md)", client_id, args.share_group)
     _start_metrics(args, worker)
     worker.start()
-    log.info("worker running beside %s:%s; Ctrl-C stops", address.host, address.port)
+    log.info("worker running beside %s; Ctrl-C stops", ", ".join(f"{a.host}:{a.port}" for a in addresses))
     from .doctor import check_at_start
-    threading.Thread(target=check_at_start, args=(address, worker.metrics, worker.connected, stop),
-                     name="im-broker-check", daemon=True).start()
+
+    def check() -> None:  # on the node the worker got connected to (the first address may be down)
+        while not worker.connected.wait(0.5) and not stop.is_set():
+            pass
+        check_at_start(worker.broker, worker.metrics, worker.connected, stop)
+
+    threading.Thread(target=check, name="im-broker-check", daemon=True).start()
     stop.wait()
     if worker.fatal:
         worker.stop()

@@ -51,8 +51,10 @@ NATS_UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,50}$")
 # messages of a QoS 1 subscription (a JetStream consumer's delivery subject): every MQTT user needs to
 # subscribe there, or each QoS 1 SUBSCRIBE fails. MQTT clients themselves cannot subscribe to $MQTT/...
 # topics (NATS refuses them), so it opens nothing to a user.
-WORKER_PUBLISH = ["im.u.*.inbox", "im.u.*.reply", "im.u.*.d.*.inbox", "im.u.*.d.*.reply", "im.status.*",
-                  "im.worker.*", "im.worker.probe.*"]
+# (No im.status.*: the worker publishes no status yet. The device work's derived user status, DEVICES.md, will
+# need it, and `doctor`'s "publish rights" check will then have to allow the worker that topic.)
+WORKER_PUBLISH = ["im.u.*.inbox", "im.u.*.reply", "im.u.*.d.*.inbox", "im.u.*.d.*.reply", "im.worker.*",
+                  "im.worker.probe.*"]
 WORKER_SUBSCRIBE = ["im.u.*.send", "im.u.*.ack", "im.u.*.req", "im.u.*.d.*.send", "im.u.*.d.*.ack",
                     "im.u.*.d.*.req", "im.u.*.*.send", "im.u.*.*.ack", "im.u.*.*.req", "im.status.*",
                     "im.status.*.*", "im.worker.*", "im.worker.probe.*", "$MQTT.sub.>"]
@@ -92,7 +94,7 @@ def find_nats() -> str | None:
 
 
 def render_config(base: str, *, host: str, port: int, client_port: int, http_port: int, workdir: Path,
-                  server_name: str = "im-nats-test") -> str:
+                  server_name: str = "im-nats-test", cluster: tuple[int, list[int]] | None = None) -> str:
     """The base config moved to these ports and workdir (line by line: the keys it sets are unique per block)."""
     out, block = [], []
     for line in base.splitlines():
@@ -113,6 +115,11 @@ def render_config(base: str, *, host: str, port: int, client_port: int, http_por
         elif key == "store_dir" and block == ["jetstream"]:
             line = f'  store_dir: "{workdir / "jetstream"}"'
         out.append(line)
+    if cluster is not None:  # (this server's route port, every server's route port)
+        own, routes = cluster
+        out += ["# A cluster of private servers (scripts/nats.py start_nats_cluster).", "cluster {",
+                "  name: im-test", f"  listen: {host}:{own}",
+                "  routes: [" + ", ".join(f"nats-route://{host}:{r}" for r in routes) + "]", "}"]
     return "\n".join(out) + "\n"
 
 
@@ -143,6 +150,10 @@ class Nats:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        return self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Nats":
+        """Until GET /healthz answers 200 and an MQTT CONNECT is accepted."""
         end = time.monotonic() + timeout
         healthy = False
         while True:
@@ -278,6 +289,43 @@ def start_nats(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port: in
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     raise AssertionError("unreachable")
+
+
+def start_nats_cluster(users: Mapping[str, str], *, nodes: int = 3, host: str = "127.0.0.1",
+                       worker_user: str = WORKER_USER, timeout: float = START_TIMEOUT_S) -> list[Nats]:
+    """``nodes`` servers routed into one cluster (JetStream replicates the MQTT streams over them), each with
+    its own ports and directory; returns once every one is healthy and takes an MQTT CONNECT (~3 s here).
+    ``kill()`` / ``start()`` one to lose and bring back a node; ``close()`` each at the end."""
+    binary = find_nats()
+    if binary is None:
+        raise FileNotFoundError("nats-server not found (Debian: apt-get install nats-server)")
+    users = dict(users)
+    text = users_config(users, worker_user)
+    base = BASE_CONFIG.read_text(encoding="utf-8")
+    routes = [free_port(host) for _ in range(nodes)]
+    servers: list[Nats] = []
+    try:
+        for i in range(nodes):
+            workdir = Path(tempfile.mkdtemp(prefix=f"im-nats-c{i}-"))
+            (workdir / "users.conf").write_text(text, encoding="utf-8")
+            mqtt_port, http_port, client_port = free_port(host), free_port(host), free_port(host)
+            (workdir / "nats.conf").write_text(render_config(
+                base, host=host, port=mqtt_port, client_port=client_port, http_port=http_port, workdir=workdir,
+                server_name=f"im-nats-{i + 1}", cluster=(routes[i], routes)), encoding="utf-8")
+            server = Nats(host, mqtt_port, http_port, workdir, binary, next(iter(users.items()), None))
+            server.users = dict(users)
+            servers.append(server)
+        for server in servers:  # all at once: JetStream needs a quorum of them before any is ready
+            with open(server.log_path, "ab") as log:
+                server.proc = subprocess.Popen([binary, "-c", str(server.config_path)], stdin=subprocess.DEVNULL,
+                                               stdout=log, stderr=subprocess.STDOUT, cwd=server.workdir)
+        for server in servers:
+            server.wait_ready(timeout)
+        return servers
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
 
 
 def _parse_user(text: str) -> tuple[str, str]:

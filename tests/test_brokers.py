@@ -57,6 +57,8 @@ def test_share_probe_says_what_it_found_and_the_chat_works(beside):
         assert out.delivered.wait(WAIT_S)
         for c in (alice, bob):
             c.close()
+        # The worker's own probes (backend/doctor.py) find the rights of broker_config/ enforced on each broker.
+        assert worker.wait_log("enforces the per-user rights", WAIT_S), "".join(worker.lines)
     finally:
         worker.kill()
 
@@ -187,3 +189,45 @@ def test_refused_subscription_is_retried_until_granted(tmp_path):
         carol.close()
     finally:
         worker.kill()
+
+
+def test_worker_moves_to_a_live_node_when_its_nats_node_dies(tmp_path):
+    """A 3-node NATS cluster (JetStream R3): the worker, given all three addresses, is on node 1, alice on
+    node 2, bob on node 3. Node 1 is SIGKILLed: the worker moves to a live node by itself, and the chat goes
+    on (alice's client resends what got no receipt); nothing lost, nothing shown twice."""
+    from scripts.nats import find_nats, start_nats_cluster
+    from services import WORKER_PASSWORD, WORKER_USER, require
+    require(find_nats() is not None, "nats-server not installed")
+    uids = unique_users("alice", "bob")
+    nodes = start_nats_cluster({WORKER_USER: WORKER_PASSWORD, **{u: f"{u}-pw" for u in uids.values()}})
+    worker = bob = alice = None
+    try:
+        worker = ProbedWorker(nodes[0].port, f"sqlite:///{tmp_path}/im.db")
+        worker.args = lambda: ["worker", "--broker", f"mqtt://{WORKER_USER}@127.0.0.1:{nodes[0].port},"
+                               f"127.0.0.1:{nodes[1].port},127.0.0.1:{nodes[2].port}",
+                               "--database-url", worker.db_url, "--client-id", "im-worker"]
+        worker.start(timeout=30)
+        assert any(f"connected to 127.0.0.1:{nodes[0].port}" in line for line in worker.lines)
+        alice = client(nodes[1], uids["alice"], receiver=False)
+        bob = client(nodes[2], uids["bob"])
+        first = alice.send(uids["bob"], "before")
+        assert first.wait(WAIT_S)["status"] == "stored"
+        assert bob.wait_for_messages(1, WAIT_S)
+
+        nodes[0].kill()
+        moved = lambda: any(f"connected to 127.0.0.1:{n.port}" in line for n in nodes[1:]  # noqa: E731
+                            for line in worker.lines)
+        assert eventually(moved, 30), "".join(worker.lines[-20:])
+        second = alice.send(uids["bob"], "after")  # resent by alice's client until a live worker answers
+        r = second.wait(40)
+        assert r is not None and r["status"] in ("stored", "duplicate"), "".join(worker.lines[-20:])
+        assert bob.wait_for(lambda: len(bob.messages) >= 2, 30), (bob.messages, "".join(worker.lines[-20:]))
+        assert [m["content"] for m in bob.messages] == ["before", "after"]
+    finally:
+        for c in (alice, bob):
+            if c is not None:
+                c.kill()
+        if worker is not None:
+            worker.kill()
+        for n in nodes:
+            n.close()

@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 import peewee as pw
@@ -159,6 +159,24 @@ def parse_broker_url(url: str, password: str | None = None, ca_file: str | None 
     return BrokerAddress(host=u.hostname or "127.0.0.1", port=u.port or (8883 if tls else 1883),
                          username=unquote(u.username) if u.username else None,
                          password=unquote(u.password) if u.password else password, tls=tls, ca_file=ca_file)
+
+
+def parse_broker_urls(text: str, password: str | None = None, ca_file: str | None = None) -> list[BrokerAddress]:
+    """One broker address or several, comma-separated (the nodes of one cluster):
+    ``mqtt://im-worker@n1:1883,n2:1883,mqtt://n3:1884``. An entry without a scheme takes the first entry's
+    scheme and username. Raises ValueError for an empty list or a bad entry."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("no broker address given")
+    first = parse_broker_url(entries[0], password, ca_file)
+    out = [first]
+    for e in entries[1:]:
+        if "://" not in e:
+            scheme = "mqtts" if first.tls else "mqtt"
+            user = f"{quote(first.username, safe='')}@" if first.username and "@" not in e else ""
+            e = f"{scheme}://{user}{e}"
+        out.append(parse_broker_url(e, password, ca_file))
+    return out
 
 
 def describe_op(op: core.Operation) -> str:
@@ -347,7 +365,7 @@ class _Batch:
 
 
 class Worker:
-    def __init__(self, broker: BrokerAddress, store: Store, *, client_id: str = "im-worker",
+    def __init__(self, broker: BrokerAddress | list[BrokerAddress], store: Store, *, client_id: str = "im-worker",
                  delivery: core.Delivery | None = None, skip_retained: bool = True,
                  share_group: str | None = None, metrics: Metrics | None = None,
                  clean_session: bool = True, on_fatal: Callable[[str], None] | None = None,
@@ -367,7 +385,11 @@ class Worker:
         a refusal of these is logged once and not retried (the embedded broker never splits: ``serve`` passes False).
         ``on_fatal(message)``: if given, a login the broker refuses before the worker ever connected stops
         the worker and is handed to it (one line saying what to do) instead of being retried."""
-        self.broker = broker
+        # Several addresses are the nodes of one cluster: when the connection to one fails or ends, the worker
+        # tries the next at once, and backs off only after a whole round failed. Same account and TLS on all.
+        self.brokers = list(broker) if isinstance(broker, (list, tuple)) else [broker]
+        self.broker = self.brokers[0]
+        self._failed_in_round = 0  # connection attempts that failed since the last accepted CONNACK
         self.store = store
         self.core = delivery or core.Delivery()
         self.client_id = client_id
@@ -430,9 +452,9 @@ class Worker:
         self.clean_session = clean_session
         self.client = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                                   protocol=mqtt.MQTTv311, manual_ack=True)
-        if broker.username:
-            self.client.username_pw_set(broker.username, broker.password)
-        configure_tls(self.client, broker)
+        if self.broker.username:
+            self.client.username_pw_set(self.broker.username, self.broker.password)
+        configure_tls(self.client, self.broker)
         # Our end (a crash, a lost link, a stop) tells the other workers to re-announce (protocol.WORKER_GONE).
         self.client.will_set(protocol.worker_topic(client_id), protocol.WORKER_GONE, qos=1)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -457,6 +479,7 @@ class Worker:
             log.error("%s; retrying in %.0fs", message, max(0.0, self._next_connect - time.monotonic()))
             return
         set_nodelay(client)
+        self._failed_in_round = 0
         self._no_connack_logged = False
         self._ever_connected = self._session_up = True
         self._unreachable_logged = False
@@ -726,6 +749,9 @@ class Worker:
         self._next_connect = now + self._reconnect_wait
         self._reconnect_wait = min(self._reconnect_wait * 2, float(RECONNECT_MAX_S))
         self._connack_seen = False
+        if len(self.brokers) > 1 and (self._failed_in_round or self._ever_connected):
+            self._next_address(now)
+        self._failed_in_round += 1  # until a CONNACK accepts this attempt (_on_connect resets it)
         try:
             self.client.reconnect()  # TCP (and TLS) connect and CONNECT; the CONNACK is read by _network
             set_nodelay(self.client)
@@ -739,6 +765,19 @@ class Worker:
             else:
                 log.warning("still cannot reach the broker at %s:%s (%s); retrying in %.0fs", self.broker.host,
                             self.broker.port, e, self._next_connect - now)
+
+    def _next_address(self, now: float) -> None:
+        """Several addresses: move to the next one; within a round (not every address tried yet since the last
+        accepted CONNACK, or since the connection ended) without waiting: a dead node costs nothing."""
+        i = (self.brokers.index(self.broker) + 1) % len(self.brokers)
+        if (self._failed_in_round + 1) % len(self.brokers) != 0:
+            self._next_connect = now + RECONNECT_MIN_S / 10  # at once, bar a tenth of the minimum
+            self._reconnect_wait = max(float(RECONNECT_MIN_S), self._reconnect_wait / 2)  # not doubled
+        self.broker = self.brokers[i]
+        tls = self.client._ssl_context is not None  # connect_async keeps TLS settings; only the target changes
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
+        log.info("trying the broker at %s:%s (address %d of %d)%s", self.broker.host, self.broker.port, i + 1,
+                 len(self.brokers), " over TLS" if tls else "")
 
     def _drop_connection(self) -> None:
         self.client._reset_sockets()  # paho's own clean-up (closes the socket); the next _network reconnects
