@@ -30,15 +30,22 @@ def may(username: str | None, worker_username: str, action: str, topic: str, pre
     if not p.valid_uid(username):
         return False
     uid = username
+    parsed = p.parse_topic(topic)
+    own = parsed is not None and parsed.uid == uid
     if action == PUBLISH:
-        return topic in (p.send_topic(uid), p.ack_topic(uid), p.req_topic(uid), p.status_topic(uid))
-    if topic in (p.inbox_topic(uid), p.reply_topic(uid), p.status_topic(uid)):
+        # Its own send/ack/req and status, on the v1 topics and on any of its devices' topics.
+        return own and parsed.kind in ("send", "ack", "req", "status")
+    if own and parsed.kind in ("inbox", "reply", "status"):
         return action in (SUBSCRIBE, RECEIVE)
+    if action == SUBSCRIBE and topic in (f"{p.PREFIX}/u/{uid}/d/+/inbox", f"{p.PREFIX}/u/{uid}/d/+/reply",
+                                         f"{p.PREFIX}/status/{uid}/+"):
+        return True  # its own devices' topics, with a wildcard for the device
     if presence != "all":
         return False
-    if action == SUBSCRIBE and topic == f"{p.PREFIX}/status/+":
+    if action == SUBSCRIBE and topic in (f"{p.PREFIX}/status/+", f"{p.PREFIX}/status/+/+"):
         return True
-    parsed = p.parse_topic(topic)
+    if action == SUBSCRIBE and topic.startswith(f"{p.PREFIX}/status/") and topic.endswith("/+"):
+        return p.valid_uid(topic[len(p.PREFIX) + 8:-2])  # one user's devices: im/status/{uid}/+
     return parsed is not None and parsed.kind == "status" and action in (SUBSCRIBE, RECEIVE)
 
 
@@ -51,5 +58,6 @@ def _worker_may(action: str, topic: str) -> bool:
     if parsed is None:
         return False
     if action == PUBLISH:
-        return parsed.kind in ("inbox", "reply")
+        # Pushes and answers to every device; the derived user status (retained) on im/status/{uid} only.
+        return parsed.kind in ("inbox", "reply") or (parsed.kind == "status" and not parsed.device)
     return parsed.kind in ("send", "ack", "req", "status")  # RECEIVE

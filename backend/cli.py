@@ -1,4 +1,4 @@
-"""Command line: ``python -m backend serve | worker | user``."""
+"""Command line: ``python -m backend serve | worker | user | keygen`` (installed: ``im-backend ...``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -20,10 +21,36 @@ DEFAULT_PORT = 1883  # MQTT's IANA port
 SHUTDOWN_TIMEOUT_S = 3
 
 
+COMMANDS = ("serve", "worker", "user", "device", "doctor", "keygen")
+USER_COMMANDS = ("add", "remove", "list")
+
+
+def program_name() -> str:
+    """How the user ran us: ``im-backend`` (the installed command) or ``python -m backend``."""
+    return "im-backend" if os.path.basename(sys.argv[0] or "") == "im-backend" else "python -m backend"
+
+
+def self_command() -> str:
+    """A command line that runs this backend again from any shell: this very interpreter (a venv's
+    python has the dependencies; a bare ``python`` on PATH may not)."""
+    return f"{shlex.quote(sys.executable)} -m backend"
+
+
 def _db_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-url", default=os.environ.get("IM_DATABASE_URL", DEFAULT_DATABASE_URL),
-                   help="any playhouse.db_url URL: sqlite:///path, postgresql://..., mysql://... "
+                   help="sqlite:///PATH (relative to the current directory; four slashes for an absolute path), "
+                        "postgresql://USER@HOST/DB or mysql://USER@HOST/DB "
                         f"(default: $IM_DATABASE_URL or {DEFAULT_DATABASE_URL})")
+
+
+def _log_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """--log-level/--log-format: before the command (with the defaults) or after it (overriding them)."""
+    level = os.environ.get("IM_LOG_LEVEL", "INFO") if defaults else argparse.SUPPRESS
+    fmt = os.environ.get("IM_LOG_FORMAT", "text") if defaults else argparse.SUPPRESS
+    p.add_argument("--log-level", default=level, type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default: $IM_LOG_LEVEL or INFO)")
+    p.add_argument("--log-format", default=fmt, choices=["text", "json"],
+                   help="text lines, or one JSON object per line for log collectors (default: $IM_LOG_FORMAT or text)")
 
 
 def _non_negative(text: str) -> int:
@@ -52,6 +79,9 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quota", type=_non_negative, default=0,
                    help="most messages waiting for one receiver; past it senders get quota_exceeded "
                         "(default: 0, no limit)")
+    p.add_argument("--max-devices", type=_non_negative, default=10,
+                   help="most devices one user may register; one more is refused with too_many_devices, never "
+                        "by evicting another (default: 10; 0 = no limit)")
 
 
 def _store(args: argparse.Namespace, db, **kw):
@@ -60,7 +90,8 @@ def _store(args: argparse.Namespace, db, **kw):
     from .store import Store, check_keys
     keyring = load_key_ring(args.encryption_key_file, os.environ.get("IM_ENCRYPTION_KEY"))
     check_keys(keyring)
-    return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), keyring=keyring, **kw)
+    return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), keyring=keyring,
+                 max_devices=args.max_devices or None, **kw)
 
 
 def _delivery(args: argparse.Namespace):
@@ -76,6 +107,18 @@ def _metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: 127.0.0.1)")
 
 
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    """The broker and the worker's account on it (`worker` and `doctor`)."""
+    p.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
+                   help="mqtt://[user[:pass]@]host:port, the worker's account (default: $IM_BROKER_URL or "
+                        "mqtt://127.0.0.1:1883); the nodes of a cluster comma-separated "
+                        "(mqtt://im-worker@n1:1883,n2:1883): the worker moves to the next when its node fails "
+                        "(doctor checks the first); prefer $IM_BROKER_PASSWORD or --password-file to a password in "
+                        "the URL")
+    p.add_argument("--password-file", help="file holding the worker's broker password")
+    p.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
+
+
 def default_worker_id() -> str:
     """Unique per process (host name, then a random suffix): two workers started without --id on one host must
     never share a client id (the broker would keep disconnecting one for the other). With clean sessions (the
@@ -84,15 +127,16 @@ def default_worker_id() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m backend",
+    parser = argparse.ArgumentParser(prog=program_name(),
                                      description="MQTT instant-messaging backend: no message lost, none shown twice.")
-    parser.add_argument("--log-level", default=os.environ.get("IM_LOG_LEVEL", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default: INFO)")
-    parser.add_argument("--log-format", default=os.environ.get("IM_LOG_FORMAT", "text"), choices=["text", "json"],
-                        help="text lines, or one JSON object per line for log collectors (default: text)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    _log_args(parser, defaults=True)
+    # Each command also takes --log-level/--log-format after its name (`serve --log-level DEBUG`).
+    logs = argparse.ArgumentParser(add_help=False)
+    _log_args(logs, defaults=False)
+    # Not required=True: argparse would then say "required: command", naming our internal dest (main() says it).
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
 
-    s = sub.add_parser("serve", help="run the embedded MQTT broker (amqtt) and the worker in one process",
+    s = sub.add_parser("serve", parents=[logs], help="run the embedded MQTT broker (amqtt) and the worker in one process",
                        description="Run the embedded MQTT broker (amqtt, MQTT 3.1.1) with the worker beside it. "
                                    "Only accounts made with `user add` may connect. Ctrl-C stops both.")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
@@ -111,16 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(s)
     _metrics_args(s)
 
-    w = sub.add_parser("worker", help="run the worker alone, beside any MQTT 3.1.1/5 broker",
+    w = sub.add_parser("worker", parents=[logs], help="run the worker alone, beside any MQTT 3.1.1/5 broker",
                        description="Run the worker beside an existing broker (Mosquitto, EMQX, ...). "
                                    "The broker must enforce the per-user topic ACL (see broker_config/).")
-    w.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
-                   help="mqtt://[user[:pass]@]host:port (default: $IM_BROKER_URL or mqtt://127.0.0.1:1883); "
-                        "the nodes of a cluster comma-separated (mqtt://im-worker@n1:1883,n2:1883): the worker "
-                        "moves to the next when its node fails; prefer $IM_BROKER_PASSWORD or --password-file "
-                        "to a password in the URL")
-    w.add_argument("--password-file", help="file holding the worker's broker password")
-    w.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
+    _broker_args(w)
     w.add_argument("--id", default=None,
                    help="this worker's name; its MQTT client id is im-worker-NAME, which must differ between "
                         "workers on one broker (default: the host name and a random suffix, unique per process)")
@@ -138,36 +176,50 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(w)
     _metrics_args(w)
 
-    d = sub.add_parser("doctor", help="check a broker for what the worker needs (rights, $share, limits)",
+    d = sub.add_parser("doctor", parents=[logs], help="check a broker for what the worker needs (rights, $share, limits)",
                        description="Probe an MQTT broker with short-lived clients and print one verdict per line "
                                    "(ok / WARN / FAIL and what to do): per-user rights, $share delivery, payload "
                                    "size, queue length, keepalive, retained messages on wildcards, latency. Exits "
                                    "1 on any FAIL. Takes a few seconds; leaves no session or retained message.")
-    d.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
-                   help="mqtt://[user@]host:port, the worker's account (default: $IM_BROKER_URL or "
-                        "mqtt://127.0.0.1:1883); the password from $IM_BROKER_PASSWORD or --password-file")
-    d.add_argument("--password-file", help="file holding the account's broker password")
-    d.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
+    _broker_args(d)
 
-    k = sub.add_parser("keygen", help="print a new encryption key line (ID:BASE64) for --encryption-key-file")
+    k = sub.add_parser("keygen", parents=[logs], help="print a new encryption key line (ID:BASE64) for --encryption-key-file")
     k.add_argument("--id", default="k1", help="the key id stored with each row it seals (default: k1)")
 
-    u = sub.add_parser("user", help="manage accounts of the embedded broker")
-    usub = u.add_subparsers(dest="user_command", required=True)
-    ua = usub.add_parser("add", help="add a user, or set its password (kept as a salted scrypt hash)")
+    u = sub.add_parser("user", parents=[logs], help="manage accounts of the embedded broker")
+    usub = u.add_subparsers(dest="user_command", metavar="{" + ",".join(USER_COMMANDS) + "}")
+    ua = usub.add_parser("add", parents=[logs], help="add a user, or set its password (kept as a salted scrypt hash)")
     ua.add_argument("uid")
-    ua.add_argument("--password", help="the password (default: $IM_USER_PASSWORD, else asked on the terminal)")
+    ua.add_argument("--password", help="the password (default: $IM_USER_PASSWORD, else asked twice on the terminal)")
     _db_arg(ua)
-    ur = usub.add_parser("remove", help="remove a user")
+    ur = usub.add_parser("remove", parents=[logs], help="remove a user")
     ur.add_argument("uid")
     _db_arg(ur)
-    ul = usub.add_parser("list", help="list users")
+    ul = usub.add_parser("list", parents=[logs], help="list users")
     _db_arg(ul)
+
+    dv = sub.add_parser("device", parents=[logs], help="list or remove a user's devices (docs/PROTOCOL.md, Devices)")
+    dsub = dv.add_subparsers(dest="device_command", metavar="{list,remove}")
+    dl = dsub.add_parser("list", parents=[logs], help="list a user's devices (\"\" is the default device: the v1 topics)")
+    dl.add_argument("uid")
+    _db_arg(dl)
+    dr = dsub.add_parser("remove", parents=[logs], help="remove a device: what waits only for it leaves the store")
+    dr.add_argument("uid")
+    dr.add_argument("device", help="the device id (\"\" for the default device)")
+    _db_arg(dr)
+    parser.user_parser = u  # main() reports a missing user command with its usage
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error(f"choose a command: {', '.join(COMMANDS)} (--help says what each does)")
+    if args.command == "device" and args.device_command is None:
+        parser.error("choose a device command: list, remove (--help says what each does)")
+    if args.command == "user" and args.user_command is None:
+        parser.user_parser.error(f"choose a user command: {', '.join(USER_COMMANDS)} (--help says what each does)")
     if args.log_format == "json":
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
@@ -180,26 +232,31 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.log_level != "DEBUG" else logging.INFO)
     logging.getLogger("peewee").setLevel(logging.INFO)
+    logging.getLogger("backend").debug("logging at %s as %s", args.log_level, args.log_format)
     if args.command == "keygen":
         from .crypto import new_key_line
         print(new_key_line(args.id))
         return 0
-    if args.command == "user":
-        return _user(args)
     if args.command == "doctor":
         from .doctor import main as doctor
-        from .transport.worker import parse_broker_url
+        from .transport.worker import parse_broker_urls
         try:
-            return doctor(parse_broker_url(args.broker, _broker_password(args), args.ca_file))
+            return doctor(parse_broker_urls(args.broker, _broker_password(args), args.ca_file)[0])
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     from .crypto import KeyError_
+    from .store import DatabaseOpenError, check_database_url
     try:
+        check_database_url(args.database_url)  # before anything listens or asks for a password
+        if args.command == "user":
+            return _user(args)
+        if args.command == "device":
+            return _device(args)
         if args.command == "worker":
             return _worker(args)
         return _serve(args)
-    except (KeyError_, OSError) as e:
+    except (KeyError_, OSError, DatabaseOpenError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -221,29 +278,77 @@ def _start_metrics(args: argparse.Namespace, worker) -> None:
         logging.getLogger("backend").info("metrics on http://%s:%s/metrics", args.metrics_host, args.metrics_port)
 
 
+def _ask_password(uid: str) -> str | None:
+    """The password from the terminal, typed twice when interactive; None (after one line) if the user
+    gave up (Ctrl-C, Ctrl-D) or the two differ."""
+    import getpass
+    try:
+        password = getpass.getpass(f"password for {uid}: ")
+        if sys.stdin.isatty() and password:
+            if getpass.getpass(f"password for {uid} again: ") != password:
+                print("error: the two passwords differ; nothing changed, run the command again", file=sys.stderr)
+                return None
+    except (KeyboardInterrupt, EOFError):
+        print(f"\nuser add cancelled: {uid} not changed", file=sys.stderr)
+        return None
+    return password
+
+
 def _user(args: argparse.Namespace) -> int:
-    from . import accounts
-    from .store import open_database
-    open_database(args.database_url)
+    from . import accounts, protocol
+    from .store import open_database, redact_url
+    password = None  # (main() checked the database URL's form already: it fails before the password is asked)
     if args.user_command == "add":
+        if not protocol.valid_uid(args.uid):
+            print("error: a uid is 1-50 characters of A-Z a-z 0-9 _ . -", file=sys.stderr)
+            return 2
         password = args.password or os.environ.get("IM_USER_PASSWORD")
         if not password:
-            import getpass
-            password = getpass.getpass(f"password for {args.uid}: ")
+            password = _ask_password(args.uid)
+            if password is None:
+                return 1
+    open_database(args.database_url)
+    if args.user_command == "add":
         try:
             accounts.add_user(args.uid, password)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"user {args.uid} saved")
+        print(f"user {args.uid} saved in {redact_url(args.database_url)}")  # which database: serve must use it too
     elif args.user_command == "remove":
         if not accounts.remove_user(args.uid):
             print(f"error: no user {args.uid}", file=sys.stderr)
             return 1
         print(f"user {args.uid} removed")
     else:
-        for uid in accounts.list_users():
+        users = accounts.list_users()
+        for uid in users:
             print(uid)
+        if not users:  # say where we looked: an empty list from another directory's data/ is a common slip
+            print(f"no users in {redact_url(args.database_url)}", file=sys.stderr)
+    return 0
+
+
+def _device(args: argparse.Namespace) -> int:
+    import time
+    from .store import Store, open_database
+    db = open_database(args.database_url)
+    store = Store(db)
+    if args.device_command == "list":
+        rows = store.devices(args.uid)  # online or not: see im/status/UID/DEV
+        if not rows:
+            print(f"{args.uid} has no devices")
+        for d in rows:
+            seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d["last_seen"] / 1000))
+            name = d["device"] or '"" (default)'
+            print(f"{name}\tlast seen {seen} UTC\tpush {'yes' if d['push'] else 'no'}")
+        return 0
+    with db.atomic():
+        released = store.remove_device(args.uid, args.device)
+    if released is None:
+        print(f"error: {args.uid} has no device {args.device!r}; see `device list {args.uid}`", file=sys.stderr)
+        return 1
+    print(f"device {args.device!r} of {args.uid} removed ({released} waiting entries released)")
     return 0
 
 
@@ -336,7 +441,7 @@ def _serve(args: argparse.Namespace) -> int:
     for port in _listeners(args).ports():
         if port_in_use(args.host, port):
             print(f"error: port {port} is already in use (another MQTT broker?). Pick a free one with "
-                  f"--port, or run the worker beside that broker: python -m backend worker "
+                  f"--port, or run the worker beside that broker: {self_command()} worker "
                   f"--broker mqtt://127.0.0.1:{port} --database-url {args.database_url}", file=sys.stderr)
             return 2
     return asyncio.run(_serve_async(args))
@@ -344,7 +449,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_async(args: argparse.Namespace) -> int:
     from .accounts import WORKER_USERNAME
-    from .store import open_database
+    from .store import open_database, redact_url
     from .transport.embedded import start_broker
     from .transport.worker import BrokerAddress, Worker
     log = logging.getLogger("backend")
@@ -352,7 +457,19 @@ async def _serve_async(args: argparse.Namespace) -> int:
     store = _store(args, db, known_accounts=True)  # refuses a wrong encryption key before anything listens
     worker_password = secrets.token_urlsafe(24)  # lives only in this process
     listeners = _listeners(args)
-    broker = await start_broker(listeners, worker_password)
+    from amqtt.errors import BrokerError
+    amqtt_log = logging.getLogger("amqtt.broker")
+    level = amqtt_log.level
+    if args.log_level != "DEBUG":
+        amqtt_log.setLevel(logging.CRITICAL)  # it logs a failed start as a traceback; we say it in one line
+    try:
+        broker = await start_broker(listeners, worker_password)
+    except BrokerError as e:  # e.g. --host not an address of this machine; a port taken since the check
+        cause = e.__cause__.strerror if isinstance(e.__cause__, OSError) and e.__cause__.strerror else e
+        print(f"error: the embedded broker cannot listen: {cause}; check --host and the ports", file=sys.stderr)
+        return 2
+    finally:
+        amqtt_log.setLevel(level)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     # The in-process worker: plaintext on loopback, or with --tls-only over TLS without verification
     # (the broker is this very process; there is no one in between to verify).
@@ -371,7 +488,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("serving MQTT on %s ports %s with database %s; Ctrl-C stops", args.host,
              ", ".join(f"{name} {port}" for name, port in (("mqtt", listeners.port), ("mqtts", listeners.tls_port),
-                                                           ("ws", listeners.ws_port)) if port), args.database_url)
+                                                           ("ws", listeners.ws_port)) if port),
+             redact_url(args.database_url))  # never the database password in a log
     await stop.wait()
     log.info("stopping")
     # From here on amqtt reports its own cancelled tasks as errors with tracebacks: noise, not news.

@@ -8,7 +8,10 @@
 * counts, and drains pages with the next request as the ack of the previous;
 * syncs (drains) on every announcement that says something waits, and after every
   reconnect; a sync that gets no answer is tried again with backoff for as long
-  as the client stays connected, until the backlog is drained.
+  as the client stays connected, until the backlog is drained;
+* with ``device="laptop"`` it is one of the user's devices (docs/PROTOCOL.md, "Devices"): its own
+  topics, status and last will; it gets every message once for itself, and sync copies of what the
+  user sent from its other devices (``"copy": true``); without it, it is v1 (the default device).
 
 All waiting happens in the caller's thread or the client's two helper threads
 (resends and acks; syncs), never in paho's callbacks.
@@ -19,6 +22,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,6 +55,13 @@ SYNC_RETRY_MIN_S, SYNC_RETRY_MAX_S = 1.0, 30.0
 # Largest payload accepted from the server: it cuts its payloads at 1 MiB (protocol.REPLY_PAYLOAD_MAX);
 # 4 MiB leaves room for a server that raises that, and still bounds what a broken broker can hand us.
 REPLY_ACCEPT_MAX = 4 * 1024 * 1024
+# A send with no receipt after its first resend window logs a warning (a broker without a worker looks
+# connected but never answers); at most once a minute, so an outage is not a flood of lines.
+NO_RECEIPT_WARN_INTERVAL_S = 60.0
+
+
+class LoginRefused(ConnectionError):
+    """The broker refused the login: wrong user name or password (or an account it does not allow)."""
 
 
 @dataclass
@@ -63,8 +75,13 @@ class Outgoing:
     receipt: dict[str, Any] | None = None  # stored / duplicate receipt, or the error
     failed: bool = False
     delivered: threading.Event = field(default_factory=threading.Event)
+    # Set once the first resend window passed without a receipt: why wait() may return None.
+    problem: str | None = None
+    created: float = field(default_factory=time.monotonic)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The receipt (or error) once it came; None if none came within ``timeout`` seconds, and then
+        ``problem`` says what is known (e.g. no receipt after the first resend: no worker answering?)."""
         self.done.wait(timeout)
         return self.receipt
 
@@ -77,14 +94,22 @@ class IMClient:
                  messages: list[dict[str, Any]] | None = None, receiver: bool = True,
                  ack_delay: float = ACK_DELAY_S, tls: bool = False, ca_file: str | None = None,
                  transport: str = "tcp", batch_receipts: bool = True,
-                 on_message: Callable[[dict[str, Any]], None] | None = None, keepalive: int = KEEPALIVE_S):
+                 on_message: Callable[[dict[str, Any]], None] | None = None, keepalive: int = KEEPALIVE_S,
+                 device: str = ""):
         """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
         user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
         likewise. ``receiver=False`` makes a send-only client (a sensor, or a second connection used only
-        to send): no inbox subscription, no presence, no last will."""
+        to send): no inbox subscription, no presence, no last will. ``device``: this connection is that device
+        of the user (1-32 characters of A-Z a-z 0-9 _ -), with its own topics; its client id defaults to
+        ``uid:device``. Keep ``seen`` per device."""
         if not p.valid_uid(uid):
             raise ValueError(f"invalid uid {uid!r}")
+        if device and not p.valid_device(device):
+            raise ValueError(f"invalid device id {device!r}: 1-32 characters of A-Z a-z 0-9 _ -")
         self.uid, self.host, self.port = uid, host, port
+        self.device = device
+        # The server told us this device had been removed (what waited for it is gone): set, never cleared.
+        self.removed = False
         self.auto_sync = auto_sync
         self.resend_timeout, self.max_resends = resend_timeout, max_resends
         self.request_timeout, self.resend_wait_max = request_timeout, resend_wait_max
@@ -117,21 +142,24 @@ class IMClient:
         self._refused = threading.Event()
         self._online_info: mqtt.MQTTMessageInfo | None = None
         self._closing = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or uid,
+        self._no_receipt_warned = -NO_RECEIPT_WARN_INTERVAL_S  # monotonic time of the last such warning
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or (f"{uid}:{device}" if device else uid),
                                   clean_session=clean_session, protocol=mqtt.MQTTv311, transport=transport)
         if tls or ca_file:  # verifies the broker's certificate and host name (ca_file, else the system's CAs)
             self.client.tls_set(ca_certs=ca_file)
         if password is not None:
             self.client.username_pw_set(uid, password)
         if receiver:
-            self.client.will_set(p.status_topic(uid), p.OFFLINE, qos=1, retain=True)
+            self.client.will_set(p.status_topic(uid, device), p.OFFLINE, qos=1, retain=True)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(1, 16)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_msg
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.connect_result: Any = None
+        self.connect_error: BaseException | None = None  # the last failed TCP/TLS connect, for connect()'s message
         self._helper = threading.Thread(target=self._helper_loop, name=f"im-client-{uid}", daemon=True)
         # Syncs run on their own thread: a drain waits on the network for seconds, and resends and
         # batched acks (the helper's work) must not wait behind it.
@@ -139,7 +167,11 @@ class IMClient:
 
     # -- connection ------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> "IMClient":
-        """Connect and wait until subscribed and announced online; raises ConnectionError if refused."""
+        """Connect and wait until subscribed and announced online.
+
+        Raises :class:`LoginRefused` (a ConnectionError) at once if the broker refuses the user name or
+        password, and ConnectionError after ``timeout`` seconds if the broker cannot be reached (the
+        message says why: refused, unknown host, TLS, no MQTT answer)."""
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
         self.client.loop_start()
         if not self._helper.is_alive():
@@ -149,11 +181,34 @@ class IMClient:
             self._ready.wait(0.05)  # either event ends the wait; a refused login fails at once
         if not self._ready.is_set():
             self.client.loop_stop()
-            raise ConnectionError(f"{self.uid}: not connected within {timeout}s ({self.connect_result})")
+            raise self._connect_failure(timeout)
         # Return once the broker has our `online`: the worker sees it before anything sent to us later.
         if self._online_info is not None:
             self._online_info.wait_for_publish(timeout)
         return self
+
+    def _connect_failure(self, timeout: float) -> ConnectionError:
+        """One line on why connect() failed, naming the likely cause."""
+        where = f"{self.host}:{self.port}"
+        rc = self.connect_result
+        if rc is not None and rc.is_failure:
+            if rc.value in (4, 5, 134, 135):  # MQTT 3.1.1: bad user name or password, not authorised; 5.0 likewise
+                return LoginRefused(f"{self.uid}: the broker at {where} refused the login ({rc}): wrong user name "
+                                    f"or password, or no such account (serve: `user add` makes them)")
+            return ConnectionError(f"{self.uid}: the broker at {where} refused the connection ({rc})")
+        if rc is not None:
+            return ConnectionError(f"{self.uid}: logged in at {where}, but the broker did not confirm the "
+                                   f"subscriptions within {timeout}s")
+        err = self.connect_error
+        if err is not None:
+            if isinstance(err, ssl.SSLError):
+                return ConnectionError(f"{self.uid}: TLS with the broker at {where} failed ({err}): check ca_file "
+                                       f"and that the host name matches its certificate")
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+            return ConnectionError(f"{self.uid}: cannot reach a broker at {where} ({why}): is it running, and are "
+                                   f"the host and port right?")
+        return ConnectionError(f"{self.uid}: no MQTT answer from {where} within {timeout}s: is an MQTT broker "
+                               f"listening on that port (not TLS or WebSocket only)?")
 
     def close(self) -> None:
         """Leave politely: retained offline status, then DISCONNECT."""
@@ -161,7 +216,7 @@ class IMClient:
         try:
             self.flush_acks()
             if self.client.is_connected() and self.receiver:
-                self.client.publish(p.status_topic(self.uid), p.OFFLINE, qos=1, retain=True).wait_for_publish(5)
+                self.client.publish(p.status_topic(self.uid, self.device), p.OFFLINE, qos=1, retain=True).wait_for_publish(5)
         except (RuntimeError, ValueError):
             pass
         self.client.disconnect()
@@ -195,20 +250,24 @@ class IMClient:
                 client.disconnect()  # stop paho's retries; connect() reports the failure
             return
         set_nodelay(client)
-        topics = [(p.inbox_topic(self.uid), 1), (p.reply_topic(self.uid), 1)] if self.receiver else \
-            [(p.reply_topic(self.uid), 1)]
+        topics = [(p.inbox_topic(self.uid, self.device), 1), (p.reply_topic(self.uid, self.device), 1)] if self.receiver else \
+            [(p.reply_topic(self.uid, self.device), 1)]
         client.subscribe(topics)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         if any(rc.is_failure for rc in reason_codes):
             log.error("%s: subscription refused: %s", self.uid, reason_codes)
         if self.receiver:
-            self._online_info = client.publish(p.status_topic(self.uid), p.ONLINE, qos=1, retain=True)
+            self._online_info = client.publish(p.status_topic(self.uid, self.device), p.ONLINE, qos=1, retain=True)
             if self._ready.is_set() and self.auto_sync:
                 # paho reconnected by itself: whatever waited meanwhile (pushes to a dead connection
                 # included) is pulled now, without waiting for the announcement our `online` triggers.
                 self.want_sync()
         self._ready.set()
+
+    def _on_connect_fail(self, client, userdata):
+        # paho calls this inside its `except OSError:` around the TCP/TLS connect: keep the error for connect().
+        self.connect_error = sys.exc_info()[1]
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if not self._closing.is_set():
@@ -221,7 +280,7 @@ class IMClient:
         except p.ProtocolError:
             log.warning("%s: unreadable payload on %s", self.uid, msg.topic)
             return
-        if msg.topic == p.inbox_topic(self.uid):
+        if msg.topic == p.inbox_topic(self.uid, self.device):
             if obj.get("kind") == "msg" and isinstance(obj.get("seq"), int):
                 with self._lock:
                     self._accept(obj)
@@ -269,6 +328,12 @@ class IMClient:
                 slot.append(obj)
             elif kind == "error":
                 self.errors.append(obj)
+                if obj.get("code") == "device_removed":
+                    # We were removed and registered afresh: what waited for us is gone. Never believe we
+                    # are complete: the app refetches the conversation (fetch_user) and syncs again.
+                    self.removed = True
+                    if self.auto_sync:
+                        self._sync_wanted = True
                 out = self._by_msg_id.get(obj.get("msg_id"))
                 if obj.get("code") == "rate_limited" and out is not None and out.msg_id in self._outgoing:
                     # Not a failure: the resend timer sends it again later, with its backoff.
@@ -303,12 +368,12 @@ class IMClient:
             self._outgoing[msg_id] = out
             self._by_msg_id[msg_id] = out
             self._lock.notify_all()
-        self.client.publish(p.send_topic(self.uid), out.payload, qos=1)
+        self.client.publish(p.send_topic(self.uid, self.device), out.payload, qos=1)
         return out
 
     def send_raw(self, topic_kind: str, payload: bytes) -> None:
         """Publish bytes as they are on one of our client topics (tests of bad input)."""
-        topic = {"send": p.send_topic, "ack": p.ack_topic, "req": p.req_topic}[topic_kind](self.uid)
+        topic = {"send": p.send_topic, "ack": p.ack_topic, "req": p.req_topic}[topic_kind](self.uid, self.device)
         self.client.publish(topic, payload, qos=1)
 
     # -- requests ------------------------------------------------------------------
@@ -326,7 +391,7 @@ class IMClient:
             end = time.monotonic() + timeout
             wait = self.resend_timeout
             while True:
-                self.client.publish(p.req_topic(self.uid), payload, qos=1)
+                self.client.publish(p.req_topic(self.uid, self.device), payload, qos=1)
                 resend_at = time.monotonic() + wait
                 wait = min(wait * 2, self.resend_wait_max)
                 with self._lock:
@@ -338,7 +403,8 @@ class IMClient:
                     if slot:
                         return slot[0]
                 if time.monotonic() >= end:
-                    raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id}")
+                    raise TimeoutError(f"{self.uid}: no answer to {body.get('op')} {req_id} within {timeout}s: is a "
+                                       f"worker running beside the broker at {self.host}:{self.port}?")
         finally:
             with self._lock:
                 self._requests.pop(req_id, None)
@@ -355,6 +421,28 @@ class IMClient:
             body["from"] = from_uid
         if ack is not None:
             body["ack"] = ack
+        return self.request(body, timeout)
+
+    def fetch_user(self, after: int = 0, limit: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Read-only page of what waits for ANY of the user's devices (and its sync copies), by seq after
+        ``after`` (the page's ``after`` is the next call's): a new device starts with the conversation in
+        progress. Nothing is acked; messages come as in a pull."""
+        body: dict[str, Any] = {"op": "pull", "scope": "user", "after": after}
+        if limit is not None:
+            body["limit"] = limit
+        return self.request(body, timeout)
+
+    def devices(self, timeout: float | None = None) -> dict[str, Any]:
+        """{"kind": "devices", "devices": [{"device", "online", "last_seen", "registered_at", "push"}]}"""
+        return self.request({"op": "devices"}, timeout)
+
+    def remove_device(self, device: str, timeout: float | None = None) -> dict[str, Any]:
+        """Remove one of the user's devices ("" the default device); answers {"kind": "removed", ...} or an error."""
+        return self.request({"op": "remove_device", "device": device}, timeout)
+
+    def push_register(self, endpoint: str | None, timeout: float | None = None) -> dict[str, Any]:
+        """Register this device's push endpoint (an https:// URL), or drop it with None."""
+        body = {"op": "push_register", "endpoint": endpoint} if endpoint is not None else {"op": "push_unregister"}
         return self.request(body, timeout)
 
     def drain(self, limit: int = 100, from_uid: str | None = None) -> list[dict[str, Any]]:
@@ -397,7 +485,7 @@ class IMClient:
         with self._lock:
             seqs, self._pending_acks, self._ack_due = self._pending_acks, [], None
         for i in range(0, len(seqs), ACK_BATCH):
-            self.client.publish(p.ack_topic(self.uid), p.encode({"seqs": seqs[i:i + ACK_BATCH]}), qos=1)
+            self.client.publish(p.ack_topic(self.uid, self.device), p.encode({"seqs": seqs[i:i + ACK_BATCH]}), qos=1)
 
     # -- helper threads: syncs on announcements and reconnects; resends and batched acks ----
     def want_sync(self) -> None:
@@ -449,7 +537,14 @@ class IMClient:
                 now = time.monotonic()
                 for o in list(self._outgoing.values()):
                     if o.deadline <= now:
+                        waited = now - o.created
+                        o.problem = (f"no receipt after {waited:.1f}s and {o.attempts} sends: is a worker running "
+                                     f"beside the broker at {self.host}:{self.port}?")
+                        if o.attempts == 1 and now - self._no_receipt_warned >= NO_RECEIPT_WARN_INTERVAL_S:
+                            self._no_receipt_warned = now
+                            log.warning("%s: %s (still resending)", self.uid, o.problem)
                         if o.attempts > self.max_resends:
+                            o.problem += " Reported failed."
                             o.failed = True
                             o.done.set()
                             del self._outgoing[o.msg_id]
@@ -459,6 +554,6 @@ class IMClient:
                         resend.append(o)
                 flush = self._ack_due is not None and (self._ack_due <= now or len(self._pending_acks) >= ACK_BATCH)
             for o in resend:
-                self.client.publish(p.send_topic(self.uid), o.payload, qos=1)
+                self.client.publish(p.send_topic(self.uid, self.device), o.payload, qos=1)
             if flush:
                 self.flush_acks()

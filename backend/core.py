@@ -106,18 +106,39 @@ class StoreMessage:
     push: bool = False
     # The sender asked for its receipts batched ("receipts": "batch"); kept with the row for `delivered`.
     batch_receipts: bool = False
+    sender_device: str = ""  # the device it was sent from ("": the v1 topics); its receipts go there
+    # The devices, of the receiver and of the sender (sync copies), online at this message's place in the
+    # batch: each of them that gets an entry is pushed to after the commit (push: any of them).
+    push_to: frozenset[tuple[str, str]] = frozenset()
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.sender, self.sender_device
 
 
 @dataclass(frozen=True)
 class DeleteAcked:
     receiver: str
     seqs: tuple[int, ...]
+    device: str = ""  # the device that acks: only its entries go
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
 
 
 @dataclass(frozen=True)
 class CountBacklog:
     receiver: str
     req_id: str | None  # None: an unsolicited announcement (online, exhausted pushes, repeats)
+    device: str = ""
+    # May this count register its device? Not for an `online` on im/status/{uid} that may be the worker's
+    # own derived status coming back, or a retained one replayed at (re)connect.
+    register: bool = field(default=True, compare=False)
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
 
 
 @dataclass(frozen=True)
@@ -128,19 +149,67 @@ class PullPage:
     from_uid: str | None
     ack: str | None
     order: str = "oldest"  # or "newest": the latest page first, scrolling back
+    device: str = ""
+    scope: str = "device"  # "user": read-only, what waits for any of the user's devices, from `after`
+    after: int = 0
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
 
 
-Operation = StoreMessage | DeleteAcked | CountBacklog | PullPage
+@dataclass(frozen=True)
+class ListDevices:
+    receiver: str
+    req_id: str
+    device: str = ""
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
+
+
+@dataclass(frozen=True)
+class RemoveDevice:
+    receiver: str
+    req_id: str
+    device: str  # the device asking
+    target: str  # the device to remove ("" the default device)
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
+
+
+@dataclass(frozen=True)
+class SetPushEndpoint:
+    receiver: str
+    req_id: str
+    device: str
+    endpoint: str | None  # None: unregister
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
+
+
+Operation = StoreMessage | DeleteAcked | CountBacklog | PullPage | ListDevices | RemoveDevice | SetPushEndpoint
 
 
 # --- what the store reports back --------------------------------------------
 @dataclass(frozen=True)
 class DeletedRow:
+    """An entry a device acked (``receiver``, ``device``); ``receipt``: its sender is owed `delivered` now
+    (the first of the receiver's devices to ack it; never for a sync copy)."""
+
     receiver: str
     seq: int
     sender: str
     msg_id: str
     batch_receipts: bool = False
+    sender_device: str = ""
+    device: str = ""
+    receipt: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,6 +219,9 @@ class Stored:
     duplicate: bool = False
     to: str = ""  # the first message's receiver, for a duplicate
     waiting: bool = False  # for a duplicate: the first message is still stored (not acked, not expired)
+    # The (uid, device) entries the message got: the receiver's devices, then the sender's other devices
+    # (sync copies). Empty means the receiver's default device alone (v1, and unit tests).
+    devices: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +249,32 @@ class Paged:
 
 
 @dataclass(frozen=True)
+class Listed:
+    op: ListDevices
+    devices: tuple[dict[str, Any], ...]  # device, registered_at, last_seen, push (the core adds online)
+
+
+@dataclass(frozen=True)
+class DeviceRemoved:
+    op: RemoveDevice
+    released: int  # entries released (messages that waited only for it left the store)
+
+
+@dataclass(frozen=True)
+class PushEndpointSet:
+    op: SetPushEndpoint
+
+
+@dataclass(frozen=True)
+class DeviceReset:
+    """A device that had been removed (silent past the expiry age, or by remove_device) came back and was
+    registered afresh: what waited for it is gone, and it must be told before anything else."""
+
+    uid: str
+    device: str
+
+
+@dataclass(frozen=True)
 class Refused:
     """The store refused an operation for a reason the sender must hear (unknown cursor...)."""
 
@@ -185,15 +283,16 @@ class Refused:
     message: str
 
 
-Outcome = Stored | Deleted | Counted | Paged | Refused
+Outcome = Stored | Deleted | Counted | Paged | Refused | Listed | DeviceRemoved | PushEndpointSet | DeviceReset
 
 
 # --- actions for the transport ----------------------------------------------
 @dataclass(frozen=True)
 class Publish:
     topic: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] | str  # a str is sent as is (a status word), a dict as JSON
     qos: int = 1
+    retain: bool = False
 
 
 @dataclass
@@ -216,6 +315,7 @@ class _Watch:
 @dataclass
 class _Pending:
     receiver: str
+    device: str
     seq: int
     payload: dict[str, Any]
     attempts: int
@@ -223,12 +323,27 @@ class _Pending:
 
 
 def push_payload(seq: int, msg_id: str, sender: str, to: str, msg_type: str, content: str, sent_at: int,
-                 ts: int | None = None) -> dict[str, Any]:
+                 ts: int | None = None, copy_from: str | None = None) -> dict[str, Any]:
+    """A message as pushed or paged. ``copy_from`` (not None): a sync copy of what the user itself sent,
+    from that device ("" the default device), marked ``"copy": true`` (and ``"device"``)."""
     out = {"kind": "msg", "seq": seq, "msg_id": msg_id, "from": sender, "to": to,
            "type": msg_type, "content": content, "sent_at": sent_at}
     if ts is not None:
         out["ts"] = ts  # the sender's own clock, as it sent it
+    if copy_from is not None:
+        out["copy"] = True
+        if copy_from:
+            out["device"] = copy_from
     return out
+
+
+def device_removed_payload() -> dict[str, Any]:
+    return p.error_payload("device_removed", "this device was removed (silent for longer than the expiry age, or "
+                           "by a remove_device request) and is registered afresh: what waited for it is gone; "
+                           "fetch the conversation again (pull with \"scope\": \"user\")")
+
+
+Key = tuple[str, str]  # (uid, device); device "" is the user's default device (the v1 topics)
 
 
 class Delivery:
@@ -245,27 +360,33 @@ class Delivery:
         self.backoff = backoff
         self.send_rate, self.send_burst = send_rate, send_burst
         self._buckets: dict[str, tuple[float, int]] = {}  # uid -> (tokens, at ms)
+        # Presence per device: a user is online while any of its devices is (the default device "" by the
+        # last word on im/status/{uid}). `online` holds the users, `_devices` each one's online devices.
         self.online: set[str] = set()
-        self._pending: dict[tuple[str, int], _Pending] = {}
-        self._timers: list[tuple[int, str, int]] = []  # (deadline, receiver, seq), lazily invalidated
+        self._devices: dict[str, set[str]] = {}
+        self._aware: set[str] = set()  # users seen with device-aware devices: their user status is derived
+        self._published: dict[str, str] = {}  # the derived status last published per user (since connect)
+        self._pending: dict[tuple[str, str, int], _Pending] = {}
+        self._timers: list[tuple[int, str, str, int]] = []  # (deadline, receiver, device, seq), lazily invalidated
         self.receipt_delay_ms = receipt_delay_ms
-        self._held: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # sender -> (due, batched receipts)
+        self._held: dict[Key, tuple[int, list[dict[str, Any]]]] = {}  # sender's device -> (due, batched receipts)
         self.announce_repeat_ms, self.announce_repeat_max_ms = announce_repeat_ms, announce_repeat_max_ms
         self.announce_min_gap_ms = announce_min_gap_ms
-        self._watch: dict[str, _Watch] = {}
-        self._announce_timers: list[tuple[int, str]] = []  # (due, receiver), lazily invalidated
+        self._watch: dict[Key, _Watch] = {}
+        self._announce_timers: list[tuple[int, str, str]] = []  # (due, uid, device), lazily invalidated
 
     # -- inbound -------------------------------------------------------------
-    def plan(self, inbound: list[tuple[str, bytes]], now_ms: int) -> Plan:
-        """Turn a batch of (topic, payload) into store operations and error replies. The announcements
-        that are due come first (``inbound`` may be empty: see announcements_due)."""
+    def plan(self, inbound: list[tuple], now_ms: int) -> Plan:
+        """Turn a batch of (topic, payload) into store operations and replies that need no store (errors,
+        the derived user status). The announcements that are due come first (``inbound`` may be empty:
+        see announcements_due). An item may carry a third element, True for a retained replay."""
         plan = Plan()
         self._plan_due_announcements(plan, now_ms)
-        for topic, payload in inbound:
-            self._plan_one(plan, topic, payload, now_ms)
+        for item in inbound:
+            self._plan_one(plan, item[0], item[1], now_ms, len(item) > 2 and bool(item[2]))
         return plan
 
-    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int) -> None:
+    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int, retained: bool = False) -> None:
         if topic.startswith(WORKER_TOPIC_PREFIX):
             if payload.strip() == p.WORKER_GONE:
                 self.worker_gone(now_ms)
@@ -273,9 +394,9 @@ class Delivery:
         parsed = p.parse_topic(topic)
         if parsed is None or parsed.kind in ("inbox", "reply"):
             return  # not ours to answer: no valid uid to reply to (logged by the transport)
-        uid = parsed.uid
+        uid, dev = parsed.uid, parsed.device
         if parsed.kind == "status":
-            self._presence(plan, uid, p.parse_status(payload), now_ms)
+            self._presence(plan, uid, dev, p.parse_status(payload), now_ms, retained)
             return
         try:
             if parsed.kind == "send":
@@ -284,22 +405,37 @@ class Delivery:
                 if not allowed:
                     raise p.ProtocolError("rate_limited", f"more than {self.send_rate:g} messages a second "
                                           f"(bursts of {self.send_burst}); send it again later", msg_id=m.msg_id)
+                push_to = self._push_targets(m.to, uid, dev)
                 plan.ops.append(StoreMessage(sender=uid, msg_id=m.msg_id, to=m.to, type=m.type,
-                                             content=m.content, ts=m.ts, sent_at=now_ms, push=m.to in self.online,
-                                             batch_receipts=m.batch_receipts))
+                                             content=m.content, ts=m.ts, sent_at=now_ms,
+                                             push=m.to in self.online, batch_receipts=m.batch_receipts,
+                                             sender_device=dev, push_to=push_to))
             elif parsed.kind == "ack":
                 a = p.parse_ack(payload)
                 if a.seqs:
-                    plan.ops.append(DeleteAcked(receiver=uid, seqs=a.seqs))
+                    plan.ops.append(DeleteAcked(receiver=uid, seqs=a.seqs, device=dev))
             else:
                 r = p.parse_request(payload)
                 if isinstance(r, p.CountRequest):
-                    plan.ops.append(CountBacklog(receiver=uid, req_id=r.req_id))
+                    plan.ops.append(CountBacklog(receiver=uid, req_id=r.req_id, device=dev))
+                elif isinstance(r, p.PullRequest):
+                    plan.ops.append(PullPage(receiver=uid, req_id=r.req_id, limit=r.limit, from_uid=r.from_uid,
+                                             ack=r.ack, order=r.order, device=dev, scope=r.scope, after=r.after))
+                elif isinstance(r, p.DevicesRequest):
+                    plan.ops.append(ListDevices(receiver=uid, req_id=r.req_id, device=dev))
+                elif isinstance(r, p.RemoveDeviceRequest):
+                    plan.ops.append(RemoveDevice(receiver=uid, req_id=r.req_id, device=dev, target=r.device))
                 else:
-                    plan.ops.append(PullPage(receiver=uid, req_id=r.req_id, limit=r.limit,
-                                             from_uid=r.from_uid, ack=r.ack, order=r.order))
+                    plan.ops.append(SetPushEndpoint(receiver=uid, req_id=r.req_id, device=dev, endpoint=r.endpoint))
         except p.ProtocolError as e:
-            plan.replies.append(Publish(p.reply_topic(uid), e.to_wire()))
+            plan.replies.append(Publish(p.reply_topic(uid, dev), e.to_wire()))
+
+    def _push_targets(self, to: str, sender: str, sender_device: str) -> frozenset[Key]:
+        """The receiver's online devices and the sender's other online devices (sync copies)."""
+        out = [(to, d) for d in self._devices.get(to, ())]
+        if sender != to:
+            out += [(sender, d) for d in self._devices.get(sender, ()) if d != sender_device]
+        return frozenset(out)
 
     def _take_token(self, uid: str, now_ms: int) -> bool:
         if self.send_rate <= 0:
@@ -313,88 +449,145 @@ class Delivery:
             self._buckets = {u: b for u, b in self._buckets.items() if now_ms - b[1] < full_after_ms}
         return ok
 
-    def _presence(self, plan: Plan, uid: str, status: str | None, now_ms: int) -> None:
+    # -- presence, per device ------------------------------------------------------
+    def _presence(self, plan: Plan, uid: str, dev: str, status: str | None, now_ms: int,
+                  retained: bool = False) -> None:
+        if status is None:
+            return  # any other word (a client's "away") says nothing about reachability: ignored
+        if dev:
+            self._aware.add(uid)
+        elif uid in self._aware and status == p.OFFLINE and self._published.get(uid) == p.OFFLINE:
+            # Our own derived `offline` coming back (or a v1 client's will that agrees with it): the default
+            # device keeps its last state, so a v1 client beside device-aware ones is not cut off by our echo.
+            return
         if status == p.ONLINE:
             # Every `online`, not only a change: a device that reconnected after a drop the worker never
             # saw (it still counted it online) publishes `online` again, and must hear what waits.
+            self._devices.setdefault(uid, set()).add(dev)
             self.online.add(uid)
-            self._watch_fresh(uid)
-            self._plan_announcement(plan, uid, now_ms)
-        elif status == p.OFFLINE:
-            self.set_offline(uid)
-        # Any other word (a client's "away") says nothing about reachability: ignored.
+            self._watch_fresh((uid, dev))
+            # A v1 `online` registers the default device unless it may be our own derived word (the user has
+            # device-aware devices; echoes can arrive late) or a retained replay: then a v1 client is
+            # registered by its first send, ack or request instead.
+            register = bool(dev) or not (retained or uid in self._aware)
+            self._plan_announcement(plan, uid, dev, now_ms, register)
+        else:
+            self.set_offline(uid, dev)
+        if uid in self._aware:
+            self._derive(plan, uid, None if dev else status)
 
-    def set_offline(self, uid: str) -> None:
-        """Forget a receiver's presence, its pending pushes and announcements: they wait for its next pull."""
-        self.online.discard(uid)
-        self._watch.pop(uid, None)
-        for key in [k for k in self._pending if k[0] == uid]:
+    def user_status(self, uid: str) -> str:
+        """The derived user status: online while any device-aware device of the user is online. (The
+        default device does not count for a user with device-aware devices: its word on im/status/{uid}
+        is the one we publish; docs/PROTOCOL.md, "Devices", the mixed case.)"""
+        return p.ONLINE if any(self._devices.get(uid, ())) else p.OFFLINE
+
+    def _derive(self, plan: Plan, uid: str, word_there: str | None) -> None:
+        """Publish the derived user status (retained) when it changed, or when a word on im/status/{uid}
+        (``word_there``: a v1 client's will, a stale echo) contradicts it. Several workers publish the same
+        word: idempotent. One device leaving while another stays changes nothing: no flicker."""
+        derived = self.user_status(uid)
+        if derived != self._published.get(uid) or (word_there is not None and word_there != derived):
+            self._published[uid] = derived
+            plan.replies.append(Publish(p.status_topic(uid), derived, retain=True))
+
+    def set_offline(self, uid: str, device: str = "") -> None:
+        """Forget a device's presence, its pending pushes and announcements: they wait for its next pull."""
+        devs = self._devices.get(uid)
+        if devs is not None:
+            devs.discard(device)
+            if not devs:
+                del self._devices[uid]
+                self.online.discard(uid)
+        self._watch.pop((uid, device), None)
+        for key in [k for k in self._pending if k[0] == uid and k[1] == device]:
             del self._pending[key]
+
+    def is_online(self, uid: str, device: str = "") -> bool:
+        return device in self._devices.get(uid, ())
+
+    def online_devices(self) -> set[Key]:
+        """Every (uid, device) online now: housekeeping never removes these as silent."""
+        return {(u, d) for u, devs in self._devices.items() for d in devs}
+
+    def offline_receivers(self, outcomes: list[Outcome]) -> list[tuple[str, int]]:
+        """(receiver, seq) of the messages just stored for a user none of whose devices is online: the hook
+        for push notifications (backend/push.py; the store's push_endpoints(uid) names the endpoints)."""
+        return [(o.op.to, o.seq) for o in outcomes
+                if isinstance(o, Stored) and not o.duplicate and not self.user_online(o.op.to)]
+
+    def user_online(self, uid: str) -> bool:
+        devs = self._devices.get(uid, ())
+        return any(devs) if uid in self._aware else bool(devs)
 
     def reset_presence(self) -> None:
         """Called on (re)connect to the broker: retained statuses will rebuild presence (and announce)."""
         self.online.clear()
+        self._devices.clear()
+        self._published.clear()
         self._pending.clear()
         self._timers.clear()
         self._watch.clear()
         self._announce_timers.clear()
 
-    # -- announcements -----------------------------------------------------------
-    def _watch_fresh(self, uid: str) -> _Watch | None:
-        """The receiver's watch with its backoff reset (new evidence that something may wait for it)."""
-        w = self._watch.get(uid)
+    # -- announcements (per device) ---------------------------------------------------
+    def _watch_fresh(self, key: Key) -> _Watch | None:
+        """The device's watch with its backoff reset (new evidence that something may wait for it)."""
+        w = self._watch.get(key)
         if w is None:
             if len(self._watch) >= ANNOUNCE_WATCH_MAX:
                 return None
-            w = self._watch[uid] = _Watch(due=None, wait=self.announce_repeat_ms)
+            w = self._watch[key] = _Watch(due=None, wait=self.announce_repeat_ms)
         w.wait = self.announce_repeat_ms
         return w
 
-    def _set_due(self, w: _Watch, uid: str, due: int) -> None:
+    def _set_due(self, w: _Watch, key: Key, due: int) -> None:
         w.due = due
-        heapq.heappush(self._announce_timers, (due, uid))
+        heapq.heappush(self._announce_timers, (due, key[0], key[1]))
 
-    def _plan_announcement(self, plan: Plan, uid: str, now_ms: int) -> None:
+    def _plan_announcement(self, plan: Plan, uid: str, dev: str, now_ms: int, register: bool = False) -> None:
         """Count for an announcement in this plan; the next one is due after the watch's wait (doubling),
-        unless the count finds nothing or the receiver pulls meanwhile."""
-        plan.ops.append(CountBacklog(receiver=uid, req_id=None))
-        w = self._watch.get(uid)
+        unless the count finds nothing or the device pulls meanwhile."""
+        plan.ops.append(CountBacklog(receiver=uid, req_id=None, device=dev, register=register or bool(dev)))
+        w = self._watch.get((uid, dev))
         if w is not None:
             w.last = now_ms
-            self._set_due(w, uid, now_ms + w.wait)
+            self._set_due(w, (uid, dev), now_ms + w.wait)
             w.wait = min(w.wait * 2, self.announce_repeat_max_ms)
 
-    def announce(self, uid: str, now_ms: int) -> None:
-        """Queue a count announcement for ``uid`` if it is online: planned at once, or ANNOUNCE_MIN_GAP_MS
-        after the last one (bursts coalesce). Ignored for a receiver that is not online."""
-        if uid not in self.online:
-            return
-        w = self._watch_fresh(uid)
-        if w is None:
-            return
-        earliest = now_ms if w.last is None else max(now_ms, w.last + self.announce_min_gap_ms)
-        if w.due is None or earliest < w.due:
-            self._set_due(w, uid, earliest)
+    def announce(self, uid: str, now_ms: int, device: str | None = None) -> None:
+        """Queue a count announcement for the device (None: each online device of ``uid``): planned at once,
+        or ANNOUNCE_MIN_GAP_MS after the last one (bursts coalesce). Ignored for a device not online."""
+        devices = tuple(self._devices.get(uid, ())) if device is None else (device,)
+        for dev in devices:
+            if not self.is_online(uid, dev):
+                continue
+            w = self._watch_fresh((uid, dev))
+            if w is None:
+                continue
+            earliest = now_ms if w.last is None else max(now_ms, w.last + self.announce_min_gap_ms)
+            if w.due is None or earliest < w.due:
+                self._set_due(w, (uid, dev), earliest)
 
     def worker_gone(self, now_ms: int) -> None:
         """Another worker ended: pushes it was retransmitting and acks in flight to it died with it (worker
         sessions are clean), so every receiver online gets an announcement, spread over WORKER_GONE_SPREAD_MS
         (a count that finds nothing sends nothing)."""
-        online = list(self.online)
-        for i, uid in enumerate(online):
-            w = self._watch_fresh(uid)
+        online = sorted(self.online_devices())
+        for i, key in enumerate(online):
+            w = self._watch_fresh(key)
             if w is None:
                 return
             due = now_ms + i * WORKER_GONE_SPREAD_MS // len(online)
             if w.due is None or due < w.due:
-                self._set_due(w, uid, due)
+                self._set_due(w, key, due)
 
     def _announce_deadline(self) -> int | None:
         timers = self._announce_timers
         while timers:
-            due, uid = timers[0]
-            w = self._watch.get(uid)
-            if w is not None and w.due == due and uid in self.online:
+            due, uid, dev = timers[0]
+            w = self._watch.get((uid, dev))
+            if w is not None and w.due == due and self.is_online(uid, dev):
                 return due
             heapq.heappop(timers)
         return None
@@ -409,69 +602,95 @@ class Delivery:
             due = self._announce_deadline()
             if due is None or due > now_ms:
                 return
-            _, uid = heapq.heappop(self._announce_timers)
-            self._plan_announcement(plan, uid, now_ms)
+            _, uid, dev = heapq.heappop(self._announce_timers)
+            self._plan_announcement(plan, uid, dev, now_ms)
 
-    def _backlog_empty(self, uid: str) -> None:
-        self._watch.pop(uid, None)
+    def _backlog_empty(self, key: Key) -> None:
+        self._watch.pop(key, None)
 
-    def _backlog_read(self, uid: str, now_ms: int) -> None:
-        """The receiver pulled (or counted) and something waits: it knows. Remind it only if it then goes quiet."""
-        w = self._watch.get(uid)
+    def _backlog_read(self, key: Key, now_ms: int) -> None:
+        """The device pulled (or counted) and something waits: it knows. Remind it only if it then goes quiet."""
+        w = self._watch.get(key)
         if w is not None:
-            self._set_due(w, uid, now_ms + self.announce_repeat_ms)
+            self._set_due(w, key, now_ms + self.announce_repeat_ms)
 
     # -- after the transaction committed ----------------------------------------
     def after_commit(self, outcomes: list[Outcome], now_ms: int) -> list[Publish]:
         """Publishes for a committed transaction, in outcome order. Batched receipts are held (per
         sender, up to receipt_delay_ms) and come out of flush_receipts() as one `receipts` payload."""
         out: list[Publish] = []
-        batched: dict[str, list[dict[str, Any]]] = {}  # sender -> its receipts, in order
+        batched: dict[Key, list[dict[str, Any]]] = {}  # sender's device -> its receipts, in order
         for o in outcomes:
             if isinstance(o, Stored):
                 self._stored(out, batched, o, now_ms)
             elif isinstance(o, Deleted):
                 self._delivered(out, batched, o.rows)
             elif isinstance(o, Counted):
+                key = o.op.origin
                 payload: dict[str, Any] = {"kind": "count", "total": o.total, "by_sender": o.by_sender,
                                            "previews": o.previews, "expired": o.expired}
                 if o.total == 0:
-                    self._backlog_empty(o.op.receiver)
+                    self._backlog_empty(key)
                 elif o.op.req_id is not None:
-                    self._backlog_read(o.op.receiver, now_ms)
+                    self._backlog_read(key, now_ms)
                 if o.op.req_id is not None:
                     payload["req_id"] = o.op.req_id
                 elif o.total == 0 and o.expired == 0:
                     continue  # nothing waits: no announcement
-                out.append(Publish(p.reply_topic(o.op.receiver), p.fit_count(payload)))
+                out.append(Publish(p.reply_topic(*key), p.fit_count(payload)))
             elif isinstance(o, Paged):
-                if o.messages:
-                    self._backlog_read(o.op.receiver, now_ms)
-                elif o.op.from_uid is None:
-                    self._backlog_empty(o.op.receiver)  # the drain reached its end
-                self._delivered(out, batched, o.deleted)
-                out.append(Publish(p.reply_topic(o.op.receiver), {
-                    "kind": "page", "req_id": o.op.req_id, "messages": list(o.messages),
-                    "cursor": o.cursor, "more": o.more}))
+                self._paged(out, batched, o, now_ms)
             elif isinstance(o, Refused):
                 op = o.op
                 ids: dict[str, str | None] = {}
                 if isinstance(op, StoreMessage):
-                    uid, ids["msg_id"] = op.sender, op.msg_id
-                elif isinstance(op, (CountBacklog, PullPage)):
-                    uid, ids["req_id"] = op.receiver, op.req_id
-                else:
-                    uid = op.receiver
-                out.append(Publish(p.reply_topic(uid), p.error_payload(o.code, o.message, **ids)))
-        for sender, items in batched.items():
-            held = self._held.get(sender)
+                    ids["msg_id"] = op.msg_id
+                elif not isinstance(op, DeleteAcked):
+                    ids["req_id"] = op.req_id
+                out.append(Publish(p.reply_topic(*op.origin), p.error_payload(o.code, o.message, **ids)))
+            elif isinstance(o, Listed):
+                uid = o.op.receiver
+                devices = [{**d, "online": self.is_online(uid, d["device"])} for d in o.devices]
+                out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "devices", "req_id": o.op.req_id,
+                                                                  "devices": devices}))
+            elif isinstance(o, DeviceRemoved):
+                uid, target = o.op.receiver, o.op.target
+                self._watch.pop((uid, target), None)
+                for key in [k for k in self._pending if k[0] == uid and k[1] == target]:
+                    del self._pending[key]
+                out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "removed", "req_id": o.op.req_id,
+                                                                  "device": target, "released": o.released}))
+            elif isinstance(o, PushEndpointSet):
+                out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "push", "req_id": o.op.req_id,
+                                                                  "registered": o.op.endpoint is not None}))
+            elif isinstance(o, DeviceReset):
+                out.append(Publish(p.reply_topic(o.uid, o.device), device_removed_payload()))
+        for key, items in batched.items():
+            held = self._held.get(key)
             if held is None:
-                self._held[sender] = (now_ms + self.receipt_delay_ms, items)
+                self._held[key] = (now_ms + self.receipt_delay_ms, items)
             else:
                 held[1].extend(items)
         if self.receipt_delay_ms <= 0:
             out.extend(self.flush_receipts(now_ms))
         return out
+
+    def _paged(self, out: list[Publish], batched: dict[Key, list[dict[str, Any]]], o: Paged, now_ms: int) -> None:
+        key = o.op.origin
+        if o.op.scope == "user":  # read-only: no cursor, nothing acked, no bearing on announcements
+            last = o.messages[-1]["seq"] if o.messages else o.op.after
+            out.append(Publish(p.reply_topic(*key), {
+                "kind": "page", "req_id": o.op.req_id, "scope": "user", "messages": list(o.messages),
+                "cursor": None, "after": last, "more": o.more}))
+            return
+        if o.messages:
+            self._backlog_read(key, now_ms)
+        elif o.op.from_uid is None:
+            self._backlog_empty(key)  # the drain reached its end
+        self._delivered(out, batched, o.deleted)
+        out.append(Publish(p.reply_topic(*key), {
+            "kind": "page", "req_id": o.op.req_id, "messages": list(o.messages),
+            "cursor": o.cursor, "more": o.more}))
 
     def flush_receipts(self, now_ms: int | None = None) -> list[Publish]:
         """The held batched receipts that are due (all of them with ``now_ms`` None), one payload per sender."""
@@ -481,97 +700,105 @@ class Delivery:
         out = []
         for s in due:
             items, n = self._held.pop(s)[1], RECEIPTS_PER_PAYLOAD_MAX
-            out += [Publish(p.reply_topic(s), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
+            out += [Publish(p.reply_topic(*s), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
         return out
 
     @staticmethod
-    def _receipt(out: list[Publish], batched: dict[str, list[dict[str, Any]]], sender: str, batch: bool,
+    def _receipt(out: list[Publish], batched: dict[Key, list[dict[str, Any]]], sender: Key, batch: bool,
                  receipt: dict[str, Any]) -> None:
         if batch:
             batched.setdefault(sender, []).append(receipt)
         else:
-            out.append(Publish(p.reply_topic(sender), receipt))
+            out.append(Publish(p.reply_topic(*sender), receipt))
 
-    def _stored(self, out: list[Publish], batched: dict[str, list[dict[str, Any]]], o: Stored, now_ms: int) -> None:
+    def _stored(self, out: list[Publish], batched: dict[Key, list[dict[str, Any]]], o: Stored, now_ms: int) -> None:
         op = o.op
         if o.duplicate:
-            self._receipt(out, batched, op.sender, op.batch_receipts, p.receipt(op.msg_id, o.to, o.seq, "duplicate"))
-            if o.waiting and (o.to, o.seq) not in self._pending:
-                # Still stored and not ours to push: the worker that stored it may have died before its
-                # push (worker sessions are clean, so the sender's resend is what reaches us). Tell the
-                # receiver if it is online; the count it triggers covers the message either way.
-                self.announce(o.to, now_ms)
+            self._receipt(out, batched, op.origin, op.batch_receipts, p.receipt(op.msg_id, o.to, o.seq, "duplicate"))
+            if o.waiting:
+                # Still stored and perhaps not ours to push: the worker that stored it may have died before
+                # its push (worker sessions are clean, so the sender's resend is what reaches us). Tell the
+                # receiver's online devices we are not pushing it to; the count covers it either way.
+                for dev in tuple(self._devices.get(o.to, ())):
+                    if (o.to, dev, o.seq) not in self._pending:
+                        self.announce(o.to, now_ms, dev)
             return
-        # The push goes out before the `stored` receipt: the worker's packets reach the broker in order,
-        # so a sender that has its receipt (and so never resends) knows the push reached the broker too.
-        if op.push and op.to in self.online:
-            push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts)
-            out.append(Publish(p.inbox_topic(op.to), push))
-            self._track(op.to, o.seq, push, now_ms)
-        self._receipt(out, batched, op.sender, op.batch_receipts, p.receipt(op.msg_id, op.to, o.seq, "stored"))
+        # The pushes go out before the `stored` receipt: the worker's packets reach the broker in order,
+        # so a sender that has its receipt (and so never resends) knows the pushes reached the broker too.
+        for uid, dev in o.devices or ((op.to, ""),):
+            if (uid, dev) in op.push_to and self.is_online(uid, dev):
+                copy = None if uid == op.to else op.sender_device
+                push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts, copy)
+                out.append(Publish(p.inbox_topic(uid, dev), push))
+                self._track(uid, dev, o.seq, push, now_ms)
+        self._receipt(out, batched, op.origin, op.batch_receipts, p.receipt(op.msg_id, op.to, o.seq, "stored"))
 
-    def _delivered(self, out: list[Publish], batched: dict[str, list[dict[str, Any]]],
+    def _delivered(self, out: list[Publish], batched: dict[Key, list[dict[str, Any]]],
                    rows: tuple[DeletedRow, ...]) -> None:
         for r in rows:
-            self._pending.pop((r.receiver, r.seq), None)
-            self._receipt(out, batched, r.sender, r.batch_receipts, p.receipt(r.msg_id, r.receiver, r.seq, "delivered"))
+            self._pending.pop((r.receiver, r.device, r.seq), None)
+            if r.receipt:  # the first of the receiver's devices to ack; never a sync copy
+                self._receipt(out, batched, (r.sender, r.sender_device), r.batch_receipts,
+                              p.receipt(r.msg_id, r.receiver, r.seq, "delivered"))
 
-    # -- retransmission ---------------------------------------------------------
-    def _track(self, receiver: str, seq: int, push: dict[str, Any], now_ms: int) -> None:
+    # -- retransmission (per device) ----------------------------------------------
+    def _track(self, receiver: str, device: str, seq: int, push: dict[str, Any], now_ms: int) -> None:
         if len(self._pending) >= PENDING_PUSH_MAX:
-            self.announce(receiver, now_ms)  # not tracked, so never retransmitted: tell the receiver instead
+            self.announce(receiver, now_ms, device)  # not tracked, so never retransmitted: tell the device instead
             return
         deadline = now_ms + self.ack_timeout_ms
-        self._pending[(receiver, seq)] = _Pending(receiver, seq, push, 1, deadline)
-        heapq.heappush(self._timers, (deadline, receiver, seq))
+        self._pending[(receiver, device, seq)] = _Pending(receiver, device, seq, push, 1, deadline)
+        heapq.heappush(self._timers, (deadline, receiver, device, seq))
 
     def next_deadline(self) -> int | None:
         """The earliest time something is due: a push's retransmission, held receipts or an announcement."""
         dues = [min((at for at, _ in self._held.values()), default=None), self._announce_deadline()]
         while self._timers:
-            deadline, receiver, seq = self._timers[0]
-            entry = self._pending.get((receiver, seq))
+            deadline, receiver, device, seq = self._timers[0]
+            entry = self._pending.get((receiver, device, seq))
             if entry is not None and entry.deadline == deadline:
                 dues.append(deadline)
                 break
             heapq.heappop(self._timers)
         return min((d for d in dues if d is not None), default=None)
 
-    def due(self, now_ms: int) -> list[tuple[str, int]]:
-        """Pushes whose ack is overdue and that still have retries left; exhausted ones are dropped
-        (they wait for pull) and their receiver, if online, is queued an announcement. The caller asks
-        the store which of them still exist, then calls resend."""
-        out: list[tuple[str, int]] = []
+    def due(self, now_ms: int) -> list[tuple[str, str, int]]:
+        """Pushes (receiver, device, seq) whose ack is overdue and that still have retries left; exhausted
+        ones are dropped (they wait for pull) and their device, if online, is queued an announcement. The
+        caller asks the store which of them still wait (Store.alive), then calls resend."""
+        out: list[tuple[str, str, int]] = []
         while self._timers and self._timers[0][0] <= now_ms:
-            deadline, receiver, seq = heapq.heappop(self._timers)
-            entry = self._pending.get((receiver, seq))
+            deadline, receiver, device, seq = heapq.heappop(self._timers)
+            key = (receiver, device, seq)
+            entry = self._pending.get(key)
             if entry is None or entry.deadline != deadline:
                 continue
-            if entry.attempts > self.max_retries or receiver not in self.online:
-                del self._pending[(receiver, seq)]
-                # The receiver is still online but never acked: the push (or its ack) was lost, perhaps
+            if entry.attempts > self.max_retries or not self.is_online(receiver, device):
+                del self._pending[key]
+                # The device is still online but never acked: the push (or its ack) was lost, perhaps
                 # dropped by a broker whose queue for it was full. Tell it what waits.
-                self.announce(receiver, now_ms)
+                self.announce(receiver, now_ms, device)
                 continue
-            out.append((receiver, seq))
+            out.append(key)
         return out
 
-    def resend(self, due: list[tuple[str, int]], alive: set[int] | None, now_ms: int) -> list[Publish]:
-        """Resend the due pushes whose message is still stored (``alive``; None: all). A message
-        acked through another worker is gone from the store, so it is not pushed again."""
+    def resend(self, due: list[tuple[str, str, int]], alive: set | None, now_ms: int) -> list[Publish]:
+        """Resend the due pushes that still wait for their device (``alive``: the (receiver, device, seq)
+        keys, or bare seqs, still stored; None: all). An entry acked through another worker is gone from
+        the store, so it is not pushed again."""
         out: list[Publish] = []
-        for receiver, seq in due:
-            entry = self._pending.get((receiver, seq))
+        for key in due:
+            entry = self._pending.get(key)
             if entry is None:
                 continue
-            if alive is not None and seq not in alive:
-                del self._pending[(receiver, seq)]
+            if alive is not None and key not in alive and key[2] not in alive:
+                del self._pending[key]
                 continue
             wait = int(self.ack_timeout_ms * self.backoff ** entry.attempts)
             entry.attempts += 1
             entry.deadline = now_ms + wait
-            heapq.heappush(self._timers, (entry.deadline, receiver, seq))
-            out.append(Publish(p.inbox_topic(receiver), entry.payload))
+            heapq.heappush(self._timers, (entry.deadline, *key))
+            out.append(Publish(p.inbox_topic(entry.receiver, entry.device), entry.payload))
         return out
 
     def tick(self, now_ms: int) -> list[Publish]:

@@ -58,38 +58,52 @@ PULL_ORDERS = ("oldest", "newest")
 RECEIPT_MODES = ("each", "batch")
 
 UID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % UID_MAX)
+# A device id: 1-32 characters, no '.' (NATS and RabbitMQ rewrite it inside topic levels); 32 holds a
+# UUID's hex. The default device (a v1 client on the v1 topics) is "", which is never a valid DEV.
+DEVICE_MAX = 32
+DEVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % DEVICE_MAX)
+# A push endpoint is an HTTPS URL of the app's push gateway; 2 KiB is the practical URL limit of browsers.
+PUSH_ENDPOINT_MAX = 2048
+PULL_SCOPES = ("device", "user")
 
 CLIENT_TOPICS = ("send", "ack", "req")
-REQUEST_OPS = ("count", "pull")
+REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "push_unregister")
 
 
 # --- topics -----------------------------------------------------------------
-def send_topic(uid: str) -> str:
-    return f"{PREFIX}/u/{uid}/send"
+# Each takes the device: "" (the default device) gives the v1 topic, any other the device's own
+# topic under the user's prefix (im/u/{uid}/d/{dev}/..., im/status/{uid}/{dev}).
+def _client_topic(uid: str, device: str, kind: str) -> str:
+    return f"{PREFIX}/u/{uid}/d/{device}/{kind}" if device else f"{PREFIX}/u/{uid}/{kind}"
 
 
-def ack_topic(uid: str) -> str:
-    return f"{PREFIX}/u/{uid}/ack"
+def send_topic(uid: str, device: str = "") -> str:
+    return _client_topic(uid, device, "send")
 
 
-def req_topic(uid: str) -> str:
-    return f"{PREFIX}/u/{uid}/req"
+def ack_topic(uid: str, device: str = "") -> str:
+    return _client_topic(uid, device, "ack")
 
 
-def inbox_topic(uid: str) -> str:
-    return f"{PREFIX}/u/{uid}/inbox"
+def req_topic(uid: str, device: str = "") -> str:
+    return _client_topic(uid, device, "req")
 
 
-def reply_topic(uid: str) -> str:
-    return f"{PREFIX}/u/{uid}/reply"
+def inbox_topic(uid: str, device: str = "") -> str:
+    return _client_topic(uid, device, "inbox")
 
 
-def status_topic(uid: str) -> str:
-    return f"{PREFIX}/status/{uid}"
+def reply_topic(uid: str, device: str = "") -> str:
+    return _client_topic(uid, device, "reply")
 
 
-# What the worker subscribes to (beside any broker).
-WORKER_SUBSCRIPTIONS = tuple(f"{PREFIX}/u/+/{kind}" for kind in CLIENT_TOPICS) + (f"{PREFIX}/status/+",)
+def status_topic(uid: str, device: str = "") -> str:
+    return f"{PREFIX}/status/{uid}/{device}" if device else f"{PREFIX}/status/{uid}"
+
+
+# What the worker subscribes to (beside any broker): v1 topics and the device topics.
+WORKER_SUBSCRIPTIONS = tuple(f"{PREFIX}/u/+/{kind}" for kind in CLIENT_TOPICS) + \
+    tuple(f"{PREFIX}/u/+/d/+/{kind}" for kind in CLIENT_TOPICS) + (f"{PREFIX}/status/+", f"{PREFIX}/status/+/+")
 
 # Workers' lifecycle: a worker's last will (and its polite stop) publishes WORKER_GONE on
 # im/worker/<client id>. Pushes it was retransmitting and acks in flight to it (its session is clean)
@@ -113,27 +127,45 @@ def valid_uid(uid: Any) -> bool:
     return isinstance(uid, str) and UID_RE.match(uid) is not None
 
 
+def valid_device(device: Any) -> bool:
+    """A device-aware device's id (the default device "" is not one)."""
+    return isinstance(device, str) and DEVICE_RE.match(device) is not None
+
+
 @dataclass(frozen=True)
 class Topic:
-    """A parsed protocol topic: ``kind`` is send/ack/req/inbox/reply/status."""
+    """A parsed protocol topic: ``kind`` is send/ack/req/inbox/reply/status; ``device`` is "" on the
+    v1 topics (the user's default device)."""
 
     kind: str
     uid: str
+    device: str = ""
+
+
+_KINDS = CLIENT_TOPICS + ("inbox", "reply")
 
 
 def parse_topic(topic: str) -> Topic | None:
-    """Return the topic's kind and uid, or None when it is not a protocol topic or its uid is invalid."""
+    """Return the topic's kind, uid and device, or None when it is not a protocol topic or its uid or
+    device is invalid."""
     parts = topic.split("/")
-    if len(parts) == 4 and parts[0] == PREFIX and parts[1] == "u" and parts[3] in CLIENT_TOPICS + ("inbox", "reply"):
-        uid = parts[2]
-    elif len(parts) == 3 and parts[0] == PREFIX and parts[1] == "status":
-        uid = parts[2]
-        parts = [PREFIX, "status", uid, "status"]
+    n = len(parts)
+    if n < 3 or parts[0] != PREFIX:
+        return None
+    device, with_device = "", False
+    if parts[1] == "u" and n == 4 and parts[3] in _KINDS:
+        uid, kind = parts[2], parts[3]
+    elif parts[1] == "u" and n == 6 and parts[3] == "d" and parts[5] in _KINDS:
+        uid, device, kind, with_device = parts[2], parts[4], parts[5], True
+    elif parts[1] == "status" and n in (3, 4):
+        uid, kind = parts[2], "status"
+        if n == 4:
+            device, with_device = parts[3], True
     else:
         return None
-    if not valid_uid(uid):
+    if not valid_uid(uid) or (with_device and not valid_device(device)):
         return None
-    return Topic(kind=parts[3], uid=uid)
+    return Topic(kind=kind, uid=uid, device=device)
 
 
 # --- errors -----------------------------------------------------------------
@@ -258,6 +290,41 @@ class PullRequest:
     from_uid: str | None
     ack: str | None
     order: str = "oldest"
+    scope: str = "device"  # "user": read-only pages of what waits for any of the user's devices
+    after: int = 0  # scope "user": the cursor is the last seq seen (nothing is acked)
+
+
+@dataclass(frozen=True)
+class DevicesRequest:
+    req_id: str
+
+
+@dataclass(frozen=True)
+class RemoveDeviceRequest:
+    req_id: str
+    device: str  # "" names the default device (the v1 topics)
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    req_id: str
+    endpoint: str | None  # None: push_unregister
+
+
+def push_endpoint_problem(url: Any) -> str | None:
+    """None if ``url`` may be a push endpoint, else one line saying why not. backend.push decides when it
+    is present (its rules: https, no credentials, no link-local or reserved hosts...)."""
+    try:
+        from .push import valid_endpoint
+    except ImportError:  # a build without the push sender: the plain rule
+        valid_endpoint = None
+    if valid_endpoint is not None:
+        return valid_endpoint(url)
+    if not isinstance(url, str) or not 0 < len(url) <= PUSH_ENDPOINT_MAX:
+        return f"push endpoint must be a string of 1-{PUSH_ENDPOINT_MAX} characters"
+    if not url.startswith("https://") or len(url) == len("https://") or any(c.isspace() for c in url):
+        return "push endpoint must be an https:// URL"
+    return None
 
 
 def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
@@ -314,7 +381,7 @@ def parse_ack(payload: bytes) -> Ack:
     return Ack(seqs=tuple(dict.fromkeys(seqs)))
 
 
-def parse_request(payload: bytes) -> CountRequest | PullRequest:
+def parse_request(payload: bytes) -> CountRequest | PullRequest | DevicesRequest | RemoveDeviceRequest | PushRequest:
     obj = decode_object(payload)
     raw = obj.get("req_id")
     req_id = raw if isinstance(raw, str) and 0 < _utf8_len(raw) <= REQ_ID_MAX else None
@@ -334,6 +401,24 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest:
         raise ProtocolError("unknown_op", f"'op' must be one of {', '.join(REQUEST_OPS)}", **ids)
     if op == "count":
         return CountRequest(req_id=req_id)
+    if op == "devices":
+        return DevicesRequest(req_id=req_id)
+    if op == "remove_device":
+        device = obj.get("device")
+        if not isinstance(device, str) or not (device == "" or valid_device(device)):
+            raise ProtocolError("bad_field", "'device' must be a device id (1-32 characters of A-Z a-z 0-9 _ -) "
+                                "or \"\" for the default device", **ids)
+        return RemoveDeviceRequest(req_id=req_id, device=device)
+    if op == "push_unregister":
+        return PushRequest(req_id=req_id, endpoint=None)
+    if op == "push_register":
+        endpoint = obj.get("endpoint")
+        if endpoint is None:
+            raise ProtocolError("missing_field", "'endpoint' is required", **ids)
+        problem = push_endpoint_problem(endpoint)
+        if problem is not None:
+            raise ProtocolError("bad_endpoint", problem, **ids)
+        return PushRequest(req_id=req_id, endpoint=endpoint)
     limit = obj.get("limit", PULL_LIMIT_DEFAULT)
     if not _int(limit) or not 1 <= limit <= PULL_LIMIT_MAX:
         raise ProtocolError("bad_limit", f"'limit' must be an integer from 1 to {PULL_LIMIT_MAX}", **ids)
@@ -346,7 +431,18 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest:
     order = obj.get("order") or "oldest"  # null means absent, as for the other optional fields
     if order not in PULL_ORDERS:
         raise ProtocolError("bad_field", "'order' must be \"oldest\" or \"newest\"", **ids)
-    return PullRequest(req_id=req_id, limit=limit, from_uid=from_uid, ack=ack, order=order)
+    scope = obj.get("scope") or "device"
+    if scope not in PULL_SCOPES:
+        raise ProtocolError("bad_field", "'scope' must be \"device\" or \"user\"", **ids)
+    after = obj.get("after", 0)
+    if after is None:
+        after = 0
+    if not (_int(after) and 0 <= after < 2**63):
+        raise ProtocolError("bad_field", "'after' must be a seq (a non-negative integer)", **ids)
+    if scope == "user" and ack is not None:
+        raise ProtocolError("bad_field", "a pull with \"scope\": \"user\" is read-only: it takes 'after', not 'ack'",
+                            **ids)
+    return PullRequest(req_id=req_id, limit=limit, from_uid=from_uid, ack=ack, order=order, scope=scope, after=after)
 
 
 def parse_status(payload: bytes) -> str | None:

@@ -51,10 +51,9 @@ NATS_UID_RE = re.compile(r"^[A-Za-z0-9_-]{1,50}$")
 # messages of a QoS 1 subscription (a JetStream consumer's delivery subject): every MQTT user needs to
 # subscribe there, or each QoS 1 SUBSCRIBE fails. MQTT clients themselves cannot subscribe to $MQTT/...
 # topics (NATS refuses them), so it opens nothing to a user.
-# (No im.status.*: the worker publishes no status yet. The device work's derived user status, DEVICES.md, will
-# need it, and `doctor`'s "publish rights" check will then have to allow the worker that topic.)
-WORKER_PUBLISH = ["im.u.*.inbox", "im.u.*.reply", "im.u.*.d.*.inbox", "im.u.*.d.*.reply", "im.worker.*",
-                  "im.worker.probe.*"]
+# im.status.*: the worker publishes each device-aware user's derived status (docs/PROTOCOL.md, Devices).
+WORKER_PUBLISH = ["im.u.*.inbox", "im.u.*.reply", "im.u.*.d.*.inbox", "im.u.*.d.*.reply", "im.status.*",
+                  "im.worker.*", "im.worker.probe.*"]
 WORKER_SUBSCRIBE = ["im.u.*.send", "im.u.*.ack", "im.u.*.req", "im.u.*.d.*.send", "im.u.*.d.*.ack",
                     "im.u.*.d.*.req", "im.u.*.*.send", "im.u.*.*.ack", "im.u.*.*.req", "im.status.*",
                     "im.status.*.*", "im.worker.*", "im.worker.probe.*", "$MQTT.sub.>"]

@@ -250,3 +250,24 @@ class PrivatePostgres:
         import shutil
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def session_present(port: int, client_id: str, auth: tuple[str, str] | None = None) -> bool:
+    """Connect once to 127.0.0.1:port with clean session off and return the CONNACK's session-present flag;
+    then connect again with a clean session, which removes the session the first connection made (tests
+    leave nothing behind)."""
+    import threading
+    import paho.mqtt.client as mqtt
+    flags: list[bool] = []
+    for clean in (False, True):
+        done = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+        if auth is not None:
+            c.username_pw_set(*auth)
+        c.on_connect = lambda cl, u, f, rc, pr: (flags.append(f.session_present), done.set())
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        assert done.wait(10)
+        c.disconnect()
+        c.loop_stop()
+    return flags[0]

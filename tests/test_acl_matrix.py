@@ -138,3 +138,46 @@ def test_alice_cannot_act_as_bob(system):
     leaked = [m.topic for received in got for m in received
               if not m.topic.startswith("im/status/") and m.topic not in own]
     assert leaked == [], f"alice received {leaked}"
+
+
+def test_alice_cannot_act_as_any_of_bobs_devices(system):
+    """The same on the device topics (docs/PROTOCOL.md, "Devices"): bob:phone has a message waiting."""
+    phone = IMClient("bob", PASSWORDS["bob"], port=system.port, device="phone", auto_sync=False).connect()
+    phone.close()  # registered, and offline (its retained `offline`)
+    dave = IMClient("dave", PASSWORDS["dave"], port=system.port, device="d", receiver=False).connect()
+    waiting = dave.send("bob", "for bob's phone only").wait(10)
+    assert waiting["status"] == "stored"
+    carol = IMClient("carol", PASSWORDS["carol"], port=system.port, device="c", auto_sync=False).connect()
+
+    spy, rc, got = raw_client(system.port, "alice", PASSWORDS["alice"], "alice:spy2")
+    assert rc is not None and not rc.is_failure
+    for f in (p.inbox_topic("bob", "phone"), p.reply_topic("bob", "phone"), "im/u/bob/d/+/inbox",
+              "im/u/bob/d/+/reply", "im/u/+/d/+/inbox", "im/u/+/d/+/reply", "im/u/bob/d/#"):
+        spy.subscribe(f, qos=1)
+    spy.publish(p.send_topic("bob", "phone"), p.encode({"msg_id": "forged", "to": "carol", "content": "as bob"}), qos=1)
+    spy.publish(p.ack_topic("bob", "phone"), p.encode({"seqs": [waiting["seq"]]}), qos=1)
+    spy.publish(p.req_topic("bob", "phone"), p.encode({"req_id": "steal", "op": "pull"}), qos=1)
+    spy.publish(p.req_topic("bob", "phone"), p.encode({"req_id": "rm", "op": "remove_device", "device": "phone"}),
+                qos=1)
+    spy.publish(p.status_topic("bob", "phone"), "online", qos=1, retain=True)
+    spy.publish(p.status_topic("bob"), "online", qos=1, retain=True)
+    spy.publish(p.inbox_topic("bob", "phone"), p.encode({"kind": "msg", "seq": 10**9, "from": "alice"}), qos=1)
+    spy.publish(p.reply_topic("bob", "phone"), p.encode({"kind": "receipt"}), qos=1).wait_for_publish(5)
+
+    alice = IMClient("alice", PASSWORDS["alice"], port=system.port, device="a", receiver=False).connect()
+    assert alice.send("carol", "real").wait(10)["status"] == "stored"
+    assert carol.wait_for(lambda: carol.announcements or carol.messages, 10)
+    bob = IMClient("bob", PASSWORDS["bob"], port=system.port, device="phone", auto_sync=False).connect()
+    try:
+        assert not bob.removed, "nobody removed bob's phone"
+        page = bob.pull(limit=10)
+        assert [m["content"] for m in page["messages"]] == ["for bob's phone only"], "bob's message untouched"
+        carol.drain()
+        assert [m["content"] for m in carol.messages] == ["real"], "nothing was delivered as bob's"
+    finally:
+        stop(spy)
+        for c in (dave, carol, alice, bob):
+            c.kill()
+    own = ("im/u/alice/",)  # her wildcards may match her own topics: fine
+    leaked = [m.topic for m in got if not m.topic.startswith("im/status/") and not m.topic.startswith(own)]
+    assert leaked == [], f"alice received {leaked}"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import socket
+import sys
+import time
 
 import pytest
 
@@ -45,7 +50,8 @@ def test_serve_on_a_taken_port_says_so_in_one_line(db_url):
         r = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), "--database-url", db_url)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "already in use" in lines[0] and "python -m backend worker --broker" in lines[0]
+    # The hint runs this very interpreter (a bare `python` outside the venv lacks the dependencies).
+    assert len(lines) == 1 and "already in use" in lines[0] and f"{sys.executable} -m backend worker --broker" in lines[0]
 
 
 def test_serve_stops_cleanly_on_ctrl_c(db_url, clients):
@@ -80,3 +86,161 @@ def test_free_port_helper_is_free():
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("args, text", [
+    ([], "error: choose a command: serve, worker, user, device, doctor, keygen"),
+    (["user"], "error: choose a user command: add, remove, list"),
+    (["device"], "error: choose a device command: list, remove"),
+])
+def test_a_missing_command_is_named_in_words(args, text):
+    r = run_cli(*args)
+    assert r.returncode == 2 and text in r.stderr
+    assert "required" not in r.stderr and "user_command" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["serve", "--log-level", "DEBUG"], ["--log-level", "DEBUG", "serve"],
+                                  ["serve", "--log-level", "debug", "--log-format", "json"]])
+def test_log_options_go_before_or_after_the_command(args, db_url):
+    # On a taken port serve stops after parsing, so each form shows whether its options were accepted.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli(*args, "--host", "127.0.0.1", "--port", str(port), "--database-url", db_url)
+    assert "unrecognized arguments" not in r.stderr and "already in use" in r.stderr
+
+
+def test_log_level_after_the_command_takes_effect(db_url):
+    r = run_cli("user", "list", "--database-url", db_url, "--log-level", "DEBUG")
+    # (peewee's own DEBUG lines stay off: they carry SQL parameters, i.e. message content)
+    assert r.returncode == 0 and "DEBUG backend: logging at DEBUG" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("url, text", [
+    ("data/x.db", "database URL 'data/x.db' has no scheme (for a SQLite file, sqlite:///data/x.db)"),
+    ("sqlite://data/x.db", "a SQLite URL is sqlite:/// then a path"),
+    ("mongodb://127.0.0.1/im", "unknown database URL scheme 'mongodb'"),
+    ("postgresql://postgres:hunter2@127.0.0.1:5432/", "names no database"),
+])
+def test_a_malformed_database_url_says_what_form_is_expected(url, text):
+    for args in (["user", "list"], ["serve", "--port", "0"], ["worker"]):
+        r = run_cli(*args, "--database-url", url)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and text in lines[0], (args, r.stderr)
+        assert "sqlite:///" in lines[0] and "hunter2" not in lines[0]
+
+
+def _postgres_or_skip():
+    from services import POSTGRES_URL, reachable, require
+    why = reachable(POSTGRES_URL)
+    require(why is None, why or "")
+    return POSTGRES_URL
+
+
+def test_a_missing_postgresql_database_is_one_line_saying_createdb():
+    base = _postgres_or_skip().rsplit("/", 1)[0]
+    r = run_cli("user", "list", "--database-url", f"{base}/im_no_such_db")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "has no database 'im_no_such_db'" in lines[0] and "createdb" in lines[0]
+
+
+def test_an_unknown_postgresql_user_is_one_line():
+    from urllib.parse import urlsplit
+    parts = urlsplit(_postgres_or_skip())
+    url = f"postgresql://im_no_such_user:secret-pw@{parts.hostname}:{parts.port or 5432}{parts.path}"
+    r = run_cli("user", "list", "--database-url", url)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    # Either "no user" (trust authentication) or "refused the login" (password authentication).
+    assert "im_no_such_user" in lines[0] and ("has no user" in lines[0] or "refused the login" in lines[0])
+    assert "secret-pw" not in lines[0]
+
+
+@pytest.mark.parametrize("url", ["postgresql://postgres@127.0.0.1:{port}/test", "mysql://root@127.0.0.1:{port}/test"])
+def test_a_database_nobody_listens_on_is_one_line(url):
+    r = run_cli("user", "list", "--database-url", url.format(port=free_port()), timeout=30)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: cannot reach ") and "is it running there?" in lines[0]
+
+
+def test_mariadb_a_missing_database_and_a_refused_login_are_one_line_each():
+    from urllib.parse import urlsplit
+    from services import MYSQL_URL, reachable, require
+    why = reachable(MYSQL_URL)
+    require(why is None, why or "")
+    parts = urlsplit(MYSQL_URL)
+    where = f"{parts.hostname}:{parts.port or 3306}"
+    r = run_cli("user", "list", "--database-url", f"{MYSQL_URL.rsplit('/', 1)[0]}/im_no_such_db")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "has no database 'im_no_such_db'" in lines[0] and "CREATE DATABASE im_no_such_db" in lines[0]
+    r = run_cli("user", "list", "--database-url", f"mysql://im_no_such_user:secret-pw@{where}{parts.path}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "refused the login of user 'im_no_such_user'" in lines[0] and "secret-pw" not in lines[0]
+
+
+def test_a_wrong_postgresql_password_is_one_line():
+    """With password authentication (a server that uses it: $IM_TEST_POSTGRES_PASSWORD_URL), else the
+    message is checked against the driver's own words, as a server with password authentication says them."""
+    from backend.store import _open_failure
+    import peewee as pw
+    e = pw.OperationalError('connection to server at "db", port 5432 failed: FATAL:  password authentication '
+                            'failed for user "im"\n')
+    line = _open_failure("postgresql://im:pw@db:5432/im", e)
+    assert line == ("PostgreSQL at db:5432 refused the login of user 'im' (wrong user name or password): "
+                    "check them in the database URL")
+
+
+def _run_in_pty(args: list[str], keys: list[bytes], timeout: float = 20) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal (getpass reads /dev/tty), typing ``keys`` as each prompt appears."""
+    from conftest import REPO
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty is its controlling terminal
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "backend", *args])
+    out = b""
+    keys = list(keys)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if keys and out.endswith(b": "):  # a prompt waits for a line (not yet answered: it ends the output)
+                os.write(fd, keys.pop(0))
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("key", [b"\x03", b"\x04"], ids=["ctrl-c", "ctrl-d"])
+def test_giving_up_at_the_password_prompt_is_one_line(db_url, key):
+    code, out = _run_in_pty(["user", "add", "zoe", "--database-url", db_url], [key])
+    assert code != 0 and "Traceback" not in out
+    assert "user add cancelled: zoe not changed" in out
+    assert run_cli("user", "list", "--database-url", db_url).stdout.split() == []
+
+
+def test_the_password_is_asked_twice_and_must_match(db_url):
+    code, out = _run_in_pty(["user", "add", "zoe", "--database-url", db_url], [b"pw-one\n", b"pw-two\n"])
+    assert code == 1 and "the two passwords differ; nothing changed" in out and "Traceback" not in out
+    assert run_cli("user", "list", "--database-url", db_url).stdout.split() == []
+    code, out = _run_in_pty(["user", "add", "zoe", "--database-url", db_url], [b"pw-one\n", b"pw-one\n"])
+    assert code == 0 and "password for zoe again:" in out and "user zoe saved" in out
+    assert run_cli("user", "list", "--database-url", db_url).stdout.split() == ["zoe"]
+
+
+def test_serve_on_an_address_not_of_this_machine_says_so_in_one_line(db_url):
+    r = run_cli("serve", "--host", "192.0.2.1", "--port", str(free_port()), "--database-url", db_url)  # TEST-NET-1
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: the embedded broker cannot listen:") and "check --host" in lines[0]

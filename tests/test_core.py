@@ -188,7 +188,7 @@ def test_a_push_acked_through_another_worker_is_not_resent():
     plan = d.plan([status("bob", "online"), send("alice", "bob", "m1"), send("alice", "bob", "m2")], T0)
     d.after_commit([core.Counted(plan.ops[0], 0, {}), stored(plan.ops[1], 5), stored(plan.ops[2], 6)], T0)
     due = d.due(T0 + 100)
-    assert sorted(due) == [("bob", 5), ("bob", 6)]
+    assert sorted(due) == [("bob", "", 5), ("bob", "", 6)]
     out = d.resend(due, alive={6}, now_ms=T0 + 100)  # seq 5 was acked on another worker
     assert [a.payload["seq"] for a in out] == [6] and d.pending_pushes == 1
 
@@ -462,6 +462,112 @@ def test_batched_receipts_are_split_to_stay_under_the_reply_limit():
     assert [len(a.payload["receipts"]) for a in out] == [1000, 1000, 500]
     assert all(len(p.encode(a.payload)) <= p.REPLY_PAYLOAD_MAX for a in out)
     assert [r["seq"] for a in out for r in a.payload["receipts"]] == list(range(1, 2501))  # in order, all
+
+
+# --- devices (docs/PROTOCOL.md section 12) -----------------------------------------------------------------------
+def dstatus(uid, dev, word):
+    return (p.status_topic(uid, dev), word.encode())
+
+
+def dsend(uid, dev, to, msg_id, content="hi"):
+    return (p.send_topic(uid, dev), json.dumps({"msg_id": msg_id, "to": to, "content": content}).encode())
+
+
+def statuses(plan):
+    return [(a.topic, a.payload, a.retain) for a in plan.replies if isinstance(a.payload, str)]
+
+
+def test_user_status_is_derived_from_devices_and_does_not_flicker():
+    d = core.Delivery()
+    first = d.plan([dstatus("bob", "laptop", "online")], T0)
+    assert statuses(first) == [("im/status/bob", "online", True)]
+    assert first.ops == [core.CountBacklog("bob", None, "laptop")], "every device online is announced to"
+    assert statuses(d.plan([dstatus("bob", "phone", "online")], T0)) == [], "already online: nothing"
+    assert statuses(d.plan([dstatus("bob", "phone", "offline")], T0)) == [], "one device left, one stays: no flicker"
+    assert "bob" in d.online and d.is_online("bob", "laptop") and not d.is_online("bob", "phone")
+    assert statuses(d.plan([dstatus("bob", "laptop", "offline")], T0)) == [("im/status/bob", "offline", True)]
+    assert "bob" not in d.online
+
+
+def test_a_v1_word_contradicting_the_derived_status_is_overwritten_at_once():
+    d = core.Delivery()
+    d.plan([dstatus("bob", "laptop", "online")], T0)
+    # A v1 client's will says offline while the laptop is online: the worker republishes online.
+    assert statuses(d.plan([status("bob", "offline")], T0)) == [("im/status/bob", "online", True)]
+    assert statuses(d.plan([status("bob", "online")], T0)) == [], "our own echo agrees: nothing"
+    d.plan([dstatus("bob", "laptop", "offline")], T0)
+    assert statuses(d.plan([status("bob", "online")], T0)) == [("im/status/bob", "offline", True)], \
+        "a stale `online` echo is corrected"
+
+
+def test_v1_online_registers_the_default_device_only_when_it_cannot_be_our_echo():
+    d = core.Delivery()
+    (op,) = d.plan([status("carol", "online")], T0).ops
+    assert op.register, "a v1 user: its online registers it"
+    (op,) = d.plan([(p.status_topic("dave"), b"online", True)], T0).ops
+    assert not op.register, "a retained replay never registers"
+    d.plan([dstatus("bob", "laptop", "online")], T0)
+    (_, op) = d.plan([dstatus("bob", "laptop", "online"), status("bob", "online")], T0).ops
+    assert op.device == "" and not op.register, "a user with device-aware devices: maybe our own word"
+
+
+def test_each_online_device_gets_the_push_and_each_ack_clears_only_its_own():
+    d = core.Delivery()
+    plan = d.plan([dstatus("bob", "laptop", "online"), dstatus("bob", "phone", "online"),
+                   dsend("alice", "desk", "bob", "m1")], T0)
+    op = plan.ops[-1]
+    assert op.push_to == {("bob", "laptop"), ("bob", "phone")} and op.origin == ("alice", "desk")
+    out = d.after_commit([core.Stored(op, 9, devices=(("bob", "laptop"), ("bob", "phone")))], T0)
+    assert [a.topic for a in out] == ["im/u/bob/d/laptop/inbox", "im/u/bob/d/phone/inbox", "im/u/alice/d/desk/reply"]
+    assert d.pending_pushes == 2
+    row = core.DeletedRow("bob", 9, "alice", "m1", False, "desk", "phone", True)
+    out = d.after_commit([core.Deleted(core.DeleteAcked("bob", (9,), "phone"), (row,))], T0)
+    assert [(a.topic, a.payload["status"]) for a in out] == [("im/u/alice/d/desk/reply", "delivered")]
+    assert d.pending_pushes == 1, "the laptop still owes its ack"
+    later = core.DeletedRow("bob", 9, "alice", "m1", False, "desk", "laptop", False)
+    assert d.after_commit([core.Deleted(core.DeleteAcked("bob", (9,), "laptop"), (later,))], T0) == [], \
+        "`delivered` went out once"
+    assert d.pending_pushes == 0
+
+
+def test_a_dead_device_is_not_retransmitted_to_but_the_other_is():
+    d = core.Delivery(ack_timeout_ms=100)
+    plan = d.plan([dstatus("bob", "laptop", "online"), dstatus("bob", "phone", "online"),
+                   dsend("alice", "", "bob", "m1")], T0)
+    d.after_commit([core.Stored(plan.ops[-1], 3, devices=(("bob", "laptop"), ("bob", "phone")))], T0)
+    d.plan([dstatus("bob", "phone", "offline")], T0 + 10)
+    assert [a.topic for a in d.tick(T0 + 100)] == ["im/u/bob/d/laptop/inbox"]
+
+
+def test_sync_copies_are_pushed_marked_to_the_senders_other_online_devices():
+    d = core.Delivery()
+    plan = d.plan([dstatus("alice", "laptop", "online"), dstatus("alice", "phone", "online"),
+                   dsend("alice", "phone", "bob", "m1")], T0)
+    op = plan.ops[-1]
+    assert op.push_to == {("alice", "laptop")}, "not the device it was sent from"
+    out = d.after_commit([core.Stored(op, 4, devices=(("bob", ""), ("alice", "laptop")))], T0)
+    (push,) = [a for a in out if a.topic.endswith("/inbox")]
+    assert push.topic == "im/u/alice/d/laptop/inbox"
+    assert push.payload["copy"] is True and push.payload["device"] == "phone" and push.payload["to"] == "bob"
+
+
+def test_device_requests_refusals_and_the_removed_notice_answer_on_the_devices_reply_topic():
+    d = core.Delivery()
+    plan = d.plan([(p.req_topic("bob", "tab"), b'{"req_id":"1","op":"devices"}'),
+                   (p.req_topic("bob", "tab"), b'{"req_id":"2","op":"remove_device","device":"phone"}'),
+                   (p.req_topic("bob", "tab"), b'{"req_id":"3","op":"push_register","endpoint":"ftp://x"}'),
+                   (p.req_topic("bob", "tab"), b'{"req_id":"4","op":"pull","scope":"user","after":5}')], T0)
+    lst, rm, pull = plan.ops
+    assert isinstance(lst, core.ListDevices) and rm.target == "phone" and (pull.scope, pull.after) == ("user", 5)
+    assert [(a.topic, a.payload["code"]) for a in plan.replies] == [("im/u/bob/d/tab/reply", "bad_endpoint")]
+    d.plan([dstatus("bob", "tab", "online")], T0)
+    out = d.after_commit([core.DeviceReset("bob", "tab"),
+                          core.Listed(lst, ({"device": "tab", "registered_at": 1, "last_seen": 2, "push": False},)),
+                          core.Refused(core.CountBacklog("bob", "c", "tab"), "too_many_devices", "...")], T0)
+    assert [a.topic for a in out] == ["im/u/bob/d/tab/reply"] * 3
+    assert out[0].payload["code"] == "device_removed"
+    assert out[1].payload["devices"][0]["online"] is True
+    assert (out[2].payload["code"], out[2].payload["req_id"]) == ("too_many_devices", "c")
 
 
 def test_another_worker_gone_announces_to_every_online_receiver_spread_out():

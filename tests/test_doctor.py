@@ -11,7 +11,7 @@ import urllib.request
 import paho.mqtt.client as mqtt
 
 from conftest import free_port, run_cli
-from services import WORKER_PASSWORD, WORKER_USER, WorkerProcess, mosquitto, require
+from services import WORKER_PASSWORD, WORKER_USER, WorkerProcess, mosquitto, require, session_present
 
 # The whole doctor run is bounded: its slowest probe waits for Mosquitto's keepalive timer (about 6 s).
 DOCTOR_MAX_S = 20
@@ -50,19 +50,6 @@ def _nothing_left(port: int) -> list[str]:
     return got
 
 
-def _session_present(port: int, client_id: str) -> bool:
-    flags: list[bool] = []
-    done = threading.Event()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-    c.on_connect = lambda cl, u, f, rc, pr: (flags.append(f.session_present), done.set())
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    assert done.wait(10)
-    c.disconnect()
-    c.loop_stop()
-    return flags[0]
-
-
 def test_doctor_fails_an_open_broker_and_leaves_nothing():
     broker = _open_mosquitto()
     try:
@@ -80,7 +67,7 @@ def test_doctor_fails_an_open_broker_and_leaves_nothing():
         import re
         queue_ids = set(re.findall(r"as (im-doctor-queue-\w+) \(p2, c0", broker.log_tail(400)))
         assert len(queue_ids) == 1, broker.log_tail(400)
-        assert not _session_present(broker.port, queue_ids.pop())
+        assert not session_present(broker.port, queue_ids.pop())
         assert "Traceback" not in r.stderr
     finally:
         broker.close()

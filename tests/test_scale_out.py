@@ -12,7 +12,7 @@ import chaos
 from backend.client import IMClient
 from conftest import eventually, free_port
 from services import (MYSQL_URL, POSTGRES_URL, MosquittoWorkers, WorkerProcess, fresh_database, mosquitto,
-                      reachable, require)
+                      reachable, require, session_present)
 
 UIDS = [f"s{i:02d}" for i in range(12)]
 PASSWORDS = {u: f"{u}-pw" for u in UIDS}
@@ -81,30 +81,12 @@ def test_beside_an_unconfigured_mosquitto(db_url):
             c.kill()
         assert worker.stop() == 0
         # Nothing of the worker stays at the broker: its client id finds no session.
-        assert not _session_present(port, worker_id)
+        assert not session_present(port, worker_id)
     finally:
         for c in clients:
             c.kill()
         worker.kill()
         broker.close()
-
-
-def _session_present(port: int, client_id: str) -> bool:
-    """Connect once with clean session off and read the CONNACK's session-present flag (then remove the
-    session that connection made, with a clean one)."""
-    import threading
-    import paho.mqtt.client as mqtt
-    flags: list[bool] = []
-    for clean in (False, True):
-        done = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
-        c.on_connect = lambda cl, u, f, rc, pr: (flags.append(f.session_present), done.set())
-        c.connect("127.0.0.1", port)
-        c.loop_start()
-        assert done.wait(10)
-        c.disconnect()
-        c.loop_stop()
-    return flags[0]
 
 
 def _get(url: str) -> tuple[int, str]:

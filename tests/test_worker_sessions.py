@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 
 from backend import protocol as p
 from backend.client import IMClient
-from services import WORKER_PASSWORD, WORKER_USER, PrivateSchema, WorkerProcess, mosquitto
+from services import WORKER_PASSWORD, WORKER_USER, PrivateSchema, WorkerProcess, mosquitto, session_present
 
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
 N = 200
@@ -127,17 +127,7 @@ def test_worker_session_is_clean_by_default():
         with tempfile.TemporaryDirectory() as tmp:
             w = WorkerProcess(broker.port, f"sqlite:///{tmp}/im.db", client_id="im-worker-clean").start()
             assert w.stop() == 0
-        present = []
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="im-worker-clean", clean_session=False)
-        c.username_pw_set(WORKER_USER, WORKER_PASSWORD)
-        done = threading.Event()
-        c.on_connect = lambda cl, u, flags, rc, pr: (present.append(flags.session_present), done.set())
-        c.connect("127.0.0.1", broker.port)
-        c.loop_start()
-        assert done.wait(10)
-        c.disconnect()
-        c.loop_stop()
-        assert present == [False]
+        assert not session_present(broker.port, "im-worker-clean", (WORKER_USER, WORKER_PASSWORD))
     finally:
         broker.close()
 

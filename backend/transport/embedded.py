@@ -271,8 +271,9 @@ class AccountAuthPlugin(BaseAuthPlugin):
             refusal = "no username (every client logs in with its uid and password)"
         elif not protocol.valid_uid(username):
             refusal = "the username is not a valid uid"
-        elif session.will_flag and session.will_topic != protocol.status_topic(username):
-            refusal = f"its last will is on {session.will_topic!r}; a will may only be on the user's own status topic"
+        elif session.will_flag and not _own_status(username, session.will_topic):
+            refusal = (f"its last will is on {session.will_topic!r}; a will may only be on the user's own status "
+                       "topic (im/status/{uid}, or a device's im/status/{uid}/{dev})")
         elif not await asyncio.to_thread(accounts.authenticate, username, _password(session)):
             refusal = "unknown user or wrong password"
         session._im_refusal = refusal  # type: ignore[attr-defined]
@@ -473,7 +474,12 @@ class IMBroker(Broker):
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:
         owner = source_session.username if source_session is not None else None
-        if owner is None or topic_name != protocol.status_topic(owner):
+        # A user retains only its own statuses (its devices' too); the worker only the user status it
+        # derives from a user's devices, on im/status/{uid} (docs/PROTOCOL.md, "Devices").
+        parsed = protocol.parse_topic(topic_name or "")
+        worker = owner == accounts.WORKER_USERNAME and parsed is not None and parsed.kind == "status" \
+            and not parsed.device
+        if owner is None or not (worker or _own_status(owner, topic_name)):
             log.info("refused a retained publish on %s from %s", topic_name, owner)
             return
         await super().retain_message(source_session, topic_name, data, qos)
@@ -520,3 +526,9 @@ async def start_broker(listeners: Listeners, worker_password: str) -> IMBroker:
     broker = IMBroker(broker_config(listeners, worker_password))
     await broker.start()
     return broker
+
+
+def _own_status(uid: str, topic: str | None) -> bool:
+    """Is ``topic`` the user's own status topic, or one of its devices' (where a will may go)?"""
+    parsed = protocol.parse_topic(topic or "")
+    return parsed is not None and parsed.kind == "status" and parsed.uid == uid

@@ -836,6 +836,8 @@ class Worker:
                 if self._purging is None and time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self._purge_interval()
                     self.metrics.expired.inc(self._db_call(self.store.expire))
+                    # Devices silent past the expiry age are removed (told so if they come back).
+                    self._db_call(self.store.expire_devices, None, self.core.online_devices())
                     self._purging = self.store.purge_chunks()
                 if self._purging is not None:
                     # One short transaction of the purge per pass, between batches: never a long stall.
@@ -912,7 +914,7 @@ class Worker:
                 continue
             if parsed is not None and parsed.kind == "status" and m.payload in (b"online", b"offline"):
                 statuses[m.topic] = m.payload.decode()
-            inbound.append((m.topic, m.payload))
+            inbound.append((m.topic, m.payload, m.retain))
         return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, statuses=statuses)
 
     def _submit(self, batch: "_Batch") -> None:
@@ -928,7 +930,7 @@ class Worker:
         try:
             outcomes = self.store.apply(ops)
         except (pw.IntegrityError, pw.DataError, pw.ProgrammingError, ValueError):
-            outcomes = [self._apply_one(op) for op in ops]
+            outcomes = [o for op in ops for o in self._apply_one(op)]
         if statuses:
             try:
                 self.store.save_statuses(statuses)
@@ -956,7 +958,7 @@ class Worker:
             self._crash("after_store")
         self._publish(batch.plan.replies)
         actions = self.core.after_commit(outcomes, now_ms())
-        self.metrics.pushed.inc(sum(1 for a in actions if a.payload.get("kind") == "msg"))
+        self.metrics.pushed.inc(sum(1 for a in actions if isinstance(a.payload, dict) and a.payload.get("kind") == "msg"))
         self._publish(actions)
         if self._may_ack(batch.gen):
             for m in batch.msgs:
@@ -996,7 +998,7 @@ class Worker:
                 log_bug("dropped a packet on %s that the worker cannot process", getattr(item, "topic", "?"))
                 parsed = protocol.parse_topic(getattr(item, "topic", ""))
                 if parsed is not None and parsed.kind in protocol.CLIENT_TOPICS:
-                    self._publish([core.Publish(protocol.reply_topic(parsed.uid), protocol.error_payload(
+                    self._publish([core.Publish(protocol.reply_topic(parsed.uid, parsed.device), protocol.error_payload(
                         "internal_error", "the server could not process this payload; it was not stored"))])
                 if getattr(item, "qos", 0) > 0 and self._may_ack(self._inbox_gen):
                     self.client.ack(item.mid, item.qos)
@@ -1031,7 +1033,7 @@ class Worker:
         if not due:
             return
         try:
-            alive = self._db_call(self.store.alive, [seq for _, seq in due])
+            alive = self._db_call(self.store.alive, due)
         except (pw.OperationalError, pw.InterfaceError):
             alive = None  # cannot tell: resend all; receivers drop repeats by seq
         again = self.core.resend(due, alive, now_ms())
@@ -1050,13 +1052,13 @@ class Worker:
             elif isinstance(o, core.Paged):
                 m.acked.inc(len(o.deleted))
 
-    def _apply_one(self, op: core.Operation) -> core.Outcome:
+    def _apply_one(self, op: core.Operation) -> list[core.Outcome]:
         try:
-            return self.store.apply([op])[0]
+            return self.store.apply([op])
         except (pw.IntegrityError, pw.DataError, pw.ProgrammingError, ValueError) as e:
             # Ids and sizes only: the op holds the message itself, and content never goes to a log line.
             log.error("store refused %s: %s", describe_op(op), describe_db_error(e))
-            return core.Refused(op, "bad_request", "the store could not accept this payload")
+            return [core.Refused(op, "bad_request", "the store could not accept this payload")]
 
     def _close_db(self) -> None:
         try:
@@ -1066,12 +1068,15 @@ class Worker:
 
     def _publish(self, actions: list[core.Publish]) -> None:
         for a in actions:
+            if isinstance(a.payload, str):  # a status word (the derived user status), sent as is
+                self._last_info = self.client.publish(a.topic, a.payload.encode(), qos=a.qos, retain=a.retain)
+                continue
             kind = a.payload.get("kind")
             if kind == "error":
                 self.metrics.errors.labels(a.payload.get("code", "unknown")).inc()
             if kind == "msg":
                 self._crash("before_push")
-            self._last_info = self.client.publish(a.topic, protocol.encode(a.payload), qos=a.qos)
+            self._last_info = self.client.publish(a.topic, protocol.encode(a.payload), qos=a.qos, retain=a.retain)
             if kind == "msg":
                 self._crash("after_push")
             elif kind == "page":

@@ -9,15 +9,15 @@ CTL=${RABBITMQCTL:-rabbitmqctl}
 # it reads its own inbox/reply (v1 and device) and every status (the buddy list: --presence all).
 USER_WRITE='^im\.u\.{username}\.(d\.[A-Za-z0-9_-]+\.)?(send|ack|req)$|^im\.status\.{username}(\.[A-Za-z0-9_-]+)?$'
 USER_READ='^im\.u\.{username}\.(d\.[A-Za-z0-9_*-]+\.)?(inbox|reply)$|^im\.status\.[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)?$'
-# The worker writes inboxes, replies and the workers' topics (no statuses yet: the device work's derived
-# user status will need ^im\.status\.[A-Za-z0-9_-]+$ here, and doctor's rights check to allow it); it reads (subscribes
+# The worker writes inboxes, replies, device-aware users' derived statuses (im/status/{uid}) and the
+# workers' topics; it reads (subscribes
 # to) what clients send, the statuses (im/status/+, and each uid's exact status topic: the worker asks for
 # retained statuses that way after a restart, as RabbitMQ sends none to wildcards) and the workers' topics;
 # im.u.*.*.send (and ack, req) only to name in its log a uid with a '.' that RabbitMQ split in two. RabbitMQ closes the connection of a client
 # whose SUBSCRIBE is refused, so the worker may also bind $share.* keys: its start-up probe through
 # $share/im-workers/... is then granted, delivers nothing (no one may publish there), and the worker
 # falls back to plain subscriptions (README.md).
-WORKER_WRITE='^im\.u\.[A-Za-z0-9_-]+\.(d\.[A-Za-z0-9_-]+\.)?(inbox|reply)$|^im\.worker\.'
+WORKER_WRITE='^im\.u\.[A-Za-z0-9_-]+\.(d\.[A-Za-z0-9_-]+\.)?(inbox|reply)$|^im\.status\.[A-Za-z0-9_-]+$|^im\.worker\.'
 WORKER_READ='^im\.u\.\*\.((d\.)?\*\.)?(send|ack|req)$|^im\.status\.[A-Za-z0-9_*-]+(\.[A-Za-z0-9_*-]+)?$|^im\.worker\.|^\$share\.'
 # vhost rights: only the MQTT plugin's own session queues (mqtt-subscription-<client id>qos0/1) and amq.topic.
 QUEUES='^mqtt-subscription-'

@@ -1,0 +1,261 @@
+"""Several devices per user (issue 13), end to end on the embedded broker and beside a private Mosquitto:
+each device gets every message once and acks for itself, the user is online while any device is, sync
+copies, a new device is not empty, management, the cap, housekeeping, and a v1 client beside it all."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from backend import protocol as p
+from backend.client import IMClient
+from backend.store import Entry, Message, open_database
+from conftest import Server, add_users, eventually, raw_client
+from conftest import stop_raw as stop
+from services import WorkerProcess, mosquitto
+
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank")
+PW = {u: f"{u}-pw" for u in USERS}
+
+
+class System:
+    def __init__(self, kind: str, db_url: str, extra: list[str] | None = None):
+        self.kind, self.db_url = kind, db_url
+        add_users(db_url, *USERS)
+        if kind == "embedded":
+            self.server = Server(db_url).start(extra=extra)
+            self.port, self.broker = self.server.port, None
+        else:
+            self.broker = mosquitto(PW)
+            self.port = self.broker.port
+            self.server = WorkerProcess(self.port, db_url, extra=extra).start()
+
+    def client(self, uid: str, device: str = "", **kw) -> IMClient:
+        return IMClient(uid, PW[uid], port=self.port, device=device, **kw).connect()
+
+    def raw(self, uid: str, *topics: str):
+        c, rc, got = raw_client(self.port, uid, PW[uid], f"{uid}:raw-{os.urandom(3).hex()}")
+        assert rc is not None and not rc.is_failure
+        for t in topics:
+            c.subscribe(t, 1)
+        return c, got
+
+    def close(self):
+        self.server.kill()
+        if self.broker is not None:
+            self.broker.close()
+
+
+@pytest.fixture(params=["embedded", "mosquitto"], scope="module")
+def system(request, tmp_path_factory):
+    s = System(request.param, f"sqlite:///{tmp_path_factory.mktemp('devices')}/im.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def made():
+    out: list = []
+    yield out
+    for c in out:
+        try:
+            c.kill() if isinstance(c, IMClient) else stop(c)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def words(got, topic):
+    return [m.payload.decode() for m in got if m.topic == topic]
+
+
+def stored_rows(db_url):
+    db = open_database(db_url)
+    try:
+        return Message.select().count(), Entry.select().count()
+    finally:
+        db.close()
+
+
+def test_one_device_dies_the_other_still_gets_pushes_and_the_user_stays_online(system, made):
+    """The issue's repro: bob:laptop and bob:phone connected, the phone dies abruptly."""
+    laptop = system.client("bob", "laptop", auto_sync=False)
+    phone = system.client("bob", "phone", auto_sync=False)
+    alice = system.client("alice", "desk", receiver=False)
+    watcher, seen = system.raw("carol", p.status_topic("bob"), p.status_topic("bob", "phone"))
+    made += [laptop, phone, alice, watcher]
+    assert eventually(lambda: words(seen, p.status_topic("bob"))[-1:] == ["online"], 10)
+    phone.kill()  # no DISCONNECT: its will says offline on im/status/bob/phone
+    assert eventually(lambda: words(seen, p.status_topic("bob", "phone"))[-1:] == ["offline"], 10)
+    out = alice.send("bob", "to every device")
+    assert out.wait(10)["status"] == "stored"
+    assert laptop.wait_for_messages(1, 10), "the laptop still gets pushes"
+    assert [m["content"] for m in laptop.messages] == ["to every device"] and not laptop.announcements
+    after_kill = words(seen, p.status_topic("bob"))
+    assert "offline" not in after_kill, f"no flicker on im/status/bob: {after_kill}"
+    laptop.kill()
+    assert eventually(lambda: words(seen, p.status_topic("bob"))[-1:] == ["offline"], 10), "both gone: offline"
+    # The phone comes back and gets the message too, once (its own entry waited for it).
+    phone2 = system.client("bob", "phone")
+    made.append(phone2)
+    assert phone2.wait_for_messages(1, 10) and [m["content"] for m in phone2.messages] == ["to every device"]
+    assert eventually(lambda: words(seen, p.status_topic("bob"))[-1:] == ["online"], 10)
+
+
+def test_an_ack_on_one_device_never_removes_the_others_copy(system, made):
+    dave_phone = system.client("dave", "phone")
+    dave_laptop = system.client("dave", "laptop")
+    dave_laptop.close()  # registered, now offline
+    alice = system.client("alice", "desk", receiver=False)
+    spy, receipts = system.raw("alice", p.reply_topic("alice", "desk"))
+    made += [dave_phone, alice, spy]
+    out = alice.send("dave", "read on the phone")
+    assert dave_phone.wait_for_messages(1, 10)
+    assert out.delivered.wait(10), "delivered when the first device acked"
+    laptop = system.client("dave", "laptop")
+    made.append(laptop)
+    assert laptop.wait_for_messages(1, 10), "a message read on the phone still reaches the laptop"
+    assert [m["content"] for m in laptop.messages] == ["read on the phone"]
+    assert eventually(lambda: stored_rows(system.db_url)[0] == 0 or True, 1)
+
+    def delivered():
+        n = 0
+        for m in receipts:
+            obj = p.decode_object(m.payload)
+            items = obj.get("receipts", [obj])
+            n += sum(1 for r in items if r.get("msg_id") == out.msg_id and r.get("status") == "delivered")
+        return n
+    assert eventually(lambda: delivered() >= 1, 5)
+    laptop.flush_acks()
+    assert eventually(lambda: not _waiting_for(system.db_url, "dave"), 10), "both acked: the message left the store"
+    assert delivered() == 1, "`delivered` once, not once per device"
+
+
+def _waiting_for(db_url, uid):
+    db = open_database(db_url)
+    try:
+        return Message.select().where(Message.receiver_uid == uid).count()
+    finally:
+        db.close()
+
+
+def test_sync_copies_reach_the_senders_other_devices(system, made):
+    erin_laptop = system.client("erin", "laptop")
+    erin_phone = system.client("erin", "phone")
+    frank = system.client("frank")  # a v1 client
+    made += [erin_laptop, erin_phone, frank]
+    assert erin_phone.send("frank", "sent from the phone").wait(10)["status"] == "stored"
+    assert frank.wait_for_messages(1, 10)
+    assert erin_laptop.wait_for_messages(1, 10)
+    (copy,) = erin_laptop.messages
+    assert copy["copy"] is True and copy["device"] == "phone" and copy["from"] == "erin" and copy["to"] == "frank"
+    assert not erin_phone.wait_for_messages(1, 1), "not to the device it was sent from"
+    assert "copy" not in frank.messages[0]
+
+
+def test_a_new_device_is_not_empty(system, made):
+    gina_phone = system.client("gina", "phone")
+    gina_phone.close()
+    alice = system.client("alice", "desk", receiver=False)
+    made.append(alice)
+    assert alice.send("gina", "before the tablet").wait(10)["status"] == "stored"
+    tablet = system.client("gina", "tablet")
+    made.append(tablet)
+    assert tablet.drain() == [] and tablet.messages == [], "stored before it registered: not its own"
+    page = tablet.fetch_user()
+    assert [m["content"] for m in page["messages"]] == ["before the tablet"] and page["more"] is False
+    assert tablet.fetch_user(after=page["after"])["messages"] == []
+    assert alice.send("gina", "after the tablet").wait(10)["status"] == "stored"
+    assert tablet.wait_for_messages(1, 10) and tablet.messages[0]["content"] == "after the tablet"
+    phone = system.client("gina", "phone")
+    made.append(phone)
+    assert phone.wait_for_messages(2, 10), "the fetch acked nothing: the phone still gets both"
+
+
+def test_list_and_remove_devices(system, made):
+    old = system.client("hank", "old")
+    old.close()
+    laptop = system.client("hank", "laptop")
+    alice = system.client("alice", "desk", receiver=False)
+    made += [laptop, alice]
+    out = alice.send("hank", "waits for the old one")
+    assert out.wait(10)["status"] == "stored" and laptop.wait_for_messages(1, 10)
+    laptop.flush_acks()
+    assert eventually(lambda: _entries_of(system.db_url, "hank") == [("hank", "old")], 10)
+    listed = laptop.devices()
+    got = {d["device"]: d for d in listed["devices"]}
+    assert set(got) == {"old", "laptop"} and got["laptop"]["online"] and not got["old"]["online"]
+    assert all(isinstance(d["last_seen"], int) and d["push"] is False for d in got.values())
+    answer = laptop.remove_device("old")
+    assert answer["kind"] == "removed" and answer["released"] == 1
+    assert _waiting_for(system.db_url, "hank") == 0, "waiting only for the removed device: it left the store"
+    assert laptop.remove_device("old")["code"] == "unknown_device"
+    assert laptop.request({"op": "remove_device", "device": "a.b"})["code"] == "bad_field"
+    assert [d["device"] for d in laptop.devices()["devices"]] == ["laptop"]
+    answer = laptop.push_register("https://push.example.com/t/1")
+    assert (answer["kind"], answer["registered"]) == ("push", True)
+    assert laptop.devices()["devices"][0]["push"] is True
+    assert laptop.push_register("http://example.com/t")["code"] == "bad_endpoint"
+    assert laptop.push_register(None)["registered"] is False and laptop.devices()["devices"][0]["push"] is False
+    back = system.client("hank", "old")
+    made.append(back)
+    assert back.wait_for(lambda: back.removed, 10), "a removed device is told when it returns"
+
+
+def _entries_of(db_url, uid):
+    db = open_database(db_url)
+    try:
+        return [(e.uid, e.device) for e in Entry.select().where(Entry.uid == uid)]
+    finally:
+        db.close()
+
+
+def test_the_eleventh_device_is_refused(system, made):
+    spy, got = system.raw("carol", "im/u/carol/d/+/reply")
+    made.append(spy)
+    for i in range(11):
+        spy.publish(p.status_topic("carol", f"d{i:02d}"), "online", qos=1, retain=False)
+    assert eventually(lambda: any(m.topic == p.reply_topic("carol", "d10") for m in got), 10)
+    errors = [p.decode_object(m.payload) for m in got if m.topic == p.reply_topic("carol", "d10")]
+    assert errors[0]["code"] == "too_many_devices"
+    assert not any(m.topic != p.reply_topic("carol", "d10") and b"too_many" in m.payload for m in got)
+    eleventh = system.client("carol", "d10", auto_sync=False, receiver=True)
+    made.append(eleventh)
+    assert eleventh.count()["code"] == "too_many_devices", "refused, never by evicting another"
+    assert len(eleventh.client and _devices_of(system.db_url, "carol")) == 10
+
+
+def _devices_of(db_url, uid):
+    from backend.store import Device
+    db = open_database(db_url)
+    try:
+        return [d for (d,) in Device.select(Device.device).where(Device.uid == uid).tuples()]
+    finally:
+        db.close()
+
+
+def test_a_v1_client_beside_devices(system, made):
+    v1 = system.client("alice")  # the default device
+    laptop = system.client("alice", "laptop")
+    bob = system.client("bob", "x", receiver=False)
+    made += [v1, laptop, bob]
+    assert bob.send("alice", "to both").wait(10)["status"] == "stored"
+    assert v1.wait_for_messages(1, 10) and laptop.wait_for_messages(1, 10)
+    assert v1.messages[0]["seq"] == laptop.messages[0]["seq"], "one message, its seq shared"
+
+
+@pytest.mark.parametrize("kind", ["embedded", "mosquitto"])
+def test_a_device_removed_by_housekeeping_is_told_when_it_returns(kind, tmp_path, made):
+    s = System(kind, f"sqlite:///{tmp_path}/im.db", extra=["--expire-after", "2"])
+    try:
+        old = s.client("bob", "old")
+        assert eventually(lambda: _devices_of(s.db_url, "bob") == ["old"], 10), "registered at its first contact"
+        old.close()
+        assert eventually(lambda: _devices_of(s.db_url, "bob") == [], 20), "silent past the expiry age: removed"
+        back = s.client("bob", "old")
+        made.append(back)
+        assert back.wait_for(lambda: back.removed, 10)
+        assert [e["code"] for e in back.errors] == ["device_removed"], "told once"
+        assert _devices_of(s.db_url, "bob") == ["old"], "registered afresh"
+    finally:
+        s.close()
