@@ -111,7 +111,9 @@ def _broker_args(p: argparse.ArgumentParser) -> None:
     """The broker and the worker's account on it (`worker` and `doctor`)."""
     p.add_argument("--broker", default=os.environ.get("IM_BROKER_URL", "mqtt://127.0.0.1:1883"),
                    help="mqtt://[user[:pass]@]host:port, the worker's account (default: $IM_BROKER_URL or "
-                        "mqtt://127.0.0.1:1883); prefer $IM_BROKER_PASSWORD or --password-file to a password in "
+                        "mqtt://127.0.0.1:1883); the nodes of a cluster comma-separated "
+                        "(mqtt://im-worker@n1:1883,n2:1883): the worker moves to the next when its node fails "
+                        "(doctor checks the first); prefer $IM_BROKER_PASSWORD or --password-file to a password in "
                         "the URL")
     p.add_argument("--password-file", help="file holding the worker's broker password")
     p.add_argument("--ca-file", help="CA bundle to verify an mqtts:// broker with (default: the system's CAs)")
@@ -237,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "doctor":
         from .doctor import main as doctor
-        from .transport.worker import parse_broker_url
+        from .transport.worker import parse_broker_urls
         try:
-            return doctor(parse_broker_url(args.broker, _broker_password(args), args.ca_file))
+            return doctor(parse_broker_urls(args.broker, _broker_password(args), args.ca_file)[0])
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -380,10 +382,11 @@ def _broker_password(args: argparse.Namespace) -> str | None:
 
 def _worker(args: argparse.Namespace) -> int:
     from .store import open_database
-    from .transport.worker import Worker, parse_broker_url
+    from .transport.worker import Worker, parse_broker_urls
     password = _broker_password(args)
     try:
-        address = parse_broker_url(args.broker, password, args.ca_file)
+        addresses = parse_broker_urls(args.broker, password, args.ca_file)
+        address = addresses[0]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -395,7 +398,7 @@ def _worker(args: argparse.Namespace) -> int:
     db = open_database(args.database_url)
     client_id = args.client_id or f"im-worker-{args.id or default_worker_id()}"
     stop = _wait_for_signal()
-    worker = Worker(address, _store(args, db), client_id=client_id, share_group=args.share_group or None,
+    worker = Worker(addresses, _store(args, db), client_id=client_id, share_group=args.share_group or None,
                     delivery=_delivery(args), clean_session=not args.persistent_session,
                     on_fatal=lambda _message: stop.set())
     if args.persistent_session and args.share_group:
@@ -404,10 +407,15 @@ def _worker(args: argparse.Namespace) -> int:
                     "to retire it, clear its session (broker_config/README.md)", client_id, args.share_group)
     _start_metrics(args, worker)
     worker.start()
-    log.info("worker running beside %s:%s; Ctrl-C stops", address.host, address.port)
+    log.info("worker running beside %s; Ctrl-C stops", ", ".join(f"{a.host}:{a.port}" for a in addresses))
     from .doctor import check_at_start
-    threading.Thread(target=check_at_start, args=(address, worker.metrics, worker.connected, stop),
-                     name="im-broker-check", daemon=True).start()
+
+    def check() -> None:  # on the node the worker got connected to (the first address may be down)
+        while not worker.connected.wait(0.5) and not stop.is_set():
+            pass
+        check_at_start(worker.broker, worker.metrics, worker.connected, stop)
+
+    threading.Thread(target=check, name="im-broker-check", daemon=True).start()
     stop.wait()
     if worker.fatal:
         worker.stop()
@@ -482,7 +490,9 @@ async def _serve_async(args: argparse.Namespace) -> int:
     address = BrokerAddress(connect_host, args.port, WORKER_USERNAME, worker_password) if listeners.port else \
         BrokerAddress(connect_host, listeners.tls_port, WORKER_USERNAME, worker_password, tls=True, verify=False)
     worker = Worker(address,
-                    store, client_id="!im-worker", skip_retained=False, delivery=_delivery(args))
+                    store, client_id="!im-worker", skip_retained=False, delivery=_delivery(args),
+                    restore_presence=False, split_uid_filters=False)  # amqtt sends retained statuses to
+    # im/status/+ itself, and never rewrites a topic
     worker.metrics.rights_enforced.set(1)  # the embedded broker enforces the per-user rights itself
     _start_metrics(args, worker)
     worker.start()

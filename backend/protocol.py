@@ -113,8 +113,10 @@ WORKER_GONE = b"gone"
 
 
 def worker_topic(client_id: str) -> str:
-    """im/worker/<client id>, with MQTT's special characters in the id replaced (a topic level holds no / + #)."""
-    return f"{PREFIX}/worker/" + re.sub(r"[/+#]", "_", client_id or "-")
+    """im/worker/<client id>, with MQTT's special characters in the id replaced (a topic level holds no / + #),
+    and '.' and ' ' too: NATS refuses a CONNECT whose will topic holds them (the default client id has the host
+    name, often with dots)."""
+    return f"{PREFIX}/worker/" + re.sub(r"[/+#. ]", "_", client_id or "-")
 
 
 ONLINE = "online"

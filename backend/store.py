@@ -223,7 +223,18 @@ class KeyCheck(BaseModel):
     probe = pw.TextField()
 
 
-MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, Device, Entry, RemovedDevice)
+class LastStatus(BaseModel):
+    """The last status word (online/offline) the workers heard on each status topic (im/status/{uid}, and a
+    device's im/status/{uid}/{dev}), so a restarted worker knows whom to ask the broker about: RabbitMQ never
+    sends retained statuses to the wildcards im/status/+ (docs/PROTOCOL.md, section 10.1)."""
+
+    # The whole topic: 10 for im/status/, a 50-character uid, and room for a device level.
+    topic = pw.CharField(max_length=128, primary_key=True)
+    status = pw.CharField(max_length=16)
+    changed_at = pw.BigIntegerField()
+
+
+MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, Device, Entry, RemovedDevice, LastStatus)
 
 
 def _pooled(url: str) -> str:
@@ -773,6 +784,28 @@ class Store(DeviceStore):
         if unreadable:
             out["unreadable"] = True
         return out
+
+    def save_statuses(self, statuses: dict[str, str], now: int | None = None) -> None:
+        """Remember each status topic's last word (``{"im/status/bob": "online"}``); one upsert per topic."""
+        if not statuses:
+            return
+        now = now or now_ms()
+        rows = [{"topic": topic, "status": word, "changed_at": now} for topic, word in statuses.items()]
+        update = {LastStatus.status: pw.EXCLUDED.status, LastStatus.changed_at: pw.EXCLUDED.changed_at}
+        with self.db.atomic():
+            for row in rows:
+                q = LastStatus.insert(**row)
+                if isinstance(self.db, pw.MySQLDatabase):
+                    q = q.on_conflict(update={LastStatus.status: row["status"], LastStatus.changed_at: now})
+                else:
+                    q = q.on_conflict(conflict_target=[LastStatus.topic], update=update)
+                q.execute()
+
+    def last_online(self, limit: int = 100_000) -> list[str]:
+        """The status topics whose last word heard was ``online``, most recent first (at most ``limit``)."""
+        q = (LastStatus.select(LastStatus.topic).where(LastStatus.status == "online")
+             .order_by(LastStatus.changed_at.desc()).limit(limit))
+        return [r.topic for r in q]
 
     def backlog(self) -> int:
         return Message.select().count()

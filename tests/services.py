@@ -31,8 +31,60 @@ def mosquitto(users: dict[str, str], extra_config: tuple[str, ...] = ()):
     return start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD}, extra_config=extra_config)
 
 
+# The brokers the worker is tested beside (tests parametrised over them: chat, offline, restart, ACL matrix).
+BROKERS = ("mosquitto", "nats", "rabbitmq")
+_NODES: dict = {}  # kind -> the one node of that broker this test session shares
+
+
+def broker_available(kind: str) -> bool:
+    if kind == "mosquitto":
+        from scripts.mosquitto import find_mosquitto, find_mosquitto_passwd
+        return find_mosquitto() is not None and find_mosquitto_passwd() is not None
+    if kind == "nats":
+        from scripts.nats import find_nats
+        return find_nats() is not None
+    from scripts.rabbitmq import find_rabbitmq
+    return find_rabbitmq() is not None
+
+
+def shared_broker(kind: str):
+    """The test session's one node of ``kind`` (started at first use, stopped at exit), with the worker's
+    account. RabbitMQ takes ~15 s to start, so tests share it: each test adds its own uniquely named users
+    (``node.add_users``) and never meets another test's traffic. Mosquitto gets the same treatment."""
+    require(broker_available(kind), f"{kind} not installed (Debian: apt-get install "
+                                    f"{ {'nats': 'nats-server', 'rabbitmq': 'rabbitmq-server'}.get(kind, kind)})")
+    node = _NODES.get(kind)
+    if node is not None and getattr(node, "running", True):
+        return node
+    users = {WORKER_USER: WORKER_PASSWORD}
+    if kind == "mosquitto":
+        from scripts.mosquitto import start_mosquitto
+        node = start_mosquitto(users)
+        node.add_users = lambda more: [node.add_user(u, pw) for u, pw in more.items()]
+    elif kind == "nats":
+        from scripts.nats import start_nats
+        node = start_nats(users)
+    else:
+        from scripts.rabbitmq import start_rabbitmq
+        node = start_rabbitmq(users)
+    if not _NODES:
+        import atexit
+        atexit.register(lambda: [n.close() for n in _NODES.values()])
+    _NODES[kind] = node
+    return node
+
+
+def unique_users(*names: str) -> dict[str, str]:
+    """name -> a uid of that name unique to this test (no '.': it works on every broker), e.g. alice-3f9a1c."""
+    tag = os.urandom(3).hex()
+    return {n: f"{n}-{tag}" for n in names}
+
+
 class WorkerProcess(BackendProcess):
-    """`python -m backend worker` beside a broker; start() returns once it is connected."""
+    """`python -m backend worker` beside a broker; start() returns once the broker granted its send/ack/req
+    subscriptions (after its $share probe, when it has a share group): sends published from then on reach it."""
+
+    ready = "backend.worker: subscribed to send/ack/req"
 
     def __init__(self, port: int, db_url: str, client_id: str | None = "im-worker", host: str = "127.0.0.1",
                  extra: list[str] | None = None, username: str | None = WORKER_USER, scheme: str = "mqtt"):
@@ -47,6 +99,10 @@ class WorkerProcess(BackendProcess):
 
     def env(self) -> dict:
         return {"IM_BROKER_PASSWORD": WORKER_PASSWORD}
+
+
+class ProbedWorker(WorkerProcess):
+    """A worker with the default share group (its $share probe's verdict is in ``lines`` once started)."""
 
 
 class MosquittoWorkers:

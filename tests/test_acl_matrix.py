@@ -1,5 +1,9 @@
-"""The ACL matrix, on the embedded broker and on a Mosquitto started with broker_config/:
-user A tries to act as user B on every protocol topic, and nothing succeeds."""
+"""The ACL matrix, on the embedded broker and beside Mosquitto, NATS and RabbitMQ started with broker_config/:
+user A tries to act as user B on every protocol topic, and nothing succeeds.
+
+NATS and RabbitMQ are the test session's shared nodes (tests/services.py); this module is the only one that
+uses the plain names alice..dave on them. Each forgery goes on its own connection: RabbitMQ closes a
+connection at its first refused SUBSCRIBE or PUBLISH, which would hide the forgeries after it."""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from backend import protocol as p
 from backend.client import IMClient
 from conftest import PASSWORDS, Server, add_users, raw_client
 from conftest import stop_raw as stop
-from services import WorkerProcess, mosquitto
+import time
+
+from services import ProbedWorker, WorkerProcess, mosquitto, shared_broker
 
 USERS = ("alice", "bob", "carol", "dave")
 
@@ -36,10 +42,25 @@ class BesideMosquitto:
         self.broker.close()
 
 
-@pytest.fixture(params=["embedded", "mosquitto"], scope="module")
+class BesideShared:
+    """The session's NATS or RabbitMQ node with these users, and a worker with the default share group."""
+
+    def __init__(self, kind, db_url):
+        node = shared_broker(kind)
+        node.add_users({u: PASSWORDS[u] for u in USERS})
+        self.port = node.port
+        self.worker = ProbedWorker(self.port, db_url).start(timeout=30)
+
+    def close(self):
+        self.worker.kill()
+
+
+@pytest.fixture(params=["embedded", "mosquitto", "nats", "rabbitmq"], scope="module")
 def system(request, tmp_path_factory):
-    s = (Embedded if request.param == "embedded" else BesideMosquitto)(
-        f"sqlite:///{tmp_path_factory.mktemp('acl')}/im.db")
+    db_url = f"sqlite:///{tmp_path_factory.mktemp('acl')}/im.db"
+    kind = request.param
+    s = Embedded(db_url) if kind == "embedded" else BesideMosquitto(db_url) if kind == "mosquitto" else \
+        BesideShared(kind, db_url)
     yield s
     s.close()
 
@@ -62,17 +83,36 @@ def test_alice_cannot_act_as_bob(system):
     bob0.close()  # leaves a retained `offline` of his own
     carol = IMClient("carol", PASSWORDS["carol"], port=system.port, auto_sync=False).connect()
 
-    spy, rc, got = raw_client(system.port, "alice", PASSWORDS["alice"], "alice:spy")
-    assert rc is not None and not rc.is_failure
-    for f in (p.inbox_topic("bob"), p.reply_topic("bob"), "im/u/+/inbox", "im/u/+/reply", "im/#", "#", "$SYS/#"):
-        spy.subscribe(f, qos=1)
+    spies, got = [], []
+
+    def spy(i):
+        c, rc, received = raw_client(system.port, "alice", PASSWORDS["alice"], f"alice:spy{i}")
+        assert rc is not None and not rc.is_failure
+        spies.append(c)
+        got.append(received)
+        return c
+
+    def settled(c, info=None):
+        """Until the broker answered (PUBACK / SUBACK) or closed the connection (RabbitMQ's answer)."""
+        end = time.monotonic() + 5
+        while time.monotonic() < end and c.is_connected() and not (info is not None and info.is_published()):
+            time.sleep(0.02)  # poll: paho offers no single event for "acknowledged or disconnected"
+
+    filters = (p.inbox_topic("bob"), p.reply_topic("bob"), "im/u/+/inbox", "im/u/+/reply", "im/#", "#", "$SYS/#",
+               "$MQTT/sub/#", "im/u/bob/#")
+    for i, f in enumerate(filters):  # each subscriber stays connected: whatever it is given shows in `got`
+        c = spy(f"s{i}")
+        c.subscribe(f, qos=1)
     # Speak as bob on each of his topics; overwrite his retained status.
-    spy.publish(p.send_topic("bob"), p.encode({"msg_id": "forged", "to": "carol", "content": "as bob"}), qos=1)
-    spy.publish(p.ack_topic("bob"), p.encode({"seqs": [waiting["seq"]]}), qos=1)
-    spy.publish(p.req_topic("bob"), p.encode({"req_id": "steal", "op": "pull"}), qos=1)
-    spy.publish(p.status_topic("bob"), "online", qos=1, retain=True)
-    spy.publish(p.inbox_topic("bob"), p.encode({"kind": "msg", "seq": 10**9, "from": "alice"}), qos=1)
-    spy.publish(p.reply_topic("bob"), p.encode({"kind": "receipt"}), qos=1).wait_for_publish(5)
+    forgeries = [(p.send_topic("bob"), p.encode({"msg_id": "forged", "to": "carol", "content": "as bob"}), False),
+                 (p.ack_topic("bob"), p.encode({"seqs": [waiting["seq"]]}), False),
+                 (p.req_topic("bob"), p.encode({"req_id": "steal", "op": "pull"}), False),
+                 (p.status_topic("bob"), b"online-forged", True),
+                 (p.inbox_topic("bob"), p.encode({"kind": "msg", "seq": 10**9, "from": "alice"}), False),
+                 (p.reply_topic("bob"), p.encode({"kind": "receipt"}), False)]
+    for i, (topic, payload, retain) in enumerate(forgeries):
+        c = spy(f"p{i}")
+        settled(c, c.publish(topic, payload, qos=1, retain=retain))
 
     # A real message from alice through her own topics still works (and proves the worker ran past the forgeries).
     alice = IMClient("alice", PASSWORDS["alice"], port=system.port, receiver=False).connect()
@@ -90,11 +130,13 @@ def test_alice_cannot_act_as_bob(system):
         stop(watcher)
         assert seen[-1].payload == b"online" and seen[-1].retain
     finally:
-        stop(spy)
+        for c in spies:
+            stop(c)
         for c in (dave, carol, alice, bob):
             c.kill()
     own = (p.inbox_topic("alice"), p.reply_topic("alice"))  # her wildcards may match her own topics: fine
-    leaked = [m.topic for m in got if not m.topic.startswith("im/status/") and m.topic not in own]
+    leaked = [m.topic for received in got for m in received
+              if not m.topic.startswith("im/status/") and m.topic not in own]
     assert leaked == [], f"alice received {leaked}"
 
 

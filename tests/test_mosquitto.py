@@ -1,14 +1,18 @@
-"""The worker beside a real Mosquitto run with broker_config/ (mosquitto.conf and acl).
+"""The worker beside real brokers run with broker_config/: Mosquitto, NATS and RabbitMQ.
 
-Each test starts its own Mosquitto on a free port (scripts/mosquitto.py) with the accounts
-alice, bob and im-worker, and runs ``python -m backend worker`` as a subprocess, as an
-operator would. Skipped when the mosquitto binaries are missing, unless
+The chat and the worker-kill tests run beside each broker (parametrised): the session shares one NATS
+and one RabbitMQ node (tests/services.py: RabbitMQ takes ~15 s to start), and each test makes its own
+uniquely named users (alice-<hex>, bob-<hex>), so tests never see each other's traffic. Mosquitto starts
+in milliseconds: each test gets its own, as before. The worker runs as ``python -m backend worker`` with
+the default share group, as an operator would start it: beside NATS and RabbitMQ it finds that $share
+delivers nothing and subscribes plainly by itself. A missing broker binary skips, unless
 IM_REQUIRE_SERVICES=1, in which case that is a failure.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +30,8 @@ if str(REPO_ROOT) not in sys.path:
 from backend import protocol as p  # noqa: E402
 from backend.client import IMClient  # noqa: E402
 from scripts.mosquitto import find_mosquitto, find_mosquitto_passwd, start_mosquitto  # noqa: E402
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+import services  # noqa: E402
 
 REQUIRE_SERVICES = os.environ.get("IM_REQUIRE_SERVICES") == "1"
 MISSING = [name for name, path in (("mosquitto", find_mosquitto()), ("mosquitto_passwd", find_mosquitto_passwd()))
@@ -33,9 +39,7 @@ MISSING = [name for name, path in (("mosquitto", find_mosquitto()), ("mosquitto_
 MISSING_REASON = (f"{' and '.join(MISSING)} not found (Debian: apt-get install mosquitto); "
                   "set IM_REQUIRE_SERVICES=1 to make this a failure instead of a skip")
 
-pytestmark = pytest.mark.skipif(bool(MISSING) and not REQUIRE_SERVICES, reason=MISSING_REASON)
-
-PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "im-worker": "worker-pw"}
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "im-worker": "worker-pw"}  # the private Mosquitto's accounts
 WORKER_CLIENT_ID = "im-worker"
 # Upper bound for anything that should take milliseconds; waits return as soon as the event happens.
 WAIT_S = 15.0
@@ -44,13 +48,15 @@ WAIT_S = 15.0
 class WorkerProcess:
     """``python -m backend worker`` beside the broker, its output in a log file."""
 
-    def __init__(self, port: int, database: Path, log_path: Path, extra: tuple[str, ...] = ()):
+    def __init__(self, port: int, database: Path, log_path: Path, extra: tuple[str, ...] = (),
+                 password: str = PASSWORDS["im-worker"]):
         self.port, self.database, self.log_path, self.extra = port, database, log_path, extra
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProcess":
         connects_before = self._connects()
-        env = dict(os.environ, IM_BROKER_PASSWORD=PASSWORDS["im-worker"], PYTHONUNBUFFERED="1")
+        env = dict(os.environ, IM_BROKER_PASSWORD=self.password, PYTHONUNBUFFERED="1")
         env.pop("IM_DATABASE_URL", None)
         env.pop("IM_BROKER_URL", None)
         cmd = [sys.executable, "-m", "backend", "worker",
@@ -60,7 +66,8 @@ class WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
-        # The worker logs "connected to host:port as id" from paho's on_connect, after it sent SUBSCRIBE.
+        # The worker logs "the broker at host:port delivers through shared subscriptions" (or "has no shared
+        # subscriptions") once its start-up probe settled and its send/ack/req subscriptions are on their way.
         end = time.monotonic() + WAIT_S
         while self._connects() <= connects_before:
             if self.proc.poll() is not None:
@@ -75,7 +82,7 @@ class WorkerProcess:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return 0
-        return text.count(f"connected to 127.0.0.1:{self.port} as {WORKER_CLIENT_ID}")
+        return len(re.findall(rf"the broker at 127\.0\.0\.1:{self.port} (delivers through|has no) shared", text))
 
     def kill(self) -> None:
         """SIGKILL: no DISCONNECT, no PUBACK for whatever it had not committed yet."""
@@ -101,21 +108,39 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def broker():
-    if MISSING:
-        pytest.fail(f"IM_REQUIRE_SERVICES=1 but {MISSING_REASON}")
+def private_mosquitto():
+    services.require(not MISSING, MISSING_REASON)
     b = start_mosquitto(PASSWORDS)
     yield b
     b.close()
 
 
+@pytest.fixture(params=services.BROKERS)
+def broker(request):
+    """Mosquitto (a private one per test), or the session's shared NATS or RabbitMQ node; ``broker.uid``
+    maps alice and bob to this test's own uids, ``broker.worker_password`` is the worker account's."""
+    if request.param == "mosquitto":
+        b = request.getfixturevalue("private_mosquitto")
+        b.uid, b.worker_password = {"alice": "alice", "bob": "bob"}, PASSWORDS["im-worker"]
+        yield b
+        return
+    node = services.shared_broker(request.param)
+    node.uid = services.unique_users("alice", "bob")
+    node.worker_password = services.WORKER_PASSWORD
+    for name, uid in node.uid.items():
+        PASSWORDS[uid] = PASSWORDS[name]
+    node.add_users({uid: PASSWORDS[uid] for uid in node.uid.values()})
+    yield node
+
+
 @pytest.fixture
 def worker(broker, tmp_path):
-    w = WorkerProcess(broker.port, tmp_path / "im.db", tmp_path / "worker.log").start()
+    w = WorkerProcess(broker.port, tmp_path / "im.db", tmp_path / "worker.log",
+                      password=broker.worker_password).start()
     yield w
     w.stop()
     # pytest shows this only for a failed test.
-    print(f"--- worker log ---\n{w.log_tail()}\n--- mosquitto log ---\n{broker.log_tail()}")
+    print(f"--- worker log ---\n{w.log_tail()}\n--- broker log ---\n{broker.log_tail()}")
 
 
 @pytest.fixture
@@ -123,7 +148,8 @@ def clients(broker):
     """connect(uid, **IMClient options): a reference client logged in to the test broker."""
     made: list[IMClient] = []
 
-    def connect(uid: str, **kw) -> IMClient:
+    def connect(name: str, **kw) -> IMClient:
+        uid = broker.uid.get(name, name) if hasattr(broker, "uid") else name
         c = IMClient(uid, PASSWORDS[uid], broker.host, broker.port, **kw).connect(WAIT_S)
         made.append(c)
         return c
@@ -182,51 +208,58 @@ class RawSubscriber:
 
 def test_online_offline_and_acl(broker, worker, clients):
     port = broker.port
+    A, B = broker.uid["alice"], broker.uid["bob"]
     alice = clients("alice")
     bob = clients("bob")
-    # Alice's second connection, as a plain MQTT client: it tries to read what is Bob's.
-    spy = RawSubscriber("alice", port, client_id="alice:spy")
+    # Alice's second connection, as a plain MQTT client: it tries to read what is Bob's. (Mosquitto grants
+    # such subscriptions and delivers nothing; NATS refuses them, RabbitMQ closes the connection: the ACL
+    # matrix, tests/test_acl_matrix.py, tries every forgery on every broker.)
+    spying = isinstance(broker.uid, dict) and A == "alice"
+    spy = RawSubscriber("alice", port, client_id="alice:spy") if spying else None
     try:
-        spy.subscribe(p.inbox_topic("bob"), p.reply_topic("bob"), "im/u/+/inbox", p.send_topic("bob"))
+        if spy:
+            spy.subscribe(p.inbox_topic("bob"), p.reply_topic("bob"), "im/u/+/inbox", p.send_topic("bob"))
         # bob's count is answered only after the worker took in bob's earlier "online" status
         # (both come from bob's connection, in order): the next message to bob is a push.
         assert bob.count(WAIT_S)["total"] == 0
 
         # Alice, allowed only her own send topic, forges a send as Bob: Mosquitto drops it.
-        spy.publish(p.send_topic("bob"), p.encode({"msg_id": "forged-1", "to": "bob", "content": "forged"}))
+        if spy:
+            spy.publish(p.send_topic("bob"), p.encode({"msg_id": "forged-1", "to": "bob", "content": "forged"}))
 
         # --- online: stored receipt, push, ack, delivered receipt ---
-        out = alice.send("bob", "hello bob")
+        out = alice.send(B, "hello bob")
         receipt = out.wait(WAIT_S)
         assert receipt is not None and receipt["kind"] == "receipt", receipt
-        assert receipt["status"] == "stored" and receipt["to"] == "bob" and receipt["msg_id"] == out.msg_id
+        assert receipt["status"] == "stored" and receipt["to"] == B and receipt["msg_id"] == out.msg_id
         assert bob.wait_for_messages(1, WAIT_S), "bob got no push"
         pushed = bob.messages[0]
         assert (pushed["msg_id"], pushed["from"], pushed["to"], pushed["content"]) == \
-            (out.msg_id, "alice", "bob", "hello bob")
+            (out.msg_id, A, B, "hello bob")
         assert pushed["seq"] == receipt["seq"]
         assert bob.announcements == []  # it came as a push, not through a backlog pull
         assert out.delivered.wait(WAIT_S), "bob's ack did not lead to a delivered receipt"
 
         # --- ACL: the spy got none of bob's traffic, and the forged send went nowhere ---
-        assert spy.received == [], f"alice read bob's topics: {spy.received}"
+        assert spy is None or spy.received == [], f"alice read bob's topics: {spy.received}"
         assert [m["msg_id"] for m in bob.messages] == [out.msg_id]
         assert alice.errors == [] and bob.errors == []
     finally:
-        spy.close()
+        if spy:
+            spy.close()
 
     # --- offline: three messages wait in the store ---
     # close() publishes the retained "offline" and waits for its PUBACK, so the worker hears it
     # before any of the sends below (one queue, in order): they are stored, not pushed.
     bob.close()
-    outs = [alice.send("bob", f"offline {i}") for i in range(3)]
+    outs = [alice.send(B, f"offline {i}") for i in range(3)]
     for o in outs:
         r = o.wait(WAIT_S)
         assert r is not None and r.get("status") == "stored", r
 
     bob2 = clients("bob", auto_sync=False)
     count = bob2.count(WAIT_S)
-    assert count["kind"] == "count" and count["total"] == 3 and count["by_sender"] == {"alice": 3}, count
+    assert count["kind"] == "count" and count["total"] == 3 and count["by_sender"] == {A: 3}, count
     drained = bob2.drain(limit=2)
     assert [m["msg_id"] for m in drained] == [o.msg_id for o in outs]
     assert [m["content"] for m in drained] == ["offline 0", "offline 1", "offline 2"]
@@ -238,13 +271,14 @@ def test_online_offline_and_acl(broker, worker, clients):
 
 
 def test_worker_sigkill_loses_nothing(broker, worker, clients):
+    B = broker.uid["bob"]
     alice = clients("alice")
     n, kill_after = 50, 10
     outs: list = []
 
     def send_all():
         for i in range(n):
-            outs.append(alice.send("bob", f"m{i}"))
+            outs.append(alice.send(B, f"m{i}"))
             time.sleep(0.002)  # pace the stream so the kill lands in the middle of it
 
     sender = threading.Thread(target=send_all, name="alice-sender")
@@ -278,10 +312,10 @@ def test_worker_sigkill_loses_nothing(broker, worker, clients):
     assert bob.count(WAIT_S)["total"] == 0
 
 
-def test_broker_restart_keeps_the_worker_session(broker, worker, clients, tmp_path):
+def test_broker_restart_keeps_the_worker_session(private_mosquitto, tmp_path):
     """--persistent-session with persistence true: what Mosquitto queued for the offline worker survives a
     broker restart."""
-    worker.stop()  # the fixture's worker has a clean session: nothing of it stays
+    broker = private_mosquitto
     worker = WorkerProcess(broker.port, tmp_path / "im.db", tmp_path / "worker.log",
                            extra=("--persistent-session",)).start()
     worker.stop()  # clean DISCONNECT: its persistent session stays, and queues from now on
@@ -304,7 +338,10 @@ def test_broker_restart_keeps_the_worker_session(broker, worker, clients, tmp_pa
         listener.close()
     assert [(r["kind"], r["msg_id"], r["status"]) for r in receipts] == [("receipt", i, "stored") for i in ids]
 
-    bob = clients("bob", auto_sync=False)
-    assert bob.count(WAIT_S)["total"] == len(ids)
-    assert [m["msg_id"] for m in bob.drain()] == ids
-    worker.stop()
+    bob = IMClient("bob", PASSWORDS["bob"], broker.host, broker.port, auto_sync=False).connect(WAIT_S)
+    try:
+        assert bob.count(WAIT_S)["total"] == len(ids)
+        assert [m["msg_id"] for m in bob.drain()] == ids
+    finally:
+        bob.close()
+        worker.stop()

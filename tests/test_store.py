@@ -238,3 +238,12 @@ def test_pages_are_cut_by_bytes_and_always_hold_one(store):
     assert all(m["content"] == big for m in first.messages + second.messages)
     (last,) = store.apply([pull("bob", ack=second.cursor)])
     assert last.messages == () and Message.select().count() == 0
+
+
+def test_last_statuses_are_remembered_per_topic(store):
+    """The worker's presence memory (docs/PROTOCOL.md 10.1): the last word per status topic, upserted."""
+    store.save_statuses({"im/status/bob": "online", "im/status/carol": "online"}, now=1)
+    store.save_statuses({"im/status/carol": "offline", "im/status/bob/laptop": "online"}, now=2)
+    store.save_statuses({"im/status/bob": "online"}, now=3)
+    assert store.last_online() == ["im/status/bob", "im/status/bob/laptop"]  # most recent first
+    assert store.last_online(limit=1) == ["im/status/bob"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 import select
 import signal
@@ -35,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 import peewee as pw
@@ -83,6 +84,45 @@ BACKLOG_SAMPLE_S = 30
 # Workers share send/ack/req through this MQTT shared-subscription group by default ($share/<group>/...):
 # with one worker it changes nothing; with several, the broker spreads the load between them.
 DEFAULT_SHARE_GROUP = "im-workers"
+# How long the start-up probe through a $share subscription may take to come back: a QoS 1 round trip through
+# a local broker takes milliseconds (Mosquitto: ~1 ms here); NATS and RabbitMQ grant $share and never deliver.
+SHARE_PROBE_WAIT_S = 3.0
+# A SUBSCRIBE the broker refuses (SUBACK 0x80) is tried again after 1 s, doubling up to 16 s: NATS refuses
+# while JetStream is unavailable (a few seconds after a cluster node dies, BROKERS.md); the reconnect bounds.
+RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S = 1.0, 16.0
+# Presence after a (re)connection, beside brokers that never send retained messages to wildcard subscriptions
+# (RabbitMQ): the worker subscribes to the exact status topic of each uid last heard online (the store's
+# last_status table), takes the retained words, and unsubscribes this long after the SUBACK: retained messages
+# follow the SUBACK at once; 5 s leaves room on a loaded broker.
+PRESENCE_RESTORE_S = 5.0
+# Exact status filters per SUBSCRIBE packet: 200 filters of ~60 bytes keep a packet near 12 KB.
+PRESENCE_FILTERS_PER_PACKET = 200
+# The most uids asked about at a (re)connection: the most recently active first; beyond it, users are seen
+# online again when they next publish their status (the reference client does at every connect).
+PRESENCE_RESTORE_MAX = 100_000
+
+
+def probe_topic(client_id: str) -> str:
+    """im/worker/probe/<client id>: where a worker checks that its $share subscriptions deliver (its own
+    topic, so no other worker's shared subscription is in that group; '.' replaced: NATS refuses it in a level)."""
+    return f"{protocol.PREFIX}/worker/probe/" + re.sub(r"[/+#. ]", "_", client_id or "-")
+
+
+def mangled_uid(topic: str) -> str | None:
+    """The uid a broker split into levels, if ``topic`` looks like one: RabbitMQ turns '.' into '/', so
+    bob.x's im/u/bob.x/send arrives as im/u/bob/x/send. None for anything else."""
+    parts = topic.split("/")
+    if len(parts) == 6 and parts[3] == "d":
+        return None  # a device topic (im/u/{uid}/d/{dev}/send), not a split uid
+    if len(parts) > 4 and parts[:2] == [protocol.PREFIX, "u"] and parts[-1] in protocol.CLIENT_TOPICS:
+        return ".".join(parts[2:-1])
+    return None
+
+
+# Five-level send/ack/req topics are never protocol topics: beside RabbitMQ (which turns '.' into '/') they are
+# a uid with one '.' split in two (bob.x's im/u/bob.x/send arrives as im/u/bob/x/send, and reaches no
+# im/u/+/send subscription). The worker subscribes to them only to say so (mangled_uid), never to store.
+SPLIT_UID_FILTERS = tuple(f"{protocol.PREFIX}/u/+/+/{kind}" for kind in protocol.CLIENT_TOPICS)
 
 
 def worker_subscriptions(share_group: str | None) -> list[str]:
@@ -119,6 +159,24 @@ def parse_broker_url(url: str, password: str | None = None, ca_file: str | None 
     return BrokerAddress(host=u.hostname or "127.0.0.1", port=u.port or (8883 if tls else 1883),
                          username=unquote(u.username) if u.username else None,
                          password=unquote(u.password) if u.password else password, tls=tls, ca_file=ca_file)
+
+
+def parse_broker_urls(text: str, password: str | None = None, ca_file: str | None = None) -> list[BrokerAddress]:
+    """One broker address or several, comma-separated (the nodes of one cluster):
+    ``mqtt://im-worker@n1:1883,n2:1883,mqtt://n3:1884``. An entry without a scheme takes the first entry's
+    scheme and username. Raises ValueError for an empty list or a bad entry."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("no broker address given")
+    first = parse_broker_url(entries[0], password, ca_file)
+    out = [first]
+    for e in entries[1:]:
+        if "://" not in e:
+            scheme = "mqtts" if first.tls else "mqtt"
+            user = f"{quote(first.username, safe='')}@" if first.username and "@" not in e else ""
+            e = f"{scheme}://{user}{e}"
+        out.append(parse_broker_url(e, password, ca_file))
+    return out
 
 
 def describe_op(op: core.Operation) -> str:
@@ -312,6 +370,7 @@ class _Batch:
     msgs: list
     kinds: dict[str, int]
     plan: core.Plan
+    statuses: dict = field(default_factory=dict)  # status topic -> word heard in this batch (Store.save_statuses)
     gen: int = 0  # the connection its packets came on (Worker._inbox_gen); PUBACKed only on that one
     future: Future | None = None  # None: waiting to be (re)submitted at retry_at
     started: float = 0.0
@@ -320,10 +379,11 @@ class _Batch:
 
 
 class Worker:
-    def __init__(self, broker: BrokerAddress, store: Store, *, client_id: str = "im-worker",
+    def __init__(self, broker: BrokerAddress | list[BrokerAddress], store: Store, *, client_id: str = "im-worker",
                  delivery: core.Delivery | None = None, skip_retained: bool = True,
                  share_group: str | None = None, metrics: Metrics | None = None,
-                 clean_session: bool = True, on_fatal: Callable[[str], None] | None = None):
+                 clean_session: bool = True, on_fatal: Callable[[str], None] | None = None,
+                 restore_presence: bool = True, split_uid_filters: bool = True):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
@@ -332,14 +392,43 @@ class Worker:
 
         ``clean_session``: True (the default) leaves the broker nothing of this worker once it is gone;
         False keeps a persistent session under ``client_id`` (see the module docstring).
+        ``restore_presence``: after each (re)connection, ask the broker for the retained word of each status topic the
+        store last heard online (exact subscriptions), for brokers that send none to ``im/status/+``; the
+        embedded broker does send them (``serve`` passes False).
+        ``split_uid_filters``: also subscribe to SPLIT_UID_FILTERS, to name a uid the broker split (one line each);
+        a refusal of these is logged once and not retried (the embedded broker never splits: ``serve`` passes False).
         ``on_fatal(message)``: if given, a login the broker refuses before the worker ever connected stops
         the worker and is handed to it (one line saying what to do) instead of being retried."""
-        self.broker = broker
+        # Several addresses are the nodes of one cluster: when the connection to one fails or ends, the worker
+        # tries the next at once, and backs off only after a whole round failed. Same account and TLS on all.
+        self.brokers = list(broker) if isinstance(broker, (list, tuple)) else [broker]
+        self.broker = self.brokers[0]
+        self._failed_in_round = 0  # connection attempts that failed since the last accepted CONNACK
         self.store = store
         self.core = delivery or core.Delivery()
         self.client_id = client_id
         self.skip_retained = skip_retained
+        self.share_group = share_group
         self.subscriptions = worker_subscriptions(share_group)
+        # Whether the broker delivers through $share: None until the start-up probe tells (only with a share
+        # group); False makes the worker subscribe plainly (each worker then gets every payload).
+        self.share_delivers: bool | None = None if share_group else False
+        self.probe_topic = probe_topic(client_id)
+        self._probe_nonce = b""
+        self._probe_deadline: float | None = None  # monotonic; while a probe is out
+        self._probe_drops = 0  # connections that ended while the probe was out
+        self._probe_refused = ""  # the SUBACK code when the broker refused the probe's $share subscription
+        self._pending_subs: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters, until the SUBACK
+        self._refused_subs: list[str] = []  # filters the broker refused, tried again at _resubscribe_at
+        self._resubscribe_at = 0.0
+        self._resubscribe_wait = RESUBSCRIBE_MIN_S
+        self.restore_presence = restore_presence
+        self.split_uid_filters = split_uid_filters
+        self._presence_future: Future | None = None  # the store's last_online(), after a _CONNECTED marker
+        self._restore_mids: dict[int, int] = {}  # SUBSCRIBE mid -> how many exact status filters it holds
+        self._restore_filters: list[str] = []  # exact status filters to drop at _restore_until
+        self._restore_until = 0.0
+        self._mangled_seen: set[str] = set()  # split uids already logged (one line each)
         self.metrics = metrics or Metrics()
         self.db_ok = True
         self._inbox: list = []  # what paho's callbacks handed over, oldest first (this thread only)
@@ -361,6 +450,8 @@ class Worker:
         self._connected_at = 0.0
         self._quick_drops = 0  # connections the broker closed within QUICK_DROP_S, in a row
         self._unreachable_logged = False
+        self._connack_seen = False  # a CONNACK (accepted or not) arrived on the current connection attempt
+        self._no_connack_logged = False
         # Connection generations: _conn_gen counts accepted CONNACKs; _inbox_gen counts the _CONNECTED markers
         # taken from the inbox, so it is the generation of the packets now being planned. A packet id is only
         # meaningful on the connection it came on: with a clean session the broker forgets what was in flight
@@ -375,9 +466,9 @@ class Worker:
         self.clean_session = clean_session
         self.client = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                                   protocol=mqtt.MQTTv311, manual_ack=True)
-        if broker.username:
-            self.client.username_pw_set(broker.username, broker.password)
-        configure_tls(self.client, broker)
+        if self.broker.username:
+            self.client.username_pw_set(self.broker.username, self.broker.password)
+        configure_tls(self.client, self.broker)
         # Our end (a crash, a lost link, a stop) tells the other workers to re-announce (protocol.WORKER_GONE).
         self.client.will_set(protocol.worker_topic(client_id), protocol.WORKER_GONE, qos=1)
         self.client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -387,9 +478,11 @@ class Worker:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self._connack_seen = True
         if reason_code.is_failure:
             message = refusal_message(self.broker, self.client_id, reason_code)
             if not self._ever_connected and self.on_fatal is not None:
@@ -400,13 +493,30 @@ class Worker:
             log.error("%s; retrying in %.0fs", message, max(0.0, self._next_connect - time.monotonic()))
             return
         set_nodelay(client)
+        self._failed_in_round = 0
+        self._no_connack_logged = False
         self._ever_connected = self._session_up = True
         self._unreachable_logged = False
         self._connected_at = time.monotonic()
         self._conn_gen += 1
         # The marker goes first so presence is reset before the retained statuses arrive.
         self._inbox.append(_CONNECTED)
-        client.subscribe([(t, 1) for t in self.subscriptions])
+        self._pending_subs.clear()
+        self._refused_subs = []
+        self._resubscribe_wait = RESUBSCRIBE_MIN_S
+        if self.split_uid_filters:
+            self._subscribe(list(SPLIT_UID_FILTERS))
+        if self.share_delivers is None:
+            # Not known yet: first the statuses and a probe through a $share subscription of our own; the
+            # send/ack/req subscriptions follow once the probe says shared or plain (_settle_probe).
+            self._subscribe([t for t in self.subscriptions if not t.startswith("$share/")]
+                            + [f"$share/{self.share_group}/{self.probe_topic}"])
+            self._probe_nonce = os.urandom(8).hex().encode()
+            self._probe_refused = ""
+            self._probe_deadline = time.monotonic() + SHARE_PROBE_WAIT_S
+            client.publish(self.probe_topic, self._probe_nonce, qos=1)
+        else:
+            self._subscribe(self.subscriptions)
         self.connected.set()
         self.metrics.connected.set(1)
         log.info("connected to %s:%s as %s", self.broker.host, self.broker.port, self.client_id)
@@ -415,6 +525,13 @@ class Worker:
         self.connected.clear()
         self.metrics.connected.set(0)
         if not self._connection_ended():
+            if not self._connack_seen and not self._no_connack_logged:
+                # Closed before any CONNACK: NATS does this to a CONNECT it cannot take (e.g. a will topic
+                # with '.'); without this line the worker would retry in silence.
+                self._no_connack_logged = True
+                log.warning("the broker at %s:%s closed the connection before answering the CONNECT (%s): "
+                            "its log says why; retrying with backoff", self.broker.host, self.broker.port,
+                            reason_code)
             return  # a refused CONNECT: _on_connect said why
         if self._stop.is_set():
             return
@@ -434,6 +551,16 @@ class Worker:
         if not self._session_up:
             return False
         self._session_up = False
+        if self._probe_deadline is not None:
+            # RabbitMQ closes the connection of a client whose SUBSCRIBE it refuses: twice in a row while the
+            # $share probe is out, and the worker stops asking for $share (the next connection subscribes plainly).
+            self._probe_drops += 1
+            self._probe_deadline = None
+            if self._probe_drops >= 2:
+                self._probe_refused = "the broker closed the connection on it, twice"
+                self.share_delivers = False
+                self._log_share_verdict(False)
+                self.subscriptions = worker_subscriptions(None)
         if time.monotonic() - self._connected_at >= QUICK_DROP_S:
             self._quick_drops = 0
             self._reconnect_wait = float(RECONNECT_MIN_S)
@@ -445,7 +572,118 @@ class Worker:
         return True
 
     def _on_message(self, client, userdata, msg):
+        if msg.topic == self.probe_topic:
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)  # manual_ack: our own probe, nothing to store
+            if self._probe_deadline is not None and msg.payload == self._probe_nonce:
+                self._settle_probe(True)
+            return
         self._inbox.append(msg)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if mid in self._restore_mids:
+            n = self._restore_mids.pop(mid)
+            refused = sum(1 for rc in reason_codes if rc.is_failure)
+            if not self._restore_mids:
+                self._restore_until = time.monotonic() + PRESENCE_RESTORE_S
+            log.info("presence: asked the broker for the retained word of %d status topics last heard online%s",
+                     n, f" ({refused} refused: check the worker's read right on im/status/+)" if refused else "")
+            return
+        filters = self._pending_subs.pop(mid, [])
+        refused = [(f, rc) for f, rc in zip(filters, reason_codes) if rc.is_failure]
+        traffic = [f for f in filters if f.endswith("/send") and f not in SPLIT_UID_FILTERS]
+        if traffic and not any(f.endswith("/send") for f, _ in refused):
+            # The line tests and operators wait for: from here on, sends reach this worker.
+            log.info("subscribed to send/ack/req %s", "through the shared group " + repr(self.share_group)
+                     if traffic[0].startswith("$share/") else "plainly")
+        for f, rc in refused:
+            if f in SPLIT_UID_FILTERS:
+                if not self._mangled_seen:  # once per process: this only loses the naming of split uids
+                    self._mangled_seen.add("")
+                    log.info("the broker refused %s (%s): a uid it splits into topic levels would not be named in "
+                             "the log", f, rc)
+            elif f.startswith("$share/") and self._probe_deadline is not None:
+                self._probe_refused = str(rc)
+                self._settle_probe(False)
+            elif not f.startswith("$share/") or self.share_delivers:
+                self._refused_subs.append(f)
+        if refused and self._refused_subs and not self._resubscribe_at:
+            self._resubscribe_at = time.monotonic() + self._resubscribe_wait
+            log.warning("the broker refused the subscription to %s (%s); retrying in %.0fs (NATS refuses while "
+                        "JetStream is unavailable; otherwise check the worker account's rights, broker_config/)",
+                        ", ".join(self._refused_subs), refused[0][1], self._resubscribe_wait)
+        elif not refused and filters and not set(filters) & set(SPLIT_UID_FILTERS) and self._resubscribe_wait > RESUBSCRIBE_MIN_S and not self._refused_subs:
+            log.info("subscribed to %s after the broker's earlier refusal", ", ".join(filters))
+            self._resubscribe_wait = RESUBSCRIBE_MIN_S
+
+    def _restore(self, topics: list[str]) -> None:
+        filters = [t for t in topics if (getattr(protocol.parse_topic(t), "kind", None) == "status")]
+        self._restore_filters, self._restore_until = filters, 0.0
+        for i in range(0, len(filters), PRESENCE_FILTERS_PER_PACKET):
+            chunk = filters[i:i + PRESENCE_FILTERS_PER_PACKET]
+            rc, mid = self.client.subscribe([(t, 1) for t in chunk])
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                self._restore_mids[mid] = len(chunk)
+
+    def _subscribe(self, filters: list[str]) -> None:
+        if not filters:
+            return
+        rc, mid = self.client.subscribe([(t, 1) for t in filters])
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            self._pending_subs[mid] = list(filters)
+
+    def _settle_probe(self, delivered: bool) -> None:
+        """The $share probe came back (or not): say what that means in one line, then subscribe to
+        send/ack/req through the group, or plainly."""
+        self._probe_deadline = None
+        self.share_delivers = delivered
+        self.client.unsubscribe(f"$share/{self.share_group}/{self.probe_topic}")
+        self._log_share_verdict(delivered)
+        if not delivered:
+            self.subscriptions = worker_subscriptions(None)
+        self._subscribe([t for t in self.subscriptions if "/status/" not in t and t != protocol.WORKER_TOPIC_FILTER])
+
+    def _log_share_verdict(self, delivered: bool) -> None:
+        where = f"{self.broker.host}:{self.broker.port}"
+        if delivered:
+            log.info("the broker at %s delivers through shared subscriptions: workers in the group %r split "
+                     "send/ack/req between them", where, self.share_group)
+        else:
+            how = (f"refused it ({self._probe_refused})" if self._probe_refused else
+                   f"granted it, but a probe sent through it did not arrive within {SHARE_PROBE_WAIT_S:.0f}s")
+            log.warning("the broker at %s has no shared subscriptions ($share/%s/...: it %s; NATS and RabbitMQ "
+                        "do this): subscribing to send/ack/req plainly instead. One worker is fine; several "
+                        "workers beside this broker would each get every payload (the store keeps each message "
+                        "once, but all of them do all the work): run one worker here", where, self.share_group, how)
+            self.metrics.notes.append(f"note: no shared subscriptions at {where}; plain subscriptions in use")
+
+    def _subscription_upkeep(self) -> None:
+        """On the network thread, each pass: a probe past its deadline, refused subscriptions due again, the
+        presence restore (its store query done: subscribe; its time up: unsubscribe)."""
+        now = time.monotonic()
+        future = self._presence_future
+        if future is not None and future.done():
+            self._presence_future = None
+            try:
+                uids = future.result()
+            except Exception as e:  # noqa: BLE001 - presence is rebuilt from live statuses anyway
+                log.warning("presence: could not read the last statuses from the store (%s); users are seen "
+                            "online again when they next publish their status", describe_outage(e))
+                uids = []
+            if self._session_up and uids:
+                self._restore(uids)
+        if self._restore_filters and self._restore_until and now >= self._restore_until:
+            filters, self._restore_filters, self._restore_until = self._restore_filters, [], 0.0
+            if self._session_up:
+                for i in range(0, len(filters), PRESENCE_FILTERS_PER_PACKET):
+                    self.client.unsubscribe(filters[i:i + PRESENCE_FILTERS_PER_PACKET])
+        if self._probe_deadline is not None and now >= self._probe_deadline and self._session_up:
+            self._settle_probe(False)
+        if self._refused_subs and self._resubscribe_at and now >= self._resubscribe_at and self._session_up:
+            again, self._refused_subs = self._refused_subs, []
+            self._resubscribe_at = 0.0
+            self._resubscribe_wait = min(self._resubscribe_wait * 2, RESUBSCRIBE_MAX_S)
+            self._subscribe(again)
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -524,6 +762,10 @@ class Worker:
         # drops us; a successful CONNACK (_on_connect) resets it.
         self._next_connect = now + self._reconnect_wait
         self._reconnect_wait = min(self._reconnect_wait * 2, float(RECONNECT_MAX_S))
+        self._connack_seen = False
+        if len(self.brokers) > 1 and (self._failed_in_round or self._ever_connected):
+            self._next_address(now)
+        self._failed_in_round += 1  # until a CONNACK accepts this attempt (_on_connect resets it)
         try:
             self.client.reconnect()  # TCP (and TLS) connect and CONNECT; the CONNACK is read by _network
             set_nodelay(self.client)
@@ -537,6 +779,19 @@ class Worker:
             else:
                 log.warning("still cannot reach the broker at %s:%s (%s); retrying in %.0fs", self.broker.host,
                             self.broker.port, e, self._next_connect - now)
+
+    def _next_address(self, now: float) -> None:
+        """Several addresses: move to the next one; within a round (not every address tried yet since the last
+        accepted CONNACK, or since the connection ended) without waiting: a dead node costs nothing."""
+        i = (self.brokers.index(self.broker) + 1) % len(self.brokers)
+        if (self._failed_in_round + 1) % len(self.brokers) != 0:
+            self._next_connect = now + RECONNECT_MIN_S / 10  # at once, bar a tenth of the minimum
+            self._reconnect_wait = max(float(RECONNECT_MIN_S), self._reconnect_wait / 2)  # not doubled
+        self.broker = self.brokers[i]
+        tls = self.client._ssl_context is not None  # connect_async keeps TLS settings; only the target changes
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
+        log.info("trying the broker at %s:%s (address %d of %d)%s", self.broker.host, self.broker.port, i + 1,
+                 len(self.brokers), " over TLS" if tls else "")
 
     def _drop_connection(self) -> None:
         self.client._reset_sockets()  # paho's own clean-up (closes the socket); the next _network reconnects
@@ -579,8 +834,11 @@ class Worker:
                 timeout = 0.0
             elif self._batch is not None and self._batch.future is None:
                 timeout = max(0.0, min(timeout, self._batch.retry_at - time.monotonic()))
+            if self._probe_deadline is not None:
+                timeout = max(0.0, min(timeout, self._probe_deadline - time.monotonic()))
             # While the store thread commits a batch, this thread reads what arrives (and writes).
             self._network(timeout)
+            self._subscription_upkeep()
             if self._batch is not None and self._batch.future is not None and self._batch.future.done():
                 done, self._batch = self._batch, None
                 self._complete_safely(done)
@@ -624,6 +882,10 @@ class Worker:
             inbox.pop(0)
             self._inbox_gen += 1
             self.core.reset_presence()
+            if self.restore_presence:
+                self._restore_mids.clear()
+                self._presence_future = self._store_thread.submit(self.store.last_online, PRESENCE_RESTORE_MAX)
+                self._presence_future.add_done_callback(self._wake)
         n = 0
         while n < len(inbox) and n < BATCH_MAX and inbox[n] is not _CONNECTED:
             n += 1
@@ -643,34 +905,55 @@ class Worker:
     def _plan(self, msgs: list) -> "_Batch":
         now = now_ms()
         inbound = []
+        statuses: dict[str, str] = {}  # status topic -> its last word in this batch, remembered in the store
         kinds: dict[str, int] = {}  # packets per topic kind, for the metrics
         for m in msgs:
             parsed = protocol.parse_topic(m.topic)
             kind = parsed.kind if parsed else "invalid"
             kinds[kind] = kinds.get(kind, 0) + 1
+            split = mangled_uid(m.topic) if parsed is None else None
+            if split is not None:
+                # Never stored under another uid: the broker rewrote the topic (RabbitMQ: '.' -> '/').
+                if split not in self._mangled_seen:
+                    self._mangled_seen.add(split)
+                    log.error("dropped a payload on %r: the broker split a uid into topic levels (uid %r? "
+                              "RabbitMQ turns '.' in a topic level into '/'); a uid with '.' cannot work beside "
+                              "this broker: give that user a uid without '.' (docs/PROTOCOL.md, section 2)",
+                              m.topic, split)
+                continue
             if parsed is None:
                 log.warning("dropped a payload on %r: not a protocol topic with a valid uid", m.topic)
             elif m.retain and self.skip_retained and parsed.kind != "status":
                 log.warning("dropped a retained replay on %s (retained sends are not messages)", m.topic)
                 continue
+            if parsed is not None and parsed.kind == "status" and m.payload in (b"online", b"offline"):
+                statuses[m.topic] = m.payload.decode()
             inbound.append((m.topic, m.payload, m.retain))
         if log.isEnabledFor(logging.DEBUG):  # topics and sizes only: payloads hold message content
             for topic, payload, _ in inbound:
                 log.debug("in  %s (%d bytes)", topic, len(payload))
-        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen)
+        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, statuses=statuses)
 
     def _submit(self, batch: "_Batch") -> None:
         batch.started = time.perf_counter()
-        batch.future = self._store_thread.submit(self._store_batch, batch.plan.ops)
+        batch.future = self._store_thread.submit(self._store_batch, batch.plan.ops, batch.statuses)
         batch.future.add_done_callback(self._wake)
 
-    def _store_batch(self, ops: list[core.Operation]) -> list[core.Outcome]:
+    def _store_batch(self, ops: list[core.Operation], statuses: dict | None = None) -> list[core.Outcome]:
         """On the store thread: one transaction for the batch; on a data error, one per operation so one
-        bad op can't sink the rest. A database that fails (OperationalError...) raises to the caller."""
+        bad op can't sink the rest. A database that fails (OperationalError...) raises to the caller.
+        Then the batch's status words, remembered for the next restart (best effort: a status lost here only
+        means that user is seen online when it next says so)."""
         try:
-            return self.store.apply(ops)
+            outcomes = self.store.apply(ops)
         except (pw.IntegrityError, pw.DataError, pw.ProgrammingError, ValueError):
-            return [o for op in ops for o in self._apply_one(op)]
+            outcomes = [o for op in ops for o in self._apply_one(op)]
+        if statuses:
+            try:
+                self.store.save_statuses(statuses)
+            except Exception as e:  # noqa: BLE001 - never fails the batch whose messages are committed
+                log.warning("presence: could not remember %d status words (%s)", len(statuses), describe_outage(e))
+        return outcomes
 
     def _complete_safely(self, batch: "_Batch") -> None:
         try:
