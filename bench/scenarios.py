@@ -346,7 +346,7 @@ def _device_memory(run: Run, n_devices: int) -> dict:
     plus what SQLite and the allocator keep)."""
     per_user = 10  # the default cap (--max-devices)
     users = max(1, n_devices // per_user)
-    warm_users = 10
+    warm_users = min(10, max(1, users // 10))  # 100 devices (20 in the tiny run)
     d = run.scratch("devices-memory")
     db = f"sqlite:///{d}/im.db"
     names = [f"w{k}" for k in range(warm_users)] + [f"u{k}" for k in range(users)]
@@ -360,8 +360,8 @@ def _device_memory(run: Run, n_devices: int) -> dict:
                     if time.monotonic() > end:
                         raise TimeoutError(f"the worker registered {_registered_devices(db)} of {expect} devices")
                     time.sleep(0.2)
-                time.sleep(1.0)  # the announcements that follow each `online`
-            # A warm-up (100 devices) first, so code paths, caches and pools are in place before "before".
+                time.sleep(0.5)  # the announcements that follow each `online` (count, publish)
+            # A warm-up first, so code paths, caches and pools are in place before "before".
             run.log(f"devices: worker memory, {warm_users * per_user} devices online (warm-up)")
             h.run_loadgen(["statuses", "--port", str(b.port), "--prefix", "w", "--users", str(warm_users),
                            "--per-user", str(per_user)], b.secrets, {"worker": w.pid}, 300, d / "loadgen.log")
