@@ -285,7 +285,9 @@ def devices_markdown(dv: dict) -> list[str]:
                  f"{_lat(r['push_latency'], 'p50')} / {_lat(r['push_latency'])} | "
                  f"{_cpu(r, 'broker', 'worker', 'loadgen')} | {_us(r, 'broker', 'worker', 'loadgen')} |")
     L += ["", f"Mean: 1 device {_f(dv['rate_1'])} msg/s, 2 devices {_f(dv['rate_2'])} msg/s "
-              f"({_f(dv['device_rate_2'])} device deliveries/s); **2 / 1 devices: {_f(dv['ratio'], 2)}x**."]
+              f"({_f(dv['device_rate_2'])} device deliveries/s); **2 / 1 devices: {_f(dv['ratio'], 2)}x**. "
+              f"Worker CPU per message (both threads, all runs): {_f(dv.get('worker_cpu_us_1'))} µs with 1 device, "
+              f"{_f(dv.get('worker_cpu_us_2'))} µs with 2."]
     mem = dv.get("memory")
     if mem:
         L += ["", f"Worker memory: RSS {mem['rss_before'] / 2**20:,.1f} MiB with {mem['warmup_devices']} devices online "

@@ -59,7 +59,7 @@ SIZES = {
     "full": Sizes("full", relay_n=20000, worker_n=4000, window=1000, warmup=300, latency_fracs=[0.25, 0.5, 0.75],
                   own_fracs=[0.5], latency_s=4.0, grace_s=4.0, drain_backlog=100_000, drain_limit=500,
                   growth_rows=[10_000, 100_000, 1_000_000], growth_reps=40, serve_variant=True, scaleout_n=8000,
-                  scaleout_reps=2, devices_n=4000, devices_reps=2),
+                  scaleout_reps=2, devices_n=4000, devices_reps=3),
 }
 
 
@@ -320,6 +320,10 @@ def devices(run: Run) -> dict:
         got = [r for r in out["runs"] if r["devices"] == nd]
         out[f"rate_{nd}"] = round(sum(r["rate"] for r in got) / len(got), 1)
         out[f"device_rate_{nd}"] = round(sum(r["device_rate"] for r in got) / len(got), 1)
+        # What each message costs the worker's CPU (both its threads), over all runs: the ratio the
+        # throughput would approach if the worker alone were saturated.
+        cpu, n = sum(r.get("cpu_s", {}).get("worker", 0) for r in got), sum(r["n"] for r in got)
+        out[f"worker_cpu_us_{nd}"] = round(cpu / n * 1e6, 1) if n else None
     out["ratio"] = ratio(out["rate_2"], out["rate_1"])
     out["memory"] = _device_memory(run, s.devices_online)
     return out
