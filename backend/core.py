@@ -725,10 +725,16 @@ class Delivery:
             return
         # The pushes go out before the `stored` receipt: the worker's packets reach the broker in order,
         # so a sender that has its receipt (and so never resends) knows the pushes reached the broker too.
+        shared = None  # the receiver's devices share one push dict (never mutated): built and encoded once
         for uid, dev in o.devices or ((op.to, ""),):
             if (uid, dev) in op.push_to and self.is_online(uid, dev):
-                copy = None if uid == op.to else op.sender_device
-                push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts, copy)
+                if uid == op.to:
+                    if shared is None:
+                        shared = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts)
+                    push = shared
+                else:
+                    push = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts,
+                                        op.sender_device)
                 out.append(Publish(p.inbox_topic(uid, dev), push))
                 self._track(uid, dev, o.seq, push, now_ms)
         self._receipt(out, batched, op.origin, op.batch_receipts, p.receipt(op.msg_id, op.to, o.seq, "stored"))

@@ -317,14 +317,17 @@ def run_loadgen(args: list[str], secrets: dict, watch: dict[str, int | None | Ca
 
 # --- bulk fills (growth, offline backlog) ----------------------------------------------------------
 def fill_messages(db_url: str, n: int, receiver_of: Callable[[int], str], *, content_bytes: int = 100,
-                  chunk: int = 50_000, batch_receipts: bool = True) -> float:
+                  chunk: int = 50_000, batch_receipts: bool = True, devices: tuple[str, ...] = ("",)) -> float:
     """Insert n rows into the Message table (backend.store's model and schema) in bulk; returns seconds.
 
-    Only the Message table is filled: count, pull and ack read and delete nothing else. (A real
-    store also holds one Accepted row per message, for duplicate detection on send.) The rows are
-    marked as sent with "receipts": "batch", as backend.client sends, unless ``batch_receipts`` is False.
+    Each message gets an entry per device in ``devices`` ("" the default device, the v1 topics: what
+    count, pull and ack read; docs/PROTOCOL.md 12.3), and with more than the default device every
+    receiver gets those devices registered. No Accepted rows: count, pull and ack read and delete
+    nothing else. (A real store also holds one Accepted row per message, for duplicate detection on
+    send.) The rows are marked as sent with "receipts": "batch", as backend.client sends, unless
+    ``batch_receipts`` is False.
     """
-    from backend.store import Message, open_database
+    from backend.store import Device, Entry, Message, open_database
     db = open_database(db_url)  # creates the schema exactly as the worker does
     db.close()
     path = db_url[len("sqlite:///"):]
@@ -340,11 +343,22 @@ def fill_messages(db_url: str, n: int, receiver_of: Callable[[int], str], *, con
     try:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=OFF")  # a fill, not a promise: the worker opens it with FULL
+        seq0 = con.execute(f'SELECT COALESCE(MAX(seq), 0) FROM "{Message._meta.table_name}"').fetchone()[0]
         for start in range(0, n, chunk):
             rows = [(receiver_of(i), f"s{i % 10}", f"fill-{i}", "text", content, base_ms + i, None, int(batch_receipts))
                     for i in range(start, min(n, start + chunk))]
             con.executemany(sql, rows)
             con.commit()
+        msg, ent, dev = Message._meta.table_name, Entry._meta.table_name, Device._meta.table_name
+        for d in devices:  # only this fill's rows (the offline scenario fills a drained store again)
+            con.execute(f'INSERT INTO "{ent}" (uid, device, seq) SELECT receiver_uid, ?, seq FROM "{msg}" '
+                        f'WHERE seq > ?', (d, seq0))
+        if devices != ("",):
+            now_ms = int(time.time() * 1000)
+            for d in devices:
+                con.execute(f'INSERT OR IGNORE INTO "{dev}" (uid, device, registered_at, last_seen, expired) '
+                            f'SELECT DISTINCT receiver_uid, ?, ?, ?, 0 FROM "{msg}"', (d, now_ms, now_ms))
+        con.commit()
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         con.close()

@@ -4,6 +4,7 @@
     python -m bench.loadgen drain   ...   # a receiver drains its backlog: count, then pages acked by cursor
     python -m bench.loadgen mqueue  ...   # Mosquitto's own offline queue: persistent subscriber replays N
     python -m bench.loadgen probe   ...   # count / page round trips, one at a time (growth)
+    python -m bench.loadgen statuses ...  # many devices say `online` (retained), for the worker's memory
 
 Passwords come as JSON in $BENCH_SECRETS ({"user": "password"}), never on the command line.
 Output: ``MARK start`` / ``MARK end`` around the measured phase (the orchestrator samples the
@@ -154,6 +155,72 @@ class Peer:
 
 
 # --- online: sender -> (worker | relay) -> receiver ----------------------------------------------
+class RxDevice:
+    """One receiving connection of the receiver: its v1 topics (``dev`` ""), or a device's own topics
+    (docs/PROTOCOL.md 12.1). It drops repeated seqs and acks for itself, in batches as backend.client."""
+
+    def __init__(self, o: "Online", uid: str, dev: str):
+        self.o, self.dev = o, dev
+        base = f"im/u/{uid}/d/{dev}" if dev else f"im/u/{uid}"
+        self.inbox, self.reply, self.ack_topic = f"{base}/inbox", f"{base}/reply", f"{base}/ack"
+        self.status = f"im/status/{uid}/{dev}" if dev else f"im/status/{uid}"
+        self.peer = Peer(o.net, o.a.host, o.a.port, uid, f"{uid}:bench-rx{('-' + dev) if dev else ''}",
+                         on_message=self._on_rx, will=(self.status, b"offline"))
+        self.seen_seqs: set[int] = set()
+        self.got = bytearray(len(o.sent))
+        self.pending_acks: list[int] = []
+        self.ack_due: float | None = None
+
+    def _on_rx(self, client, userdata, msg):
+        t = now()
+        o = self.o
+        if msg.topic != self.inbox:
+            return  # a count announcement on reply: nothing to do
+        obj = orjson.loads(msg.payload)
+        if o.worker_mode:
+            seq = obj["seq"]
+            self.pending_acks.append(seq)  # a repeat is acked again, as the protocol asks
+            if self.ack_due is None:
+                self.ack_due = t + o.ACK_DELAY_S
+            if len(self.pending_acks) >= o.ACK_BATCH:
+                self.flush_acks()
+            if seq in self.seen_seqs:
+                o.duplicates += 1
+                return
+            self.seen_seqs.add(seq)
+        mid = obj.get("msg_id", "")
+        if not mid.startswith(o.prefix):
+            return
+        key = mid[len(o.prefix):]
+        if key[0] == "p":
+            o.probe_hits += 1
+            o.probe_got[key] = o.probe_got.get(key, 0) + 1
+            if o.probe_got[key] == o.n_devices:
+                o.probes_seen.add(key)
+            return
+        i = int(key)
+        if self.got[i]:
+            o.duplicates += 1
+            return
+        self.got[i] = 1
+        o.device_pushes += 1
+        if o.pushed_devices[i] + 1 == o.n_devices:
+            o.pushed[i] = t  # the last of the user's devices has it
+        o.pushed_devices[i] += 1
+        o._event(i, t)
+
+    def flush_acks(self) -> None:
+        seqs, self.pending_acks, self.ack_due = self.pending_acks, [], None
+        for k in range(0, len(seqs), self.o.ACK_BATCH):
+            self.peer.publish(self.ack_topic, orjson.dumps({"seqs": seqs[k:k + self.o.ACK_BATCH]}))
+            self.o.acks_sent += 1
+
+    def connect(self) -> None:
+        self.peer.connect()
+        self.peer.subscribe([self.inbox, self.reply])
+        self.peer.published(self.peer.publish(self.status, b"online", retain=True))
+
+
 class Online:
     """One receiver and one sender, or several (``--sender a,b,c``: message i goes from sender
     i mod k, so a shared subscription has several topics to spread). Message i has msg_id TAG-i. In latency mode its send time is
@@ -174,63 +241,44 @@ class Online:
         self.sent = [0.0] * total
         self.pushed = [0.0] * total
         self.stored = [0.0] * total
-        self.delivered = [0.0] * total
+        self.delivered = [0.0] * total  # complete: every device has it and the delivered receipt came
+        self.receipted = [0.0] * total
         self.completed = 0
-        self.seen_seqs: set[int] = set()
         self.duplicates = self.errors = 0
         self.first_error: dict | None = None
         self.probe_hits = 0
         self.probes_seen: set[str] = set()
-        self.pending_acks: list[int] = []
-        self.ack_due: float | None = None
+        self.probe_got: dict[str, int] = {}
         self.acks_sent = 0
+        self.device_pushes = 0
+        self.pushed_devices = bytearray(total)
         r = a.receiver
         self.senders = [u for u in a.sender.split(",") if u]
         self.send_topics = [f"im/u/{u}/send" for u in self.senders]
-        self.inbox, self.r_reply, self.ack_topic = f"im/u/{r}/inbox", f"im/u/{r}/reply", f"im/u/{r}/ack"
         self.net = Net()
-        self.rx = Peer(self.net, a.host, a.port, r, f"{r}:bench-rx", on_message=self._on_rx,
-                       will=(f"im/status/{r}", b"offline"))
+        # The receiver: one v1 client (--devices 0), or N device-aware devices d1..dN, each its own
+        # connection with its own topics, status and acks (docs/PROTOCOL.md 12). A message is complete
+        # when every device has it (and, through the worker, when its sender holds the delivered receipt).
+        self.n_devices = max(1, a.devices)
+        self.events_needed = self.n_devices + (1 if self.worker_mode else 0)
+        self.events = bytearray(total)
+        devs = [f"d{k + 1}" for k in range(a.devices)] if a.devices else [""]
+        self.rxs = [RxDevice(self, r, dev) for dev in devs]
+        self.rx = self.rxs[0]
         self.txs = [Peer(self.net, a.host, a.port, u, f"{u}:bench-tx", on_message=self._on_tx) for u in self.senders]
 
-    # receiver: pushes (worker) or relayed sends (relay)
-    def _on_rx(self, client, userdata, msg):
-        t = now()
-        if msg.topic != self.inbox:
-            return  # a count announcement on reply: nothing to do
-        obj = orjson.loads(msg.payload)
-        if self.worker_mode:
-            seq = obj["seq"]
-            self.pending_acks.append(seq)  # a repeat is acked again, as the protocol asks
-            if self.ack_due is None:
-                self.ack_due = t + self.ACK_DELAY_S
-            if len(self.pending_acks) >= self.ACK_BATCH:
-                self.flush_acks()
-            if seq in self.seen_seqs:
-                self.duplicates += 1
-                return
-            self.seen_seqs.add(seq)
-        mid = obj.get("msg_id", "")
-        if not mid.startswith(self.prefix):
-            return
-        key = mid[len(self.prefix):]
-        if key[0] == "p":
-            self.probe_hits += 1
-            self.probes_seen.add(key)
-            return
-        i = int(key)
-        if self.pushed[i]:
-            self.duplicates += 1
-            return
-        self.pushed[i] = t
-        if not self.worker_mode:
+    def _event(self, i: int, t: float) -> None:
+        """One of a message's completion events: a device got it, or its delivered receipt came."""
+        e = self.events[i] + 1
+        self.events[i] = e
+        if e == self.events_needed:
             self.completed += 1
+            if self.worker_mode:
+                self.delivered[i] = t
 
     def flush_acks(self) -> None:
-        seqs, self.pending_acks, self.ack_due = self.pending_acks, [], None
-        for k in range(0, len(seqs), self.ACK_BATCH):
-            self.rx.publish(self.ack_topic, orjson.dumps({"seqs": seqs[k:k + self.ACK_BATCH]}))
-            self.acks_sent += 1
+        for rx in self.rxs:
+            rx.flush_acks()
 
     # sender: stored / delivered receipts
     def _on_tx(self, client, userdata, msg):
@@ -252,9 +300,9 @@ class Online:
             return
         i = int(mid[len(self.prefix):])
         if obj["status"] == "delivered":
-            if not self.delivered[i]:
-                self.delivered[i] = t
-                self.completed += 1
+            if not self.receipted[i]:
+                self.receipted[i] = t
+                self._event(i, t)
         elif not self.stored[i]:
             self.stored[i] = t
 
@@ -266,13 +314,14 @@ class Online:
 
     def poll(self, timeout: float) -> None:
         self.net.poll(timeout)
-        if self.ack_due is not None and now() >= self.ack_due:
-            self.flush_acks()
+        t = now()
+        for rx in self.rxs:
+            if rx.ack_due is not None and t >= rx.ack_due:
+                rx.flush_acks()
 
     def connect(self) -> None:
-        self.rx.connect()
-        self.rx.subscribe([self.inbox, self.r_reply])
-        self.rx.published(self.rx.publish(f"im/status/{self.a.receiver}", b"online", retain=True))
+        for rx in self.rxs:
+            rx.connect()
         for tx, u in zip(self.txs, self.senders):
             tx.connect()
             tx.subscribe([f"im/u/{u}/reply"])
@@ -341,7 +390,7 @@ def run_online(a: argparse.Namespace) -> None:
     if a.warmup and not o.closed_loop(0, a.warmup, a.window, a.timeout):
         raise SystemExit(f"warm-up of {a.warmup} messages did not complete in {a.timeout}s")
     first = a.warmup
-    out: dict[str, Any] = {"mode": a.mode, "content_bytes": a.content_bytes}
+    out: dict[str, Any] = {"mode": a.mode, "content_bytes": a.content_bytes, "devices": a.devices}
     cpu0 = _cpu()
     comp = o.delivered if o.worker_mode else o.pushed
     if a.rate:
@@ -374,16 +423,20 @@ def run_online(a: argparse.Namespace) -> None:
                    elapsed_s=round(last - t0, 4), rate=round(len(done) / max(1e-9, last - t0), 1),
                    push_rate=round(len(pushed) / max(1e-9, max(pushed, default=t0) - t0), 1),
                    push_latency=summary_ms([o.pushed[i] - o.sent[i] for i in idx if o.pushed[i]]))
+        # Deliveries to devices: each complete message reached every one of the receiver's devices.
+        out["device_rate"] = round(out["rate"] * o.n_devices, 1)
         if o.worker_mode:
             out["delivered_latency"] = summary_ms([o.delivered[i] - o.sent[i] for i in done])
     out.update(loadgen_cpu_s=round(_cpu() - cpu0, 3), duplicates=o.duplicates, errors=o.errors,
-               first_error=o.first_error, ack_packets=o.acks_sent)
+               first_error=o.first_error, ack_packets=o.acks_sent, device_pushes=o.device_pushes)
     if o.worker_mode:
         o.flush_acks()
-    o.rx.published(o.rx.publish(f"im/status/{a.receiver}", b"offline", retain=True), 5)
+    for rx in o.rxs:
+        rx.peer.published(rx.peer.publish(rx.status, b"offline", retain=True), 5)
     for tx in o.txs:
         tx.close()
-    o.rx.close()
+    for rx in o.rxs:
+        rx.peer.close()
     result(out)
 
 
@@ -538,6 +591,26 @@ def run_probe(a: argparse.Namespace) -> None:
     result(out)
 
 
+def run_statuses(a: argparse.Namespace) -> None:
+    """Devices come online: users PREFIX0..PREFIX{users-1}, each connects once, publishes a retained
+    `online` on im/status/{uid}/d1..dN (docs/PROTOCOL.md 12.4) and disconnects; the statuses stay."""
+    net = Net()
+    mark("start")
+    t0 = now()
+    n = 0
+    for k in range(a.users):
+        uid = f"{a.prefix}{k}"
+        peer = Peer(net, a.host, a.port, uid, f"{uid}:bench-status").connect()
+        infos = [peer.publish(f"im/status/{uid}/d{j + 1}", b"online", retain=True) for j in range(a.per_user)]
+        if not net.until(lambda: all(i.is_published() for i in infos), a.timeout):
+            raise SystemExit(f"the broker did not acknowledge {uid}'s statuses in {a.timeout}s")
+        n += len(infos)
+        peer.close()
+    elapsed = now() - t0
+    mark("end")
+    result({"devices": n, "users": a.users, "elapsed_s": round(elapsed, 3)})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.loadgen")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -545,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     on.add_argument("--mode", choices=["worker", "relay"], required=True)
     on.add_argument("--sender", default="alice", help="sender user, or several separated by commas")
     on.add_argument("--receiver", default="bob")
+    on.add_argument("--devices", type=int, default=0,
+                    help="the receiver's devices: 0 (default) one v1 client; N: N device-aware devices d1..dN")
     on.add_argument("--count", type=int, default=0, help="closed loop: messages to measure")
     on.add_argument("--window", type=int, default=1000, help="closed loop: most messages not yet complete")
     on.add_argument("--rate", type=float, default=0.0, help="open loop: messages per second")
@@ -568,12 +643,17 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--uid", required=True)
     pr.add_argument("--reps", type=int, default=20)
     pr.add_argument("--limit", type=int, default=100)
-    for p in (on, dr, mq, pr):
+    st = sub.add_parser("statuses")
+    st.add_argument("--prefix", default="u")
+    st.add_argument("--users", type=int, required=True)
+    st.add_argument("--per-user", type=int, default=10)
+    for p in (on, dr, mq, pr, st):
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--timeout", type=float, default=60.0)
     a = ap.parse_args(argv)
-    {"online": run_online, "drain": run_drain, "mqueue": run_mqueue, "probe": run_probe}[a.cmd](a)
+    {"online": run_online, "drain": run_drain, "mqueue": run_mqueue, "probe": run_probe,
+     "statuses": run_statuses}[a.cmd](a)
     return 0
 
 

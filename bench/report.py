@@ -9,6 +9,7 @@ TARGETS = {
     "online_p99": "p99 latency at 50% of the relay's throughput <= 25 ms on Mosquitto",
     "offline_drain": "offline drain >= 1.5 x Mosquitto's own offline-queue replay, nothing lost at 100k",
     "growth_page": "page latency at 1M rows <= 1.5 x at 10k rows",
+    "devices_throughput": "online throughput with 2 devices per receiver >= 0.7 x with 1 (users served per second)",
 }
 
 
@@ -87,6 +88,20 @@ def check_targets(res: dict) -> list[dict]:
             t["note"] = f"compared {a:,} with {b:,} rows, not 1M (run the full mode)"
         if not t["passed"] and rt:
             t["missed_by"] = f"{rt:.2f}x instead of at most 1.5x"
+        out.append(t)
+    dv = sc.get("devices", {})
+    if "ratio" in dv:
+        rt = dv["ratio"]
+        t = {"id": "devices_throughput", "broker": dv["broker"], "target": ">= 0.7", "measured": rt,
+             "what": f"2 devices per receiver {dv['rate_2']:,.0f} msg/s ({dv['device_rate_2']:,.0f} device "
+                     f"deliveries/s) vs 1 device {dv['rate_1']:,.0f} msg/s, mean of {dv['reps']} alternating run(s)",
+             "passed": rt is not None and rt >= 0.7}
+        if not t["passed"] and rt:
+            t["missed_by"] = f"{rt:.2f}x instead of 0.7x"
+        mem = dv.get("memory")
+        if mem:
+            t["note"] = (f"worker memory {mem['bytes_per_device']:,.0f} bytes per online device (RSS with "
+                         f"{mem['devices']:,} devices online, {mem['per_user']} per user)")
         out.append(t)
     return out
 
@@ -227,6 +242,9 @@ def markdown(res: dict) -> str:
     so = sc.get("scaleout", {})
     if so.get("runs"):
         L += ["", "## 4. Scale-out", ""] + scaleout_markdown(so)
+    dv = sc.get("devices", {})
+    if dv.get("runs"):
+        L += ["", "## 5. Devices", ""] + devices_markdown(dv)
     prof = sc.get("profile", {})
     for key, label in (("online", "online throughput"), ("drain", "offline drain")):
         x = prof.get(key, {})
@@ -251,6 +269,33 @@ def markdown(res: dict) -> str:
     if res.get("plots"):
         L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in res["plots"]]
     return "\n".join(L) + "\n"
+
+
+def devices_markdown(dv: dict) -> list[str]:
+    L = [f"Online end to end as in section 1 on Mosquitto (QoS 1, closed loop, at most {dv['window']} messages "
+         f"incomplete, {dv['n']:,} messages per run), the receiver with 1 or 2 device-aware devices "
+         "(docs/PROTOCOL.md 12: each its own connection, topics, status and acks, batched as backend.client); "
+         "a message is complete when every device has it and its sender holds the `delivered` receipt. "
+         "msg/s counts messages delivered to the user; device deliveries/s counts each device's copy. "
+         f"1 and 2 devices alternating, {dv['reps']} run(s) each.", "",
+         "| devices | run | msg/s | device deliveries/s | push p50 / p99 (ms) | CPU cores: broker / worker / loadgen "
+         "| CPU µs per message: broker / worker / loadgen |", "|---|---|---|---|---|---|---|"]
+    for r in dv["runs"]:
+        L.append(f"| {r['devices']} | {r['rep']} | {_f(r['rate'])} | {_f(r['device_rate'])} | "
+                 f"{_lat(r['push_latency'], 'p50')} / {_lat(r['push_latency'])} | "
+                 f"{_cpu(r, 'broker', 'worker', 'loadgen')} | {_us(r, 'broker', 'worker', 'loadgen')} |")
+    L += ["", f"Mean: 1 device {_f(dv['rate_1'])} msg/s, 2 devices {_f(dv['rate_2'])} msg/s "
+              f"({_f(dv['device_rate_2'])} device deliveries/s); **2 / 1 devices: {_f(dv['ratio'], 2)}x**. "
+              f"Worker CPU per message (both threads, all runs): {_f(dv.get('worker_cpu_us_1'))} µs with 1 device, "
+              f"{_f(dv.get('worker_cpu_us_2'))} µs with 2."]
+    mem = dv.get("memory")
+    if mem:
+        L += ["", f"Worker memory: RSS {mem['rss_before'] / 2**20:,.1f} MiB with {mem['warmup_devices']} devices online "
+                  f"(a warm-up), {mem['rss_after'] / 2**20:,.1f} MiB after {mem['devices']:,} more ({mem['users']:,} "
+                  f"users with {mem['per_user']} devices each; each device's retained `online` published once, "
+                  f"then the connection closed, so the worker holds them online): "
+                  f"**{_f(mem['bytes_per_device'])} bytes per online device**."]
+    return L
 
 
 def scaleout_markdown(so: dict) -> list[str]:

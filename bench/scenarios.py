@@ -43,19 +43,23 @@ class Sizes:
     scaleout_senders: int = 4  # sender users (one receiver): topics for the shared subscription to spread
     scaleout_workers: list[int] = field(default_factory=lambda: [1, 2])
     scaleout_reps: int = 1  # each worker count measured this many times, alternating
+    devices_n: int = 1500  # closed-loop messages per devices measurement (1 and 2 devices per receiver)
+    devices_reps: int = 2  # each device count measured this many times, alternating
+    devices_online: int = 10_000  # devices online for the worker's memory figure (10 per user)
 
 
 SIZES = {
     "tiny": Sizes("tiny", relay_n=600, worker_n=200, window=200, warmup=20, latency_fracs=[0.5], own_fracs=[], latency_s=0.5,
                   grace_s=1.0, drain_backlog=1000, drain_limit=500, growth_rows=[2000, 6000], growth_reps=3,
-                  serve_variant=False, scaleout_n=300),
+                  serve_variant=False, scaleout_n=300, devices_n=200, devices_reps=1, devices_online=200),
     "quick": Sizes("quick", relay_n=8000, worker_n=1500, window=1000, warmup=200, latency_fracs=[0.5],
                    own_fracs=[0.5], latency_s=2.0, grace_s=2.0, drain_backlog=20_000, drain_limit=500,
-                   growth_rows=[10_000, 100_000], growth_reps=15, serve_variant=False, scaleout_n=3000),
+                   growth_rows=[10_000, 100_000], growth_reps=15, serve_variant=False, scaleout_n=3000,
+                   devices_n=1500, devices_reps=2),
     "full": Sizes("full", relay_n=20000, worker_n=4000, window=1000, warmup=300, latency_fracs=[0.25, 0.5, 0.75],
                   own_fracs=[0.5], latency_s=4.0, grace_s=4.0, drain_backlog=100_000, drain_limit=500,
                   growth_rows=[10_000, 100_000, 1_000_000], growth_reps=40, serve_variant=True, scaleout_n=8000,
-                  scaleout_reps=2),
+                  scaleout_reps=2, devices_n=4000, devices_reps=3),
 }
 
 
@@ -232,15 +236,20 @@ def _growth_receiver(n: int):
     return receiver_of
 
 
+# Every receiver has two registered devices, the default one (the v1 topics the probe uses) and "d2",
+# so every stored row has two entries (docs/PROTOCOL.md 12.3): 1M rows are 2M entries.
+GROWTH_DEVICES = ("", "d2")
+
+
 def growth(run: Run) -> dict:
     s = run.sizes
     kind = "mosquitto" if "mosquitto" in run.brokers() else "amqtt"
-    out: dict = {"broker": kind, "limit": 100, "reps": s.growth_reps, "sizes": []}
+    out: dict = {"broker": kind, "limit": 100, "reps": s.growth_reps, "devices": list(GROWTH_DEVICES), "sizes": []}
     for n in s.growth_rows:
         d = run.scratch(f"growth-{n}")
         db = f"sqlite:///{d}/im.db"
         run.log(f"growth: filling {n:,} rows")
-        fill_s = h.fill_messages(db, n, _growth_receiver(n))
+        fill_s = h.fill_messages(db, n, _growth_receiver(n), devices=GROWTH_DEVICES)
         size = {"rows": n, "fill_s": round(fill_s, 2), "db_mb": round((d / "im.db").stat().st_size / 2**20, 1)}
         b = h.start_broker(kind, d, db, ["big", "fix"])
         try:
@@ -288,6 +297,94 @@ def _store_timings(db_url: str, reps: int) -> dict:
         return out
     finally:
         db.close()
+
+
+# --- 5. devices -------------------------------------------------------------------------------
+def devices(run: Run) -> dict:
+    """Online throughput with 2 device-aware devices per receiver against 1, alternating, on Mosquitto
+    (the online scenario's closed loop: a message is complete when every device has it and its sender
+    holds the delivered receipt); then the worker's memory per online device."""
+    s = run.sizes
+    if not h.mosquitto_available():
+        return {"skipped": "mosquitto is not installed: the devices scenario runs on Mosquitto"}
+    out: dict = {"broker": "mosquitto", "n": s.devices_n, "window": s.window, "reps": s.devices_reps, "runs": []}
+    thr_args = ["--count", str(s.devices_n), "--window", str(s.window), "--warmup", str(s.warmup)]
+    for rep in range(s.devices_reps):
+        for nd in (1, 2):
+            run.log(f"devices: worker throughput, {nd} device(s) per receiver ({s.devices_n} messages, "
+                    f"run {rep + 1} of {s.devices_reps})")
+            res = _online_step(run, "mosquitto", "worker", ["--devices", str(nd), *thr_args], 300)
+            res["devices"], res["rep"] = nd, rep + 1
+            out["runs"].append(res)
+    for nd in (1, 2):
+        got = [r for r in out["runs"] if r["devices"] == nd]
+        out[f"rate_{nd}"] = round(sum(r["rate"] for r in got) / len(got), 1)
+        out[f"device_rate_{nd}"] = round(sum(r["device_rate"] for r in got) / len(got), 1)
+        # What each message costs the worker's CPU (both its threads), over all runs: the ratio the
+        # throughput would approach if the worker alone were saturated.
+        cpu, n = sum(r.get("cpu_s", {}).get("worker", 0) for r in got), sum(r["n"] for r in got)
+        out[f"worker_cpu_us_{nd}"] = round(cpu / n * 1e6, 1) if n else None
+    out["ratio"] = ratio(out["rate_2"], out["rate_1"])
+    out["memory"] = _device_memory(run, s.devices_online)
+    return out
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+
+
+def _registered_devices(db_url: str) -> int:
+    import sqlite3
+    from backend.store import Device
+    con = sqlite3.connect(db_url[len("sqlite:///"):], timeout=10)
+    try:
+        return con.execute(f'SELECT COUNT(*) FROM "{Device._meta.table_name}"').fetchone()[0]
+    finally:
+        con.close()
+
+
+def _device_memory(run: Run, n_devices: int) -> dict:
+    """RSS of the worker process before and after n_devices devices (10 per user) say `online`, retained,
+    on their own status topics: what each online device costs the worker (its presence and device state,
+    plus what SQLite and the allocator keep)."""
+    per_user = 10  # the default cap (--max-devices)
+    users = max(1, n_devices // per_user)
+    warm_users = min(10, max(1, users // 10))  # 100 devices (20 in the tiny run)
+    d = run.scratch("devices-memory")
+    db = f"sqlite:///{d}/im.db"
+    names = [f"w{k}" for k in range(warm_users)] + [f"u{k}" for k in range(users)]
+    b = h.start_mosquitto_broker(d, names)
+    try:
+        w = h.start_worker(b, db, d)
+        try:
+            def settle(expect: int, timeout: float = 120) -> None:
+                end = time.monotonic() + timeout
+                while _registered_devices(db) < expect:
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"the worker registered {_registered_devices(db)} of {expect} devices")
+                    time.sleep(0.2)
+                time.sleep(0.5)  # the announcements that follow each `online` (count, publish)
+            # A warm-up first, so code paths, caches and pools are in place before "before".
+            run.log(f"devices: worker memory, {warm_users * per_user} devices online (warm-up)")
+            h.run_loadgen(["statuses", "--port", str(b.port), "--prefix", "w", "--users", str(warm_users),
+                           "--per-user", str(per_user)], b.secrets, {"worker": w.pid}, 300, d / "loadgen.log")
+            settle(warm_users * per_user)
+            before = _rss_bytes(w.pid)
+            run.log(f"devices: worker memory, {users * per_user:,} more devices online")
+            res = h.run_loadgen(["statuses", "--port", str(b.port), "--prefix", "u", "--users", str(users),
+                                 "--per-user", str(per_user)], b.secrets, {"worker": w.pid}, 600, d / "loadgen.log")
+            settle((warm_users + users) * per_user)
+            after = _rss_bytes(w.pid)
+        finally:
+            w.stop()
+    finally:
+        b.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    n = users * per_user
+    return {"devices": n, "users": users, "per_user": per_user, "warmup_devices": warm_users * per_user,
+            "rss_before": before, "rss_after": after, "bytes_per_device": round((after - before) / n, 1),
+            "statuses_s": res.get("elapsed_s"), "worker_cpu_s": res.get("cpu_s", {}).get("worker")}
 
 
 # --- 4. scale-out -----------------------------------------------------------------------------

@@ -70,9 +70,25 @@ def test_bench_tiny_writes_every_scenario_with_its_baseline(tmp_path):
         assert {"count", "page"} <= set(size["store"]["big"])
     assert gr["page_ack_ratio_big"] > 0
 
+    if HAVE_MOSQUITTO:
+        dv = sc["devices"]
+        assert sorted(r["devices"] for r in dv["runs"]) == [1, 2] * res["sizes"]["devices_reps"]
+        for r in dv["runs"]:
+            assert r["complete"] and r["errors"] == 0 and r["duplicates"] == 0, r
+            # every message reached every device of the receiver, once
+            assert r["device_pushes"] >= r["devices"] * r["n"], r
+            assert r["device_rate"] == round(r["rate"] * r["devices"], 1)
+        assert dv["ratio"] == dv["rate_2"] / dv["rate_1"]
+        mem = dv["memory"]
+        assert mem["devices"] == res["sizes"]["devices_online"] and mem["rss_after"] > 0
+    else:
+        assert "skipped" in sc["devices"]
+
     ids = {t["id"] for t in res["targets"]}
     assert "online_throughput" in ids and "growth_page" in ids
     if HAVE_MOSQUITTO:
-        assert {"online_p99", "offline_drain"} <= ids
+        assert {"online_p99", "offline_drain", "devices_throughput"} <= ids
     md = (tmp_path / "bench-tiny.md").read_text(encoding="utf-8")
     assert "## Targets" in md and "## 1. Online end to end" in md and "## 3. Growth" in md
+    if HAVE_MOSQUITTO:
+        assert "## 5. Devices" in md

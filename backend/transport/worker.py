@@ -1087,6 +1087,8 @@ class Worker:
         if log.isEnabledFor(logging.DEBUG):  # what went where, by ids: never content
             for a in actions:
                 log.debug("out %s %s", a.topic, _describe(a.payload))
+        # One message's pushes to a user's devices share one payload dict, one after another: encode it once.
+        last: tuple[object, bytes] | None = None
         for a in actions:
             if isinstance(a.payload, str):  # a status word (the derived user status), sent as is
                 self._last_info = self.client.publish(a.topic, a.payload.encode(), qos=a.qos, retain=a.retain)
@@ -1096,7 +1098,9 @@ class Worker:
                 self.metrics.errors.labels(a.payload.get("code", "unknown")).inc()
             if kind == "msg":
                 self._crash("before_push")
-            self._last_info = self.client.publish(a.topic, protocol.encode(a.payload), qos=a.qos, retain=a.retain)
+            if last is None or last[0] is not a.payload:
+                last = (a.payload, protocol.encode(a.payload))
+            self._last_info = self.client.publish(a.topic, last[1], qos=a.qos, retain=a.retain)
             if kind == "msg":
                 self._crash("after_push")
             elif kind == "page":
