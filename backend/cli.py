@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "doctor":
         from .doctor import main as doctor
-        from .transport.worker import parse_broker_urls
+        from .transport.connection import parse_broker_urls
         try:
             return doctor(parse_broker_urls(args.broker, _broker_password(args), args.ca_file)[0])
         except (ValueError, OSError) as e:
@@ -382,11 +382,11 @@ def _broker_password(args: argparse.Namespace) -> str | None:
 
 def _worker(args: argparse.Namespace) -> int:
     from .store import open_database
-    from .transport.worker import Worker, parse_broker_urls
+    from .transport.connection import parse_broker_urls
+    from .transport.worker import Worker
     password = _broker_password(args)
     try:
         addresses = parse_broker_urls(args.broker, password, args.ca_file)
-        address = addresses[0]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 
 from . import protocol as p
-from .transport.worker import set_nodelay
+from .transport.connection import set_nodelay
 
 log = logging.getLogger("backend.client")
 

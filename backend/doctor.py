@@ -36,7 +36,7 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from . import protocol
-from .transport.worker import BrokerAddress, configure_tls, refusal_message, set_nodelay
+from .transport.connection import BrokerAddress, configure_tls, refusal_message, set_nodelay
 
 log = logging.getLogger("backend.doctor")
 

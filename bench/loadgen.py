@@ -34,7 +34,7 @@ import paho.mqtt.client as mqtt
 from bench.stats import summary_ms
 
 try:
-    from backend.transport.worker import set_nodelay
+    from backend.transport.connection import set_nodelay
 except ImportError:  # pragma: no cover - run from the repository root, the backend is importable
     import socket
 

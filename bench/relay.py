@@ -17,7 +17,7 @@ import sys
 
 import paho.mqtt.client as mqtt
 
-from backend.transport.worker import set_nodelay
+from backend.transport.connection import set_nodelay
 
 MAX_INFLIGHT = 0  # unlimited: paho then skips its O(in-flight) scan on every PUBACK (_update_inflight)
 

@@ -203,7 +203,7 @@ def test_content_never_reaches_the_logs_even_at_debug():
 
 def test_store_operations_are_described_by_ids_and_sizes():
     from backend import core
-    from backend.transport.worker import describe_db_error, describe_op
+    from backend.transport.logtext import describe_db_error, describe_op
     op = core.StoreMessage(sender="alice", msg_id="a-1", to="bob", type="text", content="very private words",
                            ts=None, sent_at=1)
     text = describe_op(op)

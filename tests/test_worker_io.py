@@ -14,7 +14,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from backend import protocol as p
-from backend.transport.worker import _Client, set_nodelay
+from backend.transport.connection import _Client, set_nodelay
 from conftest import raw_client, stop_raw
 from services import WORKER_PASSWORD, WORKER_USER, mosquitto
 

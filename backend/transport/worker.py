@@ -36,16 +36,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-from urllib.parse import quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 import peewee as pw
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from .. import core, protocol
 from ..metrics import Metrics
 from ..store import Store, now_ms
+from .connection import BrokerAddress, _Client, configure_tls, refusal_message, set_nodelay
+from .logtext import describe_db_error, describe_op, describe_outage, describe_payload, log_bug
 
 log = logging.getLogger("backend.worker")
 
@@ -76,9 +75,6 @@ PURGE_INTERVAL_S = 3600
 # and any limit makes paho walk every in-flight message on each PUBACK (7-12% of the worker's CPU in
 # the bench profile); the broker bounds what it queues for a client anyway (max_queued_messages).
 MAX_INFLIGHT = 0
-# Bytes asked of the socket per recv(): 64 KiB holds hundreds of chat packets (a push is ~250 bytes)
-# and is the size of Linux's default TCP receive window; a larger packet is read across several chunks.
-RECV_CHUNK = 64 * 1024
 # How often the backlog gauge is sampled (a COUNT over the message table): Prometheus scrapes every 15-60 s.
 BACKLOG_SAMPLE_S = 30
 # Workers share send/ack/req through this MQTT shared-subscription group by default ($share/<group>/...):
@@ -137,227 +133,6 @@ def worker_subscriptions(share_group: str | None) -> list[str]:
 # process SIGKILLs itself the first time it reaches the named point (after_store, before_push,
 # after_push, after_page). Unset in production; checking it costs one comparison.
 CRASH_AT = os.environ.get("IM_CRASH_AT") or None
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None  # CA bundle to verify the broker with (default: the system's)
-    verify: bool = True  # False only for the in-process worker of `serve --tls-only` (same process as the broker)
-
-
-def parse_broker_url(url: str, password: str | None = None, ca_file: str | None = None) -> BrokerAddress:
-    """mqtt://[user[:pass]@]host[:port]; the password may instead come from the caller (env or file)."""
-    u = urlparse(url)
-    if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
-        raise ValueError(f"broker URL must start with mqtt:// (or mqtts:// for TLS), got {url!r}")
-    tls = u.scheme in ("mqtts", "ssl")
-    return BrokerAddress(host=u.hostname or "127.0.0.1", port=u.port or (8883 if tls else 1883),
-                         username=unquote(u.username) if u.username else None,
-                         password=unquote(u.password) if u.password else password, tls=tls, ca_file=ca_file)
-
-
-def parse_broker_urls(text: str, password: str | None = None, ca_file: str | None = None) -> list[BrokerAddress]:
-    """One broker address or several, comma-separated (the nodes of one cluster):
-    ``mqtt://im-worker@n1:1883,n2:1883,mqtt://n3:1884``. An entry without a scheme takes the first entry's
-    scheme and username. Raises ValueError for an empty list or a bad entry."""
-    entries = [e.strip() for e in text.split(",") if e.strip()]
-    if not entries:
-        raise ValueError("no broker address given")
-    first = parse_broker_url(entries[0], password, ca_file)
-    out = [first]
-    for e in entries[1:]:
-        if "://" not in e:
-            scheme = "mqtts" if first.tls else "mqtt"
-            user = f"{quote(first.username, safe='')}@" if first.username and "@" not in e else ""
-            e = f"{scheme}://{user}{e}"
-        out.append(parse_broker_url(e, password, ca_file))
-    return out
-
-
-def describe_op(op: core.Operation) -> str:
-    """A store operation for a log line: kind, ids and sizes, never the content (users' private data)."""
-    if isinstance(op, core.StoreMessage):
-        return (f"message msg_id={op.msg_id!r} from {op.sender} to {op.to} "
-                f"(type {op.type!r}, {len(op.content)} characters of content)")
-    if isinstance(op, core.DeleteAcked):
-        return f"ack of {len(op.seqs)} seqs by {op.receiver}"
-    if isinstance(op, core.CountBacklog):
-        return f"count for {op.receiver}"
-    if isinstance(op, core.PullPage):
-        return f"pull of up to {op.limit} for {op.receiver}"
-    return type(op).__name__
-
-
-def log_bug(message: str, *args) -> None:
-    """Log the exception being handled as ERROR with its type and stack but not its text: an exception raised
-    on a payload may quote it (a decode error, a driver's "Incorrect string value"), and content never goes to
-    a log line."""
-    import sys
-    import traceback
-    exc_type, _, tb = sys.exc_info()
-    stack = "".join(traceback.format_tb(tb)).rstrip()
-    log.error(message + " (%s; its message is not logged, it may quote the payload)\n%s", *args,
-              getattr(exc_type, "__name__", "?"), stack)
-
-
-def describe_db_error(error: BaseException) -> str:
-    """A database error's class and code, not its text: drivers quote the offending value in it (MariaDB's
-    "Incorrect string value: '\\xF0...' for column content"), which may be message content."""
-    code = getattr(error, "pgcode", None) or getattr(getattr(error, "orig", None), "pgcode", None)
-    if code is None and getattr(error, "args", None) and isinstance(error.args[0], int):
-        code = error.args[0]  # PyMySQL: (errno, text)
-    if code is None and error.__cause__ is not None:
-        return f"{type(error).__name__} ({type(error.__cause__).__name__})"
-    return type(error).__name__ + (f" (code {code})" if code is not None else "")
-
-
-def describe_outage(error: BaseException) -> str:
-    """A failed transaction's error for a log line: its first line (the lost connection, the lock timeout), unless
-    it quotes a value (MariaDB reports some bad values as OperationalError), then only its class and code."""
-    text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-    if not text or "value" in text.lower() or "content" in text.lower():
-        return describe_db_error(error)
-    return text
-
-
-def refusal_message(broker: BrokerAddress, client_id: str, reason) -> str:
-    """One line for a CONNACK refusal: what the broker said and what to do about it."""
-    where = f"the broker at {broker.host}:{broker.port}"
-    code = getattr(reason, "value", None)
-    if code == 133:  # 3.1.1 return code 2: identifier rejected
-        return f"{where} refused the client id {client_id!r} ({reason}): pick another with --id or --client-id"
-    if code in (134, 135, 140):  # bad user name or password / not authorized / bad authentication method
-        if not broker.username:
-            return (f"{where} refused a login without a username ({reason}): give the worker's account in "
-                    f"--broker (mqtt://im-worker@{broker.host}:{broker.port}) and its password in "
-                    f"$IM_BROKER_PASSWORD or --password-file")
-        if broker.password is None:
-            return (f"{where} refused the login as {broker.username!r} ({reason}): no password was given; "
-                    f"set $IM_BROKER_PASSWORD or --password-file")
-        return (f"{where} refused the login as {broker.username!r} ({reason}): check the account in --broker and "
-                f"its password ($IM_BROKER_PASSWORD or --password-file) against the broker's password file")
-    return f"{where} refused the connection ({reason})"
-
-
-def configure_tls(client: mqtt.Client, address: BrokerAddress) -> None:
-    """TLS with certificate and host name verification against ``ca_file`` (or the system's CAs)."""
-    if not address.tls:
-        return
-    if address.verify:
-        client.tls_set(ca_certs=address.ca_file)
-    else:
-        import ssl
-        client.tls_set(cert_reqs=ssl.CERT_NONE)
-        client.tls_insecure_set(True)
-
-
-def set_nodelay(client: mqtt.Client) -> None:
-    """paho leaves Nagle on: QoS 1 round trips then stall on delayed ACKs (~33 msg/s measured)."""
-    sock = client.socket()
-    if sock is not None and hasattr(sock, "setsockopt"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
-class _Client(mqtt.Client):
-    """paho's client, with a lighter PUBACK path for MQTT 3.1.1 and coalesced writes.
-
-    Every reply and push the worker publishes at QoS 1 comes back as a PUBACK, and paho 2.2 builds a
-    ReasonCode and a Properties object for each, even on 3.1.1 where a PUBACK holds nothing but the
-    packet id: about a tenth of the worker's CPU in the bench profile. On 3.1.1 we read the id and
-    pass shared empty objects; MQTT 5 keeps paho's own code. (paho is pinned: see requirements.txt.)
-    """
-
-    _PUBACK_REASON = mqtt.ReasonCode(PacketTypes.PUBACK)
-    _PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._rbuf, self._rpos = b"", 0  # bytes read from the socket, not yet handed to paho
-
-    # paho reads each packet with two or more recv() calls (the command byte, the length bytes one
-    # by one, then the rest): 14% of the worker's network thread in the bench profile. This reads
-    # the socket in large chunks and hands paho its bytes from them. Bytes left in the chunk are
-    # invisible to select(): Worker._readable asks buffered() first, as it asks TLS's pending().
-    def _sock_recv(self, bufsize):  # type: ignore[override]
-        buf, pos = self._rbuf, self._rpos
-        if pos >= len(buf):
-            data = super()._sock_recv(RECV_CHUNK)
-            if len(data) <= bufsize:
-                return data  # all of it (b"": the connection closed)
-            self._rbuf, buf, pos = data, data, 0
-        end = pos + bufsize
-        self._rpos = min(end, len(buf))
-        return buf[pos:end]
-
-    def buffered(self) -> bool:
-        return self._rpos < len(self._rbuf)
-
-    def reconnect(self):  # type: ignore[override]
-        self._rbuf, self._rpos = b"", 0  # nothing of the old connection is read on the new one
-        return super().reconnect()
-
-    def _handle_pubackcomp(self, cmd):  # type: ignore[override]
-        packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or self._protocol != mqtt.MQTTv311 or len(packet) != 2:
-            return super()._handle_pubackcomp(cmd)
-        mid = (packet[0] << 8) | packet[1]
-        with self._out_message_mutex:
-            if mid in self._out_messages:
-                return self._do_on_publish(mid, self._PUBACK_REASON, self._PUBACK_PROPERTIES)
-        return mqtt.MQTT_ERR_SUCCESS
-
-    # paho sends each queued packet with its own send(): a batch's pushes, receipts and PUBACKs
-    # were one system call each (11% of the worker's time in the bench profile). The worker queues
-    # them all (see Worker.__init__: paho's external-loop hook keeps publish() from writing at once),
-    # then this writes the whole queue with one send(). Packets paho must see finish one by one (a
-    # QoS 0 PUBLISH, whose on_publish fires when written; a DISCONNECT) take paho's own path.
-    def _packet_write(self):  # type: ignore[override]
-        out = self._out_packet
-        if len(out) < 2 or any((p["command"] & 0xF0) == mqtt.DISCONNECT
-                               or ((p["command"] & 0xF0) == mqtt.PUBLISH and p["qos"] == 0) for p in out):
-            return super()._packet_write()
-        data = b"".join(p["packet"][p["pos"]:] if p["pos"] else p["packet"] for p in out)
-        try:
-            sent = self._sock_send(data)
-        except (AttributeError, ValueError):
-            return mqtt.MQTT_ERR_SUCCESS
-        except BlockingIOError:
-            return mqtt.MQTT_ERR_AGAIN
-        except OSError:
-            return mqtt.MQTT_ERR_CONN_LOST
-        while out and sent > 0:
-            p = out[0]
-            take = min(sent, p["to_process"])
-            p["pos"] += take
-            p["to_process"] -= take
-            sent -= take
-            if p["to_process"] == 0:
-                out.popleft()
-        with self._msgtime_mutex:
-            self._last_msg_out = mqtt.time_func()  # paho's own clock for its keepalive
-        return mqtt.MQTT_ERR_AGAIN if out else mqtt.MQTT_ERR_SUCCESS
-
-
-def _describe(payload) -> str:
-    """A published payload by its kind and ids, for DEBUG lines (content and previews left out)."""
-    if isinstance(payload, str):
-        return payload  # a status word
-    kind = payload.get("kind")
-    ids = " ".join(f"{k}={payload[k]}" for k in ("seq", "msg_id", "status", "code", "req_id", "total", "cursor")
-                   if k in payload)
-    if kind == "page":
-        ids += f" messages={len(payload.get('messages', ()))} more={payload.get('more')}"
-    elif kind == "receipts":
-        ids += f" receipts={len(payload.get('receipts', ()))}"
-    return f"{kind} {ids}".strip()
 
 
 _CONNECTED = object()  # inbox marker: a (re)connection, after which retained statuses rebuild presence
@@ -1086,7 +861,7 @@ class Worker:
     def _publish(self, actions: list[core.Publish]) -> None:
         if log.isEnabledFor(logging.DEBUG):  # what went where, by ids: never content
             for a in actions:
-                log.debug("out %s %s", a.topic, _describe(a.payload))
+                log.debug("out %s %s", a.topic, describe_payload(a.payload))
         # One message's pushes to a user's devices share one payload dict, one after another: encode it once.
         last: tuple[object, bytes] | None = None
         for a in actions:
