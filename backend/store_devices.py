@@ -113,6 +113,19 @@ class DeviceStore:
         return dict(Device.select(Device.device, Device.push_endpoint)
                     .where((Device.uid == uid) & Device.push_endpoint.is_null(False)).tuples())
 
+    def push_targets(self, uids: list[str]) -> list[tuple[str, str, str, int, int]]:
+        """(uid, device, endpoint, waiting, newest_seq) for each device of these users that has a push endpoint
+        and entries waiting: the worker's notifications after a batch (one query per batch, not per message;
+        a user without an endpoint costs an index probe of the device table and nothing more)."""
+        if not uids:
+            return []
+        return [(u, d, e, int(n), int(s)) for u, d, e, n, s in
+                Device.select(Device.uid, Device.device, Device.push_endpoint, pw.fn.COUNT(Entry.seq),
+                              pw.fn.MAX(Entry.seq))
+                .join(Entry, on=((Entry.uid == Device.uid) & (Entry.device == Device.device)))
+                .where(Device.uid.in_(uids) & Device.push_endpoint.is_null(False))
+                .group_by(Device.uid, Device.device, Device.push_endpoint).tuples()]
+
     def drop_push_endpoint(self, uid: str, device: str, endpoint: str) -> bool:
         """Forget an endpoint its gateway called gone (404/410), unless the device registered another since."""
         return bool(Device.update(push_endpoint=None).where(

@@ -44,6 +44,7 @@ from paho.mqtt.properties import Properties
 
 from .. import core, protocol
 from ..metrics import Metrics
+from ..push import Notification, PushNotifier
 from ..store import Store, now_ms
 
 log = logging.getLogger("backend.worker")
@@ -303,13 +304,15 @@ class _Batch:
     started: float = 0.0
     retry_at: float = 0.0
     wait: float = field(default=DB_RETRY_MIN_S)
+    went_offline: set = field(default_factory=set)  # uids with an `offline` word in it (push notifications)
 
 
 class Worker:
     def __init__(self, broker: BrokerAddress, store: Store, *, client_id: str = "im-worker",
                  delivery: core.Delivery | None = None, skip_retained: bool = True,
                  share_group: str | None = None, metrics: Metrics | None = None,
-                 clean_session: bool = True, on_fatal: Callable[[str], None] | None = None):
+                 clean_session: bool = True, on_fatal: Callable[[str], None] | None = None,
+                 push: bool = True, push_options: dict | None = None):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
@@ -319,7 +322,11 @@ class Worker:
         ``clean_session``: True (the default) leaves the broker nothing of this worker once it is gone;
         False keeps a persistent session under ``client_id`` (see the module docstring).
         ``on_fatal(message)``: if given, a login the broker refuses before the worker ever connected stops
-        the worker and is handed to it (one line saying what to do) instead of being retried."""
+        the worker and is handed to it (one line saying what to do) instead of being retried.
+
+        ``push``: own a :class:`backend.push.PushNotifier` (started and stopped with the worker) that notifies
+        devices with a push endpoint when something waits for their user and none of its devices is online;
+        ``push_options``: its keyword arguments (allowed_hosts, request_timeout...). See _plan_push."""
         self.broker = broker
         self.store = store
         self.core = delivery or core.Delivery()
@@ -373,6 +380,12 @@ class Worker:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # Push notifications: lookups (endpoints and per-device waiting counts) run on the store thread after a
+        # batch, and their results are handed to the notifier from this thread (which knows who is online).
+        self.push = PushNotifier(metrics=self.metrics, on_gone=self._push_gone, **(push_options or {})) \
+            if push else None
+        self._push_lookups: list[Future] = []
+        self._gone: list[tuple[str, str, str]] = []  # endpoints a gateway called gone, from the im-push thread
 
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -435,6 +448,8 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
+        if self.push is not None:
+            self.push.start()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
         self._thread = threading.Thread(target=self._run, name="im-worker", daemon=True)
         self._thread.start()
@@ -456,6 +471,8 @@ class Worker:
             self.client.publish(protocol.worker_topic(self.client_id), protocol.WORKER_GONE, qos=0)
             self.client.disconnect()
             self.client.loop_write()  # what is still queued, then the DISCONNECT
+        if self.push is not None:
+            self.push.stop()  # queued notifications are dropped: the next stored message makes fresh ones
 
     # -- the network, driven from the worker thread --------------------------------
     def _network(self, timeout: float) -> None:
@@ -571,6 +588,8 @@ class Worker:
                 done, self._batch = self._batch, None
                 self._complete_safely(done)
             self._publish(self.core.flush_receipts(now_ms()))  # batched receipts held long enough
+            if self._push_lookups or self._gone:
+                self._push_results()
             if self._batch is not None:
                 continue  # housekeeping uses the store thread: after the batch
             try:
@@ -630,6 +649,7 @@ class Worker:
         now = now_ms()
         inbound = []
         kinds: dict[str, int] = {}  # packets per topic kind, for the metrics
+        went_offline: set[str] = set()
         for m in msgs:
             parsed = protocol.parse_topic(m.topic)
             kind = parsed.kind if parsed else "invalid"
@@ -639,8 +659,14 @@ class Worker:
             elif m.retain and self.skip_retained and parsed.kind != "status":
                 log.warning("dropped a retained replay on %s (retained sends are not messages)", m.topic)
                 continue
+            elif parsed.kind == "status" and self.push is not None:
+                word = protocol.parse_status(m.payload)
+                if word == protocol.ONLINE:
+                    self.push.cancel(parsed.uid)  # no notification while a device of the user is online
+                elif word == protocol.OFFLINE:
+                    went_offline.add(parsed.uid)
             inbound.append((m.topic, m.payload, m.retain))
-        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen)
+        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, went_offline=went_offline)
 
     def _submit(self, batch: "_Batch") -> None:
         batch.started = time.perf_counter()
@@ -677,10 +703,56 @@ class Worker:
         actions = self.core.after_commit(outcomes, now_ms())
         self.metrics.pushed.inc(sum(1 for a in actions if isinstance(a.payload, dict) and a.payload.get("kind") == "msg"))
         self._publish(actions)
+        if self.push is not None:
+            self._plan_push(batch, outcomes)
         if self._may_ack(batch.gen):
             for m in batch.msgs:
                 if m.qos > 0:
                     self.client.ack(m.mid, m.qos)
+
+    # -- push notifications ----------------------------------------------------------
+    def _plan_push(self, batch: "_Batch", outcomes: list[core.Outcome]) -> None:
+        """After a committed batch: the users who need a notification are those a message was just stored for
+        while none of their devices is online, and those whose last device just went offline (something may
+        wait: pushes it never acked). Their devices' endpoints and waiting counts are looked up on the store
+        thread in one query for the whole batch (never a query per message); _push_results notifies."""
+        uids = {uid for uid, _seq in self.core.offline_receivers(outcomes)}
+        uids.update(uid for uid in batch.went_offline if not self.core.user_online(uid))
+        if not uids:
+            return
+        future = self._store_thread.submit(self.store.push_targets, sorted(uids))
+        future.add_done_callback(self._wake)
+        self._push_lookups.append(future)
+
+    def _push_results(self) -> None:
+        """Hand finished lookups to the notifier (skipping users who came online meanwhile), and clear the
+        endpoints gateways called gone, on the store thread."""
+        while self._push_lookups and self._push_lookups[0].done():
+            future = self._push_lookups.pop(0)
+            try:
+                targets = future.result()
+            except Exception as e:  # noqa: BLE001 - the database failed: notifications are best effort
+                log.warning("push notification look-up failed (%s); no notification for that batch",
+                            describe_db_error(e))
+                continue
+            for uid, device, endpoint, waiting, newest in targets:
+                if not self.core.user_online(uid):
+                    self.push.notify(Notification(uid=uid, device=device, endpoint=endpoint, waiting=waiting,
+                                                  newest_seq=newest))
+        while self._gone:
+            uid, device, endpoint = self._gone.pop(0)
+            future = self._store_thread.submit(self.store.drop_push_endpoint, uid, device, endpoint)
+            future.add_done_callback(self._gone_dropped)
+
+    def _push_gone(self, uid: str, device: str, endpoint: str) -> None:
+        """The notifier's on_gone (on the im-push thread): hand over only; the store thread clears it."""
+        self._gone.append((uid, device, endpoint))  # list.append is atomic; drained by the network thread
+        self._wake(None)
+
+    @staticmethod
+    def _gone_dropped(future) -> None:
+        if future.exception() is not None:  # the next notification to it is refused again and retried then
+            log.warning("could not clear a gone push endpoint (%s)", describe_db_error(future.exception()))
 
     def _may_ack(self, gen: int) -> bool:
         """PUBACK only on the connection the packets came on (see _conn_gen); after a reconnect a clean
