@@ -160,7 +160,12 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
     gw = Gateway()
     rng = random.Random(17)
     devs = {(u, d): Dev(u, d, system.port) for u in UIDS for d in DEVICES}
-    gaps: list[tuple[float, float]] = []  # worker kills and the broker restart: until the service is back
+    gaps: list[tuple[float, float, str]] = []  # worker kills and the broker restart: until the service is back
+    # Those that took the broker down (its restart; every kill of `serve`): every device and every worker lost its
+    # connection at once, and no worker saw the devices leave (no will is sent by a dying broker), so what waited
+    # from before gets no notification unless a message arrives before a device is back. Such periods are counted
+    # apart; a worker killed beside Mosquitto is no excuse (the other two notify).
+    broker_down: list[tuple[float, float, str]] = []
     try:
         for dev in devs.values():
             assert dev.up(20)
@@ -181,7 +186,9 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
                 else:
                     system.kill_worker()
                     system.start_worker()
-                gaps.append((g0, time.monotonic() + 3.0))  # + reconnect backoff (1 s) and the workers' start
+                gaps.append((g0, time.monotonic() + 3.0, "restart" if i == restart_at else "kill"))
+                if i == restart_at or kind == "embedded":
+                    broker_down.append(gaps[-1])  # + reconnect backoff (1 s) and the workers' start
             if rng.random() < 0.12:
                 dev = devs[(rng.choice(UIDS), rng.choice(DEVICES))]
                 if dev.client is None:
@@ -279,15 +286,18 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
                     short += 1
                     continue
                 if not any(at >= a and at <= b + RACE_S and body["uid"] == uid for at, body in notes):
-                    if any(g0 < b and a < g1 for g0, g1 in gaps):
-                        excused += 1  # the worker (or broker) was down or restarting during it
+                    if any(g0 < b and a < g1 for g0, g1, _ in broker_down):
+                        excused += 1  # the broker went down during it
+                        if DEBUG:
+                            print("excused", uid, round(a - t0, 2), round(b - t0, 2),
+                                  [(round(g0 - t0, 2), round(g1 - t0, 2), w) for g0, g1, w in broker_down if g0 < b and a < g1])
                     else:
                         missed += 1
         with capsys.disabled():
             print(f"\npush chaos ({kind}, postgresql): sent={len(sent)} device deliveries={received} "
                   f"lost={len(lost)} twice={len(twice)} repeats_dropped_by_clients={dropped} left_in_store={left} "
                   f"notifications={len(notes)} offline_periods={periods} (with something waiting: "
-                  f"{periods - short}) periods_without_notification={missed} (+{excused} overlapping a kill or "
+                  f"{periods - short}) periods_without_notification={missed} (+{excused} overlapping a broker "
                   f"restart) notifications_while_online={len(while_online)} (+{in_race} in the race window) "
                   f"({took:.1f} s)")
         assert lost == [], lost[:10]
