@@ -173,7 +173,7 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
         db = open_database(schema.url)
         assert Device.select().where(Device.push_endpoint.is_null(False)).count() == len(devs)
         db.close()
-        n = 800
+        n = 650
         kill_at = set(rng.sample(range(50, n - 50), 5))
         restart_at = rng.choice(sorted(set(range(100, n - 100)) - kill_at))
         sent = []  # (sender uid, sending device, Outgoing, time confirmed or None)

@@ -171,3 +171,69 @@ def test_a_gateway_that_never_answers_does_not_slow_delivery(system, made):
     # A POST blocking delivery would cost the notifier's 5 s request timeout on a send; 1 s is 10x any
     # receipt latency measured here on a loaded 2-core machine.
     assert latencies[-1] < 1.0
+
+
+def test_a_worker_restart_does_not_notify_sleeping_devices_again(system, made):
+    """The retained `offline` a restarted worker reads is no departure: it would wake every sleeping phone
+    with something waiting at each worker restart (failed before: a second notification within milliseconds)."""
+    gw = Gateway()
+    made.append(gw)
+    watch = StatusWatch(system, "gina")
+    made.append(watch.c)
+    phone = system.client("gina", "phone")
+    made.append(phone)
+    assert phone.push_register(gw.endpoint("gina-phone"))["kind"] != "error"
+    phone.close()
+    assert watch.wait(p.OFFLINE)
+    alice = system.client("alice", "x", receiver=False)
+    made.append(alice)
+    assert alice.send("gina", SECRET).wait(10)["status"] == "stored"
+    assert gw.wait_requests(1, 10)
+    if system.kind == "mosquitto":
+        system.server.kill()
+        system.server.start()
+    else:  # `serve` restarted: the broker's retained statuses go with it, so the devices' words come again
+        system.server.kill()
+        system.server.start()
+        alice = system.client("alice", "x", receiver=False)
+        made.append(alice)
+    hank = system.client("hank", "desk")
+    made.append(hank)
+    assert alice.send("hank", "after the restart").wait(15)["status"] == "stored"  # the new worker is at work
+    assert not gw.wait_requests(2, 2.0), ("no second notification for what was already notified", gw.requests, system.server.lines[-30:])
+
+
+@pytest.mark.parametrize("kind", ["embedded", "mosquitto"])
+def test_push_allow_hosts_refuses_other_gateways(kind, tmp_path, made):
+    s = System(kind, f"sqlite:///{tmp_path}/im.db", extra=["--push-allow-hosts", "push.example.com"])
+    made.append(s.server)
+    try:
+        gw = Gateway()
+        made.append(gw)
+        phone = s.client("bob", "phone")
+        made.append(phone)
+        assert phone.push_register(gw.endpoint("bob-phone"))["kind"] != "error"
+        phone.kill()
+        alice = s.client("alice", "x", receiver=False)
+        made.append(alice)
+        end = time.monotonic() + 15
+        while not s.server.wait_log("is not an allowed push gateway", 0.5) and time.monotonic() < end:
+            alice.send("bob", SECRET).wait(10)  # until the worker saw the phone leave: then one is refused
+        assert s.server.wait_log("is not an allowed push gateway", 1), "".join(s.server.lines[-20:])
+        assert gw.requests == [], "never POSTed outside the allow-list"
+        assert not any(TOKEN in line for line in s.server.lines), "the endpoint's token is never logged"
+    finally:
+        s.close()
+
+
+def test_push_flags():
+    from backend.cli import _push_options, build_parser
+    for command in ("serve", "worker"):
+        args = build_parser().parse_args([command, "--push-allow-hosts", "Push.Example.com, fcm.example.net,"])
+        assert _push_options(args) == {"allowed_hosts": {"push.example.com", "fcm.example.net"},
+                                       "request_timeout": 5.0}
+        assert args.push is True
+        args = build_parser().parse_args([command, "--no-push", "--push-timeout", "2.5"])
+        assert args.push is False and _push_options(args) == {"allowed_hosts": None, "request_timeout": 2.5}
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--push-timeout", "0"])

@@ -650,6 +650,7 @@ class Worker:
         inbound = []
         kinds: dict[str, int] = {}  # packets per topic kind, for the metrics
         went_offline: set[str] = set()
+        came_online: set[str] = set()
         for m in msgs:
             parsed = protocol.parse_topic(m.topic)
             kind = parsed.kind if parsed else "invalid"
@@ -663,9 +664,15 @@ class Worker:
                 word = protocol.parse_status(m.payload)
                 if word == protocol.ONLINE:
                     self.push.cancel(parsed.uid)  # no notification while a device of the user is online
-                elif word == protocol.OFFLINE:
+                    came_online.add(parsed.uid)
+                elif word == protocol.OFFLINE and not m.retain:
+                    # Maybe a departure; not a retained replay (after this worker's (re)connect): that would
+                    # wake every sleeping phone again at each worker restart.
                     went_offline.add(parsed.uid)
             inbound.append((m.topic, m.payload, m.retain))
+        # A departure is a user online before this batch (or during it) whose last device left. An `offline` for
+        # a user already offline is none: the worker's own derived status coming back, a repeated will.
+        went_offline = {u for u in went_offline if u in came_online or self.core.user_online(u)}
         return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, went_offline=went_offline)
 
     def _submit(self, batch: "_Batch") -> None:
@@ -717,9 +724,10 @@ class Worker:
         wait: pushes it never acked). Their devices' endpoints and waiting counts are looked up on the store
         thread in one query for the whole batch (never a query per message); _push_results notifies."""
         uids = {uid for uid, _seq in self.core.offline_receivers(outcomes)}
-        uids.update(uid for uid in batch.went_offline if not self.core.user_online(uid))
-        if not uids:
+        left = {uid for uid in batch.went_offline if not self.core.user_online(uid)} - uids
+        if not uids and not left:
             return
+        uids |= left
         future = self._store_thread.submit(self.store.push_targets, sorted(uids))
         future.add_done_callback(self._wake)
         self._push_lookups.append(future)
