@@ -132,6 +132,10 @@ class DeviceStore:
                     .group_by(Device.uid, Device.device, Device.push_endpoint).tuples()]
         return out
 
+    def has_push_endpoints(self) -> bool:
+        """Has any device a push endpoint? (The worker skips its look-ups while none has.)"""
+        return Device.select().where(Device.push_endpoint.is_null(False)).exists()
+
     def drop_push_endpoint(self, uid: str, device: str, endpoint: str) -> bool:
         """Forget an endpoint its gateway called gone (404/410), unless the device registered another since."""
         return bool(Device.update(push_endpoint=None).where(

@@ -81,6 +81,10 @@ MAX_INFLIGHT = 0
 RECV_CHUNK = 64 * 1024
 # How often the backlog gauge is sampled (a COUNT over the message table): Prometheus scrapes every 15-60 s.
 BACKLOG_SAMPLE_S = 30
+# While no device has a push endpoint, the worker skips its push look-ups and asks the store again this often
+# (or at once when it registers one itself): an endpoint registered through another worker is noticed at most
+# this late, and only when it is the first of them all.
+PUSH_ANY_RECHECK_S = 5.0
 # Workers share send/ack/req through this MQTT shared-subscription group by default ($share/<group>/...):
 # with one worker it changes nothing; with several, the broker spreads the load between them.
 DEFAULT_SHARE_GROUP = "im-workers"
@@ -386,6 +390,8 @@ class Worker:
             if push else None
         self._push_lookups: list[Future] = []
         self._gone: list[tuple[str, str, str]] = []  # endpoints a gateway called gone, from the im-push thread
+        self._push_any = False  # some device has an endpoint (as of _push_any_until - PUSH_ANY_RECHECK_S)
+        self._push_any_until = 0.0  # monotonic time of the next check; 0: check at the next look-up
 
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -723,14 +729,23 @@ class Worker:
         while none of their devices is online, and those whose last device just went offline (something may
         wait: pushes it never acked). Their devices' endpoints and waiting counts are looked up on the store
         thread in one query for the whole batch (never a query per message); _push_results notifies."""
+        if not self._push_any and any(isinstance(o, core.PushEndpointSet) for o in outcomes):
+            self._push_any_until = 0.0  # registered here: the next look-up asks the store at once
         uids = {uid for uid, _seq in self.core.offline_receivers(outcomes)}
-        left = {uid for uid in batch.went_offline if not self.core.user_online(uid)} - uids
-        if not uids and not left:
+        uids |= {uid for uid in batch.went_offline if not self.core.user_online(uid)}
+        if not uids:
             return
-        uids |= left
-        future = self._store_thread.submit(self.store.push_targets, sorted(uids))
+        future = self._store_thread.submit(self._push_lookup, sorted(uids))
         future.add_done_callback(self._wake)
         self._push_lookups.append(future)
+
+    def _push_lookup(self, uids: list[str]) -> list[tuple[str, str, str, int, int]]:
+        """On the store thread: the devices to notify; no query at all while no device has an endpoint."""
+        now = time.monotonic()
+        if now >= self._push_any_until:
+            self._push_any = self.store.has_push_endpoints()
+            self._push_any_until = now + PUSH_ANY_RECHECK_S
+        return self.store.push_targets(uids) if self._push_any else []
 
     def _push_results(self) -> None:
         """Hand finished lookups to the notifier (skipping users who came online meanwhile), and clear the
