@@ -319,6 +319,17 @@ def _ask_password(uid: str) -> str | None:
     return password
 
 
+def _require_existing(url: str) -> None:
+    """Commands that only read or change existing data (user list/remove, device list/remove) never create a
+    SQLite file: a mistyped path, or another current directory, would show an empty, new database."""
+    from .store import DatabaseOpenError
+    if url.startswith("sqlite") and ":///" in url:
+        path = url.split(":///", 1)[1].split("?", 1)[0]
+        if path and path != ":memory:" and not os.path.exists(path):
+            raise DatabaseOpenError(f"no database at {path!r} (relative to {os.getcwd()}): `serve` and `user add` "
+                                    f"create it; check --database-url and the directory you run this from")
+
+
 def _user(args: argparse.Namespace) -> int:
     from . import accounts, protocol
     from .store import open_database, redact_url
@@ -332,6 +343,8 @@ def _user(args: argparse.Namespace) -> int:
             password = _ask_password(args.uid)
             if password is None:
                 return 1
+    else:
+        _require_existing(args.database_url)
     open_database(args.database_url)
     if args.user_command == "add":
         try:
@@ -357,6 +370,7 @@ def _user(args: argparse.Namespace) -> int:
 def _device(args: argparse.Namespace) -> int:
     import time
     from .store import Store, open_database
+    _require_existing(args.database_url)
     db = open_database(args.database_url)
     store = Store(db)
     if args.device_command == "list":

@@ -190,15 +190,23 @@ def check_rights(address: BrokerAddress) -> list[Verdict]:
             out.append(Verdict("rights", "WARN", "not checked: no login was accepted"))
             return out
         victim = f"im-doctor-{secrets.token_hex(4)}"  # a uid no client uses
-        inbox, status = protocol.inbox_topic(victim), protocol.status_topic(victim)
+        # The foreign-publish probe goes on the victim's send topic: a topic only uid victim may write, which the
+        # worker's account may read (a status topic will not do: the worker's account writes users' derived
+        # statuses there). A non-JSON payload, so a worker that gets it answers an error nobody reads.
+        inbox, send = protocol.inbox_topic(victim), protocol.send_topic(victim)
         for _, reader in readers:
-            reader.subscribe(inbox, status)
-        read_probe, write_probe = _nonce("inbox"), _nonce("status")
+            reader.subscribe(inbox, send)
+        read_probe = _nonce("inbox")
         writer.publish(inbox, read_probe)  # as the worker pushes
-        for _, reader in readers:  # each reader, not uid victim, writes on victim's status topic
-            reader.publish(status, write_probe)
+        write_probes = {name: _nonce("send") for name, _ in readers}
+        for name, reader in readers:  # each client, not uid victim, publishes on victim's send topic
+            reader.publish(send, write_probes[name])
         read = [name for name, r in readers if r.got(read_probe)]
-        wrote = [name for name, r in readers if r.got(write_probe, timeout=0.2 if read else PROBE_WAIT_S)]
+        wrote = []
+        for name, _ in readers:  # by now whatever the broker let through has arrived: later looks are short
+            wait = 0.2 if (read or wrote or name != readers[0][0]) else PROBE_WAIT_S
+            if any(r.got(write_probes[name], timeout=wait if i == 0 else 0.05) for i, (_, r) in enumerate(readers)):
+                wrote.append(name)
         if read:
             out.append(Verdict("inbox privacy", "FAIL", f"{' and '.join(read)} read the inbox of another uid: "
                                "the broker does not enforce the per-user rights, so anyone reads every inbox; "
@@ -208,7 +216,7 @@ def check_rights(address: BrokerAddress) -> list[Verdict]:
                                "another uid's inbox"))
         if wrote:
             out.append(Verdict("publish rights", "FAIL", f"{' and '.join(wrote)} published on another uid's "
-                               "topic: anyone can send as anyone; use acl_file with broker_config/acl"))
+                               "send topic: anyone can send as anyone; use acl_file with broker_config/acl"))
         else:
             out.append(Verdict("publish rights", "ok", "publishing on another uid's topics is refused"))
         return out

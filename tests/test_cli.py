@@ -111,8 +111,8 @@ def test_log_options_go_before_or_after_the_command(args, db_url):
     assert "unrecognized arguments" not in r.stderr and "already in use" in r.stderr
 
 
-def test_log_level_after_the_command_takes_effect(db_url):
-    r = run_cli("user", "list", "--database-url", db_url, "--log-level", "DEBUG")
+def test_log_level_after_the_command_takes_effect():
+    r = run_cli("keygen", "--log-level", "DEBUG")
     # (peewee's own DEBUG lines stay off: they carry SQL parameters, i.e. message content)
     assert r.returncode == 0 and "DEBUG backend: logging at DEBUG" in r.stderr, r.stderr
 
@@ -244,3 +244,13 @@ def test_serve_on_an_address_not_of_this_machine_says_so_in_one_line(db_url):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: the embedded broker cannot listen:") and "check --host" in lines[0]
+
+
+@pytest.mark.parametrize("args", [["user", "list"], ["user", "remove", "bob"], ["device", "list", "bob"],
+                                  ["device", "remove", "bob", "phone"]])
+def test_a_read_only_command_never_creates_a_database_at_a_mistyped_path(tmp_path, args):
+    path = tmp_path / "typo" / "im.db"
+    r = run_cli(*args, "--database-url", f"sqlite:///{path}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and f"no database at '{path}'" in lines[0], r.stderr
+    assert not path.parent.exists()  # nothing created

@@ -197,6 +197,8 @@ def test_content_never_reaches_the_logs_even_at_debug():
     refused = [ln for ln in worker.lines if "store refused" in ln]
     assert refused and "msg_id='nul-1' from alice to bob" in refused[0] and "characters of content" in refused[0]
     assert marker not in out, [ln for ln in worker.lines if marker in ln]
+    # DEBUG still shows the traffic, by topic, size and ids: a send coming in, its push and receipts going out.
+    assert "DEBUG backend.worker: in  im/u/alice/send (" in out and "DEBUG backend.worker: out im/u/bob/inbox msg seq=" in out
 
 
 def test_store_operations_are_described_by_ids_and_sizes():

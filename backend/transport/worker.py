@@ -119,7 +119,7 @@ def parse_broker_url(url: str, password: str | None = None, ca_file: str | None 
     """mqtt://[user[:pass]@]host[:port]; the password may instead come from the caller (env or file)."""
     u = urlparse(url)
     if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
-        raise ValueError(f"broker URL must start with mqtt:// (got {url!r})")
+        raise ValueError(f"broker URL must start with mqtt:// (or mqtts:// for TLS), got {url!r}")
     tls = u.scheme in ("mqtts", "ssl")
     return BrokerAddress(host=u.hostname or "127.0.0.1", port=u.port or (8883 if tls else 1883),
                          username=unquote(u.username) if u.username else None,
@@ -291,6 +291,20 @@ class _Client(mqtt.Client):
         with self._msgtime_mutex:
             self._last_msg_out = mqtt.time_func()  # paho's own clock for its keepalive
         return mqtt.MQTT_ERR_AGAIN if out else mqtt.MQTT_ERR_SUCCESS
+
+
+def _describe(payload) -> str:
+    """A published payload by its kind and ids, for DEBUG lines (content and previews left out)."""
+    if isinstance(payload, str):
+        return payload  # a status word
+    kind = payload.get("kind")
+    ids = " ".join(f"{k}={payload[k]}" for k in ("seq", "msg_id", "status", "code", "req_id", "total", "cursor")
+                   if k in payload)
+    if kind == "page":
+        ids += f" messages={len(payload.get('messages', ()))} more={payload.get('more')}"
+    elif kind == "receipts":
+        ids += f" receipts={len(payload.get('receipts', ()))}"
+    return f"{kind} {ids}".strip()
 
 
 _CONNECTED = object()  # inbox marker: a (re)connection, after which retained statuses rebuild presence
@@ -676,6 +690,9 @@ class Worker:
                     # wake every sleeping phone again at each worker restart.
                     went_offline.add(parsed.uid)
             inbound.append((m.topic, m.payload, m.retain))
+        if log.isEnabledFor(logging.DEBUG):  # topics and sizes only: payloads hold message content
+            for topic, payload, _ in inbound:
+                log.debug("in  %s (%d bytes)", topic, len(payload))
         # A departure is a user online before this batch (or during it) whose last device left. An `offline` for
         # a user already offline is none: the worker's own derived status coming back, a repeated will.
         went_offline = {u for u in went_offline if u in came_online or self.core.user_online(u)}
@@ -879,6 +896,9 @@ class Worker:
             pass
 
     def _publish(self, actions: list[core.Publish]) -> None:
+        if log.isEnabledFor(logging.DEBUG):  # what went where, by ids: never content
+            for a in actions:
+                log.debug("out %s %s", a.topic, _describe(a.payload))
         for a in actions:
             if isinstance(a.payload, str):  # a status word (the derived user status), sent as is
                 self._last_info = self.client.publish(a.topic, a.payload.encode(), qos=a.qos, retain=a.retain)
