@@ -777,6 +777,7 @@ class Worker:
                 continue
             for uid, device, endpoint, waiting, newest in targets:
                 if not self.core.user_online(uid):
+                    log.debug("push notification for %s/%s: %d waiting, newest seq %d", uid, device, waiting, newest)
                     self.push.notify(Notification(uid=uid, device=device, endpoint=endpoint, waiting=waiting,
                                                   newest_seq=newest))
         while self._gone:
