@@ -101,6 +101,31 @@ def _delivery(args: argparse.Namespace):
                     announce_repeat_max_ms=max(repeat_ms, ANNOUNCE_REPEAT_MAX_MS))
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--push-allow-hosts", default=None, metavar="HOST[,HOST]",
+                   help="push gateways the worker may POST notifications to (host names, comma-separated); "
+                        "another host's endpoint is refused at each notification (default: any https:// host, "
+                        "but a DNS name may resolve inside your network (SSRF): set this in production)")
+    p.add_argument("--push-timeout", type=_positive, default=5.0,
+                   help="seconds one notification POST may take before it is retried with backoff (default: 5, "
+                        "as Sygnal's and most push SDKs' order of magnitude)")
+    p.add_argument("--no-push", dest="push", action="store_false",
+                   help="send no push notifications, for deployments without outbound HTTPS (default: send them "
+                        "to the endpoints devices register)")
+
+
+def _push_options(args: argparse.Namespace) -> dict:
+    hosts = {h.strip().lower() for h in (args.push_allow_hosts or "").split(",") if h.strip()}
+    return {"allowed_hosts": hosts or None, "request_timeout": args.push_timeout}
+
+
 def _metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on /metrics and a health check on /healthz here (default: off)")
@@ -153,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: off)")
     _db_arg(s)
     _store_args(s)
+    _push_args(s)
     _metrics_args(s)
 
     w = sub.add_parser("worker", parents=[logs], help="run the worker alone, beside any MQTT 3.1.1/5 broker",
@@ -174,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "split the load; '' subscribes plainly, for brokers without $share (default: im-workers)")
     _db_arg(w)
     _store_args(w)
+    _push_args(w)
     _metrics_args(w)
 
     d = sub.add_parser("doctor", parents=[logs], help="check a broker for what the worker needs (rights, $share, limits)",
@@ -400,7 +427,7 @@ def _worker(args: argparse.Namespace) -> int:
     stop = _wait_for_signal()
     worker = Worker(addresses, _store(args, db), client_id=client_id, share_group=args.share_group or None,
                     delivery=_delivery(args), clean_session=not args.persistent_session,
-                    on_fatal=lambda _message: stop.set())
+                    on_fatal=lambda _message: stop.set(), push=args.push, push_options=_push_options(args))
     if args.persistent_session and args.share_group:
         log.warning("persistent session %s in the shared group %s: while this worker is stopped, the broker "
                     "keeps handing its session a share of the traffic, which waits there until it returns; "
@@ -491,8 +518,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
         BrokerAddress(connect_host, listeners.tls_port, WORKER_USERNAME, worker_password, tls=True, verify=False)
     worker = Worker(address,
                     store, client_id="!im-worker", skip_retained=False, delivery=_delivery(args),
-                    restore_presence=False, split_uid_filters=False)  # amqtt sends retained statuses to
-    # im/status/+ itself, and never rewrites a topic
+                    restore_presence=False, split_uid_filters=False,  # amqtt sends retained statuses to
+                    push=args.push, push_options=_push_options(args))  # im/status/+ itself, never rewrites a topic
     worker.metrics.rights_enforced.set(1)  # the embedded broker enforces the per-user rights itself
     _start_metrics(args, worker)
     worker.start()

@@ -19,6 +19,11 @@ from .store import (DEVICE_SEEN_MAX, DEVICE_SEEN_S, PAGE_FIELDS, PURGE_CHUNK, De
                     RemovedDevice, _for_update, now_ms)
 
 
+# Users per push look-up query: a batch names at most 256, but keep any IN list far below SQLite's old
+# limit of 999 bound parameters.
+PUSH_LOOKUP_CHUNK = 500
+
+
 class DeviceStore:
     """The device half of the Store (a mixin: ``self.db``, ``self.max_devices``, ``self._seen``...)."""
 
@@ -112,6 +117,24 @@ class DeviceStore:
         """device -> push endpoint, for the user's devices that registered one (the push notifier's look-up)."""
         return dict(Device.select(Device.device, Device.push_endpoint)
                     .where((Device.uid == uid) & Device.push_endpoint.is_null(False)).tuples())
+
+    def push_targets(self, uids: list[str]) -> list[tuple[str, str, str, int, int]]:
+        """(uid, device, endpoint, waiting, newest_seq) for each device of these users that has a push endpoint
+        and entries waiting: the worker's notifications after a batch (one query per batch, not per message;
+        a user without an endpoint costs an index probe of the device table and nothing more)."""
+        out = []
+        for i in range(0, len(uids), PUSH_LOOKUP_CHUNK):
+            out += [(u, d, e, int(n), int(s)) for u, d, e, n, s in
+                    Device.select(Device.uid, Device.device, Device.push_endpoint, pw.fn.COUNT(Entry.seq),
+                                  pw.fn.MAX(Entry.seq))
+                    .join(Entry, on=((Entry.uid == Device.uid) & (Entry.device == Device.device)))
+                    .where(Device.uid.in_(uids[i:i + PUSH_LOOKUP_CHUNK]) & Device.push_endpoint.is_null(False))
+                    .group_by(Device.uid, Device.device, Device.push_endpoint).tuples()]
+        return out
+
+    def has_push_endpoints(self) -> bool:
+        """Has any device a push endpoint? (The worker skips its look-ups while none has.)"""
+        return Device.select().where(Device.push_endpoint.is_null(False)).exists()
 
     def drop_push_endpoint(self, uid: str, device: str, endpoint: str) -> bool:
         """Forget an endpoint its gateway called gone (404/410), unless the device registered another since."""

@@ -42,6 +42,7 @@ import peewee as pw
 
 from .. import core, protocol
 from ..metrics import Metrics
+from ..push import Notification, PushNotifier
 from ..store import Store, now_ms
 from .connection import BrokerAddress, _Client, configure_tls, refusal_message, set_nodelay
 from .logtext import describe_db_error, describe_op, describe_outage, describe_payload, log_bug
@@ -77,6 +78,10 @@ PURGE_INTERVAL_S = 3600
 MAX_INFLIGHT = 0
 # How often the backlog gauge is sampled (a COUNT over the message table): Prometheus scrapes every 15-60 s.
 BACKLOG_SAMPLE_S = 30
+# While no device has a push endpoint, the worker skips its push look-ups and asks the store again this often
+# (or at once when it registers one itself): an endpoint registered through another worker is noticed at most
+# this late, and only when it is the first of them all.
+PUSH_ANY_RECHECK_S = 5.0
 # Workers share send/ack/req through this MQTT shared-subscription group by default ($share/<group>/...):
 # with one worker it changes nothing; with several, the broker spreads the load between them.
 DEFAULT_SHARE_GROUP = "im-workers"
@@ -151,6 +156,7 @@ class _Batch:
     started: float = 0.0
     retry_at: float = 0.0
     wait: float = field(default=DB_RETRY_MIN_S)
+    went_offline: set = field(default_factory=set)  # uids with an `offline` word in it (push notifications)
 
 
 class Worker:
@@ -158,7 +164,8 @@ class Worker:
                  delivery: core.Delivery | None = None, skip_retained: bool = True,
                  share_group: str | None = None, metrics: Metrics | None = None,
                  clean_session: bool = True, on_fatal: Callable[[str], None] | None = None,
-                 restore_presence: bool = True, split_uid_filters: bool = True):
+                 restore_presence: bool = True, split_uid_filters: bool = True,
+                 push: bool = True, push_options: dict | None = None):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
@@ -173,7 +180,11 @@ class Worker:
         ``split_uid_filters``: also subscribe to SPLIT_UID_FILTERS, to name a uid the broker split (one line each);
         a refusal of these is logged once and not retried (the embedded broker never splits: ``serve`` passes False).
         ``on_fatal(message)``: if given, a login the broker refuses before the worker ever connected stops
-        the worker and is handed to it (one line saying what to do) instead of being retried."""
+        the worker and is handed to it (one line saying what to do) instead of being retried.
+
+        ``push``: own a :class:`backend.push.PushNotifier` (started and stopped with the worker) that notifies
+        devices with a push endpoint when something waits for their user and none of its devices is online;
+        ``push_options``: its keyword arguments (allowed_hosts, request_timeout...). See _plan_push."""
         # Several addresses are the nodes of one cluster: when the connection to one fails or ends, the worker
         # tries the next at once, and backs off only after a whole round failed. Same account and TLS on all.
         self.brokers = list(broker) if isinstance(broker, (list, tuple)) else [broker]
@@ -254,6 +265,14 @@ class Worker:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        # Push notifications: lookups (endpoints and per-device waiting counts) run on the store thread after a
+        # batch, and their results are handed to the notifier from this thread (which knows who is online).
+        self.push = PushNotifier(metrics=self.metrics, on_gone=self._push_gone, **(push_options or {})) \
+            if push else None
+        self._push_lookups: list[Future] = []
+        self._gone: list[tuple[str, str, str]] = []  # endpoints a gateway called gone, from the im-push thread
+        self._push_any = False  # some device has an endpoint (as of _push_any_until - PUSH_ANY_RECHECK_S)
+        self._push_any_until = 0.0  # monotonic time of the next check; 0: check at the next look-up
 
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -462,6 +481,8 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
+        if self.push is not None:
+            self.push.start()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
         self._thread = threading.Thread(target=self._run, name="im-worker", daemon=True)
         self._thread.start()
@@ -483,6 +504,8 @@ class Worker:
             self.client.publish(protocol.worker_topic(self.client_id), protocol.WORKER_GONE, qos=0)
             self.client.disconnect()
             self.client.loop_write()  # what is still queued, then the DISCONNECT
+        if self.push is not None:
+            self.push.stop()  # queued notifications are dropped: the next stored message makes fresh ones
 
     # -- the network, driven from the worker thread --------------------------------
     def _network(self, timeout: float) -> None:
@@ -618,6 +641,8 @@ class Worker:
                 done, self._batch = self._batch, None
                 self._complete_safely(done)
             self._publish(self.core.flush_receipts(now_ms()))  # batched receipts held long enough
+            if self._push_lookups or self._gone:
+                self._push_results()
             if self._batch is not None:
                 continue  # housekeeping uses the store thread: after the batch
             try:
@@ -682,6 +707,8 @@ class Worker:
         inbound = []
         statuses: dict[str, str] = {}  # status topic -> its last word in this batch, remembered in the store
         kinds: dict[str, int] = {}  # packets per topic kind, for the metrics
+        went_offline: set[str] = set()
+        came_online: set[str] = set()
         for m in msgs:
             parsed = protocol.parse_topic(m.topic)
             kind = parsed.kind if parsed else "invalid"
@@ -703,11 +730,24 @@ class Worker:
                 continue
             if parsed is not None and parsed.kind == "status" and m.payload in (b"online", b"offline"):
                 statuses[m.topic] = m.payload.decode()
+            if parsed is not None and parsed.kind == "status" and self.push is not None:
+                word = protocol.parse_status(m.payload)
+                if word == protocol.ONLINE:
+                    self.push.cancel(parsed.uid)  # no notification while a device of the user is online
+                    came_online.add(parsed.uid)
+                elif word == protocol.OFFLINE and not m.retain:
+                    # Maybe a departure; not a retained replay (after this worker's (re)connect): that would
+                    # wake every sleeping phone again at each worker restart.
+                    went_offline.add(parsed.uid)
             inbound.append((m.topic, m.payload, m.retain))
         if log.isEnabledFor(logging.DEBUG):  # topics and sizes only: payloads hold message content
             for topic, payload, _ in inbound:
                 log.debug("in  %s (%d bytes)", topic, len(payload))
-        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, statuses=statuses)
+        # A departure is a user online before this batch (or during it) whose last device left. An `offline` for
+        # a user already offline is none: the worker's own derived status coming back, a repeated will.
+        went_offline = {u for u in went_offline if u in came_online or self.core.user_online(u)}
+        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, statuses=statuses,
+                      went_offline=went_offline)
 
     def _submit(self, batch: "_Batch") -> None:
         batch.started = time.perf_counter()
@@ -752,10 +792,67 @@ class Worker:
         actions = self.core.after_commit(outcomes, now_ms())
         self.metrics.pushed.inc(sum(1 for a in actions if isinstance(a.payload, dict) and a.payload.get("kind") == "msg"))
         self._publish(actions)
+        if self.push is not None:
+            self._plan_push(batch, outcomes)
         if self._may_ack(batch.gen):
             for m in batch.msgs:
                 if m.qos > 0:
                     self.client.ack(m.mid, m.qos)
+
+    # -- push notifications ----------------------------------------------------------
+    def _plan_push(self, batch: "_Batch", outcomes: list[core.Outcome]) -> None:
+        """After a committed batch: the users who need a notification are those a message was just stored for
+        while none of their devices is online, and those whose last device just went offline (something may
+        wait: pushes it never acked). Their devices' endpoints and waiting counts are looked up on the store
+        thread in one query for the whole batch (never a query per message); _push_results notifies."""
+        if not self._push_any and any(isinstance(o, core.PushEndpointSet) for o in outcomes):
+            self._push_any_until = 0.0  # registered here: the next look-up asks the store at once
+        uids = {uid for uid, _seq in self.core.offline_receivers(outcomes)}
+        uids |= {uid for uid in batch.went_offline if not self.core.user_online(uid)}
+        if not uids:
+            return
+        future = self._store_thread.submit(self._push_lookup, sorted(uids))
+        future.add_done_callback(self._wake)
+        self._push_lookups.append(future)
+
+    def _push_lookup(self, uids: list[str]) -> list[tuple[str, str, str, int, int]]:
+        """On the store thread: the devices to notify; no query at all while no device has an endpoint."""
+        now = time.monotonic()
+        if now >= self._push_any_until:
+            self._push_any = self.store.has_push_endpoints()
+            self._push_any_until = now + PUSH_ANY_RECHECK_S
+        return self.store.push_targets(uids) if self._push_any else []
+
+    def _push_results(self) -> None:
+        """Hand finished lookups to the notifier (skipping users who came online meanwhile), and clear the
+        endpoints gateways called gone, on the store thread."""
+        while self._push_lookups and self._push_lookups[0].done():
+            future = self._push_lookups.pop(0)
+            try:
+                targets = future.result()
+            except Exception as e:  # noqa: BLE001 - the database failed: notifications are best effort
+                log.warning("push notification look-up failed (%s); no notification for that batch",
+                            describe_db_error(e))
+                continue
+            for uid, device, endpoint, waiting, newest in targets:
+                if not self.core.user_online(uid):
+                    log.debug("push notification for %s/%s: %d waiting, newest seq %d", uid, device, waiting, newest)
+                    self.push.notify(Notification(uid=uid, device=device, endpoint=endpoint, waiting=waiting,
+                                                  newest_seq=newest))
+        while self._gone:
+            uid, device, endpoint = self._gone.pop(0)
+            future = self._store_thread.submit(self.store.drop_push_endpoint, uid, device, endpoint)
+            future.add_done_callback(self._gone_dropped)
+
+    def _push_gone(self, uid: str, device: str, endpoint: str) -> None:
+        """The notifier's on_gone (on the im-push thread): hand over only; the store thread clears it."""
+        self._gone.append((uid, device, endpoint))  # list.append is atomic; drained by the network thread
+        self._wake(None)
+
+    @staticmethod
+    def _gone_dropped(future) -> None:
+        if future.exception() is not None:  # the next notification to it is refused again and retried then
+            log.warning("could not clear a gone push endpoint (%s)", describe_db_error(future.exception()))
 
     def _may_ack(self, gen: int) -> bool:
         """PUBACK only on the connection the packets came on (see _conn_gen); after a reconnect a clean
