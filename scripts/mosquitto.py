@@ -33,10 +33,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterable, Mapping
+
+try:
+    from scripts._foreground import run_until_stopped
+except ImportError:  # run as a file: python scripts/X.py
+    from _foreground import run_until_stopped  # type: ignore[no-redef]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "broker_config" / "mosquitto.conf"
@@ -351,20 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"mosquitto listening on {broker.host}:{broker.port} (pid {broker.proc.pid}); files and log in "
-          f"{broker.workdir}; Ctrl-C stops", flush=True)
-    try:
-        while broker.running and not stop.wait(0.5):  # wake up now and then to notice a dead broker
-            pass
-    finally:
-        code = broker.proc.poll()
-        if code is not None:
-            print(f"mosquitto exited with {code}:\n{broker.log_tail()}", file=sys.stderr)
-        broker.close()
-    return 0 if code is None else 1
+    return run_until_stopped(broker, f"mosquitto listening on {broker.host}:{broker.port} (pid {broker.proc.pid}); "
+                                     f"files and log in {broker.workdir}", "mosquitto")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ from typing import Iterable, Mapping
 
 from scripts.mosquitto import free_port
 
+try:
+    from scripts._foreground import run_until_stopped
+except ImportError:  # run as a file: python scripts/X.py
+    from _foreground import run_until_stopped  # type: ignore[no-redef]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "broker_config" / "nats" / "nats.conf"
 WORKER_USER = "im-worker"
@@ -354,20 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"nats-server: MQTT on {broker.host}:{broker.port}, monitor on {broker.http_port} (pid {broker.proc.pid}); "
-          f"files in {broker.workdir}; Ctrl-C stops", flush=True)
-    try:
-        while broker.running and not stop.wait(0.5):  # wake up now and then to notice a dead server
-            pass
-    finally:
-        code = broker.proc.poll()
-        if code is not None:
-            print(f"nats-server exited with {code}:\n{broker.log_tail()}", file=sys.stderr)
-        broker.close()
-    return 0 if code is None else 1
+    return run_until_stopped(broker, f"nats-server: MQTT on {broker.host}:{broker.port}, monitor on "
+                                     f"{broker.http_port} (pid {broker.proc.pid}); files in {broker.workdir}",
+                             "nats-server")
 
 
 if __name__ == "__main__":

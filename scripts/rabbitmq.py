@@ -31,13 +31,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from scripts.mosquitto import free_port
 from scripts.nats import mqtt_connects
+
+try:
+    from scripts._foreground import run_until_stopped
+except ImportError:  # run as a file: python scripts/X.py
+    from _foreground import run_until_stopped  # type: ignore[no-redef]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "broker_config" / "rabbitmq"
@@ -283,20 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"RabbitMQ node {broker.node}: MQTT on {broker.host}:{broker.port} (pid {broker.proc.pid}); files in "
-          f"{broker.workdir}; Ctrl-C stops", flush=True)
-    try:
-        while broker.running and not stop.wait(0.5):  # wake up now and then to notice a dead node
-            pass
-    finally:
-        code = broker.proc.poll()
-        if code is not None:
-            print(f"rabbitmq-server exited with {code}:\n{broker.log_tail()}", file=sys.stderr)
-        broker.close()
-    return 0 if code is None else 1
+    return run_until_stopped(broker, f"RabbitMQ node {broker.node}: MQTT on {broker.host}:{broker.port} "
+                                     f"(pid {broker.proc.pid}); files in {broker.workdir}", "rabbitmq-server")
 
 
 if __name__ == "__main__":

@@ -150,3 +150,26 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
             except Exception:  # noqa: BLE001
                 pass
     return report
+
+
+def collect_device_deliveries(devs: dict, want_for) -> tuple[list, list, int]:
+    """After a devices chaos run: each device (``devs``: (uid, device) -> an object with ``client`` and
+    ``messages``) drains until it holds every msg_id in ``want_for(uid, device)``, for up to 20 s. Returns
+    (lost, twice, received): the (uid, device, msg_id) never shown, those shown more than once, and how many
+    messages the devices showed in all."""
+    lost, twice, received = [], [], 0
+    for (uid, device), dev in devs.items():
+        want = want_for(uid, device)
+        got = lambda: {m["msg_id"] for m in dev.messages}  # noqa: E731
+        end = time.monotonic() + 20
+        while not want <= got() and time.monotonic() < end:
+            try:
+                dev.client.drain(limit=200)
+            except (TimeoutError, RuntimeError):
+                pass
+            dev.client.wait_for(lambda: want <= got(), 1.0)
+        lost += [(uid, device, m) for m in sorted(want - got())]
+        counts = Counter(m["msg_id"] for m in dev.messages)
+        twice += [(uid, device, k) for k, c in counts.items() if c > 1]
+        received += len(dev.messages)
+    return lost, twice, received

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
 
 import pytest
 
@@ -96,23 +95,14 @@ def test_every_device_gets_everything_once_through_kills_and_a_broker_restart(ki
             o.wait(max(0.1, deadline - time.monotonic()))
         confirmed = sum(1 for _, o in sent if o.receipt and o.receipt.get("status") in ("stored", "duplicate"))
         assert confirmed == n, f"{n - confirmed} sends never confirmed"
-        lost, twice, received = [], [], 0
-        for (uid, device), dev in devs.items():
+        def want_for(uid, device):
             want = {o.msg_id for s, o in sent if o.to == uid}
             if device != "desk":
                 want |= {o.msg_id for s, o in sent if s == uid}  # sync copies of what its desk sent
-            got = lambda: {m["msg_id"] for m in dev.messages}  # noqa: E731
-            end = time.monotonic() + 20
-            while not want <= got() and time.monotonic() < end:
-                try:
-                    dev.client.drain(limit=200)
-                except (TimeoutError, RuntimeError):
-                    pass
-                dev.client.wait_for(lambda: want <= got(), 1.0)
-            lost += [(uid, device, m) for m in sorted(want - got())]
-            counts = Counter(m["msg_id"] for m in dev.messages)
-            twice += [(uid, device, k) for k, c in counts.items() if c > 1]
-            received += len(dev.messages)
+            return want
+
+        lost, twice, received = chaos.collect_device_deliveries(devs, want_for)
+        for (uid, _), dev in devs.items():
             assert all(m.get("copy") is True for m in dev.messages if m["from"] == uid), "copies are marked"
         for dev in devs.values():
             dev.client.flush_acks()

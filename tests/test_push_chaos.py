@@ -17,7 +17,6 @@ import json
 import random
 import threading
 import time
-from collections import Counter
 
 import pytest
 
@@ -219,22 +218,9 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
             o.wait(max(0.1, deadline - time.monotonic()))
         confirmed = sum(1 for _, _, o in sent if o.receipt and o.receipt.get("status") in ("stored", "duplicate"))
         assert confirmed == len(sent), f"{len(sent) - confirmed} sends never confirmed"
-        lost, twice, received = [], [], 0
-        for (uid, device), dev in devs.items():
-            want = {o.msg_id for _, _, o in sent if o.to == uid}
-            want |= {o.msg_id for s, d, o in sent if s == uid and d != device}  # sync copies
-            got = lambda: {m["msg_id"] for m in dev.messages}  # noqa: E731
-            end = time.monotonic() + 20
-            while not want <= got() and time.monotonic() < end:
-                try:
-                    dev.client.drain(limit=200)
-                except (TimeoutError, RuntimeError):
-                    pass
-                dev.client.wait_for(lambda: want <= got(), 1.0)
-            lost += [(uid, device, m) for m in sorted(want - got())]
-            counts = Counter(m["msg_id"] for m in dev.messages)
-            twice += [(uid, device, k) for k, c in counts.items() if c > 1]
-            received += len(dev.messages)
+        lost, twice, received = chaos.collect_device_deliveries(devs, lambda uid, device: (
+            {o.msg_id for _, _, o in sent if o.to == uid}
+            | {o.msg_id for s, d, o in sent if s == uid and d != device}))  # and sync copies
         for dev in devs.values():
             dev.client.flush_acks()
         db = open_database(schema.url)
