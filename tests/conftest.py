@@ -188,3 +188,19 @@ def clients(request):
             c.kill()
         except Exception:  # noqa: BLE001
             pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests leave nothing behind on the machine's shared databases: the project's tables that the tests made in
+    the test databases ($IM_TEST_POSTGRES_URL, $IM_TEST_MYSQL_URL) are dropped when the run ends."""
+    from services import MYSQL_URL, POSTGRES_URL, reachable
+    from backend.store import drop_schema, open_database
+    for url in (POSTGRES_URL, MYSQL_URL):
+        if reachable(url) is not None:
+            continue
+        try:
+            db = open_database(url, create=False)
+            drop_schema(db)
+            db.close()
+        except Exception as e:  # noqa: BLE001 - a clean-up; the run's verdict is already made
+            print(f"\ncould not drop the test tables at {url}: {type(e).__name__}")
