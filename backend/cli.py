@@ -19,6 +19,8 @@ DEFAULT_PORT = 1883  # MQTT's IANA port
 # How long Ctrl-C waits for the embedded broker to close client connections (systemd's stop timeout is 90 s;
 # an interactive user expects seconds).
 SHUTDOWN_TIMEOUT_S = 3
+# How often the `worker` command's main thread checks for Ctrl-C/SIGTERM: a stop within half a second feels at once.
+SIGNAL_POLL_S = 0.5
 
 
 COMMANDS = ("serve", "worker", "user", "device", "doctor", "keygen")
@@ -443,7 +445,10 @@ def _worker(args: argparse.Namespace) -> int:
         check_at_start(worker.broker, worker.metrics, worker.connected, stop)
 
     threading.Thread(target=check, name="im-broker-check", daemon=True).start()
-    stop.wait()
+    # Wake up now and then: Python runs signal handlers on the main thread only, and a Ctrl-C the kernel hands
+    # to another thread (the push or network thread) would leave a wait without timeout asleep for ever.
+    while not stop.wait(SIGNAL_POLL_S):
+        pass
     if worker.fatal:
         worker.stop()
         print(f"error: {worker.fatal}", file=sys.stderr)
