@@ -15,7 +15,7 @@ from backend.client import IMClient
 from backend import protocol as p
 from conftest import eventually, raw_client
 from conftest import stop_raw as stop
-from services import BROKERS, ProbedWorker, mosquitto, shared_broker, unique_users
+from services import BROKERS, WORKER_USER, ProbedWorker, mosquitto, nats_cluster, shared_broker, unique_users
 
 # Upper bound for anything that takes milliseconds; waits return as soon as the event happens.
 WAIT_S = 15.0
@@ -197,15 +197,13 @@ def test_worker_moves_to_a_live_node_when_its_nats_node_dies(tmp_path):
     """A 3-node NATS cluster (JetStream R3): the worker, given all three addresses, is on node 1, alice on
     node 2, bob on node 3. Node 1 is SIGKILLed: the worker moves to a live node by itself, and the chat goes
     on (alice's client resends what got no receipt); nothing lost, nothing shown twice."""
-    if os.environ.get("IM_CLUSTER_TESTS") != "1":
-        # Opt-in until issue 15's cluster work: JetStream takes 20-30 s to recover after a node dies here, so the run
-        # sits near the suite's 60 s cap and failed 2 runs in 5 (a timeout, not a wrong result).
-        pytest.skip("cluster failover test: set IM_CLUSTER_TESTS=1 to run it (about 45 s)")
-    from scripts.nats import find_nats, start_nats_cluster
-    from services import WORKER_PASSWORD, WORKER_USER, require
-    require(find_nats() is not None, "nats-server not installed")
-    uids = unique_users("alice", "bob")
-    nodes = start_nats_cluster({WORKER_USER: WORKER_PASSWORD, **{u: f"{u}-pw" for u in uids.values()}})
+    # Opt-in (services.nats_cluster): JetStream takes 20-30 s to recover after a node dies here, so the run sits
+    # near the suite's 60 s cap and failed 2 runs in 5 (a timeout, not a wrong result).
+    with nats_cluster("alice", "bob") as (nodes, uids):
+        _worker_moves(tmp_path, nodes, uids)
+
+
+def _worker_moves(tmp_path, nodes, uids) -> None:
     worker = bob = alice = None
     try:
         worker = ProbedWorker(nodes[0].port, f"sqlite:///{tmp_path}/im.db")
@@ -238,5 +236,3 @@ def test_worker_moves_to_a_live_node_when_its_nats_node_dies(tmp_path):
                 c.kill()
         if worker is not None:
             worker.kill()
-        for n in nodes:
-            n.close()
