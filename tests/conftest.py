@@ -191,6 +191,14 @@ def clients(request):
 
 
 @pytest.fixture
+def alice_bob_cluster():
+    """services.nats_cluster("alice", "bob"): (3 NATS nodes, {"alice": uid, "bob": uid}); opt-in, IM_CLUSTER_TESTS=1."""
+    from services import nats_cluster
+    with nats_cluster("alice", "bob") as got:
+        yield got
+
+
+@pytest.fixture
 def made():
     """A list to put what a test starts in (IMClients, raw paho clients, push gateways): each is ended at teardown
     (kill(), else stop_raw() for a paho client, else close()), whatever the test's outcome."""

@@ -16,7 +16,7 @@ import pytest
 
 from backend.client import IMClient, broker_list
 from conftest import PASSWORDS, eventually, free_port
-from services import WorkerProcess, nats_cluster
+from services import WorkerProcess
 
 TESTS = Path(__file__).resolve().parent
 # Upper bound for what takes milliseconds to a second or two (a reconnect waits paho's 1 s backoff first).
@@ -114,38 +114,29 @@ def test_client_moves_on_when_its_node_dies_and_nothing_is_lost_or_shown_twice(s
             proxy.kill()
 
 
-def test_client_moves_to_a_live_nats_node_when_its_node_dies(tmp_path):
+def test_client_moves_to_a_live_nats_node_when_its_node_dies(tmp_path, alice_bob_cluster, made):
     """A 3-node NATS cluster (JetStream R3): the worker is on node 3; alice and bob, given all three addresses,
     are on node 1. Node 1 is SIGKILLed: both move to a live node by themselves (subscribing again while NATS
     refuses during JetStream's recovery), and the chat goes on: nothing lost, nothing shown twice."""
-    with nats_cluster("alice", "bob") as (nodes, uids):
-        _clients_move(tmp_path, nodes, uids)
+    nodes, uids = alice_bob_cluster
+    worker = WorkerProcess(nodes[2].port, f"sqlite:///{tmp_path}/im.db")
+    made.append(worker)
+    worker.start(timeout=30)
+    addresses = ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+    # alice resends every 2 s at most: the test measures the move and JetStream's recovery, not the backoff.
+    alice = IMClient(uids["alice"], f"{uids['alice']}-pw", brokers=f"mqtt://{addresses}", receiver=False,
+                     resend_timeout=1.0, resend_wait_max=2.0, max_resends=100).connect(WAIT_S)
+    made.append(alice)
+    bob = IMClient(uids["bob"], f"{uids['bob']}-pw", brokers=f"mqtt://{addresses}").connect(WAIT_S)
+    made.append(bob)
+    assert alice.port == bob.port == nodes[0].port
+    assert alice.send(uids["bob"], "before").wait(WAIT_S)["status"] == "stored"
+    assert bob.wait_for_messages(1, WAIT_S)
 
-
-def _clients_move(tmp_path, nodes, uids) -> None:
-    worker = alice = bob = None
-    try:
-        worker = WorkerProcess(nodes[2].port, f"sqlite:///{tmp_path}/im.db")
-        worker.start(timeout=30)
-        addresses = ",".join(f"127.0.0.1:{n.port}" for n in nodes)
-        # alice resends every 2 s at most: the test measures the move and JetStream's recovery, not the backoff.
-        alice = IMClient(uids["alice"], f"{uids['alice']}-pw", brokers=f"mqtt://{addresses}", receiver=False,
-                         resend_timeout=1.0, resend_wait_max=2.0, max_resends=100).connect(WAIT_S)
-        bob = IMClient(uids["bob"], f"{uids['bob']}-pw", brokers=f"mqtt://{addresses}").connect(WAIT_S)
-        assert alice.port == bob.port == nodes[0].port
-        assert alice.send(uids["bob"], "before").wait(WAIT_S)["status"] == "stored"
-        assert bob.wait_for_messages(1, WAIT_S)
-
-        nodes[0].kill()
-        second = alice.send(uids["bob"], "after")
-        r = second.wait(40)
-        assert r is not None and r["status"] in ("stored", "duplicate"), (second.problem, worker.lines[-20:])
-        assert alice.port != nodes[0].port and bob.port != nodes[0].port
-        assert bob.wait_for(lambda: len(bob.messages) >= 2, 30), (bob.messages, worker.lines[-20:])
-        assert [m["content"] for m in bob.messages] == ["before", "after"]
-    finally:
-        for c in (alice, bob):
-            if c is not None:
-                c.kill()
-        if worker is not None:
-            worker.kill()
+    nodes[0].kill()
+    second = alice.send(uids["bob"], "after")
+    r = second.wait(40)
+    assert r is not None and r["status"] in ("stored", "duplicate"), (second.problem, worker.lines[-20:])
+    assert alice.port != nodes[0].port and bob.port != nodes[0].port
+    assert bob.wait_for(lambda: len(bob.messages) >= 2, 30), (bob.messages, worker.lines[-20:])
+    assert [m["content"] for m in bob.messages] == ["before", "after"]
