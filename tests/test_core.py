@@ -325,7 +325,7 @@ def test_exhausted_pushes_announce_once_per_gap_and_only_to_online_receivers():
 
 
 def test_untracked_push_past_the_table_bound_is_announced(monkeypatch):
-    monkeypatch.setattr(core, "PENDING_PUSH_MAX", 1)
+    monkeypatch.setattr(core.pushes, "PENDING_PUSH_MAX", 1)  # read where it is defined
     d = core.Delivery()
     plan = d.plan([status("bob", "online"), send("alice", "bob", "m1"), send("alice", "bob", "m2")], T0)
     d.after_commit([counted(plan.ops[0], 0), stored(plan.ops[1], 1), stored(plan.ops[2], 2)], T0)

@@ -172,7 +172,7 @@ def test_purge_keeps_ids_of_waiting_messages(store):
 def test_purge_in_chunks_walks_every_row_exactly_once(store, monkeypatch):
     """The worker's purge runs in short transactions (PURGE_CHUNK rows); across chunk boundaries it
     releases every gone message, keeps every waiting one, and forgets exactly the old ones."""
-    import backend.store as st
+    import backend.store.maintenance as st  # PURGE_CHUNK is read where it is defined
     monkeypatch.setattr(st, "PURGE_CHUNK", 3)
     out = store.apply([msg("alice", "bob", f"m{i}", t=0) for i in range(11)])
     gone = [o.seq for i, o in enumerate(out) if i % 3 != 0]  # m0, m3, m6, m9 keep waiting

@@ -3,8 +3,7 @@ to a device removed earlier), removal and its released entries, push endpoints, 
 silent devices, and the read-only pages of a user's scope (docs/PROTOCOL.md, section 12).
 
 :class:`DeviceStore` is a mixin of :class:`backend.store.Store` (it uses the store's database and
-settings); it lives here to keep store.py readable. Its models are store.py's (Device, Entry,
-RemovedDevice): this module is imported by store.py once they are defined.
+settings). Its models are models.py's (Device, Entry, RemovedDevice).
 """
 
 from __future__ import annotations
@@ -13,12 +12,20 @@ import time
 
 import peewee as pw
 
-from . import core
-from . import protocol as p
-from .store import (DEVICE_SEEN_MAX, DEVICE_SEEN_S, PAGE_FIELDS, PURGE_CHUNK, Device, Entry, Message,
-                    RemovedDevice, _for_update, now_ms)
+from .. import core
+from .. import protocol as p
+from .maintenance import PURGE_CHUNK
+from .models import Device, Entry, Message, RemovedDevice, now_ms
+from .queries import PAGE_FIELDS, _for_update
 
-
+# Devices per user (--max-devices): Signal links up to 5 devices beside the phone; 10 covers a phone, a
+# tablet, two computers and several browser tabs, and bounds the entries one message costs (one per device).
+MAX_DEVICES = 10
+# A device's last_seen is written at most once a minute per worker (not on every message): enough for a
+# 14-day silence rule. The same period bounds how long a worker may still take a device removed by another
+# worker as registered (it is then registered afresh, and told, at its next contact after that).
+DEVICE_SEEN_S = 60.0
+DEVICE_SEEN_MAX = 100_000
 # Users per push look-up query: a batch names at most 256, but keep any IN list far below SQLite's old
 # limit of 999 bound parameters.
 PUSH_LOOKUP_CHUNK = 500
@@ -42,7 +49,7 @@ class DeviceStore:
             self._note_seen(key, mono)
             return None
         if isinstance(op, core.CountBacklog) and not op.register:
-            return None  # an `online` that may be the worker's own derived status coming back (core.py)
+            return None  # an `online` that may be the worker's own derived status coming back (core/presence.py)
         if self.max_devices is not None:
             n = Device.select().where(Device.uid == uid).count()
             if n >= self.max_devices:

@@ -1,0 +1,335 @@
+"""The :class:`Store`: runs a plan's operations in one transaction and reports the core's outcomes;
+here the message operations (store with duplicate detection and quota, delete on ack, count, pull by
+pages with cursors, sealed content). Devices, last statuses and housekeeping are its mixins
+(devices.py, statuses.py, maintenance.py)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Iterable
+
+import peewee as pw
+
+from .. import core
+from .. import protocol as p
+from ..crypto import InvalidTag, KeyError_, KeyRing
+from .devices import MAX_DEVICES, DeviceStore
+from .maintenance import EXPIRE_AFTER_MS, MaintenanceStore
+from .models import Device, Entry, Expired, Message, Page, User, now_ms
+from .queries import PAGE_FIELDS, _aad, _returning_delete, count_query, page_query
+from .statuses import StatusStore
+
+log = logging.getLogger("backend.store")
+
+# Known accounts are cached this long (embedded broker): a removed user may still receive for a few
+# seconds, as a message sent just before the removal would have been.
+KNOWN_CACHE_S = 10.0
+KNOWN_CACHE_MAX = 100_000
+
+
+class Store(DeviceStore, StatusStore, MaintenanceStore):
+    """Runs plans against the database. One instance per worker thread. Device registration, removal, push
+    endpoints and the user-scope pages are DeviceStore's (devices.py); last statuses StatusStore's (statuses.py) and
+    housekeeping MaintenanceStore's (maintenance.py)."""
+
+    def __init__(self, db: pw.Database, *, known_accounts: bool = False, quota: int | None = None,
+                 expire_after_ms: int | None = EXPIRE_AFTER_MS, keyring: KeyRing | None = None,
+                 max_devices: int | None = MAX_DEVICES):
+        self.db = db
+        self.keyring = keyring  # None: content stored as sent (it may still be end-to-end encrypted)
+        # With the embedded broker the worker knows every account: a message to nobody is an error.
+        self.known_accounts = known_accounts
+        # Per-receiver backlog limit (None: none). Checked before each insert; several workers storing
+        # for one receiver at the same instant may pass it by a few messages, never by a batch.
+        self.quota = quota or None
+        self.expire_after_ms = expire_after_ms
+        self.max_devices = max_devices or None
+        self._sql = self._prepare(db)  # the hot path's SQL text, built once
+        self._returning = _returning_delete(db)
+        self._mysql = isinstance(db, pw.MySQLDatabase)
+        self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
+        self._seen: dict[tuple[str, str], float] = {}  # (uid, device) -> registered, last_seen fresh until
+
+    def apply(self, ops: Iterable[core.Operation]) -> list[core.Outcome]:
+        """Run the operations in one transaction; the caller publishes only after this returns. Outcomes
+        are in operation order, one each, except that a device registered afresh after its removal gets a
+        DeviceReset just before its operation's outcome."""
+        with self.db.atomic():
+            out: list[core.Outcome] = []
+            for op in ops:
+                refused = self._register(op, out)
+                out.append(refused if refused is not None else self._run(op))
+            return out
+
+    def _run(self, op: core.Operation) -> core.Outcome:
+        if isinstance(op, core.StoreMessage):
+            return self.store_message(op)
+        if isinstance(op, core.DeleteAcked):
+            return core.Deleted(op, self.delete(op.receiver, op.seqs, op.device))
+        if isinstance(op, core.CountBacklog):
+            return self.count(op)
+        if isinstance(op, core.PullPage):
+            return self.pull_user(op) if op.scope == "user" else self.pull(op)
+        if isinstance(op, core.ListDevices):
+            return core.Listed(op, tuple(self.devices(op.receiver)))
+        if isinstance(op, core.RemoveDevice):
+            released = self.remove_device(op.receiver, op.target)
+            if released is None:
+                return core.Refused(op, "unknown_device", f"'{op.receiver}' has no device {op.target!r}; "
+                                    "list them with {\"op\": \"devices\"}")
+            return core.DeviceRemoved(op, released)
+        return self.set_push_endpoint(op)
+
+    # -- operations -----------------------------------------------------------
+    # The hot path (every message stores once and is deleted once) runs prepared SQL text: building
+    # it with peewee for each message cost more CPU than the database itself (bench profile: 39%).
+    @staticmethod
+    def _prepare(db: pw.Database) -> dict[str, str]:
+        q = db.param
+        pg = isinstance(db, pw.PostgresqlDatabase)
+        mysql = isinstance(db, pw.MySQLDatabase)
+        ignore = "INSERT IGNORE INTO" if mysql else "INSERT INTO"
+        tail = "" if mysql else " ON CONFLICT DO NOTHING"
+        # The message's entries, in one statement: one per device of the receiver registered now (or its
+        # default device "" if it has none yet), and one per other device of the sender (sync copies).
+        targets = (f"SELECT {q}, uid, device FROM device WHERE uid = {q} "
+                   f"UNION ALL SELECT {q}, {q}, ''{' FROM DUAL' if mysql else ''} "
+                   f"WHERE NOT EXISTS (SELECT 1 FROM device WHERE uid = {q}) "
+                   f"UNION ALL SELECT {q}, uid, device FROM device WHERE uid = {q} AND device <> {q} AND uid <> {q}")
+        return {
+            "first": f"SELECT seq, receiver_uid FROM accepted WHERE sender_uid = {q} AND msg_id = {q}",
+            "insert": "INSERT INTO message (receiver_uid, sender_uid, msg_id, msg_type, msg_content, send_time, "
+                      f"client_ts, key_id, batch_receipts, sender_device) VALUES ({', '.join([q] * 10)})"
+                      + (" RETURNING seq" if pg else ""),
+            "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
+                      f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
+            "targets": targets,
+            "entries": f"INSERT INTO entry (seq, uid, device) {targets}" + ("" if mysql else " RETURNING uid, device"),
+            "entry": f"INSERT INTO entry (seq, uid, device) VALUES ({q}, {q}, {q})",
+            "unstore": f"DELETE FROM message WHERE seq = {q}",
+            "waiting": f"SELECT 1 FROM message WHERE seq = {q}",
+            # Pages: page_query's text, its parameters (receiver, device, [from,] limit) given per pull.
+            **{f"page_{order}{'_from' if from_uid else ''}": page_query("", 1, "" if from_uid else None, order).sql()[0]
+               for order in p.PULL_ORDERS for from_uid in (False, True)},
+        }
+
+    def _first(self, sender: str, msg_id: str) -> tuple[int, str] | None:
+        return self.db.execute_sql(self._sql["first"], (sender, msg_id)).fetchone()
+
+    def _duplicate(self, op: core.StoreMessage, first: tuple[int, str]) -> core.Stored:
+        """A `duplicate` outcome, saying whether the first message still waits (the core then makes
+        sure its receiver, if online, hears of it)."""
+        waiting = self.db.execute_sql(self._sql["waiting"], (first[0],)).fetchone() is not None
+        return core.Stored(op, first[0], duplicate=True, to=first[1], waiting=waiting)
+
+    def _known(self, uid: str) -> bool:
+        """Is ``uid`` an account? Positive answers are cached briefly (accounts are rarely removed)."""
+        now = time.monotonic()
+        cache = self._known_cache
+        if cache.get(uid, 0) > now:
+            return True
+        if not User.select().where(User.uid == uid).exists():
+            return False
+        if len(cache) > KNOWN_CACHE_MAX:
+            cache.clear()
+        cache[uid] = now + KNOWN_CACHE_S
+        return True
+
+    def store_message(self, op: core.StoreMessage) -> core.Outcome:
+        first = self._first(op.sender, op.msg_id)
+        if first is not None:
+            return self._duplicate(op, first)
+        if self.known_accounts and not self._known(op.to):
+            return core.Refused(op, "unknown_receiver", f"no user '{op.to}'")
+        if self.quota is not None:
+            waiting = Message.select(Message.seq).where(Message.receiver_uid == op.to).limit(self.quota).count()
+            if waiting >= self.quota:
+                return core.Refused(op, "quota_exceeded", f"'{op.to}' has {self.quota} messages waiting, the most "
+                                                          "this server keeps; send again once they read some")
+        content, key_id = op.content, None
+        if self.keyring is not None:
+            key_id, content = self.keyring.seal(op.content, _aad(op.sender, op.to, op.msg_id))
+        sql = self._sql
+        cur = self.db.execute_sql(sql["insert"], (op.to, op.sender, op.msg_id, op.type, content, op.sent_at, op.ts,
+                                                  key_id, int(op.batch_receipts), op.sender_device))
+        seq = cur.fetchone()[0] if isinstance(self.db, pw.PostgresqlDatabase) else cur.lastrowid
+        inserted = self.db.execute_sql(sql["accept"], (op.sender, op.msg_id, op.to, seq, op.sent_at)).rowcount
+        if inserted != 1:
+            # Another worker stored the same (sender, msg_id) after our look-up: theirs wins.
+            self.db.execute_sql(sql["unstore"], (seq,))
+            return self._duplicate(op, self._first(op.sender, op.msg_id))
+        params = (seq, op.to, seq, op.to, op.to, seq, op.sender, op.sender_device, op.to)
+        if self._mysql:
+            devices = [(u, d) for _, u, d in self.db.execute_sql(sql["targets"], params).fetchall()]
+            for u, d in devices:
+                self.db.execute_sql(sql["entry"], (seq, u, d))
+        else:
+            devices = [tuple(r) for r in self.db.execute_sql(sql["entries"], params).fetchall()]
+        # The receiver's devices first (pushed first), then the sync copies.
+        devices.sort(key=lambda k: k[0] != op.to)
+        return core.Stored(op, seq, devices=tuple(devices))
+
+    def delete(self, receiver: str, seqs: Iterable[int], device: str = "") -> tuple[core.DeletedRow, ...]:
+        """A device acks: its entries for ``seqs`` go; a message with no entry left leaves the store. The
+        first of the receiver's devices to ack a message owes its sender `delivered` (once: the flag is set
+        under the message's row lock); a sync copy's ack owes nothing."""
+        seqs = sorted(set(seqs))
+        if not seqs:
+            return ()
+        q = self.db.param
+        marks = ", ".join([q] * len(seqs))
+        columns = "seq, sender_uid, msg_id, batch_receipts, sender_device, receiver_uid, delivered"
+        sqlite = isinstance(self.db, pw.SqliteDatabase)
+        rows: dict[int, tuple] = {}
+        if not sqlite:
+            # Lock the messages first (seq order: no deadlock between workers), so the last two entries of one
+            # message released at once by two workers always see each other's delete (see _release). SQLite
+            # has one writer at a time: no lock, and one statement fewer on its hot path.
+            rows = {r[0]: r for r in self.db.execute_sql(
+                f"SELECT {columns} FROM message WHERE seq IN ({marks}) ORDER BY seq FOR UPDATE", seqs).fetchall()}
+        where = f"uid = {q} AND device = {q} AND seq IN ({marks})"
+        params = (receiver, device, *seqs)
+        if self._returning:  # one statement instead of two
+            found = [s for (s,) in self.db.execute_sql(f"DELETE FROM entry WHERE {where} RETURNING seq", params)]
+        else:
+            found = [s for (s,) in self.db.execute_sql(f"SELECT seq FROM entry WHERE {where}", params).fetchall()]
+            if found:
+                self.db.execute_sql(f"DELETE FROM entry WHERE {where}", params)
+        if not found:
+            return ()
+        found.sort()
+        fmarks = ", ".join([q] * len(found))
+        gone_sql = (f"DELETE FROM message WHERE seq IN ({fmarks}) AND NOT EXISTS "
+                    "(SELECT 1 FROM entry WHERE entry.seq = message.seq)")
+        if sqlite and self._returning:
+            gone = {r[0]: r for r in self.db.execute_sql(f"{gone_sql} RETURNING {columns}", found).fetchall()}
+            rows.update(gone)
+            rest = [s for s in found if s not in gone]
+            if rest:
+                rows.update((r[0], r) for r in self.db.execute_sql(
+                    f"SELECT {columns} FROM message WHERE seq IN ({', '.join([q] * len(rest))})", rest).fetchall())
+            left = len(rest)
+        else:
+            if sqlite:  # SQLite before 3.35: read them first
+                rows = {r[0]: r for r in self.db.execute_sql(
+                    f"SELECT {columns} FROM message WHERE seq IN ({fmarks})", found).fetchall()}
+            left = len(found) - self.db.execute_sql(gone_sql, found).rowcount
+        out = []
+        first = []
+        for seq in found:
+            row = rows.get(seq)
+            if row is None:
+                continue  # an entry without its message (cannot happen; nothing to report)
+            _, sender, msg_id, batch, sender_device, to, delivered = row
+            receipt = to == receiver and not delivered
+            if receipt:
+                first.append(seq)
+            out.append(core.DeletedRow(receiver, seq, sender, msg_id, bool(batch), sender_device or "", device,
+                                       receipt))
+        if left and first:  # messages other devices still owe: remember that `delivered` went out
+            self.db.execute_sql(f"UPDATE message SET delivered = 1 WHERE seq IN ({', '.join([q] * len(first))})",
+                                first)
+        return tuple(out)
+
+    def count(self, op: core.CountBacklog) -> core.Counted:
+        """Totals by sender, each sender's newest message as a preview, and the expired tally (then reset)."""
+        by_sender, newest = {}, []
+        for sender, n, top in count_query(op.receiver, op.device):
+            by_sender[sender] = n
+            newest.append(top)
+        previews = {}
+        if newest and self.keyring is None:
+            for sender, seq, msg_type, text, sent_at in (
+                    Message.select(Message.sender_uid, Message.seq, Message.msg_type,
+                                   pw.fn.SUBSTR(Message.msg_content, 1, p.PREVIEW_CHARS), Message.send_time)
+                    .where(Message.seq.in_(newest)).tuples()):
+                previews[sender] = {"seq": seq, "type": msg_type, "content": text, "sent_at": sent_at}
+        elif newest:  # sealed content: open it here, then cut
+            for row in Message.select(*PAGE_FIELDS).where(Message.seq.in_(newest)).tuples():
+                m = self._push_dict(row)
+                previews[m["from"]] = {"seq": m["seq"], "type": m["type"], "sent_at": m["sent_at"],
+                                       "content": m["content"][:p.PREVIEW_CHARS]}
+        expired = self._take_expired(op.receiver, op.device)
+        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired)
+
+    def _take_expired(self, uid: str, device: str) -> int:
+        """The device's expired tally, plus the user's tally from before it had devices; both reset. Each is
+        taken exactly as read: if another worker took it first, the guard fails and it counts 0."""
+        expired = 0
+        row = Device.get_or_none((Device.uid == uid) & (Device.device == device))
+        if row is not None and row.expired > 0:
+            if Device.update(expired=Device.expired - row.expired).where(
+                    (Device.uid == uid) & (Device.device == device) & (Device.expired >= row.expired)).execute():
+                expired += row.expired
+        row = Expired.get_or_none(Expired.receiver_uid == uid)
+        if row is not None and row.count > 0:
+            taken = Expired.update(count=Expired.count - row.count).where(
+                (Expired.receiver_uid == uid) & (Expired.count >= row.count)).execute()
+            expired += row.count if taken else 0
+        return expired
+
+    def pull(self, op: core.PullPage) -> core.Outcome:
+        deleted: tuple[core.DeletedRow, ...] = ()
+        if op.ack is not None:
+            page = Page.get_or_none((Page.cursor == op.ack) & (Page.receiver_uid == op.receiver) &
+                                    (Page.device == op.device))
+            if page is None:
+                return core.Refused(op, "unknown_cursor", "'ack' is not a cursor this server issued to you, "
+                                                          "or it expired; pull again without it")
+            if not page.acked:  # a repeated ack (lost answer) deletes nothing more
+                deleted = self.delete(op.receiver, (int(s) for s in page.seqs.split(",")), op.device)
+                Page.update(acked=True).where(Page.cursor == page.cursor).execute()
+        name = f"page_{op.order}{'_from' if op.from_uid is not None else ''}"
+        params = (op.receiver, op.device, op.from_uid, op.limit + 1) if op.from_uid is not None else \
+            (op.receiver, op.device, op.limit + 1)
+        rows = self.db.execute_sql(self._sql[name], params).fetchall()
+        more = len(rows) > op.limit
+        entries = [self._push_dict(r, op.receiver) for r in rows[:op.limit]]
+        # Cut by bytes too: the page must stay deliverable (REPLY_PAYLOAD_MAX, under every broker's limit).
+        fit = p.page_fit(entries)
+        if fit < len(entries):
+            entries, more = entries[:fit], True
+        rows = rows[:len(entries)]
+        cursor = None
+        if rows:
+            cursor = secrets.token_hex(16)
+            Page.insert(cursor=cursor, receiver_uid=op.receiver, seqs=",".join(str(r[0]) for r in rows),
+                        created_at=now_ms(), acked=False, device=op.device).execute()
+        return core.Paged(op, tuple(entries), cursor, more, deleted)
+
+    def _push_dict(self, row: tuple, reader: str | None = None) -> dict:
+        """A page entry (or push) from a row of PAGE_FIELDS, its content opened if it was sealed. Read by
+        ``reader``: a message it sent to someone else is a sync copy."""
+        seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, key_id, sender_device = row
+        unreadable = False
+        if key_id is not None:
+            if self.keyring is None:
+                raise KeyError_("an encrypted message and no key ring")
+            try:
+                content = self.keyring.open(key_id, content, _aad(sender, receiver, msg_id))
+            except InvalidTag:
+                # Tampered with, or moved from another row: never show it, never block the pages behind it.
+                log.error("message seq %s does not decrypt with key %r: delivered as unreadable", seq, key_id)
+                content, unreadable = "", True
+        copy = sender_device or "" if reader is not None and reader != receiver else None
+        out = core.push_payload(seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, copy)
+        if unreadable:
+            out["unreadable"] = True
+        return out
+
+    def backlog(self) -> int:
+        return Message.select().count()
+
+    def alive(self, keys: Iterable) -> set:
+        """Which of these pushes still wait: (receiver, device, seq) keys whose entry is still stored (not
+        yet acked, here or through another worker); bare seqs: whose message is still stored."""
+        keys = list(keys)
+        seqs = [k if isinstance(k, int) else k[2] for k in keys]
+        if not seqs:
+            return set()
+        if all(isinstance(k, int) for k in keys):
+            return {s for (s,) in Message.select(Message.seq).where(Message.seq.in_(seqs)).tuples()}
+        return {(u, d, s) for u, d, s in Entry.select(Entry.uid, Entry.device, Entry.seq)
+                .where(Entry.seq.in_(seqs)).tuples()}
