@@ -118,6 +118,10 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-timeout", type=_positive, default=5.0,
                    help="seconds one notification POST may take before it is retried with backoff (default: 5, "
                         "as Sygnal's and most push SDKs' order of magnitude)")
+    p.add_argument("--presence-settle", type=_positive, default=10.0, metavar="SECONDS",
+                   help="after each connection to the broker, wait this long for devices to restate their presence, "
+                        "then notify the devices that wait for something no notification told them of (a broker "
+                        "that died sent no last wills); default: 10, past the reference client's reconnect backoff")
     p.add_argument("--no-push", dest="push", action="store_false",
                    help="send no push notifications, for deployments without outbound HTTPS (default: send them "
                         "to the endpoints devices register)")
@@ -429,7 +433,8 @@ def _worker(args: argparse.Namespace) -> int:
     stop = _wait_for_signal()
     worker = Worker(addresses, _store(args, db), client_id=client_id, share_group=args.share_group or None,
                     delivery=_delivery(args), clean_session=not args.persistent_session,
-                    on_fatal=lambda _message: stop.set(), push=args.push, push_options=_push_options(args))
+                    on_fatal=lambda _message: stop.set(), push=args.push, push_options=_push_options(args),
+                    presence_settle=args.presence_settle)
     if args.persistent_session and args.share_group:
         log.warning("persistent session %s in the shared group %s: while this worker is stopped, the broker "
                     "keeps handing its session a share of the traffic, which waits there until it returns; "
@@ -524,7 +529,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
     worker = Worker(address,
                     store, client_id="!im-worker", skip_retained=False, delivery=_delivery(args),
                     restore_presence=False, split_uid_filters=False,  # amqtt sends retained statuses to
-                    push=args.push, push_options=_push_options(args))  # im/status/+ itself, never rewrites a topic
+                    push=args.push, push_options=_push_options(args),  # im/status/+ itself, never rewrites a topic
+                    presence_settle=args.presence_settle)
     worker.metrics.rights_enforced.set(1)  # the embedded broker enforces the per-user rights itself
     _start_metrics(args, worker)
     worker.start()

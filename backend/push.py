@@ -224,6 +224,8 @@ class PushNotifier:
     Parameters (all keyword; times in seconds):
       metrics: a ``backend.metrics.Metrics`` whose push counters move, or None.
       on_gone: ``on_gone(uid, device, endpoint)`` after a 404/410; runs on the notifier's thread, must not block.
+      on_sent: ``on_sent(notification)`` after a gateway accepted it (2xx); same thread, same rule. The worker
+        records the notified seq, so a restart or a presence sweep never notifies the same seq twice.
       allowed_hosts: if a set, endpoints must be on one of these hosts (lower-case); see :func:`valid_endpoint`.
       request_timeout: bound on one whole POST (connect, send, answer).
       initial_backoff, max_backoff, max_attempts, max_age, jitter: the retry schedule.
@@ -235,6 +237,7 @@ class PushNotifier:
     """
 
     def __init__(self, *, metrics=None, on_gone: Optional[Callable[[str, str, str], None]] = None,
+                 on_sent: Optional[Callable[[Notification], None]] = None,
                  allowed_hosts: Optional[set[str]] = None, request_timeout: float = REQUEST_TIMEOUT_S,
                  initial_backoff: float = INITIAL_BACKOFF_S, max_backoff: float = MAX_BACKOFF_S,
                  max_attempts: int = MAX_ATTEMPTS, max_age: float = MAX_AGE_S, max_queued: int = MAX_QUEUED,
@@ -248,6 +251,7 @@ class PushNotifier:
                 logging.getLogger(name).setLevel(logging.WARNING)
         self.metrics = metrics
         self.on_gone = on_gone
+        self.on_sent = on_sent
         self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
         self.request_timeout = request_timeout
         self.initial_backoff = initial_backoff
@@ -534,11 +538,12 @@ class PushNotifier:
             if m is not None:
                 m.push_failed.inc()
             log.warning("push to %s for %s/%s failed: %s", origin(n.endpoint), n.uid, n.device, reason)
-        if outcome == "gone" and self.on_gone is not None:
+        callback = self.on_gone if outcome == "gone" else self.on_sent if outcome == "sent" else None
+        if callback is not None:
             try:
-                self.on_gone(n.uid, n.device, n.endpoint)
+                callback(n.uid, n.device, n.endpoint) if outcome == "gone" else callback(n)
             except Exception as e:  # noqa: BLE001 - the callback's bug must not stop the notifier
-                log.error("push on_gone callback raised %s (its message is not logged)", type(e).__name__)
+                log.error("push on_%s callback raised %s (its message is not logged)", outcome, type(e).__name__)
         with self._lock:
             del self._inflight[key]
             newer = self._queued.get(key)

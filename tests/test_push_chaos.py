@@ -38,6 +38,9 @@ RACE_S = 2.0
 # A period with no device online needs this long (after it began, or after what waits was stored) for the
 # worker to see the last device leave and POST: shorter ones may end before the notification is due.
 NOTICE_S = 1.0
+# The worker's --presence-settle (its default): after the broker died, devices reconnecting within it are
+# no departure; what still waits after it for a device no notification covered is notified by the sweep.
+SETTLE_S = 10.0
 DEBUG = False  # True prints each notification in the race window and the confirmations
 
 
@@ -161,9 +164,10 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
     devs = {(u, d): Dev(u, d, system.port) for u in UIDS for d in DEVICES}
     gaps: list[tuple[float, float, str]] = []  # worker kills and the broker restart: until the service is back
     # Those that took the broker down (its restart; every kill of `serve`): every device and every worker lost its
-    # connection at once, and no worker saw the devices leave (no will is sent by a dying broker), so what waited
-    # from before gets no notification unless a message arrives before a device is back. Such periods are counted
-    # apart; a worker killed beside Mosquitto is no excuse (the other two notify).
+    # connection at once, and no worker saw the devices leave (no will is sent by a dying broker). The workers'
+    # push sweep, SETTLE_S after they are back, notifies what waited; a period that ended before the sweep is the
+    # documented window (docs/PROTOCOL.md, Push notifications) and is counted apart. A worker killed beside
+    # Mosquitto is no excuse at all (the other two notify).
     broker_down: list[tuple[float, float, str]] = []
     try:
         for dev in devs.values():
@@ -272,8 +276,8 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
                     short += 1
                     continue
                 if not any(at >= a and at <= b + RACE_S and body["uid"] == uid for at, body in notes):
-                    if any(g0 < b and a < g1 for g0, g1, _ in broker_down):
-                        excused += 1  # the broker went down during it
+                    if any(g0 < b and a < g1 and b <= g1 + SETTLE_S + RACE_S for g0, g1, _ in broker_down):
+                        excused += 1  # the broker went down during it, and it ended before the sweep
                         if DEBUG:
                             print("excused", uid, round(a - t0, 2), round(b - t0, 2),
                                   [(round(g0 - t0, 2), round(g1 - t0, 2), w) for g0, g1, w in broker_down if g0 < b and a < g1])
@@ -283,8 +287,8 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
             print(f"\npush chaos ({kind}, postgresql): sent={len(sent)} device deliveries={received} "
                   f"lost={len(lost)} twice={len(twice)} repeats_dropped_by_clients={dropped} left_in_store={left} "
                   f"notifications={len(notes)} offline_periods={periods} (with something waiting: "
-                  f"{periods - short}) periods_without_notification={missed} (+{excused} overlapping a broker "
-                  f"restart) notifications_while_online={len(while_online)} (+{in_race} in the race window) "
+                  f"{periods - short}) periods_without_notification={missed} (+{excused} ended within the "
+                  f"settle time after a broker restart) notifications_while_online={len(while_online)} (+{in_race} in the race window) "
                   f"({took:.1f} s)")
         assert lost == [], lost[:10]
         assert twice == []

@@ -29,6 +29,9 @@ DEVICE_SEEN_MAX = 100_000
 # Users per push look-up query: a batch names at most 256, but keep any IN list far below SQLite's old
 # limit of 999 bound parameters.
 PUSH_LOOKUP_CHUNK = 500
+# Devices one presence sweep notifies at most: MAX_QUEUED of backend/push.py (10,000) is what the notifier holds;
+# a larger backlog of un-notified devices is taken up by the next sweep (after the next reconnection).
+PUSH_SWEEP_MAX = 10_000
 
 
 class DeviceStore:
@@ -138,6 +141,27 @@ class DeviceStore:
                     .where(Device.uid.in_(uids[i:i + PUSH_LOOKUP_CHUNK]) & Device.push_endpoint.is_null(False))
                     .group_by(Device.uid, Device.device, Device.push_endpoint).tuples()]
         return out
+
+    def push_sweep(self, limit: int = PUSH_SWEEP_MAX) -> list[tuple[str, str, str, int, int]]:
+        """(uid, device, endpoint, waiting, newest_seq), like push_targets, for every device with a push endpoint
+        whose newest waiting entry is newer than the newest seq it was notified of (``notified_seq``): what no
+        notification covers yet, whoever the user is. The worker runs it once presence has settled after each
+        (re)connection: a broker that died took its clients' last wills with it, and a killed worker took its
+        queued notifications. One grouped query over the devices with an endpoint (at most ``limit`` rows)."""
+        newest = pw.fn.MAX(Entry.seq)
+        return [(u, d, e, int(n), int(s)) for u, d, e, n, s in
+                Device.select(Device.uid, Device.device, Device.push_endpoint, pw.fn.COUNT(Entry.seq), newest)
+                .join(Entry, on=((Entry.uid == Device.uid) & (Entry.device == Device.device)))
+                .where(Device.push_endpoint.is_null(False))
+                .group_by(Device.uid, Device.device, Device.push_endpoint, Device.notified_seq)
+                .having(newest > Device.notified_seq).limit(limit).tuples()]
+
+    def mark_notified(self, notified: list[tuple[str, str, int]]) -> None:
+        """Record (uid, device, newest_seq) of notifications a gateway accepted; a seq never moves backwards."""
+        with self.db.atomic():
+            for uid, device, seq in notified:
+                (Device.update(notified_seq=seq)
+                 .where((Device.uid == uid) & (Device.device == device) & (Device.notified_seq < seq)).execute())
 
     def has_push_endpoints(self) -> bool:
         """Has any device a push endpoint? (The worker skips its look-ups while none has.)"""

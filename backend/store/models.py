@@ -132,6 +132,8 @@ class Device(BaseModel):
     last_seen = pw.BigIntegerField(index=True)  # indexed: housekeeping finds the silent ones
     push_endpoint = pw.TextField(null=True)  # the HTTPS URL of its app's push gateway (backend/push.py)
     expired = pw.BigIntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])  # since its last count
+    # The newest seq a push notification told it of (a gateway accepted it): sweeps notify only what is newer.
+    notified_seq = pw.BigIntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
 
     class Meta:
         primary_key = pw.CompositeKey("uid", "device")

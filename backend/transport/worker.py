@@ -82,6 +82,10 @@ BACKLOG_SAMPLE_S = 30
 # (or at once when it registers one itself): an endpoint registered through another worker is noticed at most
 # this late, and only when it is the first of them all.
 PUSH_ANY_RECHECK_S = 5.0
+# After each CONNACK the worker waits this long for presence to settle (retained statuses, devices reconnecting
+# after a broker restart: the reference client retries after 1, 2, 4 s...) before its push sweep notifies the
+# devices no notification covers yet (a dead broker publishes no last wills; a killed worker's queue is gone).
+PRESENCE_SETTLE_S = 10.0
 # Workers share send/ack/req through this MQTT shared-subscription group by default ($share/<group>/...):
 # with one worker it changes nothing; with several, the broker spreads the load between them.
 DEFAULT_SHARE_GROUP = "im-workers"
@@ -165,7 +169,8 @@ class Worker:
                  share_group: str | None = None, metrics: Metrics | None = None,
                  clean_session: bool = True, on_fatal: Callable[[str], None] | None = None,
                  restore_presence: bool = True, split_uid_filters: bool = True,
-                 push: bool = True, push_options: dict | None = None):
+                 push: bool = True, push_options: dict | None = None,
+                 presence_settle: float = PRESENCE_SETTLE_S):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
@@ -267,8 +272,11 @@ class Worker:
         self.client.on_subscribe = self._on_subscribe
         # Push notifications: lookups (endpoints and per-device waiting counts) run on the store thread after a
         # batch, and their results are handed to the notifier from this thread (which knows who is online).
-        self.push = PushNotifier(metrics=self.metrics, on_gone=self._push_gone, **(push_options or {})) \
-            if push else None
+        self.push = PushNotifier(metrics=self.metrics, on_gone=self._push_gone, on_sent=self._push_sent,
+                                 **(push_options or {})) if push else None
+        self.presence_settle = presence_settle
+        self._sweep_at: float | None = None  # monotonic time of the next push sweep (set at each CONNACK)
+        self._sent: list[tuple[str, str, int]] = []  # (uid, device, newest_seq) gateways accepted, from im-push
         self._push_lookups: list[Future] = []
         self._gone: list[tuple[str, str, str]] = []  # endpoints a gateway called gone, from the im-push thread
         self._push_any = False  # some device has an endpoint (as of _push_any_until - PUSH_ANY_RECHECK_S)
@@ -293,6 +301,8 @@ class Worker:
         self._unreachable_logged = False
         self._connected_at = time.monotonic()
         self._conn_gen += 1
+        if self.push is not None:
+            self._sweep_at = self._connected_at + self.presence_settle
         # The marker goes first so presence is reset before the retained statuses arrive.
         self._inbox.append(_CONNECTED)
         self._pending_subs.clear()
@@ -641,10 +651,15 @@ class Worker:
                 done, self._batch = self._batch, None
                 self._complete_safely(done)
             self._publish(self.core.flush_receipts(now_ms()))  # batched receipts held long enough
-            if self._push_lookups or self._gone:
+            if self._push_lookups or self._gone or self._sent:
                 self._push_results()
             if self._batch is not None:
                 continue  # housekeeping uses the store thread: after the batch
+            if self._sweep_at is not None and time.monotonic() >= self._sweep_at and self.connected.is_set():
+                self._sweep_at = None
+                future = self._store_thread.submit(self._push_lookup, None)
+                future.add_done_callback(self._wake)
+                self._push_lookups.append(future)
             try:
                 self._retransmit()
                 if self._purging is None and time.monotonic() >= next_purge:
@@ -815,13 +830,16 @@ class Worker:
         future.add_done_callback(self._wake)
         self._push_lookups.append(future)
 
-    def _push_lookup(self, uids: list[str]) -> list[tuple[str, str, str, int, int]]:
-        """On the store thread: the devices to notify; no query at all while no device has an endpoint."""
+    def _push_lookup(self, uids: list[str] | None) -> list[tuple[str, str, str, int, int]]:
+        """On the store thread: the devices to notify (``uids`` None: the sweep, every device with something
+        newer than its last notification); no query at all while no device has an endpoint."""
         now = time.monotonic()
-        if now >= self._push_any_until:
+        if now >= self._push_any_until or uids is None:
             self._push_any = self.store.has_push_endpoints()
             self._push_any_until = now + PUSH_ANY_RECHECK_S
-        return self.store.push_targets(uids) if self._push_any else []
+        if not self._push_any:
+            return []
+        return self.store.push_targets(uids) if uids is not None else self.store.push_sweep()
 
     def _push_results(self) -> None:
         """Hand finished lookups to the notifier (skipping users who came online meanwhile), and clear the
@@ -839,6 +857,10 @@ class Worker:
                     log.debug("push notification for %s/%s: %d waiting, newest seq %d", uid, device, waiting, newest)
                     self.push.notify(Notification(uid=uid, device=device, endpoint=endpoint, waiting=waiting,
                                                   newest_seq=newest))
+        if self._sent:
+            sent = [self._sent.pop(0) for _ in range(len(self._sent))]  # im-push may append meanwhile
+            future = self._store_thread.submit(self.store.mark_notified, sent)
+            future.add_done_callback(self._marked)
         while self._gone:
             uid, device, endpoint = self._gone.pop(0)
             future = self._store_thread.submit(self.store.drop_push_endpoint, uid, device, endpoint)
@@ -848,6 +870,16 @@ class Worker:
         """The notifier's on_gone (on the im-push thread): hand over only; the store thread clears it."""
         self._gone.append((uid, device, endpoint))  # list.append is atomic; drained by the network thread
         self._wake(None)
+
+    def _push_sent(self, n: Notification) -> None:
+        """The notifier's on_sent (on the im-push thread): hand over only; the store thread records it."""
+        self._sent.append((n.uid, n.device, n.newest_seq))
+        self._wake(None)
+
+    @staticmethod
+    def _marked(future) -> None:
+        if future.exception() is not None:  # at worst the next sweep notifies that seq once more
+            log.warning("could not record sent push notifications (%s)", describe_db_error(future.exception()))
 
     @staticmethod
     def _gone_dropped(future) -> None:
