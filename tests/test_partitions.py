@@ -186,14 +186,14 @@ class OneShot:
 
 class System:
     """Two partitioned workers (client ids unique to the test) on a private schema beside ``node``, and one
-    IMClient per user (3 uids of each partition) plus ``late``, a receiver of partition 1 that stays offline."""
+    IMClient per user (3 uids of each partition); ``late``: a receiver of each partition that stays offline."""
 
     def __init__(self, kind: str, node, schema: PrivateSchema):
         self.kind, self.node, self.schema = kind, node, schema
         self.uids = balanced_uids(3)
-        self.late_uid = balanced_uids(1)[1][0]
+        self.late = [u for (u,) in balanced_uids(1)]
         self.everyone = self.uids[0] + self.uids[1]
-        node.add_users({u: f"{u}-pw" for u in self.everyone + [self.late_uid]})
+        node.add_users({u: f"{u}-pw" for u in self.everyone + self.late})
         tag = os.urandom(3).hex()
         self.workers = [PartitionWorker(node.port, schema.url, i, tag) for i in range(2)]
         self.clients: dict[str, IMClient] = {}
@@ -201,9 +201,10 @@ class System:
         self.rng = random.Random(7)
 
     def start(self) -> "System":
-        self.workers[0].start(timeout=30)  # the first creates the schema
-        self.workers[1].start(timeout=30)
+        for w in self.workers:  # both at once: on an empty schema they race to create it (as tests/services.py)
+            w.start(wait=False)
         for i, w in enumerate(self.workers):
+            assert w.wait_log(w.ready, 30), "".join(w.lines)
             assert any(f"keeping partition {i} of 2" in line for line in w.lines), "".join(w.lines)
             assert not any("shared subscriptions" in line for line in w.lines)  # no $share probe at all
         for uid in self.everyone:
@@ -212,8 +213,8 @@ class System:
             assert self.clients[uid].count(WAIT_S)["total"] == 0
         return self
 
-    def client(self, uid: str) -> IMClient:
-        return IMClient(uid, f"{uid}-pw", self.node.host, self.node.port, **CLIENT_KW).connect(WAIT_S)
+    def client(self, uid: str, **kw) -> IMClient:
+        return IMClient(uid, f"{uid}-pw", self.node.host, self.node.port, **CLIENT_KW, **kw).connect(WAIT_S)
 
     def send_random(self, label: str):
         s, r = self.rng.sample(self.everyone, 2)
@@ -270,12 +271,16 @@ def system(request):
 
 def test_two_partitions_share_the_work(system, capsys):
     """60 sends between 6 users, 3 of each partition: each stored once, by its sender's owner (the other worker
-    skipped it); pushed by that worker, acked through the receiver's owner, `delivered` back. A receiver coming
-    online later is announced to once (by its owner), not once per worker."""
+    skipped it); pushed by that worker, acked through the receiver's owner, `delivered` back. Receivers coming
+    online later (a v1 client of partition 1, a device of partition 0's user) are announced to once, by their
+    owner, not once per worker."""
     s = system.start()
+    phone = s.client(s.late[0], device="phone")  # registers the device (its owner's count); then it goes away
+    assert phone.count(WAIT_S)["total"] == 0
+    phone.close()
     t0 = time.monotonic()
     sent = [s.send_random(f"#{i}") for i in range(60)]
-    late = [(u, s.clients[u].send(s.late_uid, f"{u}->late")) for u in (s.uids[0][0], s.uids[1][0])]
+    late = [(u, s.clients[u].send(to, f"{u}->late")) for u in (s.uids[0][0], s.uids[1][0]) for to in s.late]
     assert all(o.wait(WAIT_S) is not None and o.receipt["status"] == "stored" for _, o in sent + late), \
         [o.receipt for _, o in sent + late if not o.receipt or o.receipt["status"] != "stored"][:3]
     stored = [w.metric("im_messages_stored_total") for w in s.workers]
@@ -288,10 +293,11 @@ def test_two_partitions_share_the_work(system, capsys):
         want[o.to].add(o.msg_id)
     s.check_received(want)
     elapsed = time.monotonic() - t0
-    c = s.client(s.late_uid)
-    s.others.append(c)
-    assert c.wait_for(lambda: len(c.messages) == 2, WAIT_S)
-    assert len(c.announcements) == 1, c.announcements  # from its owner only, not from both workers
+    for uid, kw in ((s.late[1], {}), (s.late[0], {"device": "phone"})):
+        c = s.client(uid, **kw)
+        s.others.append(c)
+        assert c.wait_for(lambda: len(c.messages) == 2, WAIT_S), (uid, kw, c.messages)
+        assert len(c.announcements) == 1, (kw, c.announcements)  # from its owner only, not from both workers
     s.check_store(len(sent) + len(late))
     with capsys.disabled():
         print(f"\npartitions beside {s.kind}: {len(sent)} sends stored {stored[0]:.0f} + {stored[1]:.0f} by the "
