@@ -241,13 +241,13 @@ class System:
             db.close()
 
     def close(self) -> None:
+        for w in self.workers:  # first: a worker process left behind would outlive the test run
+            w.kill()
         for c in [*self.clients.values(), *self.others]:
             try:
                 c.kill() if isinstance(c, IMClient) else c.close()
             except AttributeError:  # paho's loop_stop can race its own thread's end (as conftest's clients)
                 pass
-        for w in self.workers:
-            w.kill()
         if self.kind != "mosquitto":  # the shared node keeps persistent sessions: remove the workers'
             for w in self.workers:
                 session_present(self.node.port, w.client_id, (WORKER_USER, WORKER_PASSWORD))
@@ -261,12 +261,14 @@ def system(request):
         node.add_users = lambda more: [node.add_user(u, pw) for u, pw in more.items()]
     else:
         node = shared_broker(request.param)
-    s = System(request.param, node, schema)
-    yield s
-    s.close()
-    if request.param == "mosquitto":
-        node.close()
-    schema.close()
+    try:
+        s = System(request.param, node, schema)
+        yield s
+        s.close()
+    finally:
+        if request.param == "mosquitto":
+            node.close()
+        schema.close()
 
 
 def test_two_partitions_share_the_work(system, capsys):
