@@ -85,7 +85,7 @@ class AnnouncementsMixin:
         """Another worker ended: pushes it was retransmitting and acks in flight to it died with it (worker
         sessions are clean), so every receiver online gets an announcement, spread over WORKER_GONE_SPREAD_MS
         (a count that finds nothing sends nothing)."""
-        online = sorted(self.online_devices())
+        online = sorted(k for k in self.online_devices() if self.mine(k[0]))  # partitions: the owner's job
         for i, key in enumerate(online):
             w = self._watch_fresh(key)
             if w is None:

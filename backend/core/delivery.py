@@ -5,7 +5,7 @@ announcements.py, pushes.py, receipts.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .. import protocol as p
 from .announcements import ANNOUNCE_MIN_GAP_MS, ANNOUNCE_REPEAT_MAX_MS, ANNOUNCE_REPEAT_MS, AnnouncementsMixin, _Watch
@@ -34,7 +34,13 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin):
                  max_retries: int = PUSH_MAX_RETRIES, backoff: float = PUSH_BACKOFF,
                  send_rate: float = SEND_RATE_PER_S, send_burst: int = SEND_BURST,
                  receipt_delay_ms: int = RECEIPT_DELAY_MS, announce_repeat_ms: int = ANNOUNCE_REPEAT_MS,
-                 announce_repeat_max_ms: int = ANNOUNCE_REPEAT_MAX_MS, announce_min_gap_ms: int = ANNOUNCE_MIN_GAP_MS):
+                 announce_repeat_max_ms: int = ANNOUNCE_REPEAT_MAX_MS, announce_min_gap_ms: int = ANNOUNCE_MIN_GAP_MS,
+                 owns: Callable[[str], bool] | None = None):
+        """``owns(uid)``: with partitioned workers (backend/partition.py), whether this worker owns ``uid``;
+        presence is still tracked for every user (pushes go to anyone online), but the announcements every
+        worker would make alike (after a live ``online``, after another worker's ``gone``) and the derived user
+        status are left to the owner, so a device hears them once. None: every uid is this worker's."""
+        self.owns = owns
         self.content_max = content_max
         self.ack_timeout_ms = ack_timeout_ms
         self.max_retries = max_retries

@@ -27,12 +27,16 @@ class PresenceMixin:
             # saw (it still counted it online) publishes `online` again, and must hear what waits.
             self._devices.setdefault(uid, set()).add(dev)
             self.online.add(uid)
-            self._watch_fresh((uid, dev))
-            # A v1 `online` registers the default device unless it may be our own derived word (the user has
-            # device-aware devices; echoes can arrive late) or a retained replay: then a v1 client is
-            # registered by its first send, ack or request instead.
-            register = bool(dev) or not (retained or uid in self._aware)
-            self._plan_announcement(plan, uid, dev, now_ms, register)
+            # Partitions: the owner alone announces a live `online`; a retained replay (this worker's own
+            # (re)connection) is announced by the worker that hears it, which may have stored messages for the
+            # user, unpushed, before it knew the user online (the owner never heard of those).
+            if retained or self.mine(uid):
+                self._watch_fresh((uid, dev))
+                # A v1 `online` registers the default device unless it may be our own derived word (the user has
+                # device-aware devices; echoes can arrive late) or a retained replay: then a v1 client is
+                # registered by its first send, ack or request instead.
+                register = bool(dev) or not (retained or uid in self._aware)
+                self._plan_announcement(plan, uid, dev, now_ms, register)
         else:
             self.set_offline(uid, dev)
         if uid in self._aware:
@@ -51,7 +55,8 @@ class PresenceMixin:
         derived = self.user_status(uid)
         if derived != self._published.get(uid) or (word_there is not None and word_there != derived):
             self._published[uid] = derived
-            plan.replies.append(Publish(p.status_topic(uid), derived, retain=True))
+            if self.mine(uid):  # partitions: published by the owner alone
+                plan.replies.append(Publish(p.status_topic(uid), derived, retain=True))
 
     def set_offline(self, uid: str, device: str = "") -> None:
         """Forget a device's presence, its pending pushes and announcements: they wait for its next pull."""
@@ -64,6 +69,10 @@ class PresenceMixin:
         self._watch.pop((uid, device), None)
         for key in [k for k in self._pending if k[0] == uid and k[1] == device]:
             del self._pending[key]
+
+    def mine(self, uid: str) -> bool:
+        """Is ``uid`` this worker's (always, unless partitioned: see ``owns``)?"""
+        return self.owns is None or self.owns(uid)
 
     def is_online(self, uid: str, device: str = "") -> bool:
         return device in self._devices.get(uid, ())
