@@ -58,6 +58,8 @@ class DeviceStore:
             if n >= self.max_devices:
                 return core.Refused(op, "too_many_devices", f"'{uid}' has {n} devices registered, the most this "
                                     "server keeps; remove one (op remove_device, or `device remove`) and try again")
+        if self._deferred:
+            self._write_entries(out)  # the messages before this operation were stored before it registered
         inserted = self.db.execute(Device.insert(uid=uid, device=device, registered_at=now, last_seen=now)
                                    .on_conflict_ignore()).rowcount
         if inserted and RemovedDevice.delete().where((RemovedDevice.uid == uid) &

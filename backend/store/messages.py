@@ -5,6 +5,7 @@ pages with cursors, sealed content). Devices, last statuses and housekeeping are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -27,6 +28,9 @@ log = logging.getLogger("backend.store")
 # seconds, as a message sent just before the removal would have been.
 KNOWN_CACHE_S = 10.0
 KNOWN_CACHE_MAX = 100_000
+# Messages whose entries one statement writes: each is a 3-term compound SELECT with 9 parameters, and SQLite
+# allows 500 terms and (before 3.32) 999 parameters: 100 stays below both.
+ENTRY_CHUNK = 100
 
 
 class Store(DeviceStore, StatusStore, MaintenanceStore):
@@ -51,6 +55,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         self._mysql = isinstance(db, pw.MySQLDatabase)
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
         self._seen: dict[tuple[str, str], float] = {}  # (uid, device) -> registered, last_seen fresh until
+        self._deferred: list | None = None  # inside apply(): messages whose entries are not written yet
 
     def apply(self, ops: Iterable[core.Operation]) -> list[core.Outcome]:
         """Run the operations in one transaction; the caller publishes only after this returns. Outcomes
@@ -58,10 +63,43 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         DeviceReset just before its operation's outcome."""
         with self.db.atomic():
             out: list[core.Outcome] = []
-            for op in ops:
-                refused = self._register(op, out)
-                out.append(refused if refused is not None else self._run(op))
+            # Entries of the messages stored in a row are written together (_write_entries): one statement
+            # for up to ENTRY_CHUNK messages instead of one each. Written before any other operation, and
+            # before a device is registered, so every operation sees the entries of the messages before it.
+            self._deferred = [] if not self._mysql else None
+            try:
+                for op in ops:
+                    if self._deferred and not isinstance(op, core.StoreMessage):
+                        self._write_entries(out)
+                    refused = self._register(op, out)
+                    out.append(refused if refused is not None else self._run(op))
+                    if self._deferred and self._deferred[-1][0] is None:
+                        self._deferred[-1][0] = len(out) - 1
+                if self._deferred:
+                    self._write_entries(out)
+            finally:
+                self._deferred = None
             return out
+
+    def _write_entries(self, out: list[core.Outcome]) -> None:
+        """Write the deferred messages' entries (``self._deferred``: [index in out, op, seq]) and give each
+        Stored outcome its devices: the receiver's devices registered now, or its default device, and the
+        sender's other devices (sync copies), receiver's first."""
+        deferred, self._deferred = self._deferred, []
+        for i in range(0, len(deferred), ENTRY_CHUNK):
+            chunk = deferred[i:i + ENTRY_CHUNK]
+            sql = self._sql["entries_many"]
+            text = "INSERT INTO entry (seq, uid, device) " + " UNION ALL ".join([sql] * len(chunk)) \
+                + " RETURNING seq, uid, device"
+            params = [x for _, op, seq in chunk
+                      for x in (seq, op.to, seq, op.to, op.to, seq, op.sender, op.sender_device, op.to)]
+            by_seq: dict[int, list[tuple[str, str]]] = {}
+            for seq, uid, device in self.db.execute_sql(text, params).fetchall():
+                by_seq.setdefault(seq, []).append((uid, device))
+            for index, op, seq in chunk:
+                devices = by_seq.get(seq, [])
+                devices.sort(key=lambda k: k[0] != op.to)
+                out[index] = dataclasses.replace(out[index], devices=tuple(devices))
 
     def _run(self, op: core.Operation) -> core.Outcome:
         if isinstance(op, core.StoreMessage):
@@ -107,6 +145,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                       f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
             "targets": targets,
             "entries": f"INSERT INTO entry (seq, uid, device) {targets}" + ("" if mysql else " RETURNING uid, device"),
+            "entries_many": targets,  # joined by UNION ALL for several messages (_write_entries)
             "entry": f"INSERT INTO entry (seq, uid, device) VALUES ({q}, {q}, {q})",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
             "waiting": f"SELECT 1 FROM message WHERE seq = {q}",
@@ -160,6 +199,9 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
             # Another worker stored the same (sender, msg_id) after our look-up: theirs wins.
             self.db.execute_sql(sql["unstore"], (seq,))
             return self._duplicate(op, self._first(op.sender, op.msg_id))
+        if self._deferred is not None:
+            self._deferred.append([None, op, seq])  # apply() notes its index and writes its entries
+            return core.Stored(op, seq)
         params = (seq, op.to, seq, op.to, op.to, seq, op.sender, op.sender_device, op.to)
         if self._mysql:
             devices = [(u, d) for _, u, d in self.db.execute_sql(sql["targets"], params).fetchall()]
