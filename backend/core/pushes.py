@@ -74,9 +74,14 @@ class PushesMixin:
         self._pending[(receiver, device, seq)] = _Pending(receiver, device, seq, push, 1, deadline)
         heapq.heappush(self._timers, (deadline, receiver, device, seq))
 
-    def next_deadline(self) -> int | None:
-        """The earliest time something is due: a push's retransmission, held receipts or an announcement."""
-        dues = [min((at for at, _ in self._held.values()), default=None), self._announce_deadline()]
+    def next_deadline(self, receipts_only: bool = False) -> int | None:
+        """The earliest time something is due: a push's retransmission, held receipts or an announcement.
+        ``receipts_only``: held receipts alone (what the transport can do while a batch is in its transaction:
+        retransmissions and announcements wait for it, so their past deadlines must not make it spin)."""
+        receipts = min((at for at, _ in self._held.values()), default=None)
+        if receipts_only:
+            return receipts
+        dues = [receipts, self._announce_deadline()]
         while self._timers:
             deadline, receiver, device, seq = self._timers[0]
             entry = self._pending.get((receiver, device, seq))
