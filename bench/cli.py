@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also profile the worker with py-spy under the online and drain loads (separate runs)")
     ap.add_argument("--brokers", nargs="+", choices=["amqtt", "mosquitto", "nats", "rabbitmq"], default=None,
-                    help="online scenario on these brokers only, and the scale-out on NATS and RabbitMQ among them "
+                    help="online and scale-out scenarios on these brokers only (scale-out: not amqtt) "
                          "(default: every one installed; --tiny leaves RabbitMQ out: its node takes ~20 s to start)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"where results go (default: {RESULTS})")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib)")
