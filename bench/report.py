@@ -359,9 +359,9 @@ def _scaleout_table(so: dict, text: str | None) -> list[str]:
     if mi:
         L[-1] += (f" Measured in a separate run ({mi['file']}, {mi['mode']} sizes, started {mi['started']}, "
                   f"load average {mi.get('loadavg_at_start')} at its start) and merged into this report.")
-    L += ["", "| workers | run | msg/s | push p50 / p99 (ms) | CPU cores: broker / each worker / postgres / "
-              "loadgen / machine | CPU µs per message: workers / postgres / broker / loadgen |",
-          "|---|---|---|---|---|---|"]
+    L += ["", "| workers | run | msg/s | push p50 / p99 (ms) | pushes repeated | CPU cores: broker / each worker / "
+              "postgres / loadgen / machine | CPU µs per message: workers / postgres / broker / loadgen |",
+          "|---|---|---|---|---|---|---|"]
     for r in so["runs"]:
         u, c, n = r.get("cpu_util", {}), r.get("cpu_s", {}), r.get("n") or 0
         each = " + ".join(f"{u[k]:.2f}" for k in sorted(u) if k.startswith("worker") and k != "workers")
@@ -369,11 +369,13 @@ def _scaleout_table(so: dict, text: str | None) -> list[str]:
         def us(k):
             return f"{c[k] / n * 1e6:,.0f}" if k in c and n else "-"
         L.append(f"| {r['workers']} | {r['rep']} | {_f(r['rate'])} | {_lat(r['push_latency'], 'p50')} / "
-                 f"{_lat(r['push_latency'])} | {u.get('broker', 0):.2f} / {each} / {u.get('postgres', 0):.2f} / "
+                 f"{_lat(r['push_latency'])} | {_f(r.get('duplicates'))} | {u.get('broker', 0):.2f} / {each} / {u.get('postgres', 0):.2f} / "
                  f"{u.get('loadgen', 0):.2f} / {u.get('machine', 0):.2f} | {us('workers')} / {us('postgres')} / "
                  f"{us('broker')} / {us('loadgen')} |")
     rates = ", ".join(f"{k} worker{'s' if k != '1' else ''} {_f(v)} msg/s" for k, v in so["rate"].items())
-    L += ["", f"Mean: {rates}" + (f"; **{hi} / {lo} workers: {_f(so['ratio'], 2)}x**." if hi != lo else ".")]
+    L += ["", f"Mean: {rates}" + (f"; **{hi} / {lo} workers: {_f(so['ratio'], 2)}x**." if hi != lo else "."),
+          "", "*Pushes repeated*: pushes the receiver got again (same seq): the worker pushes again what is not "
+              "acked within 3 s (core.PUSH_ACK_TIMEOUT_MS), so they appear when a push's latency passes 3 s."]
     if so.get("partitions_missing"):
         L += ["", f"**2 workers not measured:** {so['partitions_missing']}."]
     return L
