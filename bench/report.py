@@ -350,8 +350,9 @@ def _scaleout_table(so: dict, text: str | None) -> list[str]:
          f"a message complete when its sender holds the `delivered` receipt), with {so['senders']} senders "
          f"(message i from sender i mod {so['senders']}) and one receiver in one load-generator process, "
          f"{so['n']:,} messages measured after {so['warmup']} of warm-up. Workers beside one Mosquitto "
-         f"(broker_config/) on one PostgreSQL ({so['database']}, a schema of its own created for each "
-         "measurement), each with its own `--id`/`--client-id`, sharing send/ack/req through the default "
+         f"(broker_config/) on one PostgreSQL ({so['database']}, "
+         + ("a schema of its own created for each measurement" if so.get("private_schema") else
+            "tables dropped and created before each measurement") + "), each with its own `--id`/`--client-id`, sharing send/ack/req through the default "
          "shared-subscription group, `--send-rate 0`; each worker count measured "
          f"{so['reps']} time(s), alternating."]
     L[-1] += (" CPU: share of one core over the measured phase; *postgres* is all of PostgreSQL's processes, "

@@ -471,7 +471,7 @@ def _scaleout_broker(run: Run, kind: str, senders: list[str]) -> dict:
     s = run.sizes
     plain = kind in h.PLAIN_BROKERS
     window = min(s.window, s.plain_scaleout_window) if plain else s.window
-    out: dict = {"broker": kind, "database": POSTGRES_URL.split("@")[-1], "n": s.scaleout_n,
+    out: dict = {"broker": kind, "database": POSTGRES_URL.split("@")[-1], "private_schema": True, "n": s.scaleout_n,
                  "senders": len(senders), "sender_uids": senders, "receivers": 1, "window": window,
                  "warmup": s.warmup, "reps": s.scaleout_reps, "worker_counts": s.scaleout_workers, "runs": []}
     counts = list(s.scaleout_workers)
