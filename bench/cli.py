@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.targets_text(res))
     print(f"\n{res['seconds']:.0f} s; results in {a.out / stem}.json, .md" + (" and PNG plots" if res.get("plots") else ""))
-    failed = [n for n, v in res["scenarios"].items() if "error" in v]
+    failed = [n for n, v in res["scenarios"].items() if "error" in v] + report.broker_errors(res)
     return 1 if failed else 0
 
 

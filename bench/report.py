@@ -131,12 +131,21 @@ def targets_text(res: dict) -> str:
         lines.append(f"  [INFO  ] scaleout {so['broker']:9} {rt:>12}  ({so['ratio_of'][0]} / {so['ratio_of'][1]} "
                      f"workers, {so.get('sharing', '$share')}; no target) - {rates}"
                      + (f"; {so['partitions_missing']}" if so.get("partitions_missing") else ""))
+    for name, broker, error in broker_errors(res):
+        lines.append(f"  [ERROR ] {name} {broker}: {error}")
     for name, sc in res.get("scenarios", {}).items():
         if "error" in sc:
             lines.append(f"  [ERROR ] {name}: {sc['error']}")
         elif "skipped" in sc:
             lines.append(f"  [SKIP  ] {name}: {sc['skipped']}")
     return "\n".join(lines)
+
+
+def broker_errors(res: dict) -> list[tuple[str, str, str]]:
+    """(scenario, broker, error) of each broker whose part of a scenario failed while the others ran."""
+    sc = res.get("scenarios", {})
+    return [(name, bk, r["error"]) for name in ("online", "scaleout")
+            for bk, r in sc.get(name, {}).get("brokers", {}).items() if "error" in r]
 
 
 def scaleouts(so: dict) -> list[dict]:
@@ -184,6 +193,8 @@ def markdown(res: dict) -> str:
               "(cores) | CPU µs per message: broker / system / loadgen |",
               "|---|---|---|---|---|---|---|"]
         for bk, r in on["brokers"].items():
+            if "relay_throughput" not in r:
+                continue  # failed: said under the targets
             rel = r["relay_throughput"]
             L.append(f"| {bk} | relay (baseline) | {_f(rel['rate'])} | 1 | {_lat(rel['push_latency'], 'p50')} / "
                      f"{_lat(rel['push_latency'])} | {_cpu(rel, 'broker', 'relay', 'loadgen')} | "
@@ -283,6 +294,8 @@ def markdown(res: dict) -> str:
         L += [f"| {r['pct']} | `{r['frame']}` |" for r in p["self"][:12]]
         L += ["", "| inclusive % | function |", "|---|---|"]
         L += [f"| {r['pct']} | `{r['frame']}` |" for r in p["inclusive"][:20]]
+    for name, bk, error in broker_errors(res):
+        L += ["", f"**{name} on {bk} failed:** {error}"]
     for name, v in sc.items():
         if "error" in v:
             L += ["", f"**{name} failed:** {v['error']}"]

@@ -137,45 +137,58 @@ def online(run: Run) -> dict:
     s = run.sizes
     out: dict = {"content_bytes": 100, "qos": 1, "window": s.window, "latency_fracs": s.latency_fracs,
                  "own_fracs": s.own_fracs, "latency_s": s.latency_s, "brokers": {}}
-    for bk in run.brokers():
+    brokers = run.brokers()
+    for bk in brokers:
         r: dict = {}
         out["brokers"][bk] = r
-        systems = ["worker"] + (["serve"] if bk == "amqtt" and s.serve_variant else [])
-        thr_args = ["--window", str(s.window), "--warmup", str(s.warmup)]
-        run.log(f"online/{bk}: relay throughput ({s.relay_n} messages)")
-        r["relay_throughput"] = _online_step(run, bk, "relay", ["--count", str(s.relay_n), *thr_args], 300)
-        relay_rate = r["relay_throughput"]["rate"]
-        for system in systems:
-            run.log(f"online/{bk}: {system} throughput ({s.worker_n} messages)")
-            res = _online_step(run, bk, system, ["--count", str(s.worker_n), *thr_args], 300)
-            res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
-            r[f"{system}_throughput"] = res
-        plain = bk in h.PLAIN_BROKERS
-        if plain and bk in run.shared.start_s:
-            r["node_start_s"] = run.shared.start_s[bk]
-        # The same worker for senders that do not ask for batched receipts (v1's one receipt payload each).
-        if not plain or s.plain_v1:
-            run.log(f"online/{bk}: worker throughput, senders with v1 receipts ({s.worker_n} messages)")
-            res = _online_step(run, bk, "worker", ["--count", str(s.worker_n), "--receipts", "each", *thr_args], 300)
-            res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
-            r["worker_v1_receipts_throughput"] = res
-        r["latency"] = []
-        if plain and not s.plain_latency:
-            continue
-        # Beside NATS and RabbitMQ only at fractions of the worker's own throughput (the relay's fractions serve
-        # Mosquitto's p99 target): each step costs two more measurements.
-        plan = [("relay", frac, relay_rate) for frac in ([] if plain else s.latency_fracs)] + \
-               [("worker", frac, r["worker_throughput"]["rate"]) for frac in s.own_fracs]
-        for basis, frac, basis_rate in plan:
-            rate = round(basis_rate * frac, 1)
-            lat_args = ["--rate", str(rate), "--duration", str(s.latency_s), "--grace", str(s.grace_s),
-                        "--warmup", str(min(s.warmup, 100)), "--window", "100"]
-            step = {f"fraction_of_{basis}": frac, "basis": basis, "offered_rate": rate}
-            for system in ["relay"] + systems:
-                run.log(f"online/{bk}: {system} latency at {rate:.0f} msg/s ({frac:.0%} of the {basis}'s throughput)")
-                step[system] = _online_step(run, bk, system, lat_args, 120 + s.latency_s + s.grace_s)
-            r["latency"].append(step)
+        try:
+            _online_broker(run, bk, r)
+        except Exception as e:  # noqa: BLE001 - one broker's failure (say, a RabbitMQ node that never
+            if len(brokers) == 1:  # starts) is said, and the other brokers' figures are kept
+                raise
+            run.log(f"online/{bk} FAILED: {e}")
+            r["error"] = f"{type(e).__name__}: {e}"
     return out
+
+
+def _online_broker(run: Run, bk: str, r: dict) -> None:
+    """The online steps on one broker (relay, worker, latency), their results into ``r``."""
+    s = run.sizes
+    systems = ["worker"] + (["serve"] if bk == "amqtt" and s.serve_variant else [])
+    thr_args = ["--window", str(s.window), "--warmup", str(s.warmup)]
+    run.log(f"online/{bk}: relay throughput ({s.relay_n} messages)")
+    r["relay_throughput"] = _online_step(run, bk, "relay", ["--count", str(s.relay_n), *thr_args], 300)
+    relay_rate = r["relay_throughput"]["rate"]
+    for system in systems:
+        run.log(f"online/{bk}: {system} throughput ({s.worker_n} messages)")
+        res = _online_step(run, bk, system, ["--count", str(s.worker_n), *thr_args], 300)
+        res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
+        r[f"{system}_throughput"] = res
+    plain = bk in h.PLAIN_BROKERS
+    if plain and bk in run.shared.start_s:
+        r["node_start_s"] = run.shared.start_s[bk]
+    # The same worker for senders that do not ask for batched receipts (v1's one receipt payload each).
+    if not plain or s.plain_v1:
+        run.log(f"online/{bk}: worker throughput, senders with v1 receipts ({s.worker_n} messages)")
+        res = _online_step(run, bk, "worker", ["--count", str(s.worker_n), "--receipts", "each", *thr_args], 300)
+        res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
+        r["worker_v1_receipts_throughput"] = res
+    r["latency"] = []
+    if plain and not s.plain_latency:
+        return
+    # Beside NATS and RabbitMQ only at fractions of the worker's own throughput (the relay's fractions serve
+    # Mosquitto's p99 target): each step costs two more measurements.
+    plan = [("relay", frac, relay_rate) for frac in ([] if plain else s.latency_fracs)] + \
+           [("worker", frac, r["worker_throughput"]["rate"]) for frac in s.own_fracs]
+    for basis, frac, basis_rate in plan:
+        rate = round(basis_rate * frac, 1)
+        lat_args = ["--rate", str(rate), "--duration", str(s.latency_s), "--grace", str(s.grace_s),
+                    "--warmup", str(min(s.warmup, 100)), "--window", "100"]
+        step = {f"fraction_of_{basis}": frac, "basis": basis, "offered_rate": rate}
+        for system in ["relay"] + systems:
+            run.log(f"online/{bk}: {system} latency at {rate:.0f} msg/s ({frac:.0%} of the {basis}'s throughput)")
+            step[system] = _online_step(run, bk, system, lat_args, 120 + s.latency_s + s.grace_s)
+        r["latency"].append(step)
 
 
 def _recorder(pid: int | None, d: Path):
@@ -442,7 +455,11 @@ def scaleout(run: Run) -> dict:
         out["brokers"] = {}
         senders = partition_senders(s.scaleout_senders, max(s.scaleout_workers))
         for kind in plain:
-            out["brokers"][kind] = _scaleout_broker(run, kind, senders)
+            try:
+                out["brokers"][kind] = _scaleout_broker(run, kind, senders)
+            except Exception as e:  # noqa: BLE001 - said; the other brokers' figures are kept
+                run.log(f"scaleout/{kind} FAILED: {e}")
+                out["brokers"][kind] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
