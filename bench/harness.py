@@ -244,14 +244,21 @@ class SharedNodes:
     def __init__(self) -> None:
         self.nodes: dict[str, object] = {}
         self.start_s: dict[str, float] = {}
+        self.failed: dict[str, str] = {}  # a node that did not start is not tried again in this run
 
     def rabbitmq(self, users: Iterable[str]) -> Broker:
         from scripts.rabbitmq import WORKER_USER, start_rabbitmq
         want = {u: USER_PW for u in users}
         node = self.nodes.get("rabbitmq")
         if node is None or not node.running:
+            if "rabbitmq" in self.failed:
+                raise RuntimeError(f"the RabbitMQ node did not start earlier in this run: {self.failed['rabbitmq']}")
             t = time.monotonic()
-            node = start_rabbitmq({WORKER_USER: WORKER_PW, **want})
+            try:
+                node = start_rabbitmq({WORKER_USER: WORKER_PW, **want})
+            except Exception as e:
+                self.failed["rabbitmq"] = f"{type(e).__name__}: {str(e)[:300]}"
+                raise
             self.start_s["rabbitmq"] = round(time.monotonic() - t, 1)
             node.bench_users = set(want)
             node.beam_pid = _group_pid(node.proc.pid, b"beam.smp") or node.proc.pid
