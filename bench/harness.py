@@ -281,11 +281,12 @@ def discard_sessions(broker: Broker, user: str, client_ids: Iterable[str]) -> No
     """Connect once with a clean session under each client id, which deletes the persistent session (and on
     RabbitMQ its queue) a stopped worker left, so it collects nothing from the steps that follow."""
     import paho.mqtt.client as mqtt
+    from backend.transport.connection import set_nodelay
     for cid in client_ids:
         done = threading.Event()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True, protocol=mqtt.MQTTv311)
         c.username_pw_set(user, broker.secrets.get(user))
-        c.on_connect = lambda *a: done.set()
+        c.on_connect = lambda client, *a: (set_nodelay(client), done.set())
         c.connect(broker.host, broker.port, keepalive=30)
         c.loop_start()
         try:
@@ -303,14 +304,11 @@ def start_broker(kind: str, workdir: Path, db_url: str, users: Iterable[str], sh
     if kind == "nats":
         return start_nats_broker(users)
     if kind == "rabbitmq":
-        if shared is not None:
-            return shared.rabbitmq(users)
-        from scripts.rabbitmq import start_rabbitmq
-        secrets = {u: USER_PW for u in users}
-        secrets["im-worker"] = WORKER_PW
-        node = start_rabbitmq(secrets)
-        return Broker("rabbitmq", node.port, _group_pid(node.proc.pid, b"beam.smp") or node.proc.pid, "im-worker",
-                      "im-worker", "bench-relay", node.close, secrets=secrets)
+        nodes = shared or SharedNodes()
+        b = nodes.rabbitmq(users)
+        if shared is None:
+            b.stop = nodes.close  # a node of its own: stopped with the broker
+        return b
     return start_amqtt_broker(workdir, db_url, users)
 
 
