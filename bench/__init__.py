@@ -10,7 +10,11 @@ same configuration, so each headline figure is a ratio (docs/BENCHMARKS.md):
   offline queue replaying the same backlog to a clean-session-off subscriber;
 * ``growth``  - count and page latency with 10k, 100k and 1M stored rows;
 * ``scaleout`` - online throughput with 2 workers against 1 (Mosquitto + PostgreSQL, shared
-  subscription, several senders).
+  subscription, several senders; beside NATS and RabbitMQ, which have no ``$share``, 2 workers
+  with uid partitions against 1).
+
+The online scenario runs beside amqtt, Mosquitto, NATS and RabbitMQ (each where installed),
+every broker against its own relay.
 
 Load generators are lean paho processes (bench/loadgen.py) speaking docs/PROTOCOL.md;
 bench/scenarios.py runs the scenarios and bench/harness.py starts every broker, worker and

@@ -42,6 +42,16 @@ def machine() -> dict:
             mosq = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
     except Exception:  # noqa: BLE001 - informational only
         pass
+    nats = rabbit = None
+    try:
+        from scripts.nats import find_nats
+        binary = find_nats()
+        if binary:
+            nats = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        rabbit = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - informational only
+        pass
     versions = {}
     for mod in ("paho.mqtt", "amqtt", "peewee"):
         try:
@@ -58,14 +68,14 @@ def machine() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "platform": platform.platform(), "mosquitto": mosq, "versions": versions, "loadavg_at_start": load}
+            "platform": platform.platform(), "mosquitto": mosq, "nats": nats, "rabbitmq": rabbit, "versions": versions, "loadavg_at_start": load}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", const="quick", dest="size",
-                      help="smaller sizes, under 2 minutes (offline backlog 20k, growth up to 100k rows)")
+                      help="smaller sizes, about 3 minutes (offline backlog 20k, growth up to 100k rows)")
     size.add_argument("--tiny", action="store_const", const="tiny", dest="size",
                       help="a few seconds per scenario: checks that everything runs (tests/test_bench.py)")
     ap.set_defaults(size="full")
@@ -73,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only these scenarios (default: online offline growth devices scaleout)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the worker with py-spy under the online and drain loads (separate runs)")
-    ap.add_argument("--brokers", nargs="+", choices=["amqtt", "mosquitto"], default=None,
-                    help="online scenario on these brokers only (default: both; Mosquitto if installed)")
+    ap.add_argument("--brokers", nargs="+", choices=["amqtt", "mosquitto", "nats", "rabbitmq"], default=None,
+                    help="online and scale-out scenarios on these brokers only (scale-out: not amqtt) "
+                         "(default: every one installed; --tiny leaves RabbitMQ out: its node takes ~20 s to start)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"where results go (default: {RESULTS})")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, databases)")
@@ -110,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     run = scenarios.Run(sizes, workdir, log, out=a.out, stem=stem)
     res: dict = {"mode": a.size, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
                  "sizes": {k: v for k, v in vars(sizes).items()}, "scenarios": {}}
-    if "mosquitto" in sizes.brokers and not h.mosquitto_available():
-        log("mosquitto is not installed: its parts are skipped")
+    for kind in sizes.brokers:
+        if not h.broker_available(kind):
+            log(f"{kind} is not installed: its parts are skipped")
     try:
         for name in a.only:
             t = time.monotonic()
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["scenarios"][name] = {"error": f"{type(e).__name__}: {e}"}
             res["scenarios"][name]["seconds"] = round(time.monotonic() - t, 1)
     finally:
+        run.close()
         if a.keep:
             log(f"scratch kept in {workdir}")
         else:
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.targets_text(res))
     print(f"\n{res['seconds']:.0f} s; results in {a.out / stem}.json, .md" + (" and PNG plots" if res.get("plots") else ""))
-    failed = [n for n, v in res["scenarios"].items() if "error" in v]
+    failed = [n for n, v in res["scenarios"].items() if "error" in v] + report.broker_errors(res)
     return 1 if failed else 0
 
 

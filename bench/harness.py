@@ -8,6 +8,7 @@ generator used while it was measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -129,9 +130,9 @@ class Proc:
 # --- brokers ------------------------------------------------------------------------------------
 @dataclass
 class Broker:
-    kind: str  # "mosquitto" | "amqtt"
+    kind: str  # "mosquitto" | "amqtt" | "nats" | "rabbitmq"
     port: int
-    pid: int
+    pid: int  # the process whose CPU is the broker's (RabbitMQ: its beam.smp)
     worker_user: str
     worker_client_id: str
     relay_client_id: str
@@ -192,9 +193,122 @@ def start_amqtt_broker(workdir: Path, db_url: str, users: Iterable[str]) -> Brok
     return Broker("amqtt", port, p.pid, WORKER_USERNAME, "!im-worker", "!bench-relay", p.stop, secrets=secrets)
 
 
-def start_broker(kind: str, workdir: Path, db_url: str, users: Iterable[str], **kw) -> Broker:
+# Brokers without shared subscriptions ($share granted, nothing delivered; ../shared/BROKERS.md): the worker
+# subscribes plainly beside them (--share-group ''), and several workers share the work by uid partitions.
+PLAIN_BROKERS = ("nats", "rabbitmq")
+
+
+def broker_available(kind: str) -> bool:
+    """Whether this machine has the broker's binaries (amqtt is a Python dependency: always)."""
+    if kind == "mosquitto":
+        return mosquitto_available()
+    if kind == "nats":
+        from scripts.nats import find_nats
+        return find_nats() is not None
+    if kind == "rabbitmq":
+        from scripts.rabbitmq import find_rabbitmq
+        return find_rabbitmq() is not None
+    return True
+
+
+def _group_pid(pgid: int, comm: bytes) -> int | None:
+    """The process named ``comm`` in process group ``pgid`` (RabbitMQ's beam.smp under its start script)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                head, rest = f.read().rsplit(b")", 1)
+            if int(rest.split()[2]) == pgid and head.split(b"(", 1)[1] == comm:
+                return int(entry)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+def start_nats_broker(users: Iterable[str]) -> Broker:
+    """A private nats-server (broker_config/nats/, MQTT on JetStream) on free ports; stop() removes it."""
+    from scripts.nats import WORKER_USER, start_nats
+    secrets = {u: USER_PW for u in users}
+    secrets[WORKER_USER] = WORKER_PW
+    n = start_nats(secrets)
+    return Broker("nats", n.port, n.proc.pid, WORKER_USER, "im-worker", "bench-relay", n.close, secrets=secrets)
+
+
+class SharedNodes:
+    """RabbitMQ nodes kept for a whole run: one takes about 20 s to start (BROKERS.md), against 1 s for NATS
+    and milliseconds for Mosquitto, so every RabbitMQ step of a run uses the same node (its users added as
+    steps need them). Every client of a step has a clean session, or has its session discarded when the step
+    ends (:func:`discard_sessions`), so the broker holds no queue of an earlier step. close() stops them."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, object] = {}
+        self.start_s: dict[str, float] = {}
+        self.failed: dict[str, str] = {}  # a node that did not start is not tried again in this run
+
+    def rabbitmq(self, users: Iterable[str]) -> Broker:
+        from scripts.rabbitmq import WORKER_USER, start_rabbitmq
+        want = {u: USER_PW for u in users}
+        node = self.nodes.get("rabbitmq")
+        if node is None or not node.running:
+            if "rabbitmq" in self.failed:
+                raise RuntimeError(f"the RabbitMQ node did not start earlier in this run: {self.failed['rabbitmq']}")
+            t = time.monotonic()
+            try:
+                node = start_rabbitmq({WORKER_USER: WORKER_PW, **want})
+            except Exception as e:
+                self.failed["rabbitmq"] = f"{type(e).__name__}: {str(e)[:300]}"
+                raise
+            self.start_s["rabbitmq"] = round(time.monotonic() - t, 1)
+            node.bench_users = set(want)
+            node.beam_pid = _group_pid(node.proc.pid, b"beam.smp") or node.proc.pid
+            self.nodes["rabbitmq"] = node
+        missing = {u: pw for u, pw in want.items() if u not in node.bench_users}
+        if missing:
+            node.add_users(missing)
+            node.bench_users |= set(missing)
+        secrets = {**want, WORKER_USER: WORKER_PW}
+        return Broker("rabbitmq", node.port, node.beam_pid, WORKER_USER, "im-worker", "bench-relay",
+                      lambda: None, secrets=secrets)
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+        self.nodes.clear()
+
+
+def discard_sessions(broker: Broker, user: str, client_ids: Iterable[str]) -> None:
+    """Connect once with a clean session under each client id, which deletes the persistent session (and on
+    RabbitMQ its queue) a stopped worker left, so it collects nothing from the steps that follow."""
+    import paho.mqtt.client as mqtt
+    from backend.transport.connection import set_nodelay
+    for cid in client_ids:
+        done = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True, protocol=mqtt.MQTTv311)
+        c.username_pw_set(user, broker.secrets.get(user))
+        c.on_connect = lambda client, *a: (set_nodelay(client), done.set())
+        c.connect(broker.host, broker.port, keepalive=30)
+        c.loop_start()
+        try:
+            done.wait(15)  # a CONNACK takes milliseconds; a loaded RabbitMQ may take seconds
+        finally:
+            c.disconnect()
+            c.loop_stop()
+
+
+def start_broker(kind: str, workdir: Path, db_url: str, users: Iterable[str], shared: SharedNodes | None = None,
+                 **kw) -> Broker:
+    """A broker of this kind with these accounts: a fresh process, except RabbitMQ with ``shared``."""
     if kind == "mosquitto":
         return start_mosquitto_broker(workdir, users, **kw)
+    if kind == "nats":
+        return start_nats_broker(users)
+    if kind == "rabbitmq":
+        nodes = shared or SharedNodes()
+        b = nodes.rabbitmq(users)
+        if shared is None:
+            b.stop = nodes.close  # a node of its own: stopped with the broker
+        return b
     return start_amqtt_broker(workdir, db_url, users)
 
 
@@ -210,6 +324,11 @@ def _help(command: str) -> str:
     return _HELP[command]
 
 
+def partitions_supported() -> bool:
+    """Whether this checkout's worker takes ``--partitions N --partition I`` (work sharing without $share)."""
+    return "--partitions" in _help("worker")
+
+
 def bench_options(command: str) -> list[str]:
     """Options every benchmarked worker gets: one load-generator user sends the whole load, so the
     per-user send rate limit (a flood guard, 20 msg/s by default) is off."""
@@ -217,10 +336,13 @@ def bench_options(command: str) -> list[str]:
 
 
 def start_worker(broker: Broker, db_url: str, workdir: Path, tag: str = "worker", worker_id: str | None = None,
-                 wait: bool = True) -> Proc:
+                 wait: bool = True, partition: tuple[int, int] | None = None, persistent: bool = False) -> Proc:
     """``python -m backend worker`` beside the broker, as an operator runs it. With ``worker_id``
     (scale-out) it runs as ``--id ID --client-id im-worker-ID``, one session per worker; the
-    shared-subscription group is the default one."""
+    shared-subscription group is the default one (plain subscriptions beside amqtt, NATS and RabbitMQ,
+    which have no $share: the worker's start-up probe would find that out in 3 s).
+    ``partition`` (I, N): ``--partitions N --partition I`` (a persistent session, docs/PARTITIONS contract);
+    ``persistent``: ``--persistent-session`` (needs ``worker_id``)."""
     from urllib.parse import quote
     url = f"mqtt://{quote(broker.worker_user, safe='')}@{broker.host}:{broker.port}"
     cmd = [PY, "-m", "backend", "worker", "--broker", url, "--database-url", db_url]
@@ -228,8 +350,12 @@ def start_worker(broker: Broker, db_url: str, workdir: Path, tag: str = "worker"
         cmd += ["--client-id", broker.worker_client_id]
     else:
         cmd += ["--id", worker_id, "--client-id", f"im-worker-{worker_id}"]
-    if broker.kind == "amqtt" and "--share-group" in _help("worker"):
-        cmd += ["--share-group", ""]  # amqtt 0.12 has no $share subscriptions
+    if partition is not None:
+        cmd += ["--partitions", str(partition[1]), "--partition", str(partition[0])]
+    elif (broker.kind == "amqtt" or broker.kind in PLAIN_BROKERS) and "--share-group" in _help("worker"):
+        cmd += ["--share-group", ""]  # amqtt 0.12, NATS and RabbitMQ have no $share subscriptions
+    if persistent:
+        cmd += ["--persistent-session"]
     cmd += bench_options("worker")
     p = Proc(tag, cmd, workdir / f"{tag}-{broker.port}.log", env={"IM_BROKER_PASSWORD": WORKER_PW})
     if not wait:
@@ -377,6 +503,29 @@ def database_reachable(url: str) -> str | None:
         return None
     except Exception as e:  # noqa: BLE001 - any driver's error: say it and skip
         return f"{url.split('://')[0]} not reachable at {url.split('@')[-1]}: {str(e).strip()[:160]}"
+
+
+@contextlib.contextmanager
+def private_schema(url: str):
+    """A PostgreSQL schema of its own in the database at ``url``, empty, dropped at the end; yields the URL
+    that selects it (search_path), as tests/services.py's PrivateSchema: a bench run beside the test suite
+    never drops or fills the tables another process is using."""
+    from backend.store import create_schema, open_database
+    name = f"im_bench_{os.urandom(4).hex()}"
+    admin = open_database(url, create=False)
+    try:
+        admin.execute_sql(f"CREATE SCHEMA {name}")
+        sep = "&" if "?" in url else "?"
+        scoped = f"{url}{sep}options=-csearch_path%3D{name}"
+        db = open_database(scoped, create=False)
+        try:
+            create_schema(db)
+        finally:
+            db.close()
+        yield scoped
+    finally:
+        admin.execute_sql(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        admin.close()
 
 
 def reset_schema(url: str) -> None:

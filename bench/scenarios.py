@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,18 @@ class Sizes:
     growth_rows: list[int]
     growth_reps: int
     serve_variant: bool  # also measure `python -m backend serve` (worker inside the amqtt process)
-    brokers: list[str] = field(default_factory=lambda: ["amqtt", "mosquitto"])
+    # Online on these brokers, each where installed (nats and rabbitmq: also their scale-out, 1 vs 2 workers).
+    brokers: list[str] = field(default_factory=lambda: ["amqtt", "mosquitto", "nats", "rabbitmq"])
+    # On NATS and RabbitMQ (h.PLAIN_BROKERS) the online scenario measures the relay and the worker's throughput;
+    # with plain_latency also latency at own_fracs of the worker's throughput (worker and relay at that rate),
+    # with plain_v1 the worker for senders with v1 receipts.
+    plain_latency: bool = True
+    plain_v1: bool = False
+    # Scale-out beside NATS and RabbitMQ keeps at most this many messages incomplete (or `window` if smaller):
+    # one worker with a durable session there runs at a few hundred msg/s on 2 loaded cores, where 1,000 in
+    # flight queue for 3-10 s, past the worker's 3 s push-ack timeout (core.PUSH_ACK_TIMEOUT_MS), and the pushes
+    # it then repeats are load the measurement itself adds (seen in the first runs: up to 1,571 a run).
+    plain_scaleout_window: int = 300
     scaleout_n: int = 2000  # closed-loop messages per scale-out measurement
     scaleout_senders: int = 4  # sender users (one receiver): topics for the shared subscription to spread
     scaleout_workers: list[int] = field(default_factory=lambda: [1, 2])
@@ -49,17 +61,19 @@ class Sizes:
 
 
 SIZES = {
+    # tiny: no RabbitMQ (a node takes about 20 s to start: more than the whole tiny run); NATS starts in 1 s.
     "tiny": Sizes("tiny", relay_n=600, worker_n=200, window=200, warmup=20, latency_fracs=[0.5], own_fracs=[], latency_s=0.5,
                   grace_s=1.0, drain_backlog=1000, drain_limit=500, growth_rows=[2000, 6000], growth_reps=3,
-                  serve_variant=False, scaleout_n=300, devices_n=200, devices_reps=1, devices_online=200),
+                  serve_variant=False, scaleout_n=300, devices_n=200, devices_reps=1, devices_online=200,
+                  brokers=["amqtt", "mosquitto", "nats"], plain_latency=False),
     "quick": Sizes("quick", relay_n=8000, worker_n=1500, window=1000, warmup=200, latency_fracs=[0.5],
                    own_fracs=[0.5], latency_s=2.0, grace_s=2.0, drain_backlog=20_000, drain_limit=500,
                    growth_rows=[10_000, 100_000], growth_reps=15, serve_variant=False, scaleout_n=3000,
-                   devices_n=1500, devices_reps=2),
+                   devices_n=1500, devices_reps=2, plain_latency=False),
     "full": Sizes("full", relay_n=20000, worker_n=4000, window=1000, warmup=300, latency_fracs=[0.25, 0.5, 0.75],
                   own_fracs=[0.5], latency_s=4.0, grace_s=4.0, drain_backlog=100_000, drain_limit=500,
                   growth_rows=[10_000, 100_000, 1_000_000], growth_reps=40, serve_variant=True, scaleout_n=8000,
-                  scaleout_reps=2, devices_n=4000, devices_reps=3),
+                  scaleout_reps=2, devices_n=4000, devices_reps=3, plain_v1=True),
 }
 
 
@@ -70,6 +84,10 @@ class Run:
         self.sizes, self.workdir, self.log = sizes, workdir, log
         self.out, self.stem = out or workdir, stem
         self._n = 0
+        self.shared = h.SharedNodes()  # RabbitMQ: one node for the whole run (20 s to start)
+
+    def close(self) -> None:
+        self.shared.close()
 
     def scratch(self, name: str) -> Path:
         self._n += 1
@@ -78,7 +96,8 @@ class Run:
         return d
 
     def brokers(self) -> list[str]:
-        return [b for b in self.sizes.brokers if b != "mosquitto" or h.mosquitto_available()]
+        """The requested brokers that are installed here."""
+        return [b for b in self.sizes.brokers if h.broker_available(b)]
 
 
 # --- 1. online ----------------------------------------------------------------------------------
@@ -93,7 +112,7 @@ def _online_step(run: Run, broker_kind: str, system: str, loadgen_args: list[str
         proc, port, secrets = h.start_serve(db, USERS, d)
         stops, watch = [proc.stop], {"serve": proc.pid}  # broker and worker in one process
     else:
-        b = h.start_broker(broker_kind, d, db, USERS)
+        b = h.start_broker(broker_kind, d, db, USERS, shared=run.shared)
         stops, port, secrets = [b.stop], b.port, b.secrets
         try:
             sut = h.start_relay(b, d) if system == "relay" else h.start_worker(b, db, d)
@@ -118,37 +137,58 @@ def online(run: Run) -> dict:
     s = run.sizes
     out: dict = {"content_bytes": 100, "qos": 1, "window": s.window, "latency_fracs": s.latency_fracs,
                  "own_fracs": s.own_fracs, "latency_s": s.latency_s, "brokers": {}}
-    for bk in run.brokers():
+    brokers = run.brokers()
+    for bk in brokers:
         r: dict = {}
         out["brokers"][bk] = r
-        systems = ["worker"] + (["serve"] if bk == "amqtt" and s.serve_variant else [])
-        thr_args = ["--window", str(s.window), "--warmup", str(s.warmup)]
-        run.log(f"online/{bk}: relay throughput ({s.relay_n} messages)")
-        r["relay_throughput"] = _online_step(run, bk, "relay", ["--count", str(s.relay_n), *thr_args], 300)
-        relay_rate = r["relay_throughput"]["rate"]
-        for system in systems:
-            run.log(f"online/{bk}: {system} throughput ({s.worker_n} messages)")
-            res = _online_step(run, bk, system, ["--count", str(s.worker_n), *thr_args], 300)
-            res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
-            r[f"{system}_throughput"] = res
-        # The same worker for senders that do not ask for batched receipts (v1's one receipt payload each).
+        try:
+            _online_broker(run, bk, r)
+        except Exception as e:  # noqa: BLE001 - one broker's failure (say, a RabbitMQ node that never
+            if len(brokers) == 1:  # starts) is said, and the other brokers' figures are kept
+                raise
+            run.log(f"online/{bk} FAILED: {e}")
+            r["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _online_broker(run: Run, bk: str, r: dict) -> None:
+    """The online steps on one broker (relay, worker, latency), their results into ``r``."""
+    s = run.sizes
+    systems = ["worker"] + (["serve"] if bk == "amqtt" and s.serve_variant else [])
+    thr_args = ["--window", str(s.window), "--warmup", str(s.warmup)]
+    run.log(f"online/{bk}: relay throughput ({s.relay_n} messages)")
+    r["relay_throughput"] = _online_step(run, bk, "relay", ["--count", str(s.relay_n), *thr_args], 300)
+    relay_rate = r["relay_throughput"]["rate"]
+    for system in systems:
+        run.log(f"online/{bk}: {system} throughput ({s.worker_n} messages)")
+        res = _online_step(run, bk, system, ["--count", str(s.worker_n), *thr_args], 300)
+        res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
+        r[f"{system}_throughput"] = res
+    plain = bk in h.PLAIN_BROKERS
+    if plain and bk in run.shared.start_s:
+        r["node_start_s"] = run.shared.start_s[bk]
+    # The same worker for senders that do not ask for batched receipts (v1's one receipt payload each).
+    if not plain or s.plain_v1:
         run.log(f"online/{bk}: worker throughput, senders with v1 receipts ({s.worker_n} messages)")
         res = _online_step(run, bk, "worker", ["--count", str(s.worker_n), "--receipts", "each", *thr_args], 300)
         res["ratio_to_relay"] = ratio(res["rate"], relay_rate)
         r["worker_v1_receipts_throughput"] = res
-        r["latency"] = []
-        plan = [("relay", frac, relay_rate) for frac in s.latency_fracs] + \
-               [("worker", frac, r["worker_throughput"]["rate"]) for frac in s.own_fracs]
-        for basis, frac, basis_rate in plan:
-            rate = round(basis_rate * frac, 1)
-            lat_args = ["--rate", str(rate), "--duration", str(s.latency_s), "--grace", str(s.grace_s),
-                        "--warmup", str(min(s.warmup, 100)), "--window", "100"]
-            step = {f"fraction_of_{basis}": frac, "basis": basis, "offered_rate": rate}
-            for system in ["relay"] + systems:
-                run.log(f"online/{bk}: {system} latency at {rate:.0f} msg/s ({frac:.0%} of the {basis}'s throughput)")
-                step[system] = _online_step(run, bk, system, lat_args, 120 + s.latency_s + s.grace_s)
-            r["latency"].append(step)
-    return out
+    r["latency"] = []
+    if plain and not s.plain_latency:
+        return
+    # Beside NATS and RabbitMQ only at fractions of the worker's own throughput (the relay's fractions serve
+    # Mosquitto's p99 target): each step costs two more measurements.
+    plan = [("relay", frac, relay_rate) for frac in ([] if plain else s.latency_fracs)] + \
+           [("worker", frac, r["worker_throughput"]["rate"]) for frac in s.own_fracs]
+    for basis, frac, basis_rate in plan:
+        rate = round(basis_rate * frac, 1)
+        lat_args = ["--rate", str(rate), "--duration", str(s.latency_s), "--grace", str(s.grace_s),
+                    "--warmup", str(min(s.warmup, 100)), "--window", "100"]
+        step = {f"fraction_of_{basis}": frac, "basis": basis, "offered_rate": rate}
+        for system in ["relay"] + systems:
+            run.log(f"online/{bk}: {system} latency at {rate:.0f} msg/s ({frac:.0%} of the {basis}'s throughput)")
+            step[system] = _online_step(run, bk, system, lat_args, 120 + s.latency_s + s.grace_s)
+        r["latency"].append(step)
 
 
 def _recorder(pid: int | None, d: Path):
@@ -195,7 +235,7 @@ def offline(run: Run, profile: str | None = None) -> dict:
         out["drain"]["left_in_store"] = h.count_messages(db)
         # The same backlog as if every sender had used v1's single receipts (no "receipts": "batch"):
         # one `delivered` receipt payload per drained message (docs/PROTOCOL.md 4.4).
-        run.log(f"offline: the same drain with v1 receipts (one per message)")
+        run.log("offline: the same drain with v1 receipts (one per message)")
         h.fill_messages(db, n, lambda i: "bob", batch_receipts=False)
         w = h.start_worker(b, db, d, tag="worker-v1")
         try:
@@ -389,57 +429,129 @@ def _device_memory(run: Run, n_devices: int) -> dict:
 
 # --- 4. scale-out -----------------------------------------------------------------------------
 def scaleout(run: Run) -> dict:
-    """1 against 2 workers (distinct --id, the default shared-subscription group) on one Mosquitto and
-    one PostgreSQL: online end-to-end throughput, measured as the online scenario's closed loop, with
-    several senders (one receiver) so the shared subscription has several topics to spread."""
+    """1 against 2 workers on one PostgreSQL (a schema of its own per measurement): online end-to-end
+    throughput, measured as the online scenario's closed loop, with several senders (one receiver), beside
+    each of the run's brokers but amqtt.
+
+    Beside Mosquitto the workers share send/ack/req through the default shared-subscription group (distinct
+    --id). Beside NATS and RabbitMQ (no $share), for each of them among the run's brokers: one worker with a
+    persistent session against 2 workers with uid partitions (``--partitions 2 --partition I``, each a
+    persistent session, each subscribed plainly and keeping the senders it owns); the senders are chosen so
+    each partition owns as many of them."""
     s = run.sizes
-    if not h.mosquitto_available():
-        return {"skipped": "mosquitto is not installed: scale-out needs its $share subscriptions"}
     why = h.database_reachable(POSTGRES_URL)
+    plain = [k for k in run.brokers() if k in h.PLAIN_BROKERS]
     if why:
         return {"skipped": why}
-    senders = [f"s{i}" for i in range(s.scaleout_senders)]
-    out: dict = {"broker": "mosquitto", "database": POSTGRES_URL.split("@")[-1], "n": s.scaleout_n,
-                 "senders": len(senders), "receivers": 1, "window": s.window, "warmup": s.warmup,
-                 "reps": s.scaleout_reps, "worker_counts": s.scaleout_workers, "runs": []}
+    mosquitto = "mosquitto" in run.brokers()
+    if not mosquitto and not plain:
+        return {"skipped": "none of Mosquitto (its $share subscriptions), NATS or RabbitMQ is installed and chosen"}
+    out: dict = {}
+    if mosquitto:
+        out = _scaleout_broker(run, "mosquitto", [f"s{i}" for i in range(s.scaleout_senders)])
+    else:
+        out["mosquitto_skipped"] = "mosquitto is not installed or not among --brokers"
+    if plain:
+        out["brokers"] = {}
+        senders = partition_senders(s.scaleout_senders, max(s.scaleout_workers))
+        for kind in plain:
+            try:
+                out["brokers"][kind] = _scaleout_broker(run, kind, senders)
+            except Exception as e:  # noqa: BLE001 - said; the other brokers' figures are kept
+                run.log(f"scaleout/{kind} FAILED: {e}")
+                out["brokers"][kind] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def owner(uid: str, partitions: int) -> int:
+    """The partition owning ``uid`` (the worker's contract: zlib.crc32 of its UTF-8 bytes, modulo N)."""
+    return zlib.crc32(uid.encode("utf-8")) % partitions
+
+
+def partition_senders(k: int, partitions: int) -> list[str]:
+    """k sender uids s0, s1, ... spread evenly over the partitions (k / partitions each, k a multiple)."""
+    per = max(1, k // partitions)
+    chosen: list[str] = []
+    count = [0] * partitions
+    i = 0
+    while len(chosen) < per * partitions:
+        uid = f"s{i}"
+        p = owner(uid, partitions)
+        if count[p] < per:
+            chosen.append(uid)
+            count[p] += 1
+        i += 1
+    return chosen
+
+
+def _scaleout_broker(run: Run, kind: str, senders: list[str]) -> dict:
+    s = run.sizes
+    plain = kind in h.PLAIN_BROKERS
+    window = min(s.window, s.plain_scaleout_window) if plain else s.window
+    out: dict = {"broker": kind, "database": POSTGRES_URL.split("@")[-1], "private_schema": True, "n": s.scaleout_n,
+                 "senders": len(senders), "sender_uids": senders, "receivers": 1, "window": window,
+                 "warmup": s.warmup, "reps": s.scaleout_reps, "worker_counts": s.scaleout_workers, "runs": []}
+    counts = list(s.scaleout_workers)
+    if plain:
+        out["sharing"] = "partitions"
+        out["partition_of"] = {u: owner(u, max(counts)) for u in senders + ["bob"]}
+        if not h.partitions_supported():
+            counts = [n for n in counts if n == 1]
+            out["partitions_missing"] = ("this checkout's worker has no --partitions (work sharing without $share): "
+                                         "only 1 worker measured")
+            run.log(f"scaleout/{kind}: {out['partitions_missing']}")
+    else:
+        out["sharing"] = "$share"
     for rep in range(s.scaleout_reps):
-        for nw in s.scaleout_workers:
-            run.log(f"scaleout: {nw} worker(s) on PostgreSQL, {len(senders)} senders, {s.scaleout_n} messages"
-                    f" (run {rep + 1} of {s.scaleout_reps})")
-            res = _scaleout_step(run, nw, senders)
+        for nw in counts:
+            run.log(f"scaleout/{kind}: {nw} worker(s) on PostgreSQL, {len(senders)} senders, {s.scaleout_n} "
+                    f"messages (run {rep + 1} of {s.scaleout_reps})")
+            res = _scaleout_step(run, kind, nw, senders, window)
             res["workers"], res["rep"] = nw, rep + 1
             out["runs"].append(res)
     rates: dict[str, float] = {}
-    for nw in s.scaleout_workers:
+    for nw in counts:
         got = [r["rate"] for r in out["runs"] if r["workers"] == nw]
         rates[str(nw)] = round(sum(got) / len(got), 1)
     out["rate"] = rates
-    lo, hi = str(min(s.scaleout_workers)), str(max(s.scaleout_workers))
-    out["ratio"] = ratio(rates[hi], rates[lo])
+    lo, hi = str(min(counts)), str(max(counts))
+    out["ratio"] = ratio(rates[hi], rates[lo]) if hi != lo else None
     out["ratio_of"] = [int(hi), int(lo)]
     return out
 
 
-def _scaleout_step(run: Run, n_workers: int, senders: list[str]) -> dict:
+def _scaleout_step(run: Run, kind: str, n_workers: int, senders: list[str], window: int) -> dict:
     s = run.sizes
-    d = run.scratch(f"scaleout-{n_workers}")
-    h.reset_schema(POSTGRES_URL)
-    b = h.start_mosquitto_broker(d, senders + ["bob"])
-    workers: list[h.Proc] = []
-    try:
-        for i in range(n_workers):  # all at once, as an operator would start them
-            workers.append(h.start_worker(b, POSTGRES_URL, d, tag=f"worker{i}", worker_id=f"bench-w{i}", wait=False))
-        for w in workers:
-            w.wait_for("backend.worker: connected", 30)
-        watch = {"broker": b.pid, **{f"worker{i}": w.pid for i, w in enumerate(workers)},
-                 "postgres": lambda: h.cpu_seconds_named("postgres"), "machine": h.machine_cpu_seconds}
-        res = h.run_loadgen(["online", "--mode", "worker", "--port", str(b.port), "--sender", ",".join(senders),
-                             "--receiver", "bob", "--count", str(s.scaleout_n), "--window", str(s.window),
-                             "--warmup", str(s.warmup)], b.secrets, watch, 300, d / "loadgen.log")
-    finally:
-        for w in workers:
-            w.stop()
-        b.stop()
+    d = run.scratch(f"scaleout-{kind}-{n_workers}")
+    plain = kind in h.PLAIN_BROKERS
+    tag = os.urandom(2).hex()  # client ids of this step only: a shared RabbitMQ node outlives the step
+    with h.private_schema(POSTGRES_URL) as db_url:
+        b = h.start_broker(kind, d, db_url, senders + ["bob"], shared=run.shared)
+        workers: list[h.Proc] = []
+        ids: list[str] = []
+        try:
+            for i in range(n_workers):  # all at once, as an operator would start them
+                if not plain:
+                    wid, kw = f"bench-w{i}", {}
+                elif n_workers == 1:  # the same kind of session as a partitioned worker's
+                    wid, kw = f"bench-{tag}-w0", {"persistent": True}
+                else:
+                    wid, kw = f"bench-{tag}-p{i}of{n_workers}", {"partition": (i, n_workers)}
+                ids.append(f"im-worker-{wid}")
+                workers.append(h.start_worker(b, db_url, d, tag=f"worker{i}", worker_id=wid, wait=False, **kw))
+            for w in workers:
+                w.wait_for("backend.worker: connected", 30)
+            watch = {"broker": b.pid, **{f"worker{i}": w.pid for i, w in enumerate(workers)},
+                     "postgres": lambda: h.cpu_seconds_named("postgres"), "machine": h.machine_cpu_seconds}
+            res = h.run_loadgen(["online", "--mode", "worker", "--port", str(b.port), "--sender", ",".join(senders),
+                                 "--receiver", "bob", "--count", str(s.scaleout_n), "--window", str(window),
+                                 "--warmup", str(s.warmup)], b.secrets, watch, 300, d / "loadgen.log")
+        finally:
+            for w in workers:
+                w.stop()
+            if plain:
+                h.discard_sessions(b, b.worker_user, ids)
+            b.stop()
     cpu = res.get("cpu_s", {})
     res["cpu_s"]["workers"] = round(sum(v for k, v in cpu.items() if k.startswith("worker")), 3)
     res["cpu_util"]["workers"] = round(res["cpu_s"]["workers"] / max(1e-9, res["wall_s"]), 3)

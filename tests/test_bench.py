@@ -18,9 +18,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from scripts.mosquitto import find_mosquitto, find_mosquitto_passwd  # noqa: E402
+from scripts.nats import find_nats  # noqa: E402
 
 HAVE_MOSQUITTO = find_mosquitto() is not None and find_mosquitto_passwd() is not None
-# The tiny run takes about 20 s on 2 idle cores; the rest is headroom for a busy machine.
+# NATS starts in about 1 s, so the tiny run measures it (relay and worker) too; RabbitMQ, 20 s to start, is
+# left out of the tiny sizes (python -m bench --quick runs it).
+HAVE_NATS = find_nats() is not None
+# The tiny run takes about 30 s on 2 idle cores; the rest is headroom for a busy machine.
 RUN_TIMEOUT_S = 55
 
 
@@ -39,13 +43,16 @@ def test_bench_tiny_writes_every_scenario_with_its_baseline(tmp_path):
     sc = res["scenarios"]
 
     brokers = sc["online"]["brokers"]
-    assert set(brokers) == ({"amqtt", "mosquitto"} if HAVE_MOSQUITTO else {"amqtt"})
-    for r in brokers.values():
+    assert set(brokers) == {"amqtt"} | ({"mosquitto"} if HAVE_MOSQUITTO else set()) | ({"nats"} if HAVE_NATS else set())
+    for bk, r in brokers.items():
         relay, worker = r["relay_throughput"], r["worker_throughput"]
         assert relay["rate"] > 0 and worker["rate"] > 0
         assert relay["complete"] and worker["complete"] and worker["errors"] == 0
         assert worker["ratio_to_relay"] == worker["rate"] / relay["rate"]
         assert {"broker", "worker", "loadgen"} <= set(worker["cpu_s"])
+        if bk == "nats":
+            assert r["latency"] == []  # the tiny sizes measure NATS' throughput only
+            continue
         (step,) = r["latency"]
         assert step["fraction_of_relay"] == 0.5
         for system in ("relay", "worker"):
@@ -83,6 +90,17 @@ def test_bench_tiny_writes_every_scenario_with_its_baseline(tmp_path):
         assert mem["devices"] == res["sizes"]["devices_online"] and mem["rss_after"] > 0
     else:
         assert "skipped" in sc["devices"]
+
+    so = sc["scaleout"]
+    if HAVE_NATS and "skipped" not in so:
+        nats = so["brokers"]["nats"]
+        assert nats["sharing"] == "partitions"
+        # the senders split evenly over the 2 partitions
+        owners = [nats["partition_of"][u] for u in nats["sender_uids"]]
+        assert sorted(owners) == sorted([0, 1] * (len(owners) // 2)), nats
+        for r in nats["runs"]:  # (repeated pushes are the protocol's resend after 3 s: not checked)
+            assert r["complete"] and r["errors"] == 0, r
+        assert {r["workers"] for r in nats["runs"]} == ({1} if nats.get("partitions_missing") else {1, 2})
 
     ids = {t["id"] for t in res["targets"]}
     assert "online_throughput" in ids and "growth_page" in ids
