@@ -62,6 +62,8 @@ START_TIMEOUT_S = 120.0
 CLUSTER_START_TIMEOUT_S = 240.0
 # A node not ready this long after its launch is restarted once: it stalled (twice the usual 28-40 s).
 NODE_STALL_S = 80.0
+# A started node whose MQTT listener still refuses CONNECTs this long is stalled (its peers took 1-3 s more).
+BOOT_STALL_S = 25.0
 # rabbitmqctl stop waits for the node to flush its queues; then SIGKILL.
 STOP_TIMEOUT_S = 30.0
 # A RabbitMQ uid: no '.', which RabbitMQ turns into '/' in topics (im/u/bob.x/send arrives as im/u/bob/x/send).
@@ -183,6 +185,23 @@ class RabbitMQ:
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)  # its own process group: close() kills it whole
         self.launched_at = time.monotonic()
+        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.booted_at: float | None = None  # when this launch's log first said the node had started
+
+    def stalled(self, stall_s: float) -> bool:
+        """Not ready ``stall_s`` after its launch, or BOOT_STALL_S after its log said it had started (a node whose
+        MQTT plugin waits for a client id tracker leader that never comes: BROKERS.md)."""
+        now = time.monotonic()
+        if self.booted_at is None:
+            try:
+                with open(self.log_path, "rb") as f:
+                    f.seek(self._log_from)
+                    if b"Server startup complete" in f.read():
+                        self.booted_at = now
+            except OSError:
+                pass
+        booted_long_ago = self.booted_at is not None and now - self.booted_at > BOOT_STALL_S
+        return now - self.launched_at > stall_s or booted_long_ago
 
     def ready(self) -> bool:
         """Does the node's MQTT listener accept a CONNECT of the probe user now? (Raises if the node exited.)"""
@@ -191,11 +210,19 @@ class RabbitMQ:
         return mqtt_connects(self.host, self.port, self.probe_user, timeout=2.0)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "RabbitMQ":
+        """Until the MQTT listener takes a CONNECT. A cluster member that stalls (:meth:`stalled`) is SIGKILLed
+        and launched again, once."""
         end = time.monotonic() + timeout
+        retried = self.cluster is None
         while not self.ready():
             if time.monotonic() > end:
                 self.kill()
                 raise TimeoutError(f"RabbitMQ's MQTT listener not ready after {timeout}s:\n{self.log_tail()}")
+            if not retried and self.stalled(NODE_STALL_S):
+                retried = True
+                self.kill()
+                self.cluster.restarted.append(self.node)
+                self.launch()
             time.sleep(0.25)  # poll interval; the node needs ~20 s
         return self
 
@@ -375,8 +402,9 @@ def start_rabbitmq_cluster(users: Mapping[str, str] | Iterable[tuple[str, str]],
     """``nodes`` RabbitMQ nodes formed into one cluster by classic_config peer discovery (each its own MQTT
     port, distribution port, data and log directories; one HOME and cookie, one private epmd), started
     together. Returns once each node's MQTT listener accepts a CONNECT of the first user and every node is
-    running in one cluster (30-40 s here). A node not ready ``stall_s`` after its launch is SIGKILLed and
-    started again, once (a node sometimes stalls in the MQTT plugin's start). Raises TimeoutError after
+    running in one cluster (30-40 s here). A node not ready ``stall_s`` after its launch, or BOOT_STALL_S after
+    its log says it started, is SIGKILLed and started again, once (a node sometimes stalls in the MQTT plugin's
+    client id tracker: "client ID registration timed out"; a restart lets it join). Raises TimeoutError after
     ``timeout`` seconds in all, leaving nothing behind. Persistent MQTT sessions are quorum queues
     (broker_config/rabbitmq/rabbitmq.conf), replicated over the members."""
     bindir = find_rabbitmq()
@@ -413,7 +441,7 @@ def start_rabbitmq_cluster(users: Mapping[str, str] | Iterable[tuple[str, str]],
                     continue
                 if node.ready():
                     ready[node.node] = time.monotonic() - t0
-                elif time.monotonic() - node.launched_at > stall_s and node.node not in cluster.restarted:
+                elif node.node not in cluster.restarted and node.stalled(stall_s):
                     node.kill()
                     cluster.restarted.append(node.node)
                     node.launch()

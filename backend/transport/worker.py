@@ -141,6 +141,12 @@ CRASH_AT = os.environ.get("IM_CRASH_AT") or None
 
 
 _CONNECTED = object()  # inbox marker: a (re)connection, after which retained statuses rebuild presence
+# Inbox marker: a reconnection of this process that found its persistent session (CONNACK session present).
+# Presence is kept: the session queued every status change (QoS 1) while the worker was away. Rebuilding it from
+# retained statuses instead would lose users on a RabbitMQ cluster, whose retained store is per node: a worker
+# that moved to another node would count everyone whose `online` sits on another node offline, and tell them
+# nothing of what waits (found by tests/test_cluster.py).
+_RESUMED = object()
 
 
 @dataclass
@@ -238,11 +244,11 @@ class Worker:
         self._unreachable_logged = False
         self._connack_seen = False  # a CONNACK (accepted or not) arrived on the current connection attempt
         self._no_connack_logged = False
-        # Connection generations: _conn_gen counts accepted CONNACKs; _inbox_gen counts the _CONNECTED markers
-        # taken from the inbox, so it is the generation of the packets now being planned. A packet id is only
-        # meaningful on the connection it came on: with a clean session the broker forgets what was in flight
-        # when the connection drops, and the same id may then name a new packet. A batch whose connection is
-        # gone is stored and answered but not PUBACKed.
+        # Connection generations: _conn_gen counts accepted CONNACKs; _inbox_gen counts the _CONNECTED (and
+        # _RESUMED) markers taken from the inbox, so it is the generation of the packets now being planned. A
+        # packet id is only meaningful on the connection it came on: with a clean session the broker forgets
+        # what was in flight when the connection drops, and the same id may then name a new packet. A batch
+        # whose connection is gone is stored and answered but not PUBACKed.
         self._conn_gen = 0
         self._inbox_gen = 0
         self._stop = threading.Event()
@@ -277,6 +283,7 @@ class Worker:
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self._connack_seen = True
+        resumed = self._ever_connected and not self.clean_session and flags.session_present
         if reason_code.is_failure:
             message = refusal_message(self.broker, self.client_id, reason_code)
             if not self._ever_connected and self.on_fatal is not None:
@@ -294,7 +301,7 @@ class Worker:
         self._connected_at = time.monotonic()
         self._conn_gen += 1
         # The marker goes first so presence is reset before the retained statuses arrive.
-        self._inbox.append(_CONNECTED)
+        self._inbox.append(_RESUMED if resumed else _CONNECTED)
         self._pending_subs.clear()
         self._refused_subs = []
         self._resubscribe_wait = RESUBSCRIBE_MIN_S
@@ -313,7 +320,9 @@ class Worker:
             self._subscribe(self.subscriptions)
         self.connected.set()
         self.metrics.connected.set(1)
-        log.info("connected to %s:%s as %s", self.broker.host, self.broker.port, self.client_id)
+        log.info("connected to %s:%s as %s%s", self.broker.host, self.broker.port, self.client_id,
+                 "; resumed its persistent session (presence kept: the session queued every status change)"
+                 if resumed else "")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
@@ -678,16 +687,17 @@ class Worker:
     def _start_next(self) -> None:
         """Take the inbox's next batch (up to a reconnection marker) and send it to the store thread."""
         inbox = self._inbox
-        while inbox and inbox[0] is _CONNECTED:
-            inbox.pop(0)
+        while inbox and (inbox[0] is _CONNECTED or inbox[0] is _RESUMED):
             self._inbox_gen += 1
+            if inbox.pop(0) is _RESUMED:
+                continue
             self.core.reset_presence()
             if self.restore_presence:
                 self._restore_mids.clear()
                 self._presence_future = self._store_thread.submit(self.store.last_online, PRESENCE_RESTORE_MAX)
                 self._presence_future.add_done_callback(self._wake)
         n = 0
-        while n < len(inbox) and n < BATCH_MAX and inbox[n] is not _CONNECTED:
+        while n < len(inbox) and n < BATCH_MAX and inbox[n] is not _CONNECTED and inbox[n] is not _RESUMED:
             n += 1
         msgs = inbox[:n]
         del inbox[:n]
