@@ -24,6 +24,7 @@ SIGNAL_POLL_S = 0.5
 
 
 COMMANDS = ("serve", "worker", "user", "device", "doctor", "keygen")
+DEFAULT_SHARE_GROUP = "im-workers"  # as backend.transport.worker.DEFAULT_SHARE_GROUP (not imported: startup time)
 USER_COMMANDS = ("add", "remove", "list")
 
 
@@ -197,9 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "arrives while this worker is down; for ONE worker whose clients never resend. With "
                         "several workers, a stopped worker's session keeps taking its share of the traffic "
                         "(default: off, a clean session; see broker_config/README.md)")
-    w.add_argument("--share-group", default="im-workers",
+    # Default None, so a --share-group given beside --partitions is noticed (they are alternatives).
+    w.add_argument("--share-group", default=None,
                    help="MQTT shared-subscription group for send/ack/req ($share/GROUP/...), so several workers "
-                        "split the load; '' subscribes plainly, for brokers without $share (default: im-workers)")
+                        "split the load; '' subscribes plainly, for brokers without $share; not with --partitions "
+                        f"(default: {DEFAULT_SHARE_GROUP})")
+    w.add_argument("--partitions", type=int, default=1, metavar="N",
+                   help="share the work between N workers without $share (NATS, RabbitMQ): each subscribes plainly "
+                        "and keeps the users of its --partition (crc32(uid) %% N); implies a persistent session "
+                        "under a fixed client id (im-worker-pIofN unless --id/--client-id), so while a worker is "
+                        "down its users' sends wait at the broker until it returns: run each under a supervisor. "
+                        "Every worker must get the same N (default: 1, no partitions)")
+    w.add_argument("--partition", type=int, default=None, metavar="I",
+                   help="with --partitions N: the partition this worker serves, 0 to N-1 (start one worker for each)")
     _db_arg(w)
     _store_args(w)
     _push_args(w)
@@ -419,21 +430,38 @@ def _worker(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.persistent_session and not (args.id or args.client_id):
+    from .partition import Partition, partition_error
+    error = partition_error(args.partitions, args.partition)
+    if error is None and args.partitions > 1 and args.share_group:
+        error = (f"--partitions and --share-group {args.share_group!r} exclude each other: partitioned workers "
+                 "subscribe plainly (for brokers without $share); beside a broker with $share, use --share-group "
+                 "alone")
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    partition = Partition(args.partitions, args.partition) if args.partitions > 1 else None
+    share_group = None if partition else (DEFAULT_SHARE_GROUP if args.share_group is None else args.share_group or None)
+    persistent = args.persistent_session or partition is not None
+    if args.persistent_session and not (args.id or args.client_id) and partition is None:
         print("error: --persistent-session needs a stable --id (or --client-id): a session under the default, "
               "random client id would never be resumed", file=sys.stderr)
         return 2
     log = logging.getLogger("backend")
     db = open_database(args.database_url)
-    client_id = args.client_id or f"im-worker-{args.id or default_worker_id()}"
+    client_id = args.client_id or (f"im-worker-{args.id}" if args.id else
+                                   partition.client_id if partition else f"im-worker-{default_worker_id()}")
     stop = _wait_for_signal()
-    worker = Worker(addresses, _store(args, db), client_id=client_id, share_group=args.share_group or None,
-                    delivery=_delivery(args), clean_session=not args.persistent_session,
+    worker = Worker(addresses, _store(args, db), client_id=client_id, share_group=share_group,
+                    delivery=_delivery(args), clean_session=not persistent, partition=partition,
                     on_fatal=lambda _message: stop.set(), push=args.push, push_options=_push_options(args))
-    if args.persistent_session and args.share_group:
+    if partition is not None:
+        log.info("serving %s (the uids u with crc32(u) %% %d == %d) under the persistent session %s: while this "
+                 "worker is down, its users' sends and requests wait at the broker until it returns",
+                 partition, partition.count, partition.index, client_id)
+    if args.persistent_session and share_group:
         log.warning("persistent session %s in the shared group %s: while this worker is stopped, the broker "
                     "keeps handing its session a share of the traffic, which waits there until it returns; "
-                    "to retire it, clear its session (broker_config/README.md)", client_id, args.share_group)
+                    "to retire it, clear its session (broker_config/README.md)", client_id, share_group)
     _start_metrics(args, worker)
     worker.start()
     log.info("worker running beside %s; Ctrl-C stops", ", ".join(f"{a.host}:{a.port}" for a in addresses))

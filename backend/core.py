@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from . import protocol as p
 
@@ -353,7 +353,13 @@ class Delivery:
                  max_retries: int = PUSH_MAX_RETRIES, backoff: float = PUSH_BACKOFF,
                  send_rate: float = SEND_RATE_PER_S, send_burst: int = SEND_BURST,
                  receipt_delay_ms: int = RECEIPT_DELAY_MS, announce_repeat_ms: int = ANNOUNCE_REPEAT_MS,
-                 announce_repeat_max_ms: int = ANNOUNCE_REPEAT_MAX_MS, announce_min_gap_ms: int = ANNOUNCE_MIN_GAP_MS):
+                 announce_repeat_max_ms: int = ANNOUNCE_REPEAT_MAX_MS, announce_min_gap_ms: int = ANNOUNCE_MIN_GAP_MS,
+                 owns: Callable[[str], bool] | None = None):
+        """``owns(uid)``: with partitioned workers (backend/partition.py), whether this worker owns ``uid``;
+        presence is still tracked for every user (pushes go to anyone online), but the announcements every
+        worker would make alike (after an ``online``, after another worker's ``gone``) and the derived user
+        status are left to the owner, so a device hears them once. None: every uid is this worker's."""
+        self.owns = owns
         self.content_max = content_max
         self.ack_timeout_ms = ack_timeout_ms
         self.max_retries = max_retries
@@ -465,12 +471,13 @@ class Delivery:
             # saw (it still counted it online) publishes `online` again, and must hear what waits.
             self._devices.setdefault(uid, set()).add(dev)
             self.online.add(uid)
-            self._watch_fresh((uid, dev))
-            # A v1 `online` registers the default device unless it may be our own derived word (the user has
-            # device-aware devices; echoes can arrive late) or a retained replay: then a v1 client is
-            # registered by its first send, ack or request instead.
-            register = bool(dev) or not (retained or uid in self._aware)
-            self._plan_announcement(plan, uid, dev, now_ms, register)
+            if self.mine(uid):  # partitions: the owner alone announces (and registers)
+                self._watch_fresh((uid, dev))
+                # A v1 `online` registers the default device unless it may be our own derived word (the user has
+                # device-aware devices; echoes can arrive late) or a retained replay: then a v1 client is
+                # registered by its first send, ack or request instead.
+                register = bool(dev) or not (retained or uid in self._aware)
+                self._plan_announcement(plan, uid, dev, now_ms, register)
         else:
             self.set_offline(uid, dev)
         if uid in self._aware:
@@ -489,7 +496,8 @@ class Delivery:
         derived = self.user_status(uid)
         if derived != self._published.get(uid) or (word_there is not None and word_there != derived):
             self._published[uid] = derived
-            plan.replies.append(Publish(p.status_topic(uid), derived, retain=True))
+            if self.mine(uid):  # partitions: published by the owner alone
+                plan.replies.append(Publish(p.status_topic(uid), derived, retain=True))
 
     def set_offline(self, uid: str, device: str = "") -> None:
         """Forget a device's presence, its pending pushes and announcements: they wait for its next pull."""
@@ -502,6 +510,10 @@ class Delivery:
         self._watch.pop((uid, device), None)
         for key in [k for k in self._pending if k[0] == uid and k[1] == device]:
             del self._pending[key]
+
+    def mine(self, uid: str) -> bool:
+        """Is ``uid`` this worker's (always, unless partitioned: see ``owns``)?"""
+        return self.owns is None or self.owns(uid)
 
     def is_online(self, uid: str, device: str = "") -> bool:
         return device in self._devices.get(uid, ())
@@ -573,7 +585,7 @@ class Delivery:
         """Another worker ended: pushes it was retransmitting and acks in flight to it died with it (worker
         sessions are clean), so every receiver online gets an announcement, spread over WORKER_GONE_SPREAD_MS
         (a count that finds nothing sends nothing)."""
-        online = sorted(self.online_devices())
+        online = sorted(k for k in self.online_devices() if self.mine(k[0]))  # partitions: the owner's job
         for i, key in enumerate(online):
             w = self._watch_fresh(key)
             if w is None:

@@ -29,6 +29,8 @@ class Metrics:
         self.errors = Counter("im_errors", "Error replies sent, by code", ["code"], registry=r)
         self.inbound = Counter("im_inbound_packets", "Packets taken from the broker, by topic kind", ["kind"],
                                registry=r)
+        self.partition_skipped = Counter("im_partition_skipped", "send/ack/req packets of uids another partition "
+                                         "owns, acknowledged and skipped (worker --partitions)", registry=r)
         self.backlog = Gauge("im_backlog_messages", "Messages waiting in the store (sampled)", registry=r)
         self.connected = Gauge("im_broker_connected", "1 while connected to the broker", registry=r)
         self.rights_enforced = Gauge("im_broker_rights_enforced", "1 if the broker refused the start-up probes of "

@@ -21,6 +21,9 @@ at once, so no payload waits for it at the broker. What was in flight to it is r
 retransmissions (the reference client resends until answered) and by count announcements.
 ``clean_session=False`` (``worker --persistent-session``) keeps a persistent session instead, for one
 worker whose raw publishers never resend; see broker_config/README.md for its trade-off.
+A partitioned worker (``partition``, ``worker --partitions N --partition I``: backend/partition.py) subscribes
+plainly, skips (PUBACKs at once, counts, never plans) the send/ack/req packets of uids another partition owns,
+and keeps a persistent session under a fixed client id: while it is down the broker queues its share.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import peewee as pw
 
 from .. import core, protocol
 from ..metrics import Metrics
+from ..partition import Partition
 from ..push import Notification, PushNotifier
 from ..store import Store, now_ms
 from .connection import BrokerAddress, _Client, configure_tls, refusal_message, set_nodelay
@@ -171,7 +175,7 @@ class Worker:
                  share_group: str | None = None, metrics: Metrics | None = None,
                  clean_session: bool = True, on_fatal: Callable[[str], None] | None = None,
                  restore_presence: bool = True, split_uid_filters: bool = True,
-                 push: bool = True, push_options: dict | None = None):
+                 push: bool = True, push_options: dict | None = None, partition: Partition | None = None):
         """``skip_retained``: beside a broker that lets users retain on send/ack/req topics, the
         broker replays that retained payload on every (re)subscribe, flagged retain=1 (a live
         delivery never is, MQTT-3.3.1-9): drop those replays. The embedded broker refuses such
@@ -190,7 +194,14 @@ class Worker:
 
         ``push``: own a :class:`backend.push.PushNotifier` (started and stopped with the worker) that notifies
         devices with a push endpoint when something waits for their user and none of its devices is online;
-        ``push_options``: its keyword arguments (allowed_hosts, request_timeout...). See _plan_push."""
+        ``push_options``: its keyword arguments (allowed_hosts, request_timeout...). See _plan_push.
+
+        ``partition``: serve only the uids this partition owns (backend/partition.py): needs no ``share_group``
+        (ValueError otherwise: the two are alternatives); sets the core's ``owns``. Pass ``clean_session=False``
+        with it, so the broker queues this partition's share while the worker is down."""
+        if partition is not None and share_group:
+            raise ValueError("a partitioned worker subscribes plainly: give no share group with a partition")
+        self.partition = partition
         # Several addresses are the nodes of one cluster: when the connection to one fails or ends, the worker
         # tries the next at once, and backs off only after a whole round failed. Same account and TLS on all.
         self.brokers = list(broker) if isinstance(broker, (list, tuple)) else [broker]
@@ -198,6 +209,8 @@ class Worker:
         self._failed_in_round = 0  # connection attempts that failed since the last accepted CONNACK
         self.store = store
         self.core = delivery or core.Delivery()
+        if partition is not None:
+            self.core.owns = partition.owns
         self.client_id = client_id
         self.skip_retained = skip_retained
         self.share_group = share_group
@@ -375,6 +388,12 @@ class Worker:
         return True
 
     def _on_message(self, client, userdata, msg):
+        if self.partition is not None and not self.partition.owns_topic(msg.topic):
+            # Another partition's user: acknowledged at once (manual_ack), never planned; counted, not logged.
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            self.metrics.partition_skipped.inc()
+            return
         if msg.topic == self.probe_topic:
             if msg.qos > 0:
                 client.ack(msg.mid, msg.qos)  # manual_ack: our own probe, nothing to store
@@ -398,7 +417,9 @@ class Worker:
         if traffic and not any(f.endswith("/send") for f, _ in refused):
             # The line tests and operators wait for: from here on, sends reach this worker.
             log.info("subscribed to send/ack/req %s", "through the shared group " + repr(self.share_group)
-                     if traffic[0].startswith("$share/") else "plainly")
+                     if traffic[0].startswith("$share/") else "plainly" if self.partition is None else
+                     f"plainly, keeping {self.partition} (the uids u with crc32(u) % {self.partition.count} == "
+                     f"{self.partition.index}; the others' packets are skipped)")
         for f, rc in refused:
             if f in SPLIT_UID_FILTERS:
                 if not self._mangled_seen:  # once per process: this only loses the naming of split uids
@@ -755,7 +776,9 @@ class Worker:
                 log.debug("in  %s (%d bytes)", topic, len(payload))
         # A departure is a user online before this batch (or during it) whose last device left. An `offline` for
         # a user already offline is none: the worker's own derived status coming back, a repeated will.
-        went_offline = {u for u in went_offline if u in came_online or self.core.user_online(u)}
+        # Partitions: the owner alone notifies (every worker sees every status).
+        went_offline = {u for u in went_offline
+                        if (u in came_online or self.core.user_online(u)) and self.core.mine(u)}
         return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, statuses=statuses,
                       went_offline=went_offline)
 
