@@ -6,6 +6,11 @@
   and a bound, and reports a message failed only when the bound runs out;
 * receives pushes, drops duplicates by seq, acks in small batches;
 * counts, and drains pages with the next request as the ack of the previous;
+* given several broker addresses (the nodes of one cluster), moves to the next one when its
+  connection is lost or a connect fails (round robin, with the reconnect backoff), and there does
+  what it does after any reconnect: subscribes, publishes ``online``, syncs, resends;
+* checks SUBACK codes and subscribes again with backoff while the broker refuses (NATS does while
+  JetStream recovers from a node's death), publishing ``online`` only once subscribed;
 * syncs (drains) on every announcement that says something waits, and after every
   reconnect; a sync that gets no answer is tried again with backoff for as long
   as the client stays connected, until the backlog is drained;
@@ -27,12 +32,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import paho.mqtt.client as mqtt
 
 from . import protocol as p
-from .transport.connection import set_nodelay
+from .transport.connection import BrokerAddress, parse_broker_urls, set_nodelay
 
 log = logging.getLogger("backend.client")
 
@@ -58,6 +63,39 @@ REPLY_ACCEPT_MAX = 4 * 1024 * 1024
 # A send with no receipt after its first resend window logs a warning (a broker without a worker looks
 # connected but never answers); at most once a minute, so an outage is not a flood of lines.
 NO_RECEIPT_WARN_INTERVAL_S = 60.0
+# A SUBSCRIBE the broker refuses (SUBACK 0x80) is tried again after 1 s, doubling up to 16 s, as the worker does
+# (RESUBSCRIBE_MIN_S/MAX_S in backend/transport/worker.py): NATS refuses while JetStream recovers after a node dies.
+RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S = 1.0, 16.0
+# paho's reconnect backoff: 1 s after a loss, doubling up to 16 s while attempts fail; with several addresses
+# each attempt goes to the next one, so a dead node costs one attempt.
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 16
+
+
+def broker_list(brokers: str | Sequence[tuple[str, int] | BrokerAddress], uid: str) -> tuple[list[tuple[str, int]], bool]:
+    """The client's broker addresses as [(host, port)], and whether they use TLS.
+
+    ``brokers``: a list of (host, port) pairs or BrokerAddress, or the worker's ``--broker`` syntax, a string
+    of comma-separated URLs (``mqtt://n1:1883,n2:1883,n3``: an entry without a scheme takes the first one's;
+    ``mqtts://`` for TLS; the port defaults to 1883, 8883 with TLS). Raises ValueError for an empty list, a bad
+    entry, a user name in a URL other than ``uid`` (the client logs in as its uid), or TLS on some entries only."""
+    if isinstance(brokers, str):
+        parsed = parse_broker_urls(brokers)
+        for a in parsed:
+            if a.username is not None and a.username != uid:
+                raise ValueError(f"broker address {a.host}:{a.port} names the user {a.username!r}: the client logs in "
+                                 f"as its uid {uid!r}; drop the user name from the address")
+        if len({a.tls for a in parsed}) > 1:
+            raise ValueError("broker addresses mix mqtt:// and mqtts://: use one scheme for every node")
+        return [(a.host, a.port) for a in parsed], parsed[0].tls
+    out: list[tuple[str, int]] = []
+    for b in brokers:
+        host, port = (b.host, b.port) if isinstance(b, BrokerAddress) else b
+        if not isinstance(host, str) or not host or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"bad broker address {b!r}: give (host, port) with a port from 1 to 65535")
+        out.append((host, port))
+    if not out:
+        raise ValueError("no broker address given")
+    return out, False
 
 
 class LoginRefused(ConnectionError):
@@ -95,18 +133,30 @@ class IMClient:
                  ack_delay: float = ACK_DELAY_S, tls: bool = False, ca_file: str | None = None,
                  transport: str = "tcp", batch_receipts: bool = True,
                  on_message: Callable[[dict[str, Any]], None] | None = None, keepalive: int = KEEPALIVE_S,
-                 device: str = ""):
+                 device: str = "", brokers: str | Sequence[tuple[str, int] | BrokerAddress] | None = None):
         """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
         user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
         likewise. ``receiver=False`` makes a send-only client (a sensor, or a second connection used only
         to send): no inbox subscription, no presence, no last will. ``device``: this connection is that device
         of the user (1-32 characters of A-Z a-z 0-9 _ -), with its own topics; its client id defaults to
-        ``uid:device``. Keep ``seen`` per device."""
+        ``uid:device``. Keep ``seen`` per device.
+
+        ``brokers``: several addresses of the same service (the nodes of one cluster), instead of ``host`` and
+        ``port``: a list of (host, port) pairs, or comma-separated URLs as the worker's ``--broker`` takes them
+        (``"mqtt://n1:1883,n2:1883,n3:1883"``; ``mqtts://`` turns TLS on). The client starts with the first; when
+        its connection is lost or a connect fails it moves to the next (round robin, with the reconnect backoff:
+        1 s, doubling up to 16 s) and there subscribes, publishes ``online``, syncs and keeps resending as after any
+        reconnect. ``host`` and ``port`` then name the address in use. ValueError for a bad list
+        (:func:`broker_list`)."""
         if not p.valid_uid(uid):
             raise ValueError(f"invalid uid {uid!r}")
         if device and not p.valid_device(device):
             raise ValueError(f"invalid device id {device!r}: 1-32 characters of A-Z a-z 0-9 _ -")
-        self.uid, self.host, self.port = uid, host, port
+        self.brokers, url_tls = broker_list(brokers, uid) if brokers is not None else ([(host, port)], False)
+        tls = tls or url_tls
+        self._broker_index = 0
+        self.uid, (self.host, self.port) = uid, self.brokers[0]
+        self.failovers = 0  # moves to the next broker address (after a lost connection or a failed connect)
         self.device = device
         # The server told us this device had been removed (what waited for it is gone): set, never cleared.
         self.removed = False
@@ -143,6 +193,9 @@ class IMClient:
         self._online_info: mqtt.MQTTMessageInfo | None = None
         self._closing = threading.Event()
         self._no_receipt_warned = -NO_RECEIPT_WARN_INTERVAL_S  # monotonic time of the last such warning
+        self._resubscribe_at: float | None = None  # when to subscribe again after a refused SUBACK
+        self._resubscribe_wait = RESUBSCRIBE_MIN_S
+        self.subscribe_refusals = 0  # SUBACKs that refused a subscription (each retried)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or (f"{uid}:{device}" if device else uid),
                                   clean_session=clean_session, protocol=mqtt.MQTTv311, transport=transport)
         if tls or ca_file:  # verifies the broker's certificate and host name (ca_file, else the system's CAs)
@@ -152,7 +205,7 @@ class IMClient:
         if receiver:
             self.client.will_set(p.status_topic(uid, device), p.OFFLINE, qos=1, retain=True)
         self.client.max_inflight_messages_set(100)
-        self.client.reconnect_delay_set(1, 16)
+        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_msg
@@ -191,6 +244,8 @@ class IMClient:
         """One line on why connect() failed, naming the likely cause."""
         where = f"{self.host}:{self.port}"
         rc = self.connect_result
+        if rc is None and len(self.brokers) > 1:  # nothing answered: every address was tried
+            where = "any of " + ", ".join(f"{h}:{p}" for h, p in self.brokers)
         if rc is not None and rc.is_failure:
             if rc.value in (4, 5, 134, 135):  # MQTT 3.1.1: bad user name or password, not authorised; 5.0 likewise
                 return LoginRefused(f"{self.uid}: the broker at {where} refused the login ({rc}): wrong user name "
@@ -250,13 +305,30 @@ class IMClient:
                 client.disconnect()  # stop paho's retries; connect() reports the failure
             return
         set_nodelay(client)
+        with self._lock:
+            self._resubscribe_at = None  # a retry planned on an earlier connection: this one subscribes afresh
+            self._resubscribe_wait = RESUBSCRIBE_MIN_S
+        self._subscribe()
+
+    def _subscribe(self) -> None:
         topics = [(p.inbox_topic(self.uid, self.device), 1), (p.reply_topic(self.uid, self.device), 1)] if self.receiver else \
             [(p.reply_topic(self.uid, self.device), 1)]
-        client.subscribe(topics)
+        self.client.subscribe(topics)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         if any(rc.is_failure for rc in reason_codes):
-            log.error("%s: subscription refused: %s", self.uid, reason_codes)
+            # Not subscribed: no `online` yet (the worker would push to an inbox we do not hear). The helper
+            # thread subscribes again after the backoff (NATS refuses while JetStream recovers).
+            with self._lock:
+                wait = self._resubscribe_wait
+                self._resubscribe_at = time.monotonic() + wait
+                self._resubscribe_wait = min(wait * 2, RESUBSCRIBE_MAX_S)
+                self.subscribe_refusals += 1
+                self._lock.notify_all()
+            log.warning("%s: the broker at %s:%s refused the subscription (%s); retrying in %.0f s (NATS refuses "
+                        "while JetStream is unavailable; otherwise check the account's rights)", self.uid, self.host,
+                        self.port, ", ".join(str(rc) for rc in reason_codes), wait)
+            return
         if self.receiver:
             self._online_info = client.publish(p.status_topic(self.uid, self.device), p.ONLINE, qos=1, retain=True)
             if self._ready.is_set() and self.auto_sync:
@@ -268,10 +340,28 @@ class IMClient:
     def _on_connect_fail(self, client, userdata):
         # paho calls this inside its `except OSError:` around the TCP/TLS connect: keep the error for connect().
         self.connect_error = sys.exc_info()[1]
+        self._next_broker()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if not self._closing.is_set():
-            log.info("%s: disconnected (%s)", self.uid, reason_code)
+        with self._lock:
+            self._resubscribe_at = None
+        if not self._closing.is_set() and not (self._refused.is_set() and not self._ready.is_set()):
+            # (a login refused by the first connect ends connect() with that address's refusal: no move)
+            log.info("%s: disconnected from %s:%s (%s)", self.uid, self.host, self.port, reason_code)
+            self._next_broker()
+
+    def _next_broker(self) -> None:
+        """Several addresses: paho's next (re)connect attempt, after its backoff, goes to the next one. Runs on
+        paho's network thread, between an attempt and the next."""
+        if len(self.brokers) < 2 or self._closing.is_set():
+            return
+        self._broker_index = (self._broker_index + 1) % len(self.brokers)
+        self.host, self.port = self.brokers[self._broker_index]
+        # paho's host/port setters refuse while it reconnects; its loop reads these for the next attempt.
+        self.client._host, self.client._port = self.host, self.port
+        self.failovers += 1
+        log.info("%s: trying the broker at %s:%s next (address %d of %d)", self.uid, self.host, self.port,
+                 self._broker_index + 1, len(self.brokers))
 
     # -- inbound ------------------------------------------------------------------
     def _on_msg(self, client, userdata, msg):
@@ -533,8 +623,13 @@ class IMClient:
                 waits = [o.deadline for o in self._outgoing.values()]
                 if self._ack_due is not None:
                     waits.append(self._ack_due)
+                if self._resubscribe_at is not None:
+                    waits.append(self._resubscribe_at)
                 self._lock.wait(max(0.0, min(waits, default=now + 0.5) - now))
                 now = time.monotonic()
+                resubscribe = self._resubscribe_at is not None and self._resubscribe_at <= now
+                if resubscribe:
+                    self._resubscribe_at = None
                 for o in list(self._outgoing.values()):
                     if o.deadline <= now:
                         waited = now - o.created
@@ -553,6 +648,8 @@ class IMClient:
                         o.deadline = now + min(self.resend_timeout * 2 ** (o.attempts - 1), self.resend_wait_max)
                         resend.append(o)
                 flush = self._ack_due is not None and (self._ack_due <= now or len(self._pending_acks) >= ACK_BATCH)
+            if resubscribe and self.client.is_connected():
+                self._subscribe()  # its SUBACK plans the next retry if refused again
             for o in resend:
                 self.client.publish(p.send_topic(self.uid, self.device), o.payload, qos=1)
             if flush:
