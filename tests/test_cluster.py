@@ -1,26 +1,33 @@
-"""Beside a broker cluster (issue 15): a 3-node RabbitMQ cluster with quorum queues for persistent sessions
-(scripts/rabbitmq.py start_rabbitmq_cluster), nodes SIGKILLed under the worker.
+"""Beside a broker cluster (issue 15): a 3-node NATS cluster (JetStream R3) and a 3-node RabbitMQ cluster with
+quorum queues for persistent sessions (scripts/nats.py, scripts/rabbitmq.py), nodes SIGKILLed under the workers
+and the clients.
 
 Opt-in (IM_CLUSTER_TESTS=1), as tests/test_brokers.py's NATS cluster test: three RabbitMQ nodes start in
-30-40 s here and sometimes ~120 s (BROKERS.md), so the module starts the cluster once (its start is not
-counted in a test's 60 s: ``func_only``; it has its own bound, CLUSTER_START_TIMEOUT_S) and each test
-leaves every node running for the next.
+30-40 s here and sometimes ~120 s (BROKERS.md), and JetStream takes 20-30 s to recover from a node's death, so
+the module starts each cluster once (its start is not counted in a test's 60 s: ``func_only``; the launcher has
+its own bound, CLUSTER_START_TIMEOUT_S) and each test leaves every node running for the next.
 
-    IM_CLUSTER_TESTS=1 python -m pytest tests/test_cluster.py tests/test_brokers.py -k "cluster or nats_node"
+    IM_CLUSTER_TESTS=1 python -m pytest tests/test_cluster.py
 """
 
 from __future__ import annotations
 
 import os
+import random
+import threading
 import time
 
 import pytest
 
+import chaos
 from backend import protocol as p
 from backend.client import IMClient
+from backend.store import Accepted, Message, open_database
 from conftest import eventually, raw_client
 from conftest import stop_raw as stop
-from services import WORKER_PASSWORD, WORKER_USER, ProbedWorker, require, unique_users
+from services import WORKER_PASSWORD, WORKER_USER, PrivateSchema, ProbedWorker, WorkerProcess, require, \
+    unique_users
+from test_partitions import balanced_uids
 
 # Upper bound for anything that takes milliseconds; waits return as soon as the event happens.
 WAIT_S = 15.0
@@ -48,6 +55,19 @@ def rabbit_nodes():
           f"{', restarted once: ' + ', '.join(nodes.restarted) if nodes.restarted else ''})")
     yield nodes
     nodes.close()
+
+
+@pytest.fixture(scope="module")
+def nats_nodes():
+    """A 3-node NATS cluster (JetStream R3) with the worker's account, for this module."""
+    from scripts.nats import find_nats, start_nats_cluster
+    require(find_nats() is not None, "nats-server not installed (Debian: apt-get install nats-server)")
+    t0 = time.monotonic()
+    nodes = start_nats_cluster({WORKER_USER: WORKER_PASSWORD})
+    print(f"\nNATS cluster ready in {time.monotonic() - t0:.1f} s")
+    yield nodes
+    for n in nodes:
+        n.close()
 
 
 def add_users(nodes, *names: str) -> dict[str, str]:
@@ -122,3 +142,215 @@ def test_worker_resumes_its_quorum_session_on_another_rabbitmq_node(rabbit_nodes
         for n in nodes:
             if not n.running:
                 n.start()
+
+
+def progress(phase: str, phases: dict) -> None:
+    """IM_CLUSTER_PROGRESS=1 (with -s): each phase's end as it happens, to see where a slow run spends its time."""
+    if os.environ.get("IM_CLUSTER_PROGRESS"):
+        print(f"  {phase}: {phases[phase]:.1f} s", flush=True)
+
+
+# --- chaos on each cluster --------------------------------------------------------------------------------
+class Dev:
+    """One device of a user, given every node's address, starting on node ``first`` (clients spread over the
+    nodes); its IMClients share ``seen`` and ``messages`` across reconnections. ``toggle()`` takes it down or up
+    on a thread of its own (a connect may first meet the dead node): the traffic never waits for it."""
+
+    def __init__(self, uid: str, device: str, nodes, first: int):
+        self.uid, self.device = uid, device
+        order = [nodes[(first + k) % len(nodes)] for k in range(len(nodes))]
+        self.brokers = [(n.host, n.port) for n in order]
+        self.seen: set[int] = set()
+        self.messages: list[dict] = []
+        self.instances: list[IMClient] = []
+        self.client: IMClient | None = None
+        self.busy: threading.Thread | None = None
+
+    def up(self, timeout: float = 10) -> bool:
+        if self.client is not None:
+            return True
+        c = IMClient(self.uid, f"{self.uid}-pw", device=self.device, brokers=self.brokers, seen=self.seen,
+                     messages=self.messages, **chaos.CLIENT_KW)
+        self.instances.append(c)
+        try:
+            c.connect(timeout=timeout)
+        except ConnectionError:
+            c.kill()
+            return False
+        self.client = c
+        return True
+
+    def down(self, abrupt: bool) -> None:
+        c, self.client = self.client, None
+        if c is not None:
+            c.kill() if abrupt else c.close()
+
+    def toggle(self, abrupt: bool) -> None:
+        if self.busy is not None and self.busy.is_alive():
+            return
+        action = (lambda: self.up(10)) if self.client is None else (lambda: self.down(abrupt))
+        self.busy = threading.Thread(target=action, daemon=True)
+        self.busy.start()
+
+    def settle(self) -> None:
+        if self.busy is not None:
+            self.busy.join(15)
+
+
+def all_up(devs, timeout: float = 20) -> list[str]:
+    """Bring every device up at once (threads: each connect takes ~1 s on a loaded cluster); the ones that failed."""
+    for d in devs:
+        d.settle()
+    failed: list[str] = []
+    threads = [threading.Thread(target=lambda d=d: d.up(timeout) or failed.append(f"{d.uid}:{d.device}"))
+               for d in devs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    return failed
+
+
+class ClusterWorker(WorkerProcess):
+    """`worker --partitions 2 --partition I` given every node's address, starting with node ``first``."""
+
+    def __init__(self, nodes, db_url: str, index: int, first: int, tag: str):
+        super().__init__(nodes[first].port, db_url, client_id=f"im-worker-p{index}of2-{tag}",
+                         extra=["--partitions", "2", "--partition", str(index)])
+        order = [nodes[(first + k) % len(nodes)] for k in range(len(nodes))]
+        self.urls = f"mqtt://{WORKER_USER}@" + ",".join(f"{n.host}:{n.port}" for n in order)
+
+    def args(self) -> list[str]:
+        return ["worker", "--broker", self.urls, "--database-url", self.db_url, "--client-id", self.client_id,
+                *self.extra]
+
+
+# The chaos timeline (seconds from the first send): worker 0's node SIGKILLed, worker 1 SIGKILLed (and started
+# again at once), node 1 started again (RabbitMQ takes 12-25 s to be back, NATS ~3 s), the last send.
+KILL_NODE_AT, KILL_WORKER_AT, RESTART_NODE_AT, TRAFFIC_S = 1.5, 3.0, 4.5, 6.0
+
+
+@pytest.mark.parametrize("kind", ["nats", "rabbitmq"])
+def test_chaos_on_a_cluster_nothing_lost_nothing_twice_every_device_told(kind, request, capsys):
+    """Issue 15's acceptance: 4 users (2 of each partition), each with a desk (stays, sends) and a phone (comes
+    and goes), their devices spread over the 3 nodes; 2 partitioned workers, worker 0 on node 1, worker 1 on
+    node 2. Mid-traffic node 1 (worker 0's) is SIGKILLed (worker 0 and the devices there move to live nodes),
+    worker 1 is SIGKILLed once and restarted, node 1 is restarted later. Then: every send confirmed and stored
+    once, every device shows every message for its user (and the sync copies of its user's sends) exactly once,
+    having been told of it with no drain asked by the test (pushes; announcements and the syncs they start; the
+    sync after each reconnection), and the store ends empty."""
+    nodes = request.getfixturevalue(f"{kind}_nodes")
+    rng = random.Random(11)
+    tag = os.urandom(3).hex()
+    uids = balanced_uids(2)
+    everyone = uids[0] + uids[1]
+    passwords = {u: f"{u}-pw" for u in everyone}
+    for n in (nodes[:1] if kind == "rabbitmq" else nodes):  # RabbitMQ's accounts are cluster-wide; NATS' per node
+        n.add_users(passwords)
+    schema = PrivateSchema()
+    workers = [ClusterWorker(nodes, schema.url, i, first=i, tag=tag) for i in range(2)]
+    devs = {(u, d): Dev(u, d, nodes, first=k) for k, (u, d) in
+            enumerate((u, d) for u in everyone for d in ("desk", "phone"))}
+    restarter: threading.Thread | None = None
+    t0 = time.monotonic()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        phases[name] = time.monotonic() - t0
+        progress(name, phases)
+
+    try:
+        for w in workers:  # both at once: they race to create the schema, which the store allows
+            w.start(wait=False)
+        for w in workers:
+            assert w.wait_log(w.ready, 30), "".join(w.lines)
+        phase("workers")
+        assert all_up(devs.values()) == []
+        phase("devices")
+        sent = []
+        events = {KILL_NODE_AT: "kill node", KILL_WORKER_AT: "kill worker", RESTART_NODE_AT: "restart node"}
+        start = time.monotonic()
+        while (now := time.monotonic() - start) < TRAFFIC_S:
+            for at in [at for at in events if now >= at]:
+                what = events.pop(at)
+                if what == "kill node":
+                    nodes[0].kill()  # worker 0's node: it and the devices there move
+                elif what == "kill worker":
+                    workers[1].kill()
+                    workers[1].start(wait=False)  # same client id: its persistent session kept its share meanwhile
+                else:
+                    restarter = threading.Thread(target=nodes[0].start, daemon=True)
+                    restarter.start()
+            if rng.random() < 0.1:
+                devs[(rng.choice(everyone), "phone")].toggle(abrupt=rng.random() < 0.5)
+            s, r = rng.sample(everyone, 2)
+            sent.append((s, devs[(s, "desk")].client.send(r, f"{s}->{r} #{len(sent)}")))
+            time.sleep(0.05)  # pacing, not synchronisation
+        n = len(sent)
+        phase("send")
+        assert all_up(devs.values()) == []
+        deadline = time.monotonic() + 30
+        for _, o in sent:
+            o.wait(max(0.1, deadline - time.monotonic()))
+        confirmed = sum(1 for _, o in sent if o.receipt and o.receipt.get("status") in ("stored", "duplicate"))
+        phase("confirm")
+
+        def want_for(uid, device):
+            want = {o.msg_id for s, o in sent if o.to == uid}
+            if device != "desk":
+                want |= {o.msg_id for s, o in sent if s == uid}  # sync copies of what its desk sent
+            return want
+
+        # Told: each device ends with all of it by itself; no drain asked by the test.
+        deadline = time.monotonic() + 15
+        untold = []
+        for key, dev in devs.items():
+            want = want_for(*key)
+            if not dev.client.wait_for(lambda: want <= {m["msg_id"] for m in dev.messages},
+                                       max(0.1, deadline - time.monotonic())):
+                untold.append((key, len(want - {m["msg_id"] for m in dev.messages})))
+        phase("told")
+        lost, twice, received = chaos.collect_device_deliveries(devs, want_for)
+        for dev in devs.values():
+            dev.client.flush_acks()
+        db = open_database(schema.url, create=False)
+        try:
+            stored_once = Accepted.select().count()
+            eventually(lambda: Message.select().count() == 0, 10)  # acks in flight; asserted below
+            left = Message.select().count()
+        finally:
+            db.close()
+        phase("store_empty")
+        if restarter is not None:
+            restarter.join(30)
+        dropped = sum(c.duplicates_dropped for d in devs.values() for c in d.instances)
+        moves = sum(c.failovers for d in devs.values() for c in d.instances)
+        with capsys.disabled():
+            print(f"\nchaos on the {kind} cluster: sent={n} confirmed={confirmed} device deliveries={received} "
+                  f"lost={len(lost)} twice={len(twice)} untold={len(untold)} client moves={moves} "
+                  f"repeats_dropped_by_clients={dropped} accepted={stored_once} left_in_store={left} "
+                  f"phases(s)={ {k: round(v, 1) for k, v in phases.items()} }")
+        assert confirmed == n, f"{n - confirmed} sends never confirmed"
+        assert lost == [], lost[:10]
+        assert twice == [], twice[:10]
+        assert untold == [], untold
+        assert received == 3 * n, "each message to the receiver's 2 devices, its copy to the sender's phone"
+        assert stored_once == n
+        assert left == 0
+        assert nodes[0].running, "node 1 did not come back"
+    finally:
+        for d in devs.values():
+            d.settle()
+            for c in d.instances:
+                try:
+                    c.kill()
+                except Exception:  # noqa: BLE001
+                    pass
+        for w in workers:
+            w.kill()
+        if restarter is not None:
+            restarter.join(60)
+        for node in nodes:
+            if not node.running:
+                node.start()
+        schema.close()
