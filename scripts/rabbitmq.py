@@ -209,12 +209,42 @@ class RabbitMQ:
             raise RuntimeError(f"rabbitmq-server {self.node} exited with {self.proc.returncode}:\n{self.log_tail()}")
         return mqtt_connects(self.host, self.port, self.probe_user, timeout=2.0)
 
+    def relaunch_elsewhere(self, mqtt_port: bool) -> None:
+        """Launch again on a new distribution port (and a new MQTT port if ``mqtt_port``, rewriting the config):
+        a free port may be taken by another process between free_port() and the node's bind."""
+        self.dist_port = free_port()
+        if mqtt_port:
+            self.port = free_port(self.host)
+            conf = self.workdir / "rabbitmq.conf"
+            conf.write_text(re.sub(r"(?m)^mqtt\.listeners\.tcp\.default = .*$",
+                                   f"mqtt.listeners.tcp.default = {self.host}:{self.port}",
+                                   conf.read_text(encoding="utf-8")), encoding="utf-8")
+        self.launch()
+
+    def port_taken(self) -> bool:
+        """Did this node exit because a port it needed was in use?"""
+        tail = self.log_tail(200)
+        return "dist_port_already_used" in tail or "eaddrinuse" in tail.lower()
+
+    def _ready_or_relaunched(self, retried: set) -> bool:
+        """ready(), except that a node which exited over a taken port is launched again (once per cause):
+        its distribution port may move; its MQTT port only before the cluster is handed out."""
+        try:
+            return self.ready()
+        except RuntimeError:
+            if "port" in retried or not self.port_taken():
+                raise
+            retried.add("port")
+            self.relaunch_elsewhere(mqtt_port=self.cluster is not None and not self.cluster.handed_out)
+            return False
+
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "RabbitMQ":
         """Until the MQTT listener takes a CONNECT. A cluster member that stalls (:meth:`stalled`) is SIGKILLed
-        and launched again, once."""
+        and launched again, once; one that exits over a taken distribution port likewise, on another."""
         end = time.monotonic() + timeout
         retried = self.cluster is None
-        while not self.ready():
+        relaunched: set = set() if self.cluster is not None else {"port"}
+        while not self._ready_or_relaunched(relaunched):
             if time.monotonic() > end:
                 self.kill()
                 raise TimeoutError(f"RabbitMQ's MQTT listener not ready after {timeout}s:\n{self.log_tail()}")
@@ -360,6 +390,7 @@ class RabbitMQCluster(list):
         super().__init__()
         self.workdir, self.epmd_port = workdir, epmd_port
         self.start_s: list[float] = []
+        self.handed_out = False  # the members' MQTT ports are known to callers: they never move after this
         self.restarted: list[str] = []  # nodes restarted once at the start because they stalled
 
     __hash__ = object.__hash__  # one cluster is one object (its members refer to it)
@@ -434,12 +465,13 @@ def start_rabbitmq_cluster(users: Mapping[str, str] | Iterable[tuple[str, str]],
         for node in cluster:  # all at once; the first to take peer discovery's lock forms the cluster
             node.launch()
         ready: dict[str, float] = {}
+        relaunched: dict[str, set] = {node.node: set() for node in cluster}
         end = t0 + timeout
         while len(ready) < len(cluster):
             for node in cluster:
                 if node.node in ready:
                     continue
-                if node.ready():
+                if node._ready_or_relaunched(relaunched[node.node]):
                     ready[node.node] = time.monotonic() - t0
                 elif node.node not in cluster.restarted and node.stalled(stall_s):
                     node.kill()
@@ -456,6 +488,7 @@ def start_rabbitmq_cluster(users: Mapping[str, str] | Iterable[tuple[str, str]],
                 raise RuntimeError(f"the RabbitMQ nodes did not form one cluster: {cluster[0].node} sees "
                                    f"{sorted(seen)}")
             time.sleep(0.5)  # poll interval; a joining node shows up within a second or two
+        cluster.handed_out = True
         return cluster
     except BaseException:
         for node in cluster:
