@@ -353,16 +353,21 @@ def _layout(workdir: Path, defs: dict, *, host: str, port: int, cluster_nodes: l
                       cluster_nodes=cluster_nodes), encoding="utf-8")
 
 
-def start_rabbitmq(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port: int | None = None,
-                   host: str = "127.0.0.1", worker_user: str = WORKER_USER,
-                   timeout: float = START_TIMEOUT_S) -> RabbitMQ:
-    """Lay out a temporary directory, start a node (MQTT on host:port, a free port if None) and return it."""
+def _prepare(users: Mapping[str, str] | Iterable[tuple[str, str]], worker_user: str) -> tuple[str, dict, dict]:
+    """(bin directory, accounts, their definitions), or FileNotFoundError / ValueError before anything starts."""
     bindir = find_rabbitmq()
     if bindir is None:
         raise FileNotFoundError("rabbitmq-server not found in /usr/lib/rabbitmq/bin (Debian: apt-get install "
                                 "rabbitmq-server)")
     users = dict(users)
-    defs = definitions(users, worker_user)  # ValueError before anything starts
+    return bindir, users, definitions(users, worker_user)
+
+
+def start_rabbitmq(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port: int | None = None,
+                   host: str = "127.0.0.1", worker_user: str = WORKER_USER,
+                   timeout: float = START_TIMEOUT_S) -> RabbitMQ:
+    """Lay out a temporary directory, start a node (MQTT on host:port, a free port if None) and return it."""
+    bindir, users, defs = _prepare(users, worker_user)
     workdir = Path(tempfile.mkdtemp(prefix="im-rabbitmq-"))
     try:
         (workdir / "home").mkdir()
@@ -438,12 +443,7 @@ def start_rabbitmq_cluster(users: Mapping[str, str] | Iterable[tuple[str, str]],
     client id tracker: "client ID registration timed out"; a restart lets it join). Raises TimeoutError after
     ``timeout`` seconds in all, leaving nothing behind. Persistent MQTT sessions are quorum queues
     (broker_config/rabbitmq/rabbitmq.conf), replicated over the members."""
-    bindir = find_rabbitmq()
-    if bindir is None:
-        raise FileNotFoundError("rabbitmq-server not found in /usr/lib/rabbitmq/bin (Debian: apt-get install "
-                                "rabbitmq-server)")
-    users = dict(users)
-    defs = definitions(users, worker_user)  # ValueError before anything starts
+    bindir, users, defs = _prepare(users, worker_user)
     probe = next(iter(users.items()), None)
     workdir = Path(tempfile.mkdtemp(prefix="im-rabbitmq-cluster-"))
     cluster = RabbitMQCluster(workdir, free_port())

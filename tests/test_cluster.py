@@ -156,39 +156,16 @@ def progress_lines(worker) -> None:
 
 
 # --- chaos on each cluster --------------------------------------------------------------------------------
-class Dev:
-    """One device of a user, given every node's address, starting on node ``first`` (clients spread over the
-    nodes); its IMClients share ``seen`` and ``messages`` across reconnections. ``toggle()`` takes it down or up
-    on a thread of its own (a connect may first meet the dead node): the traffic never waits for it."""
+class Dev(chaos.Device):
+    """A device given every node's address, starting on node ``first`` (clients spread over the nodes).
+    ``toggle()`` takes it down or up on a thread of its own (a connect may first meet the dead node): the
+    traffic never waits for it."""
 
     def __init__(self, uid: str, device: str, nodes, first: int, clean_session: bool = True):
-        self.uid, self.device, self.clean_session = uid, device, clean_session
         order = [nodes[(first + k) % len(nodes)] for k in range(len(nodes))]
-        self.brokers = [(n.host, n.port) for n in order]
-        self.seen: set[int] = set()
-        self.messages: list[dict] = []
-        self.instances: list[IMClient] = []
-        self.client: IMClient | None = None
+        super().__init__(uid, device, f"{uid}-pw", brokers=[(n.host, n.port) for n in order],
+                         clean_session=clean_session)
         self.busy: threading.Thread | None = None
-
-    def up(self, timeout: float = 10) -> bool:
-        if self.client is not None:
-            return True
-        c = IMClient(self.uid, f"{self.uid}-pw", device=self.device, brokers=self.brokers, seen=self.seen,
-                     messages=self.messages, clean_session=self.clean_session, **chaos.CLIENT_KW)
-        self.instances.append(c)
-        try:
-            c.connect(timeout=timeout)
-        except ConnectionError:
-            c.kill()
-            return False
-        self.client = c
-        return True
-
-    def down(self, abrupt: bool) -> None:
-        c, self.client = self.client, None
-        if c is not None:
-            c.kill() if abrupt else c.close()
 
     def toggle(self, abrupt: bool) -> None:
         if self.busy is not None and self.busy.is_alive():
