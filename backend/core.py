@@ -357,7 +357,7 @@ class Delivery:
                  owns: Callable[[str], bool] | None = None):
         """``owns(uid)``: with partitioned workers (backend/partition.py), whether this worker owns ``uid``;
         presence is still tracked for every user (pushes go to anyone online), but the announcements every
-        worker would make alike (after an ``online``, after another worker's ``gone``) and the derived user
+        worker would make alike (after a live ``online``, after another worker's ``gone``) and the derived user
         status are left to the owner, so a device hears them once. None: every uid is this worker's."""
         self.owns = owns
         self.content_max = content_max
@@ -471,7 +471,10 @@ class Delivery:
             # saw (it still counted it online) publishes `online` again, and must hear what waits.
             self._devices.setdefault(uid, set()).add(dev)
             self.online.add(uid)
-            if self.mine(uid):  # partitions: the owner alone announces (and registers)
+            # Partitions: the owner alone announces a live `online`; a retained replay (this worker's own
+            # (re)connection) is announced by the worker that hears it, which may have stored messages for the
+            # user, unpushed, before it knew the user online (the owner never heard of those).
+            if retained or self.mine(uid):
                 self._watch_fresh((uid, dev))
                 # A v1 `online` registers the default device unless it may be our own derived word (the user has
                 # device-aware devices; echoes can arrive late) or a retained replay: then a v1 client is

@@ -283,7 +283,8 @@ def _check_share(main: _Probe, topic: str, address: BrokerAddress) -> Verdict:
     if ok:
         return Verdict("$share", "ok", "shared subscriptions deliver (several workers can split the load)")
     return Verdict("$share", "WARN", "a $share subscription was accepted but delivered nothing (NATS and "
-                   "RabbitMQ do this): the worker notices it at start and subscribes plainly; run one worker")
+                   "RabbitMQ do this): the worker notices it at start and subscribes plainly; run one worker, "
+                   "or several as partitions (worker --partitions N --partition I)")
 
 
 def _check_retained(main: _Probe, topic: str) -> Verdict:

@@ -112,6 +112,11 @@ def test_core_announces_only_the_users_it_owns():
                for d in (owner, other)]
     assert [len(x) for x in derived] == [1, 0]
     assert core.Delivery().mine("anyone")  # unpartitioned: every uid
+    # A retained replay (after this worker's own (re)connection) is announced by the worker that hears it, owner
+    # or not: it may have stored messages for bob, unpushed, before it knew him online (the owner never heard).
+    fresh = core.Delivery(owns=lambda u: False)
+    plan = fresh.plan([(p.status_topic("bob"), b"online", True)], T0)
+    assert [(type(o), o.receiver) for o in plan.ops] == [(core.CountBacklog, "bob")]
 
 
 # --- real processes beside each broker -------------------------------------------------
@@ -179,125 +184,168 @@ class OneShot:
         self.c.loop_stop()
 
 
-@pytest.fixture(params=BROKERS)
-def beside(request):
-    """(kind, node, uids by partition, schema): the broker with this test's users, a private schema."""
-    uids = balanced_uids(3)
-    late = balanced_uids(1)[1][0]  # a receiver of partition 1 that comes online later
-    passwords = {u: f"{u}-pw" for u in uids[0] + uids[1] + [late]}
-    schema = PrivateSchema()
-    if request.param == "mosquitto":
-        node = mosquitto(passwords)
-    else:
-        node = shared_broker(request.param)
-        node.add_users(passwords)
-    yield request.param, node, uids, late, schema
-    if request.param == "mosquitto":
-        node.close()
-    schema.close()
+class System:
+    """Two partitioned workers (client ids unique to the test) on a private schema beside ``node``, and one
+    IMClient per user (3 uids of each partition); ``late``: a receiver of each partition that stays offline."""
 
+    def __init__(self, kind: str, node, schema: PrivateSchema):
+        self.kind, self.node, self.schema = kind, node, schema
+        self.uids = balanced_uids(3)
+        self.late = [u for (u,) in balanced_uids(1)]
+        self.everyone = self.uids[0] + self.uids[1]
+        node.add_users({u: f"{u}-pw" for u in self.everyone + self.late})
+        tag = os.urandom(3).hex()
+        self.workers = [PartitionWorker(node.port, schema.url, i, tag) for i in range(2)]
+        self.clients: dict[str, IMClient] = {}
+        self.others: list = []  # further clients, killed or closed at the end
+        self.rng = random.Random(7)
 
-def test_two_partitions_share_the_work_and_a_killed_one_catches_up(beside, capsys):
-    kind, node, uids, late_uid, schema = beside
-    rng = random.Random(7)
-    tag = os.urandom(3).hex()
-    workers = [PartitionWorker(node.port, schema.url, i, tag) for i in range(2)]
-    everyone = uids[0] + uids[1]
-    clients: dict[str, IMClient] = {}
-    raw = late = None
-    t_start = time.monotonic()
-    try:
-        workers[0].start(timeout=30)  # the first creates the schema
-        workers[1].start(timeout=30)
-        for i, w in enumerate(workers):
+    def start(self) -> "System":
+        for w in self.workers:  # both at once: on an empty schema they race to create it (as tests/services.py)
+            w.start(wait=False)
+        for i, w in enumerate(self.workers):
+            assert w.wait_log(w.ready, 30), "".join(w.lines)
             assert any(f"keeping partition {i} of 2" in line for line in w.lines), "".join(w.lines)
             assert not any("shared subscriptions" in line for line in w.lines)  # no $share probe at all
-        for uid in everyone:
-            clients[uid] = IMClient(uid, f"{uid}-pw", node.host, node.port, **CLIENT_KW).connect(WAIT_S)
-        for uid in everyone:  # answered by its owner once that worker took in its `online`: pushes from now on
-            assert clients[uid].count(WAIT_S)["total"] == 0
+        for uid in self.everyone:
+            self.clients[uid] = self.client(uid)
+        for uid in self.everyone:  # answered by its owner once that worker took in its `online`: pushes from now on
+            assert self.clients[uid].count(WAIT_S)["total"] == 0
+        return self
 
-        # Phase 1: 60 sends between 6 users, 3 of each partition, and 2 for a receiver that is offline.
-        sent = []
-        for i in range(60):
-            s, r = rng.sample(everyone, 2)
-            sent.append((s, clients[s].send(r, f"{s}->{r} #{i}")))
-        for s in (uids[0][0], uids[1][0]):
-            sent.append((s, clients[s].send(late_uid, f"{s}->late")))
-        assert all(o.wait(WAIT_S) is not None and o.receipt["status"] == "stored" for _, o in sent), \
-            [o.receipt for _, o in sent if not o.receipt or o.receipt["status"] != "stored"][:3]
-        # Each send taken by its sender's owner alone: stored once, in all (the other worker skipped it).
-        stored = [w.metric("im_messages_stored_total") for w in workers]
-        assert stored == [sum(s in uids[i] for s, _ in sent) for i in range(2)], stored
-        assert all(w.metric("im_partition_skipped_total") > 0 for w in workers)
-        # Pushed by the storing worker, acked through the receiver's owner, `delivered` back to the sender.
-        assert all(o.delivered.wait(WAIT_S) for _, o in sent[:60])
-        late = IMClient(late_uid, f"{late_uid}-pw", node.host, node.port, **CLIENT_KW).connect(WAIT_S)
-        assert late.wait_for(lambda: len(late.messages) == 2, WAIT_S)
-        assert len(late.announcements) == 1, late.announcements  # from its owner only, not from both workers
+    def client(self, uid: str, **kw) -> IMClient:
+        return IMClient(uid, f"{uid}-pw", self.node.host, self.node.port, **CLIENT_KW, **kw).connect(WAIT_S)
 
-        # Phase 2: partition 1's worker SIGKILLed mid-traffic; partition 1's users go on sending, one of them
-        # with one-shot publishes that nobody resends: they can only wait at the broker, in its session.
-        raw = OneShot(node.port, uids[1][1])
-        phase2, one_shots = [], []
-        for i in range(40):
-            if i == 10:
-                workers[1].kill()
-                t_kill = time.monotonic()
-            s, r = rng.sample(everyone, 2)
-            phase2.append((s, clients[s].send(r, f"{s}->{r} ##{i}")))
-            if i >= 10 and i % 2:
-                one_shots.append((f"raw-{tag}-{i}", rng.choice(uids[0])))
-                raw.send(one_shots[-1][1], one_shots[-1][0])
-            time.sleep(0.02)  # pacing: traffic goes on while the worker is dead
-        served = [o for s, o in phase2 if s in uids[0]]
-        assert all(o.wait(WAIT_S) is not None for o in served), "partition 0 stopped with partition 1's worker"
-        waited = time.monotonic() - t_kill
-        if waited < OUTAGE_S:
-            time.sleep(OUTAGE_S - waited)  # the outage's length: not a synchronisation
-        assert raw.receipts == {}, "answered while partition 1's worker was dead"
-        t_back = time.monotonic()
-        workers[1].start(timeout=30)
-        ids = [m for m, _ in one_shots]
-        assert raw.wait_all(ids, 30), f"{sum(i not in raw.receipts for i in ids)} of {len(ids)} one-shot sends " \
-                                      f"never answered: lost with the dead worker"
-        assert all(raw.receipts[i][0] == "stored" and raw.receipts[i][1] > t_back for i in ids)
-        assert all(o.wait(30) is not None and o.receipt["status"] in ("stored", "duplicate") for _, o in phase2)
+    def send_random(self, label: str):
+        s, r = self.rng.sample(self.everyone, 2)
+        return s, self.clients[s].send(r, f"{s}->{r} {label}")
 
-        # Every receiver shows every message it was sent exactly once; nothing stored twice, nothing left.
-        want: dict[str, set] = {u: set() for u in everyone}
-        for _, o in sent[:60] + phase2:
-            want[o.to].add(o.msg_id)
-        for msg_id, to in one_shots:
-            want[to].add(msg_id)
-        for uid, c in clients.items():
+    def check_received(self, want: dict[str, set]) -> None:
+        """Every user's client shows every message it was sent exactly once, and none else."""
+        for uid, c in self.clients.items():
             assert c.wait_for(lambda: {m["msg_id"] for m in c.messages} >= want[uid], 30), \
                 (uid, sorted(want[uid] - {m["msg_id"] for m in c.messages})[:5])
             ids_seen = [m["msg_id"] for m in c.messages]
             assert len(ids_seen) == len(set(ids_seen)) == len(want[uid]), (uid, len(ids_seen), len(want[uid]))
+
+    def check_store(self, accepted: int) -> None:
+        """Each send stored once (``accepted`` in all), and every message acked out of the store."""
         from backend.store import Accepted, Message, open_database
-        db = open_database(schema.url, create=False)
+        db = open_database(self.schema.url, create=False)
         try:
-            assert Accepted.select().count() == len(sent) + len(phase2) + len(one_shots)
-            for c in clients.values():
+            assert Accepted.select().count() == accepted
+            for c in self.clients.values():
                 c.flush_acks()
             assert eventually(lambda: Message.select().count() == 0, WAIT_S), Message.select().count()
         finally:
             db.close()
-        dropped = sum(c.duplicates_dropped for c in clients.values())
-        with capsys.disabled():
-            print(f"\npartitions beside {kind}: {len(sent)} + {len(phase2)} sends + {len(ids)} one-shot, "
-                  f"worker 1 dead {t_back - t_kill:.1f}s, one-shots answered "
-                  f"{max(t for _, t in raw.receipts.values()) - t_back:.1f}s after its restart, "
-                  f"{dropped} repeats dropped by clients, {time.monotonic() - t_start:.1f}s in all")
-    finally:
-        for c in [*clients.values(), late]:
-            if c is not None:
-                c.kill()
-        if raw is not None:
-            raw.close()
-        for w in workers:
+
+    def close(self) -> None:
+        for w in self.workers:  # first: a worker process left behind would outlive the test run
             w.kill()
-        if kind != "mosquitto":  # the shared node keeps persistent sessions: remove the workers'
-            for w in workers:
-                session_present(node.port, w.client_id, (WORKER_USER, WORKER_PASSWORD))
+        for c in [*self.clients.values(), *self.others]:
+            try:
+                c.kill() if isinstance(c, IMClient) else c.close()
+            except AttributeError:  # paho's loop_stop can race its own thread's end (as conftest's clients)
+                pass
+        if self.kind != "mosquitto":  # the shared node keeps persistent sessions: remove the workers'
+            for w in self.workers:
+                session_present(self.node.port, w.client_id, (WORKER_USER, WORKER_PASSWORD))
+
+
+@pytest.fixture(params=BROKERS)
+def system(request):
+    schema = PrivateSchema()
+    if request.param == "mosquitto":
+        node = mosquitto({})
+        node.add_users = lambda more: [node.add_user(u, pw) for u, pw in more.items()]
+    else:
+        node = shared_broker(request.param)
+    try:
+        s = System(request.param, node, schema)
+        yield s
+        s.close()
+    finally:
+        if request.param == "mosquitto":
+            node.close()
+        schema.close()
+
+
+def test_two_partitions_share_the_work(system, capsys):
+    """60 sends between 6 users, 3 of each partition: each stored once, by its sender's owner (the other worker
+    skipped it); pushed by that worker, acked through the receiver's owner, `delivered` back. Receivers coming
+    online later (a v1 client of partition 1, a device of partition 0's user) are announced to once, by their
+    owner, not once per worker."""
+    s = system.start()
+    phone = s.client(s.late[0], device="phone")  # registers the device (its owner's count); then it goes away
+    assert phone.count(WAIT_S)["total"] == 0
+    phone.close()
+    t0 = time.monotonic()
+    sent = [s.send_random(f"#{i}") for i in range(60)]
+    late = [(u, s.clients[u].send(to, f"{u}->late")) for u in (s.uids[0][0], s.uids[1][0]) for to in s.late]
+    assert all(o.wait(WAIT_S) is not None and o.receipt["status"] == "stored" for _, o in sent + late), \
+        [o.receipt for _, o in sent + late if not o.receipt or o.receipt["status"] != "stored"][:3]
+    stored = [w.metric("im_messages_stored_total") for w in s.workers]
+    assert stored == [sum(u in s.uids[i] for u, _ in sent + late) for i in range(2)], stored
+    skipped = [w.metric("im_partition_skipped_total") for w in s.workers]
+    assert all(skipped), skipped
+    assert all(o.delivered.wait(WAIT_S) for _, o in sent)
+    want: dict[str, set] = {u: set() for u in s.everyone}
+    for _, o in sent:
+        want[o.to].add(o.msg_id)
+    s.check_received(want)
+    elapsed = time.monotonic() - t0
+    for uid, kw in ((s.late[1], {}), (s.late[0], {"device": "phone"})):
+        c = s.client(uid, **kw)
+        s.others.append(c)
+        assert c.wait_for(lambda: len(c.messages) == 2, WAIT_S), (uid, kw, c.messages)
+        assert len(c.announcements) == 1, (kw, c.announcements)  # from its owner only, not from both workers
+    s.check_store(len(sent) + len(late))
+    with capsys.disabled():
+        print(f"\npartitions beside {s.kind}: {len(sent)} sends stored {stored[0]:.0f} + {stored[1]:.0f} by the "
+              f"two workers, skipped {skipped[0]:.0f} + {skipped[1]:.0f} packets, all received in {elapsed:.1f}s")
+
+
+def test_a_killed_partition_waits_at_the_broker_and_catches_up(system, capsys):
+    """Partition 1's worker SIGKILLed mid-traffic while its users go on sending, one of them with one-shot QoS 1
+    publishes that nobody resends: those can only wait at the broker, in the worker's persistent session. The
+    other partition is served on; after the restart every send is answered, nothing lost or shown twice."""
+    s = system.start()
+    raw = OneShot(s.node.port, s.uids[1][1])
+    s.others.append(raw)
+    sent, one_shots = [], []
+    for i in range(40):
+        if i == 10:
+            s.workers[1].kill()
+            t_kill = time.monotonic()
+        sent.append(s.send_random(f"#{i}"))
+        if i >= 10 and i % 2:
+            one_shots.append((f"raw-{i}-{os.urandom(3).hex()}", s.rng.choice(s.uids[0])))
+            raw.send(one_shots[-1][1], one_shots[-1][0])
+        time.sleep(0.02)  # pacing: traffic goes on while the worker is dead
+    served = [o for u, o in sent if u in s.uids[0]]
+    assert all(o.wait(WAIT_S) is not None for o in served), "partition 0 stopped with partition 1's worker"
+    waited = time.monotonic() - t_kill
+    if waited < OUTAGE_S:
+        time.sleep(OUTAGE_S - waited)  # the outage's length: not a synchronisation
+    assert raw.receipts == {}, "answered while partition 1's worker was dead"
+    t_back = time.monotonic()
+    s.workers[1].start(timeout=30)
+    ids = [m for m, _ in one_shots]
+    assert raw.wait_all(ids, 30), f"{sum(i not in raw.receipts for i in ids)} of {len(ids)} one-shot sends never " \
+                                  f"answered: lost with the dead worker"
+    assert all(raw.receipts[i][0] == "stored" and raw.receipts[i][1] > t_back for i in ids)
+    assert all(o.wait(30) is not None and o.receipt["status"] in ("stored", "duplicate") for _, o in sent)
+    caught_up = time.monotonic() - t_back
+    want: dict[str, set] = {u: set() for u in s.everyone}
+    for _, o in sent:
+        want[o.to].add(o.msg_id)
+    for msg_id, to in one_shots:
+        want[to].add(msg_id)
+    s.check_received(want)
+    s.check_store(len(sent) + len(one_shots))
+    dropped = sum(c.duplicates_dropped for c in s.clients.values())
+    with capsys.disabled():
+        print(f"\npartition 1 killed beside {s.kind}: {len(sent)} sends + {len(ids)} one-shot, dead "
+              f"{t_back - t_kill:.1f}s, every send answered {caught_up:.1f}s after its restart, "
+              f"{dropped} repeats dropped by clients (by seq)")

@@ -478,7 +478,8 @@ class Worker:
             log.warning("the broker at %s has no shared subscriptions ($share/%s/...: it %s; NATS and RabbitMQ "
                         "do this): subscribing to send/ack/req plainly instead. One worker is fine; several "
                         "workers beside this broker would each get every payload (the store keeps each message "
-                        "once, but all of them do all the work): run one worker here", where, self.share_group, how)
+                        "once, but all of them do all the work): run one worker here, or split the users between "
+                        "workers with --partitions N --partition I", where, self.share_group, how)
             self.metrics.notes.append(f"note: no shared subscriptions at {where}; plain subscriptions in use")
 
     def _subscription_upkeep(self) -> None:
