@@ -190,6 +190,33 @@ def clients(request):
             pass
 
 
+@pytest.fixture
+def alice_bob_cluster():
+    """services.nats_cluster("alice", "bob"): (3 NATS nodes, {"alice": uid, "bob": uid}); opt-in, IM_CLUSTER_TESTS=1."""
+    from services import nats_cluster
+    with nats_cluster("alice", "bob") as got:
+        yield got
+
+
+@pytest.fixture
+def made():
+    """A list to put what a test starts in (IMClients, raw paho clients, push gateways): each is ended at teardown
+    (kill(), else stop_raw() for a paho client, else close()), whatever the test's outcome."""
+    import paho.mqtt.client as mqtt
+    out: list = []
+    yield out
+    for c in out:
+        try:
+            if hasattr(c, "kill"):
+                c.kill()
+            elif isinstance(c, mqtt.Client):
+                stop_raw(c)
+            else:
+                c.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Tests leave nothing behind on the machine's shared databases: the project's tables that the tests made in
     the test databases ($IM_TEST_POSTGRES_URL, $IM_TEST_MYSQL_URL) are dropped when the run ends."""

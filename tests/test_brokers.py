@@ -15,7 +15,7 @@ from backend.client import IMClient
 from backend import protocol as p
 from conftest import eventually, raw_client
 from conftest import stop_raw as stop
-from services import BROKERS, ProbedWorker, mosquitto, shared_broker, unique_users
+from services import BROKERS, WORKER_USER, ProbedWorker, mosquitto, shared_broker, unique_users
 
 # Upper bound for anything that takes milliseconds; waits return as soon as the event happens.
 WAIT_S = 15.0
@@ -193,50 +193,37 @@ def test_refused_subscription_is_retried_until_granted(tmp_path):
         worker.kill()
 
 
-def test_worker_moves_to_a_live_node_when_its_nats_node_dies(tmp_path):
+def test_worker_moves_to_a_live_node_when_its_nats_node_dies(tmp_path, alice_bob_cluster, made):
     """A 3-node NATS cluster (JetStream R3): the worker, given all three addresses, is on node 1, alice on
     node 2, bob on node 3. Node 1 is SIGKILLed: the worker moves to a live node by itself, and the chat goes
     on (alice's client resends what got no receipt); nothing lost, nothing shown twice."""
-    if os.environ.get("IM_CLUSTER_TESTS") != "1":
-        # Opt-in until issue 15's cluster work: JetStream takes 20-30 s to recover after a node dies here, so the run
-        # sits near the suite's 60 s cap and failed 2 runs in 5 (a timeout, not a wrong result).
-        pytest.skip("cluster failover test: set IM_CLUSTER_TESTS=1 to run it (about 45 s)")
-    from scripts.nats import find_nats, start_nats_cluster
-    from services import WORKER_PASSWORD, WORKER_USER, require
-    require(find_nats() is not None, "nats-server not installed")
-    uids = unique_users("alice", "bob")
-    nodes = start_nats_cluster({WORKER_USER: WORKER_PASSWORD, **{u: f"{u}-pw" for u in uids.values()}})
-    worker = bob = alice = None
-    try:
-        worker = ProbedWorker(nodes[0].port, f"sqlite:///{tmp_path}/im.db")
-        worker.args = lambda: ["worker", "--broker", f"mqtt://{WORKER_USER}@127.0.0.1:{nodes[0].port},"
-                               f"127.0.0.1:{nodes[1].port},127.0.0.1:{nodes[2].port}",
-                               "--database-url", worker.db_url, "--client-id", "im-worker"]
-        worker.start(timeout=30)
-        assert any(f"connected to 127.0.0.1:{nodes[0].port}" in line for line in worker.lines)
-        # alice resends every 2 s at most (the default backoff reaches 21 and 45 s): the test measures the
-        # worker's move and JetStream's recovery (20-30 s here), not the client's backoff.
-        alice = client(nodes[1], uids["alice"], receiver=False, resend_timeout=1.0, resend_wait_max=2.0,
-                       max_resends=100)
-        bob = client(nodes[2], uids["bob"])
-        first = alice.send(uids["bob"], "before")
-        assert first.wait(WAIT_S)["status"] == "stored"
-        assert bob.wait_for_messages(1, WAIT_S)
+    # Opt-in (services.nats_cluster): JetStream takes 20-30 s to recover after a node dies here, so the run sits
+    # near the suite's 60 s cap and failed 2 runs in 5 (a timeout, not a wrong result).
+    nodes, uids = alice_bob_cluster
+    worker = ProbedWorker(nodes[0].port, f"sqlite:///{tmp_path}/im.db")
+    made.append(worker)
+    worker.args = lambda: ["worker", "--broker", f"mqtt://{WORKER_USER}@127.0.0.1:{nodes[0].port},"
+                           f"127.0.0.1:{nodes[1].port},127.0.0.1:{nodes[2].port}",
+                           "--database-url", worker.db_url, "--client-id", "im-worker"]
+    worker.start(timeout=30)
+    assert any(f"connected to 127.0.0.1:{nodes[0].port}" in line for line in worker.lines)
+    # alice resends every 2 s at most (the default backoff reaches 21 and 45 s): the test measures the
+    # worker's move and JetStream's recovery (20-30 s here), not the client's backoff.
+    alice = client(nodes[1], uids["alice"], receiver=False, resend_timeout=1.0, resend_wait_max=2.0,
+                   max_resends=100)
+    made.append(alice)
+    bob = client(nodes[2], uids["bob"])
+    made.append(bob)
+    first = alice.send(uids["bob"], "before")
+    assert first.wait(WAIT_S)["status"] == "stored"
+    assert bob.wait_for_messages(1, WAIT_S)
 
-        nodes[0].kill()
-        moved = lambda: any(f"connected to 127.0.0.1:{n.port}" in line for n in nodes[1:]  # noqa: E731
-                            for line in worker.lines)
-        assert eventually(moved, 30), "".join(worker.lines[-20:])
-        second = alice.send(uids["bob"], "after")  # resent by alice's client until a live worker answers
-        r = second.wait(40)
-        assert r is not None and r["status"] in ("stored", "duplicate"), "".join(worker.lines[-20:])
-        assert bob.wait_for(lambda: len(bob.messages) >= 2, 30), (bob.messages, "".join(worker.lines[-20:]))
-        assert [m["content"] for m in bob.messages] == ["before", "after"]
-    finally:
-        for c in (alice, bob):
-            if c is not None:
-                c.kill()
-        if worker is not None:
-            worker.kill()
-        for n in nodes:
-            n.close()
+    nodes[0].kill()
+    moved = lambda: any(f"connected to 127.0.0.1:{n.port}" in line for n in nodes[1:]  # noqa: E731
+                        for line in worker.lines)
+    assert eventually(moved, 30), "".join(worker.lines[-20:])
+    second = alice.send(uids["bob"], "after")  # resent by alice's client until a live worker answers
+    r = second.wait(40)
+    assert r is not None and r["status"] in ("stored", "duplicate"), "".join(worker.lines[-20:])
+    assert bob.wait_for(lambda: len(bob.messages) >= 2, 30), (bob.messages, "".join(worker.lines[-20:]))
+    assert [m["content"] for m in bob.messages] == ["before", "after"]

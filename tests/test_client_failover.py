@@ -8,7 +8,6 @@ after a node dies): a 3-node NATS cluster whose node under the clients is SIGKIL
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from backend.client import IMClient, broker_list
 from conftest import PASSWORDS, eventually, free_port
+from services import WorkerProcess
 
 TESTS = Path(__file__).resolve().parent
 # Upper bound for what takes milliseconds to a second or two (a reconnect waits paho's 1 s backoff first).
@@ -56,33 +56,33 @@ def test_broker_list_takes_pairs_and_the_workers_url_syntax():
         IMClient("bob", "pw", brokers=[])
 
 
-def test_client_skips_a_dead_address(server):
+def test_client_skips_a_dead_address(shared_server):
     """[a port nobody listens on, the live broker]: the first connect fails, the client moves on and connects."""
-    bob = make([free_port(), server.port], "bob")
+    dave = make([free_port(), shared_server.port], "dave")
     try:
-        bob.connect(WAIT_S)
-        assert (bob.host, bob.port) == ("127.0.0.1", server.port) and bob.failovers >= 1
-        assert bob.count(WAIT_S)["total"] == 0  # subscribed and answered there
+        dave.connect(WAIT_S)
+        assert (dave.host, dave.port) == ("127.0.0.1", shared_server.port) and dave.failovers >= 1
+        assert dave.count(WAIT_S)["total"] == 0  # subscribed and answered there
     finally:
-        bob.kill()
+        dave.kill()
 
 
 def test_client_names_every_address_when_none_answers():
     bob = make([free_port(), free_port()], "bob")
     with pytest.raises(ConnectionError, match="any of 127.0.0.1:.*, 127.0.0.1:"):
-        bob.connect(2.5)
+        bob.connect(1.0)
 
 
-def test_client_moves_on_when_its_node_dies_and_nothing_is_lost_or_shown_twice(server):
+def test_client_moves_on_when_its_node_dies_and_nothing_is_lost_or_shown_twice(shared_server):
     """alice and bob are on the proxy (their first address) and have `serve` as their second; carol is on
     `serve`. The proxy is SIGKILLed between messages: both move on, bob republishes `online` and syncs what
     was sent while he was away, alice's unconfirmed send is resent; each message reaches bob exactly once."""
-    proxy = ProxyProcess(server.port)
+    proxy = ProxyProcess(shared_server.port)
     alice = bob = carol = None
     try:
-        bob = make([proxy.port, server.port], "bob").connect(WAIT_S)
-        alice = make([proxy.port, server.port], "alice", receiver=False, resend_timeout=1.0).connect(WAIT_S)
-        carol = make([server.port], "carol", receiver=False).connect(WAIT_S)
+        bob = make([proxy.port, shared_server.port], "bob").connect(WAIT_S)
+        alice = make([proxy.port, shared_server.port], "alice", receiver=False, resend_timeout=1.0).connect(WAIT_S)
+        carol = make([shared_server.port], "carol", receiver=False).connect(WAIT_S)
         assert bob.port == proxy.port and alice.port == proxy.port
         assert alice.send("bob", "before").wait(WAIT_S)["status"] == "stored"
         assert bob.wait_for_messages(1, WAIT_S)
@@ -93,11 +93,11 @@ def test_client_moves_on_when_its_node_dies_and_nothing_is_lost_or_shown_twice(s
         assert carol.send("bob", "while-away").wait(WAIT_S)["status"] == "stored"
         r = during.wait(WAIT_S)
         assert r is not None and r["status"] in ("stored", "duplicate"), during.problem
-        assert alice.port == server.port and alice.failovers >= 1
+        assert alice.port == shared_server.port and alice.failovers >= 1
         assert alice.send("bob", "after").wait(WAIT_S)["status"] == "stored"
 
         assert bob.wait_for(lambda: len(bob.messages) >= 4 and bob.syncs > syncs, WAIT_S), bob.messages
-        assert bob.port == server.port and bob.failovers >= 1
+        assert bob.port == shared_server.port and bob.failovers >= 1
         contents = [m["content"] for m in bob.messages]
         assert sorted(contents) == ["after", "before", "during", "while-away"], contents
         assert contents.index("during") < contents.index("after")  # alice's order is kept
@@ -114,42 +114,29 @@ def test_client_moves_on_when_its_node_dies_and_nothing_is_lost_or_shown_twice(s
             proxy.kill()
 
 
-def test_client_moves_to_a_live_nats_node_when_its_node_dies(tmp_path):
+def test_client_moves_to_a_live_nats_node_when_its_node_dies(tmp_path, alice_bob_cluster, made):
     """A 3-node NATS cluster (JetStream R3): the worker is on node 3; alice and bob, given all three addresses,
     are on node 1. Node 1 is SIGKILLed: both move to a live node by themselves (subscribing again while NATS
     refuses during JetStream's recovery), and the chat goes on: nothing lost, nothing shown twice."""
-    if os.environ.get("IM_CLUSTER_TESTS") != "1":
-        pytest.skip("cluster failover test: set IM_CLUSTER_TESTS=1 to run it (about 45 s)")
-    from scripts.nats import find_nats, start_nats_cluster
-    from services import WORKER_PASSWORD, WORKER_USER, WorkerProcess, require, unique_users
-    require(find_nats() is not None, "nats-server not installed")
-    uids = unique_users("alice", "bob")
-    nodes = start_nats_cluster({WORKER_USER: WORKER_PASSWORD, **{u: f"{u}-pw" for u in uids.values()}})
-    worker = alice = bob = None
-    try:
-        worker = WorkerProcess(nodes[2].port, f"sqlite:///{tmp_path}/im.db")
-        worker.start(timeout=30)
-        addresses = ",".join(f"127.0.0.1:{n.port}" for n in nodes)
-        # alice resends every 2 s at most: the test measures the move and JetStream's recovery, not the backoff.
-        alice = IMClient(uids["alice"], f"{uids['alice']}-pw", brokers=f"mqtt://{addresses}", receiver=False,
-                         resend_timeout=1.0, resend_wait_max=2.0, max_resends=100).connect(WAIT_S)
-        bob = IMClient(uids["bob"], f"{uids['bob']}-pw", brokers=f"mqtt://{addresses}").connect(WAIT_S)
-        assert alice.port == bob.port == nodes[0].port
-        assert alice.send(uids["bob"], "before").wait(WAIT_S)["status"] == "stored"
-        assert bob.wait_for_messages(1, WAIT_S)
+    nodes, uids = alice_bob_cluster
+    worker = WorkerProcess(nodes[2].port, f"sqlite:///{tmp_path}/im.db")
+    made.append(worker)
+    worker.start(timeout=30)
+    addresses = ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+    # alice resends every 2 s at most: the test measures the move and JetStream's recovery, not the backoff.
+    alice = IMClient(uids["alice"], f"{uids['alice']}-pw", brokers=f"mqtt://{addresses}", receiver=False,
+                     resend_timeout=1.0, resend_wait_max=2.0, max_resends=100).connect(WAIT_S)
+    made.append(alice)
+    bob = IMClient(uids["bob"], f"{uids['bob']}-pw", brokers=f"mqtt://{addresses}").connect(WAIT_S)
+    made.append(bob)
+    assert alice.port == bob.port == nodes[0].port
+    assert alice.send(uids["bob"], "before").wait(WAIT_S)["status"] == "stored"
+    assert bob.wait_for_messages(1, WAIT_S)
 
-        nodes[0].kill()
-        second = alice.send(uids["bob"], "after")
-        r = second.wait(40)
-        assert r is not None and r["status"] in ("stored", "duplicate"), (second.problem, worker.lines[-20:])
-        assert alice.port != nodes[0].port and bob.port != nodes[0].port
-        assert bob.wait_for(lambda: len(bob.messages) >= 2, 30), (bob.messages, worker.lines[-20:])
-        assert [m["content"] for m in bob.messages] == ["before", "after"]
-    finally:
-        for c in (alice, bob):
-            if c is not None:
-                c.kill()
-        if worker is not None:
-            worker.kill()
-        for n in nodes:
-            n.close()
+    nodes[0].kill()
+    second = alice.send(uids["bob"], "after")
+    r = second.wait(40)
+    assert r is not None and r["status"] in ("stored", "duplicate"), (second.problem, worker.lines[-20:])
+    assert alice.port != nodes[0].port and bob.port != nodes[0].port
+    assert bob.wait_for(lambda: len(bob.messages) >= 2, 30), (bob.messages, worker.lines[-20:])
+    assert [m["content"] for m in bob.messages] == ["before", "after"]

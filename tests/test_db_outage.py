@@ -207,16 +207,17 @@ class Stopped:
 
 @pytest.mark.parametrize("broker_kind", ["embedded", "mosquitto"])
 def test_database_sessions_killed_then_refused(broker_kind, capsys):
-    database = KilledThenRefused()
-    try:
-        outage_run(broker_kind, database, capsys)
-    finally:
-        database.close()
+    outage_with(KilledThenRefused, broker_kind, capsys)
 
 
 @pytest.mark.parametrize("broker_kind", ["embedded", "mosquitto"])
 def test_database_server_stopped(broker_kind, capsys):
-    database = Stopped()
+    outage_with(Stopped, broker_kind, capsys)
+
+
+def outage_with(database_class, broker_kind: str, capsys) -> None:
+    """outage_run with a fresh ``database_class()`` (KilledThenRefused, Stopped), closed whatever happens."""
+    database = database_class()
     try:
         outage_run(broker_kind, database, capsys)
     finally:

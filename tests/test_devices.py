@@ -4,65 +4,14 @@ copies, a new device is not empty, management, the cap, housekeeping, and a v1 c
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from backend import protocol as p
-from backend.client import IMClient
 from backend.store import Entry, Message, open_database
-from conftest import Server, add_users, eventually, raw_client
-from conftest import stop_raw as stop
-from services import WorkerProcess, mosquitto
+from conftest import eventually
+from systems import System, system_fixture
 
-USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank")
-PW = {u: f"{u}-pw" for u in USERS}
-
-
-class System:
-    def __init__(self, kind: str, db_url: str, extra: list[str] | None = None):
-        self.kind, self.db_url = kind, db_url
-        add_users(db_url, *USERS)
-        if kind == "embedded":
-            self.server = Server(db_url).start(extra=extra)
-            self.port, self.broker = self.server.port, None
-        else:
-            self.broker = mosquitto(PW)
-            self.port = self.broker.port
-            self.server = WorkerProcess(self.port, db_url, extra=extra).start()
-
-    def client(self, uid: str, device: str = "", **kw) -> IMClient:
-        return IMClient(uid, PW[uid], port=self.port, device=device, **kw).connect()
-
-    def raw(self, uid: str, *topics: str):
-        c, rc, got = raw_client(self.port, uid, PW[uid], f"{uid}:raw-{os.urandom(3).hex()}")
-        assert rc is not None and not rc.is_failure
-        for t in topics:
-            c.subscribe(t, 1)
-        return c, got
-
-    def close(self):
-        self.server.kill()
-        if self.broker is not None:
-            self.broker.close()
-
-
-@pytest.fixture(params=["embedded", "mosquitto"], scope="module")
-def system(request, tmp_path_factory):
-    s = System(request.param, f"sqlite:///{tmp_path_factory.mktemp('devices')}/im.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def made():
-    out: list = []
-    yield out
-    for c in out:
-        try:
-            c.kill() if isinstance(c, IMClient) else stop(c)
-        except Exception:  # noqa: BLE001
-            pass
+system = system_fixture("devices")
 
 
 def words(got, topic):

@@ -12,30 +12,14 @@ import time
 import pytest
 
 from backend import protocol as p
-from conftest import eventually, raw_client
-from conftest import stop_raw as stop
-from test_devices import PW, System
+from conftest import eventually
+from systems import System, system_fixture
 from test_push import ALLOWED_FIELDS, TOKEN, Gateway
 
 SECRET = "the-secret-content-42"
 
 
-@pytest.fixture(params=["embedded", "mosquitto"], scope="module")
-def system(request, tmp_path_factory):
-    s = System(request.param, f"sqlite:///{tmp_path_factory.mktemp('pushwire')}/im.db")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def made():
-    out: list = []
-    yield out
-    for c in out:
-        try:
-            c.close() if isinstance(c, Gateway) else c.kill() if hasattr(c, "kill") else stop(c)
-        except Exception:  # noqa: BLE001
-            pass
+system = system_fixture("pushwire")
 
 
 class StatusWatch:
@@ -58,20 +42,36 @@ def _away(client, abrupt: bool) -> None:
     client.kill() if abrupt else client.close()
 
 
-@pytest.mark.parametrize("abrupt", [False, True], ids=["clean", "abrupt"])
-def test_a_message_to_a_user_with_no_device_online_notifies_each_endpoint(system, made, abrupt):
-    uid = "carol" if abrupt else "bob"
-    gw = Gateway()
+def _registered(system, made, uid: str, devices=("phone",), **gateway):
+    """A push gateway (``Gateway(**gateway)``), a watch on ``uid``'s derived status, and ``uid``'s ``devices``
+    connected, each with its endpoint (``<uid>-<device>``) registered: (gateway, watch, [clients])."""
+    gw = Gateway(**gateway)
     made.append(gw)
     watch = StatusWatch(system, uid)
     made.append(watch.c)
-    phone = system.client(uid, "phone")
-    made.append(phone)
-    assert phone.push_register(gw.endpoint(f"{uid}-phone"))["kind"] != "error"
-    _away(phone, abrupt)
-    assert watch.wait(p.OFFLINE), "the worker derived the user offline"
+    clients = []
+    for d in devices:
+        c = system.client(uid, d)
+        made.append(c)
+        assert c.push_register(gw.endpoint(f"{uid}-{d}"))["kind"] != "error"
+        clients.append(c)
+    return gw, watch, clients
+
+
+def _sender(system, made):
+    """alice, send-only (her device "x")."""
     alice = system.client("alice", "x", receiver=False)
     made.append(alice)
+    return alice
+
+
+@pytest.mark.parametrize("abrupt", [False, True], ids=["clean", "abrupt"])
+def test_a_message_to_a_user_with_no_device_online_notifies_each_endpoint(system, made, abrupt):
+    uid = "carol" if abrupt else "bob"
+    gw, watch, (phone,) = _registered(system, made, uid)
+    _away(phone, abrupt)
+    assert watch.wait(p.OFFLINE), "the worker derived the user offline"
+    alice = _sender(system, made)
     r1 = alice.send(uid, SECRET).wait(10)
     assert r1["status"] == "stored"
     assert gw.wait_requests(1, 10), "a notification reached the gateway"
@@ -91,19 +91,12 @@ def test_a_message_to_a_user_with_no_device_online_notifies_each_endpoint(system
 
 
 def test_no_notification_while_another_device_is_online(system, made):
-    gw = Gateway()
-    made.append(gw)
-    watch = StatusWatch(system, "dave")
-    made.append(watch.c)
-    phone = system.client("dave", "phone")
-    made.append(phone)
-    assert phone.push_register(gw.endpoint("dave-phone"))["kind"] != "error"
+    gw, watch, (phone,) = _registered(system, made, "dave")
     phone.close()
     laptop = system.client("dave", "laptop")
     made.append(laptop)
     assert watch.wait(p.ONLINE)
-    alice = system.client("alice", "x", receiver=False)
-    made.append(alice)
+    alice = _sender(system, made)
     for i in range(3):
         assert alice.send("dave", f"{SECRET} {i}").wait(10)["status"] == "stored"
     assert laptop.wait_for_messages(3, 10)
@@ -119,18 +112,11 @@ def test_no_notification_while_another_device_is_online(system, made):
 
 
 def test_an_endpoint_answering_410_is_dropped_from_the_store(system, made):
-    gw = Gateway(script=[410])
-    made.append(gw)
-    watch = StatusWatch(system, "erin")
-    made.append(watch.c)
-    phone = system.client("erin", "phone")
-    made.append(phone)
-    assert phone.push_register(gw.endpoint("erin-phone"))["kind"] != "error"
+    gw, watch, (phone,) = _registered(system, made, "erin", script=[410])
     assert [d["push"] for d in phone.devices()["devices"] if d["device"] == "phone"] == [True]
     phone.kill()
     assert watch.wait(p.OFFLINE)
-    alice = system.client("alice", "x", receiver=False)
-    made.append(alice)
+    alice = _sender(system, made)
     assert alice.send("erin", SECRET).wait(10)["status"] == "stored"
     assert gw.wait_requests(1, 10)
     other = system.client("erin", "laptop", receiver=False)
@@ -143,21 +129,11 @@ def test_an_endpoint_answering_410_is_dropped_from_the_store(system, made):
 
 
 def test_a_gateway_that_never_answers_does_not_slow_delivery(system, made):
-    gw = Gateway(hang=True)
-    made.append(gw)
-    watch = StatusWatch(system, "frank")
-    made.append(watch.c)
-    devices = []
-    for d in ("phone", "tab", "watch"):
-        c = system.client("frank", d)
-        made.append(c)
-        assert c.push_register(gw.endpoint(f"frank-{d}"))["kind"] != "error"
-        devices.append(c)
+    gw, watch, devices = _registered(system, made, "frank", ("phone", "tab", "watch"), hang=True)
     for c in devices:
         c.close()
     assert watch.wait(p.OFFLINE)
-    alice = system.client("alice", "x", receiver=False)
-    made.append(alice)
+    alice = _sender(system, made)
     assert alice.send("frank", "first").wait(10)["status"] == "stored"
     assert gw.wait_requests(3, 10), "three POSTs now hang at the gateway"
     latencies = []
@@ -176,17 +152,10 @@ def test_a_gateway_that_never_answers_does_not_slow_delivery(system, made):
 def test_a_worker_restart_does_not_notify_sleeping_devices_again(system, made):
     """The retained `offline` a restarted worker reads is no departure: it would wake every sleeping phone
     with something waiting at each worker restart (failed before: a second notification within milliseconds)."""
-    gw = Gateway()
-    made.append(gw)
-    watch = StatusWatch(system, "gina")
-    made.append(watch.c)
-    phone = system.client("gina", "phone")
-    made.append(phone)
-    assert phone.push_register(gw.endpoint("gina-phone"))["kind"] != "error"
+    gw, watch, (phone,) = _registered(system, made, "gina")
     phone.close()
     assert watch.wait(p.OFFLINE)
-    alice = system.client("alice", "x", receiver=False)
-    made.append(alice)
+    alice = _sender(system, made)
     assert alice.send("gina", SECRET).wait(10)["status"] == "stored"
     assert gw.wait_requests(1, 10)
     if system.kind == "mosquitto":
@@ -195,8 +164,7 @@ def test_a_worker_restart_does_not_notify_sleeping_devices_again(system, made):
     else:  # `serve` restarted: the broker's retained statuses go with it, so the devices' words come again
         system.server.kill()
         system.server.start()
-        alice = system.client("alice", "x", receiver=False)
-        made.append(alice)
+        alice = _sender(system, made)
     hank = system.client("hank", "desk")
     made.append(hank)
     assert alice.send("hank", "after the restart").wait(15)["status"] == "stored"  # the new worker is at work
