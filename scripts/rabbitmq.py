@@ -48,8 +48,10 @@ from scripts.nats import mqtt_connects
 
 try:
     from scripts._foreground import run_until_stopped
+    from scripts._launcher import BrokerProcess
 except ImportError:  # run as a file: python scripts/X.py
     from _foreground import run_until_stopped  # type: ignore[no-redef]
+    from _launcher import BrokerProcess  # type: ignore[no-redef]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "broker_config" / "rabbitmq"
@@ -134,8 +136,11 @@ def render_config(base: str, *, host: str, port: int, definitions_path: Path,
     return "\n".join(lines) + "\n"
 
 
-class RabbitMQ:
-    """A private RabbitMQ node: MQTT on host:port; everything it writes under workdir."""
+class RabbitMQ(BrokerProcess):
+    """A private RabbitMQ node: MQTT on host:port; everything it writes under workdir. Signals go to the node's
+    process group (the shell script, beam, its helpers)."""
+
+    START_TIMEOUT_S, STOP_TIMEOUT_S = START_TIMEOUT_S, STOP_TIMEOUT_S
 
     def __init__(self, host: str, port: int, workdir: Path, bindir: str, probe_user: tuple[str, str] | None,
                  *, node: str | None = None, epmd_port: int | None = None, home: Path | None = None,
@@ -150,14 +155,6 @@ class RabbitMQ:
         self.log_path = workdir / "node.log"
         self.proc: subprocess.Popen | None = None
         self.closed = False
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def env(self) -> dict:
         w = self.workdir
@@ -178,12 +175,8 @@ class RabbitMQ:
 
     def launch(self) -> None:
         """Run rabbitmq-server without waiting (start() waits)."""
-        if self.running:
-            raise RuntimeError("already running")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([f"{self.bindir}/rabbitmq-server"], env=self.env(), cwd=self.workdir,
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # its own process group: close() kills it whole
+        self.launch_process([f"{self.bindir}/rabbitmq-server"], env=self.env(),
+                            start_new_session=True)  # its own process group: close() kills it whole
         self.launched_at = time.monotonic()
         self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.booted_at: float | None = None  # when this launch's log first said the node had started
@@ -276,14 +269,11 @@ class RabbitMQ:
                 raise RuntimeError(f"the accounts imported into RabbitMQ cannot log in:\n{self.log_tail()}")
             time.sleep(0.05)  # poll interval
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        if not self.running:
-            return self.proc.returncode if self.proc else None
+    def _signal(self, sig: int) -> None:
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            return self.proc.wait(timeout)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            return self.kill()
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def kill(self) -> int | None:
         """SIGKILL the node's whole process group (the shell script, beam, its helpers)."""
@@ -298,12 +288,6 @@ class RabbitMQ:
     def _stop_epmd(self) -> None:
         stop_epmd(self.epmd_port)
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
     def close(self) -> None:
         """Stop the node and its epmd; remove the directory. A cluster member stops its node; the last member
         closed stops the cluster's epmd and removes the cluster's directory."""
@@ -315,12 +299,6 @@ class RabbitMQ:
             return
         self._stop_epmd()
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> "RabbitMQ":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def stop_epmd(port: int) -> None:
