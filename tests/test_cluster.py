@@ -22,7 +22,7 @@ import pytest
 import chaos
 from backend import protocol as p
 from backend.client import IMClient
-from backend.store import Accepted, Message, open_database
+from backend.store import Accepted, Device, Message, open_database
 from conftest import eventually, raw_client
 from conftest import stop_raw as stop
 from services import WORKER_PASSWORD, WORKER_USER, PrivateSchema, ProbedWorker, WorkerProcess, require, \
@@ -144,6 +144,38 @@ def test_worker_resumes_its_quorum_session_on_another_rabbitmq_node(rabbitmq_nod
                 n.start()
 
 
+def test_restarted_worker_knows_who_is_online_on_other_rabbitmq_nodes(rabbitmq_nodes, tmp_path):
+    """RabbitMQ keeps each retained message on one node: bob's `online` is on node 3. The worker (persistent
+    session) on node 1 is SIGKILLed and started again: its new process takes presence from the store's last
+    words and what its session queued, so a message for bob is pushed to him at once (before: it asked node 1
+    for bob's retained status, heard nothing, counted him offline, and bob was never told)."""
+    nodes = rabbitmq_nodes
+    n1, n2, n3 = nodes
+    uids = add_users(nodes, "alice", "bob")
+    worker = ProbedWorker(n1.port, f"sqlite:///{tmp_path}/im.db", client_id=f"im-worker-{os.urandom(3).hex()}")
+    worker.args = lambda: ["worker", "--broker", nodes.urls(WORKER_USER), "--database-url", worker.db_url,
+                           "--client-id", worker.client_id, "--persistent-session", "--share-group", ""]
+    bob = alice = None
+    try:
+        worker.start(timeout=30)
+        bob = IMClient(uids["bob"], f"{uids['bob']}-pw", n3.host, n3.port).connect(WAIT_S)
+        assert bob.count(WAIT_S)["total"] == 0  # answered after the worker took in (and stored) bob's `online`
+        worker.kill()
+        worker.start(timeout=30)
+        assert connected_to(worker, n1), "".join(worker.lines)
+        assert worker.wait_log("presence: resumed a persistent session", WAIT_S), "".join(worker.lines)
+        alice = IMClient(uids["alice"], f"{uids['alice']}-pw", n2.host, n2.port, receiver=False).connect(WAIT_S)
+        out = alice.send(uids["bob"], "after the restart")
+        assert out.wait(WAIT_S)["status"] == "stored"
+        assert bob.wait_for_messages(1, WAIT_S), "bob was not told: the new worker counted him offline"
+        assert bob.announcements == [], bob.announcements
+    finally:
+        for c in (alice, bob):
+            if c is not None:
+                c.kill()
+        worker.kill()
+
+
 def progress(phase: str, phases: dict) -> None:
     """IM_CLUSTER_PROGRESS=1 (with -s): each phase's end as it happens, to see where a slow run spends its time."""
     if os.environ.get("IM_CLUSTER_PROGRESS"):
@@ -207,6 +239,12 @@ class ClusterWorker(WorkerProcess):
                 *self.extra]
 
 
+def rejoin(kind: str, node) -> None:
+    """Start a killed node again: back once it takes an MQTT CONNECT (a NATS node's /healthz waits for every
+    JetStream consumer to catch up, over 30 s here under load; the test checks the deliveries themselves)."""
+    node.start(wait_healthy=False) if kind == "nats" else node.start()
+
+
 # The chaos timeline (seconds from the first send): worker 0's node SIGKILLed, worker 1 SIGKILLed (and started
 # again at once), node 1 started again (RabbitMQ takes 12-25 s to be back, NATS ~3 s), the last send.
 KILL_NODE_AT, KILL_WORKER_AT, RESTART_NODE_AT, TRAFFIC_S = 1.5, 3.0, 4.5, 6.0
@@ -259,6 +297,11 @@ def test_chaos_on_a_cluster_nothing_lost_nothing_twice_every_device_told(cluster
             assert ok, "".join(w.lines)
         phase("workers")
         assert all_up(devs.values()) == []
+        db = open_database(schema.url, create=False)
+        try:  # registrations land through the workers; the database is where they show (sync copies need them)
+            assert eventually(lambda: Device.select().count() == len(devs), 20), "every device registered"
+        finally:
+            db.close()
         phase("devices")
         sent = []
         events = {KILL_NODE_AT: "kill node", KILL_WORKER_AT: "kill worker", RESTART_NODE_AT: "restart node"}
@@ -272,7 +315,7 @@ def test_chaos_on_a_cluster_nothing_lost_nothing_twice_every_device_told(cluster
                     workers[1].kill()
                     workers[1].start(wait=False)  # same client id: its persistent session kept its share meanwhile
                 else:
-                    restarter = threading.Thread(target=nodes[0].start, daemon=True)
+                    restarter = threading.Thread(target=lambda: rejoin(kind, nodes[0]), daemon=True)
                     restarter.start()
             if rng.random() < 0.1:
                 devs[(rng.choice(everyone), "phone")].toggle(abrupt=rng.random() < 0.5)
@@ -350,5 +393,5 @@ def test_chaos_on_a_cluster_nothing_lost_nothing_twice_every_device_told(cluster
             restarter.join(60)
         for node in nodes:
             if not node.running:
-                node.start()
+                rejoin(kind, node)
         schema.close()

@@ -154,6 +154,16 @@ _RESUMED = object()
 
 
 @dataclass
+class _StoredStatus:
+    """A status topic's last word from the store, taken in like a retained replay (qos 0: nothing to PUBACK)."""
+    topic: str
+    payload: bytes = b"online"
+    qos: int = 0
+    retain: bool = True
+    mid: int = 0
+
+
+@dataclass
 class _Batch:
     """Inbound packets on their way: planned, in the store thread's hands (future), then finished."""
 
@@ -230,6 +240,7 @@ class Worker:
         self.restore_presence = restore_presence
         self.split_uid_filters = split_uid_filters
         self._presence_future: Future | None = None  # the store's last_online(), after a _CONNECTED marker
+        self._presence_from_store = False  # this process's first connection found its persistent session
         self._restore_mids: dict[int, int] = {}  # SUBSCRIBE mid -> how many exact status filters it holds
         self._restore_filters: list[str] = []  # exact status filters to drop at _restore_until
         self._restore_until = 0.0
@@ -297,6 +308,11 @@ class Worker:
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self._connack_seen = True
         resumed = self._ever_connected and not self.clean_session and flags.session_present
+        # A new process that finds its persistent session: presence is the store's last statuses (true when this
+        # worker's previous process died, or newer: other workers write them too) followed by the changes its
+        # session queued since; RabbitMQ's retained statuses would only tell what its own node holds.
+        self._presence_from_store = (self.restore_presence and not self._ever_connected and not self.clean_session
+                                     and flags.session_present and not reason_code.is_failure)
         if reason_code.is_failure:
             message = refusal_message(self.broker, self.client_id, reason_code)
             if not self._ever_connected and self.on_fatal is not None:
@@ -495,7 +511,12 @@ class Worker:
                 log.warning("presence: could not read the last statuses from the store (%s); users are seen "
                             "online again when they next publish their status", describe_outage(e))
                 uids = []
-            if self._session_up and uids:
+            if self._presence_from_store:
+                self._presence_from_store = False
+                self._inbox[0:0] = [_StoredStatus(t) for t in uids]  # before what the session queued
+                log.info("presence: resumed a persistent session: %d status topics last stored online taken as "
+                         "online, then the status changes the session queued", len(uids))
+            elif self._session_up and uids:
                 self._restore(uids)
         if self._restore_filters and self._restore_until and now >= self._restore_until:
             filters, self._restore_filters, self._restore_until = self._restore_filters, [], 0.0
@@ -718,6 +739,8 @@ class Worker:
                 self._restore_mids.clear()
                 self._presence_future = self._store_thread.submit(self.store.last_online, PRESENCE_RESTORE_MAX)
                 self._presence_future.add_done_callback(self._wake)
+        if self._presence_from_store and self._presence_future is not None:
+            return  # the store's last statuses go first (_subscription_upkeep puts them at the inbox's head)
         n = 0
         while n < len(inbox) and n < BATCH_MAX and inbox[n] is not _CONNECTED and inbox[n] is not _RESUMED:
             n += 1
