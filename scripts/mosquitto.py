@@ -39,8 +39,10 @@ from typing import Iterable, Mapping
 
 try:
     from scripts._foreground import run_until_stopped
+    from scripts._launcher import BrokerProcess
 except ImportError:  # run as a file: python scripts/X.py
     from _foreground import run_until_stopped  # type: ignore[no-redef]
+    from _launcher import BrokerProcess  # type: ignore[no-redef]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "broker_config" / "mosquitto.conf"
@@ -169,8 +171,12 @@ def write_password_file(path: Path, users: Mapping[str, str], passwd_binary: str
     subprocess.run([binary, "-U", str(path)], check=True, capture_output=True, timeout=30)
 
 
-class Mosquitto:
-    """A Mosquitto process on host:port with its config, passwords, ACL and persistence in workdir."""
+class Mosquitto(BrokerProcess):
+    """A Mosquitto process on host:port with its config, passwords, ACL and persistence in workdir.
+    ``stop()``: SIGTERM, Mosquitto saves its persistence file on the way out; ``kill()``: SIGKILL, whatever
+    arrived since the last autosave is lost; ``restart()``: same port, same persistence directory."""
+
+    START_TIMEOUT_S, STOP_TIMEOUT_S = START_TIMEOUT_S, STOP_TIMEOUT_S
 
     def __init__(self, host: str, port: int, workdir: Path, binary: str, owner: tuple[int, int] | None):
         self.host, self.port, self.workdir = host, port, workdir
@@ -179,20 +185,9 @@ class Mosquitto:
         self.log_path = workdir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
     def start(self, timeout: float = START_TIMEOUT_S) -> "Mosquitto":
         """Run the broker and return once its port accepts TCP connections."""
-        if self.running:
-            raise RuntimeError("already running")
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        finally:
-            log.close()
+        self.launch_process([self.binary, "-c", str(self.config_path)])
         end = time.monotonic() + timeout
         while True:
             code = self.proc.poll()
@@ -211,32 +206,6 @@ class Mosquitto:
             if self.proc.poll() is None:  # the port is ours, not another process's
                 return self
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM (Mosquitto saves its persistence file on the way out); SIGKILL if it lingers."""
-        if not self.running:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return self.kill()
-
-    def kill(self) -> int | None:
-        """SIGKILL: a crash; whatever arrived since the last autosave is lost."""
-        if not self.running:
-            return self.proc.returncode if self.proc else None
-        self.proc.kill()
-        return self.proc.wait()
-
-    def restart(self, timeout: float = START_TIMEOUT_S) -> "Mosquitto":
-        """Stop if running, then start again on the same port with the same persistence directory."""
-        self.stop()
-        return self.start(timeout)
-
     def save(self) -> None:
         """SIGUSR1: write the persistence file now (so a following kill() loses nothing before it)."""
         if self.running:
@@ -252,24 +221,6 @@ class Mosquitto:
         self._chown(self.workdir / "passwd")
         if self.running:
             self.proc.send_signal(signal.SIGHUP)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def close(self) -> None:
-        """Stop and remove the temporary directory."""
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> "Mosquitto":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _chown(self, path: Path) -> None:
         if self._owner is not None:

@@ -38,8 +38,10 @@ from scripts.mosquitto import free_port
 
 try:
     from scripts._foreground import run_until_stopped
+    from scripts._launcher import BrokerProcess
 except ImportError:  # run as a file: python scripts/X.py
     from _foreground import run_until_stopped  # type: ignore[no-redef]
+    from _launcher import BrokerProcess  # type: ignore[no-redef]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "broker_config" / "nats" / "nats.conf"
@@ -127,8 +129,11 @@ def render_config(base: str, *, host: str, port: int, client_port: int, http_por
     return "\n".join(out) + "\n"
 
 
-class Nats:
-    """A nats-server process: MQTT on host:port, its monitor on http_port, JetStream and log in workdir."""
+class Nats(BrokerProcess):
+    """A nats-server process: MQTT on host:port, its monitor on http_port, JetStream and log in workdir.
+    ``kill()``: SIGKILL, a crash (JetStream recovers its files at the next start)."""
+
+    START_TIMEOUT_S, STOP_TIMEOUT_S = START_TIMEOUT_S, STOP_TIMEOUT_S
 
     def __init__(self, host: str, port: int, http_port: int, workdir: Path, binary: str,
                  probe_user: tuple[str, str] | None):
@@ -139,27 +144,17 @@ class Nats:
         self.config_path, self.log_path = workdir / "nats.conf", workdir / "nats.log"
         self.proc: subprocess.Popen | None = None
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+    def start(self, timeout: float = START_TIMEOUT_S, wait_healthy: bool = True) -> "Nats":
+        """Run the server; return once /healthz says ok and an MQTT CONNECT is accepted. ``wait_healthy=False``:
+        once the CONNECT is accepted (a node rejoining a running cluster: its /healthz answers 503 until each of
+        its JetStream consumers has caught up, which took over 30 s here after a SIGKILL on a loaded machine)."""
+        self.launch_process([self.binary, "-c", str(self.config_path)])
+        return self.wait_ready(timeout, wait_healthy)
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout: float = START_TIMEOUT_S) -> "Nats":
-        """Run the server; return once /healthz says ok and an MQTT CONNECT is accepted."""
-        if self.running:
-            raise RuntimeError("already running")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        return self.wait_ready(timeout)
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Nats":
-        """Until GET /healthz answers 200 and an MQTT CONNECT is accepted."""
+    def wait_ready(self, timeout: float = START_TIMEOUT_S, wait_healthy: bool = True) -> "Nats":
+        """Until GET /healthz answers 200 (unless not ``wait_healthy``) and an MQTT CONNECT is accepted."""
         end = time.monotonic() + timeout
-        healthy = False
+        healthy = not wait_healthy
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nats-server exited with {self.proc.returncode} on start:\n{self.log_tail()}")
@@ -194,43 +189,6 @@ class Nats:
                 if time.monotonic() > end or not self.running:
                     raise RuntimeError(f"nats-server did not reload its users:\n{self.log_tail()}")
                 time.sleep(0.02)  # poll interval; a reload takes milliseconds
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        if not self.running:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return self.kill()
-
-    def kill(self) -> int | None:
-        """SIGKILL: a crash (JetStream recovers its files at the next start)."""
-        if not self.running:
-            return self.proc.returncode if self.proc else None
-        self.proc.kill()
-        return self.proc.wait()
-
-    def restart(self, timeout: float = START_TIMEOUT_S) -> "Nats":
-        self.stop()
-        return self.start(timeout)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def close(self) -> None:
-        """Stop the server and remove its directory."""
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> "Nats":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def mqtt_connects(host: str, port: int, user: tuple[str, str] | None, timeout: float = 2.0) -> bool:
@@ -320,9 +278,7 @@ def start_nats_cluster(users: Mapping[str, str], *, nodes: int = 3, host: str = 
             server.users = dict(users)
             servers.append(server)
         for server in servers:  # all at once: JetStream needs a quorum of them before any is ready
-            with open(server.log_path, "ab") as log:
-                server.proc = subprocess.Popen([binary, "-c", str(server.config_path)], stdin=subprocess.DEVNULL,
-                                               stdout=log, stderr=subprocess.STDOUT, cwd=server.workdir)
+            server.launch_process([binary, "-c", str(server.config_path)])
         for server in servers:
             server.wait_ready(timeout)
         return servers

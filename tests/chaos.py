@@ -152,6 +152,38 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
     return report
 
 
+class Device:
+    """One device of a user in a devices chaos run: its IMClients (one per time it comes up) share ``seen`` and
+    ``messages``, so dedup and the record of what it showed hold across its reconnections. ``client_kw``: how
+    to reach the broker (``port=...``, or ``brokers=...``) and any other IMClient option."""
+
+    def __init__(self, uid: str, device: str, password: str, **client_kw):
+        self.uid, self.device, self.password, self.client_kw = uid, device, password, client_kw
+        self.seen: set[int] = set()
+        self.messages: list[dict] = []
+        self.instances: list[IMClient] = []
+        self.client: IMClient | None = None
+
+    def up(self, timeout: float = 10) -> bool:
+        if self.client is not None:
+            return True
+        c = IMClient(self.uid, self.password, device=self.device, seen=self.seen, messages=self.messages,
+                     **CLIENT_KW, **self.client_kw)
+        self.instances.append(c)
+        try:
+            c.connect(timeout=timeout)
+        except ConnectionError:
+            c.kill()
+            return False
+        self.client = c
+        return True
+
+    def down(self, abrupt: bool) -> None:
+        c, self.client = self.client, None
+        if c is not None:
+            c.kill() if abrupt else c.close()
+
+
 def collect_device_deliveries(devs: dict, want_for) -> tuple[list, list, int]:
     """After a devices chaos run: each device (``devs``: (uid, device) -> an object with ``client`` and
     ``messages``) drains until it holds every msg_id in ``want_for(uid, device)``, for up to 20 s. Returns

@@ -44,7 +44,7 @@ def make(port_list, uid: str, **kw) -> IMClient:
 
 
 def test_broker_list_takes_pairs_and_the_workers_url_syntax():
-    assert broker_list("mqtt://n1:1884,n2,mqtt://n3:1885", "bob") == ([("n1", 1884), ("n2", 1883), ("n3", 1885)], False)
+    assert broker_list("mqtt://n1:1884,n2,mqtt://n3:1885", "bob") == ([("n1", 1884), ("n2", 1883), ("n3", 1885)], False)  # parsed only: the default port
     assert broker_list("mqtts://bob@n1,n2:9883", "bob") == ([("n1", 8883), ("n2", 9883)], True)
     assert broker_list([("a", 1), ("b", 2)], "bob") == ([("a", 1), ("b", 2)], False)
     for bad in ("", "n1:1883", "mqtt://alice@n1:1883", "mqtt://n1,mqtts://n2"):

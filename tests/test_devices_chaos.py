@@ -13,7 +13,6 @@ import time
 import pytest
 
 import chaos
-from backend.client import IMClient
 from backend.store import Device, Message, open_database
 from conftest import add_users
 from services import MosquittoWorkers, PrivateSchema
@@ -24,32 +23,9 @@ PASSWORDS = {u: f"{u}-pw" for u in UIDS}
 DEVICES = ("desk", "phone", "tab")  # the desk stays connected and sends; the others come and go
 
 
-class Dev:
+class Dev(chaos.Device):
     def __init__(self, uid: str, device: str, port: int):
-        self.uid, self.device, self.port = uid, device, port
-        self.seen: set[int] = set()
-        self.messages: list[dict] = []
-        self.instances: list[IMClient] = []
-        self.client: IMClient | None = None
-
-    def up(self, timeout: float = 10) -> bool:
-        if self.client is not None:
-            return True
-        c = IMClient(self.uid, PASSWORDS[self.uid], port=self.port, device=self.device, seen=self.seen,
-                     messages=self.messages, **chaos.CLIENT_KW)
-        self.instances.append(c)
-        try:
-            c.connect(timeout=timeout)
-        except ConnectionError:
-            c.kill()
-            return False
-        self.client = c
-        return True
-
-    def down(self, abrupt: bool) -> None:
-        c, self.client = self.client, None
-        if c is not None:
-            c.kill() if abrupt else c.close()
+        super().__init__(uid, device, PASSWORDS[uid], port=port)
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "embedded"])

@@ -149,6 +149,22 @@ CRASH_AT = os.environ.get("IM_CRASH_AT") or None
 
 
 _CONNECTED = object()  # inbox marker: a (re)connection, after which retained statuses rebuild presence
+# Inbox marker: a reconnection of this process that found its persistent session (CONNACK session present).
+# Presence is kept: the session queued every status change (QoS 1) while the worker was away. Rebuilding it from
+# retained statuses instead would lose users on a RabbitMQ cluster, whose retained store is per node: a worker
+# that moved to another node would count everyone whose `online` sits on another node offline, and tell them
+# nothing of what waits (found by tests/test_cluster.py).
+_RESUMED = object()
+
+
+@dataclass
+class _StoredStatus:
+    """A status topic's last word from the store, taken in like a retained replay (qos 0: nothing to PUBACK)."""
+    topic: str
+    payload: bytes = b"online"
+    qos: int = 0
+    retain: bool = True
+    mid: int = 0
 
 
 @dataclass
@@ -229,6 +245,7 @@ class Worker:
         self.restore_presence = restore_presence
         self.split_uid_filters = split_uid_filters
         self._presence_future: Future | None = None  # the store's last_online(), after a _CONNECTED marker
+        self._presence_from_store = False  # this process's first connection found its persistent session
         self._restore_mids: dict[int, int] = {}  # SUBSCRIBE mid -> how many exact status filters it holds
         self._restore_filters: list[str] = []  # exact status filters to drop at _restore_until
         self._restore_until = 0.0
@@ -256,11 +273,11 @@ class Worker:
         self._unreachable_logged = False
         self._connack_seen = False  # a CONNACK (accepted or not) arrived on the current connection attempt
         self._no_connack_logged = False
-        # Connection generations: _conn_gen counts accepted CONNACKs; _inbox_gen counts the _CONNECTED markers
-        # taken from the inbox, so it is the generation of the packets now being planned. A packet id is only
-        # meaningful on the connection it came on: with a clean session the broker forgets what was in flight
-        # when the connection drops, and the same id may then name a new packet. A batch whose connection is
-        # gone is stored and answered but not PUBACKed.
+        # Connection generations: _conn_gen counts accepted CONNACKs; _inbox_gen counts the _CONNECTED (and
+        # _RESUMED) markers taken from the inbox, so it is the generation of the packets now being planned. A
+        # packet id is only meaningful on the connection it came on: with a clean session the broker forgets
+        # what was in flight when the connection drops, and the same id may then name a new packet. A batch
+        # whose connection is gone is stored and answered but not PUBACKed.
         self._conn_gen = 0
         self._inbox_gen = 0
         self._stop = threading.Event()
@@ -298,6 +315,12 @@ class Worker:
     # -- paho callbacks (inside loop_read, on the network thread: hand over only) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self._connack_seen = True
+        resumed = self._ever_connected and not self.clean_session and flags.session_present
+        # A new process that finds its persistent session: presence is the store's last statuses (true when this
+        # worker's previous process died, or newer: other workers write them too) followed by the changes its
+        # session queued since; RabbitMQ's retained statuses would only tell what its own node holds.
+        self._presence_from_store = (self.restore_presence and not self._ever_connected and not self.clean_session
+                                     and flags.session_present and not reason_code.is_failure)
         if reason_code.is_failure:
             message = refusal_message(self.broker, self.client_id, reason_code)
             if not self._ever_connected and self.on_fatal is not None:
@@ -317,7 +340,7 @@ class Worker:
         if self.push is not None:
             self._sweep_at = self._connected_at + self.presence_settle
         # The marker goes first so presence is reset before the retained statuses arrive.
-        self._inbox.append(_CONNECTED)
+        self._inbox.append(_RESUMED if resumed else _CONNECTED)
         self._pending_subs.clear()
         self._refused_subs = []
         self._resubscribe_wait = RESUBSCRIBE_MIN_S
@@ -336,7 +359,9 @@ class Worker:
             self._subscribe(self.subscriptions)
         self.connected.set()
         self.metrics.connected.set(1)
-        log.info("connected to %s:%s as %s", self.broker.host, self.broker.port, self.client_id)
+        log.info("connected to %s:%s as %s%s", self.broker.host, self.broker.port, self.client_id,
+                 "; resumed its persistent session (presence kept: the session queued every status change)"
+                 if resumed else "")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
@@ -496,7 +521,12 @@ class Worker:
                 log.warning("presence: could not read the last statuses from the store (%s); users are seen "
                             "online again when they next publish their status", describe_outage(e))
                 uids = []
-            if self._session_up and uids:
+            if self._presence_from_store:
+                self._presence_from_store = False
+                self._inbox[0:0] = [_StoredStatus(t) for t in uids]  # before what the session queued
+                log.info("presence: resumed a persistent session: %d status topics last stored online taken as "
+                         "online, then the status changes the session queued", len(uids))
+            elif self._session_up and uids:
                 self._restore(uids)
         if self._restore_filters and self._restore_until and now >= self._restore_until:
             filters, self._restore_filters, self._restore_until = self._restore_filters, [], 0.0
@@ -719,16 +749,19 @@ class Worker:
     def _start_next(self) -> None:
         """Take the inbox's next batch (up to a reconnection marker) and send it to the store thread."""
         inbox = self._inbox
-        while inbox and inbox[0] is _CONNECTED:
-            inbox.pop(0)
+        while inbox and (inbox[0] is _CONNECTED or inbox[0] is _RESUMED):
             self._inbox_gen += 1
+            if inbox.pop(0) is _RESUMED:
+                continue
             self.core.reset_presence()
             if self.restore_presence:
                 self._restore_mids.clear()
                 self._presence_future = self._store_thread.submit(self.store.last_online, PRESENCE_RESTORE_MAX)
                 self._presence_future.add_done_callback(self._wake)
+        if self._presence_from_store and self._presence_future is not None:
+            return  # the store's last statuses go first (_subscription_upkeep puts them at the inbox's head)
         n = 0
-        while n < len(inbox) and n < BATCH_MAX and inbox[n] is not _CONNECTED:
+        while n < len(inbox) and n < BATCH_MAX and inbox[n] is not _CONNECTED and inbox[n] is not _RESUMED:
             n += 1
         msgs = inbox[:n]
         del inbox[:n]
