@@ -227,7 +227,11 @@ def decode_object(payload: bytes, max_bytes: int = PAYLOAD_MAX) -> dict[str, Any
         raise ProtocolError("payload_too_large", f"payload is {len(payload)} bytes; the limit is {max_bytes}")
     try:
         obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as e:
+        if e.msg.startswith("depth limit"):
+            # Nested deeper than orjson's 1,024 levels: no protocol payload comes close, and the stdlib would
+            # answer by how deep the caller's stack already is (RecursionError or not): always bad_json.
+            raise ProtocolError("bad_json", "payload is nested too deeply") from None
         obj = _decode_stdlib(payload)
     if not isinstance(obj, dict):
         raise ProtocolError("not_an_object", "payload must be a JSON object")

@@ -584,3 +584,29 @@ def test_another_worker_gone_announces_to_every_online_receiver_spread_out():
     assert receivers == {"bob", "carol", "dave"} and len(later.ops) == 2  # never erin (offline)
     # Any other word on a worker topic, or a user's forgery attempt elsewhere, plans nothing.
     assert d.plan([(p.worker_topic("im-worker-a"), b"hello")], T0 + 20).ops == []
+
+
+def test_a_payload_nested_past_orjsons_depth_limit_is_bad_json_whatever_the_stack():
+    """orjson refuses nesting past 1,024 levels; the stdlib fallback then answered by how deep the caller's stack
+    already was (RecursionError: bad_json, else not_an_object), so the fuzz test's direct parse and the planned
+    one disagreed now and then. Now always bad_json, at any stack depth."""
+    import sys
+
+    deep = b"[" * 1100 + b"]" * 1100
+
+    def at_depth(n: int) -> str:
+        if n:
+            return at_depth(n - 1)
+        try:
+            p.decode_object(deep)
+        except p.ProtocolError as e:
+            return e.code
+        return "decoded"
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # as Hypothesis does while it runs the fuzz tests
+    try:
+        depths = (0, 100, 9_500)
+        assert [at_depth(n) for n in depths] == ["bad_json"] * len(depths)
+    finally:
+        sys.setrecursionlimit(limit)
