@@ -224,6 +224,10 @@ def made():
 # ($IM_TEST_POSTGRES_URL, $IM_TEST_MYSQL_URL) as they are, dropping and creating the project's tables there, must
 # never run at the same time as each other. "rabbitmq": one RabbitMQ node (~15 s and a core to start) serves them all.
 # "module:NAME": a module-scoped fixture (a server) is set up once, in one process, not once in each.
+# "chaos": the tests that run several workers, a broker and a dozen clients at once (and time windows on them)
+# run one after another, never two together on the 2 cores (a CI run timed one out at 60 s that way).
+_CHAOS_MODULES = {"test_devices_chaos", "test_push_chaos", "test_lossy_links", "test_faults", "test_mosquitto_faults",
+                  "test_cluster"}
 _SHARED_DB = re.compile(r"\b(POSTGRES_URL|MYSQL_URL|fresh_database)\b")
 
 
@@ -238,6 +242,8 @@ def xdist_group_of(item) -> str | None:
         return "shared-db"
     if "rabbitmq" in params:
         return "rabbitmq"
+    if item.module.__name__ in _CHAOS_MODULES:
+        return "chaos"
     defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
     if any(d.scope == "module" for fds in defs.values() for d in fds):  # one set-up of it, in one process
         return f"module:{item.module.__name__}"

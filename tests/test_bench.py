@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -28,13 +30,43 @@ HAVE_NATS = find_nats() is not None
 RUN_TIMEOUT_S = 55
 
 
-def test_bench_tiny_writes_every_scenario_with_its_baseline(tmp_path):
-    if os.environ.get("IM_REQUIRE_SERVICES") == "1":
-        assert HAVE_MOSQUITTO, "mosquitto not installed (IM_REQUIRE_SERVICES=1: required here)"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--no-plots", "--out", str(tmp_path)],
+def _bench(out, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--no-plots", "--out", str(out), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_tiny_beside_nats_relay_and_two_partitioned_workers(tmp_path):
+    if not HAVE_NATS:
+        if os.environ.get("IM_REQUIRE_SERVICES") == "1":
+            raise AssertionError("nats-server not installed (IM_REQUIRE_SERVICES=1: required here)")
+        pytest.skip("nats-server not installed")
+    _bench(tmp_path, "--only", "online", "scaleout", "--brokers", "nats")
+    (path,) = tmp_path.glob("bench-tiny*.json")
+    sc = json.loads(path.read_text(encoding="utf-8"))["scenarios"]
+    r = sc["online"]["brokers"]["nats"]
+    relay, worker = r["relay_throughput"], r["worker_throughput"]
+    assert relay["rate"] > 0 and worker["rate"] > 0 and worker["complete"] and worker["errors"] == 0
+    assert worker["ratio_to_relay"] == worker["rate"] / relay["rate"]
+    assert r["latency"] == []  # the tiny sizes measure NATS' throughput only
+    nats = sc["scaleout"]["brokers"]["nats"]
+    assert nats["sharing"] == "partitions"
+    # the senders split evenly over the 2 partitions
+    owners = [nats["partition_of"][u] for u in nats["sender_uids"]]
+    assert sorted(owners) == sorted([0, 1] * (len(owners) // 2)), nats
+    for run in nats["runs"]:  # (repeated pushes are the protocol's resend after 3 s: not checked)
+        assert run["complete"] and run["errors"] == 0, run
+    assert {run["workers"] for run in nats["runs"]} == {1, 2}
+
+
+def test_bench_tiny_writes_every_scenario_with_its_baseline(tmp_path):
+    if os.environ.get("IM_REQUIRE_SERVICES") == "1":
+        assert HAVE_MOSQUITTO, "mosquitto not installed (IM_REQUIRE_SERVICES=1: required here)"
+    # NATS has its own test below: together they passed the time limit on a busy machine.
+    brokers = ["amqtt"] + (["mosquitto"] if HAVE_MOSQUITTO else [])
+    proc = _bench(tmp_path, "--brokers", *brokers)
     assert "Targets (tiny run" in proc.stdout
 
     res = json.loads((tmp_path / "bench-tiny.json").read_text(encoding="utf-8"))
@@ -43,16 +75,13 @@ def test_bench_tiny_writes_every_scenario_with_its_baseline(tmp_path):
     sc = res["scenarios"]
 
     brokers = sc["online"]["brokers"]
-    assert set(brokers) == {"amqtt"} | ({"mosquitto"} if HAVE_MOSQUITTO else set()) | ({"nats"} if HAVE_NATS else set())
+    assert set(brokers) == {"amqtt"} | ({"mosquitto"} if HAVE_MOSQUITTO else set())
     for bk, r in brokers.items():
         relay, worker = r["relay_throughput"], r["worker_throughput"]
         assert relay["rate"] > 0 and worker["rate"] > 0
         assert relay["complete"] and worker["complete"] and worker["errors"] == 0
         assert worker["ratio_to_relay"] == worker["rate"] / relay["rate"]
         assert {"broker", "worker", "loadgen"} <= set(worker["cpu_s"])
-        if bk == "nats":
-            assert r["latency"] == []  # the tiny sizes measure NATS' throughput only
-            continue
         (step,) = r["latency"]
         assert step["fraction_of_relay"] == 0.5
         for system in ("relay", "worker"):
@@ -90,17 +119,6 @@ def test_bench_tiny_writes_every_scenario_with_its_baseline(tmp_path):
         assert mem["devices"] == res["sizes"]["devices_online"] and mem["rss_after"] > 0
     else:
         assert "skipped" in sc["devices"]
-
-    so = sc["scaleout"]
-    if HAVE_NATS and "skipped" not in so:
-        nats = so["brokers"]["nats"]
-        assert nats["sharing"] == "partitions"
-        # the senders split evenly over the 2 partitions
-        owners = [nats["partition_of"][u] for u in nats["sender_uids"]]
-        assert sorted(owners) == sorted([0, 1] * (len(owners) // 2)), nats
-        for r in nats["runs"]:  # (repeated pushes are the protocol's resend after 3 s: not checked)
-            assert r["complete"] and r["errors"] == 0, r
-        assert {r["workers"] for r in nats["runs"]} == ({1} if nats.get("partitions_missing") else {1, 2})
 
     ids = {t["id"] for t in res["targets"]}
     assert "online_throughput" in ids and "growth_page" in ids
