@@ -105,7 +105,10 @@ def _delivery(args: argparse.Namespace):
 
 
 def _positive(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value > 0:
         raise argparse.ArgumentTypeError("must be more than 0")
     return value
@@ -134,7 +137,7 @@ def _push_options(args: argparse.Namespace) -> dict:
 
 
 def _metrics_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics-port", type=int, default=None,
+    p.add_argument("--metrics-port", type=_port, default=None,
                    help="serve Prometheus metrics on /metrics and a health check on /healthz here (default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: 127.0.0.1)")
 
@@ -172,15 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the embedded MQTT broker (amqtt, MQTT 3.1.1) with the worker beside it. "
                                    "Only accounts made with `user add` may connect. Ctrl-C stops both.")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"plaintext MQTT port (default: {DEFAULT_PORT})")
+    s.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"plaintext MQTT port (default: {DEFAULT_PORT})")
     s.add_argument("--tls-cert", help="certificate (chain) in PEM: enables MQTT over TLS on --tls-port")
     s.add_argument("--tls-key", help="private key of --tls-cert, in PEM")
-    s.add_argument("--tls-port", type=int, default=8883, help="MQTT over TLS port (default: 8883, its IANA port)")
+    s.add_argument("--tls-port", type=_port, default=8883, help="MQTT over TLS port (default: 8883, its IANA port)")
     s.add_argument("--tls-only", action="store_true", help="no plaintext listener: TLS (and WSS) only")
     s.add_argument("--presence", choices=["all", "self"], default="all",
                    help="who may see a user's online/offline status: every user (a buddy list), or only the user "
                         "itself (default: all)")
-    s.add_argument("--ws-port", type=int, default=None,
+    s.add_argument("--ws-port", type=_port, default=None,
                    help="also listen for MQTT over WebSocket (TLS when --tls-cert is given), for browser clients "
                         "(default: off)")
     _db_arg(s)
@@ -207,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MQTT shared-subscription group for send/ack/req ($share/GROUP/...), so several workers "
                         "split the load; '' subscribes plainly, for brokers without $share; not with --partitions "
                         f"(default: {DEFAULT_SHARE_GROUP})")
-    w.add_argument("--partitions", type=int, default=1, metavar="N",
+    w.add_argument("--partitions", type=int, default=None, metavar="N",
                    help="share the work between N workers without $share (NATS, RabbitMQ): each subscribes plainly "
                         "and keeps the users of its --partition (crc32(uid) %% N); implies a persistent session "
                         "under a fixed client id (im-worker-pIofN unless --id/--client-id), so while a worker is "
@@ -313,6 +316,26 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
+
+
+def _metrics_port_taken(args: argparse.Namespace) -> bool:
+    """Say in one line (and return True) when --metrics-port cannot be had, before anything starts."""
+    if args.metrics_port is not None and port_in_use(args.metrics_host, args.metrics_port):
+        print(f"error: --metrics-port {args.metrics_port} is already in use on {args.metrics_host}; pick a free "
+              f"port, or leave --metrics-port out", file=sys.stderr)
+        return True
+    return False
+
+
+def _port(text: str) -> int:
+    """A TCP port: 0-65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: give 1-65535")
+    return value
 
 
 def _start_metrics(args: argparse.Namespace, worker) -> None:
@@ -428,6 +451,8 @@ def _worker(args: argparse.Namespace) -> int:
     from .store import open_database
     from .transport.connection import parse_broker_urls
     from .transport.worker import Worker
+    if _metrics_port_taken(args):
+        return 2
     password = _broker_password(args)
     try:
         addresses = parse_broker_urls(args.broker, password, args.ca_file)
@@ -435,6 +460,11 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .partition import Partition, partition_error
+    if args.partition is not None and args.partitions is None:
+        print(f"error: --partition {args.partition} needs --partitions N (how many workers share the uids; each "
+              f"gets the same N and its own --partition, 0 to N-1)", file=sys.stderr)
+        return 2
+    args.partitions = 1 if args.partitions is None else args.partitions
     error = partition_error(args.partitions, args.partition)
     if error is None and args.partitions > 1 and args.share_group:
         error = (f"--partitions and --share-group {args.share_group!r} exclude each other: partitioned workers "
@@ -452,7 +482,10 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     log = logging.getLogger("backend")
     db = open_database(args.database_url)
-    client_id = args.client_id or (f"im-worker-{args.id}" if args.id else
+    # With partitions, a given --id still gets the partition in its client id: workers started with one --id and
+    # two partitions would otherwise take each other's session over, again and again.
+    client_id = args.client_id or (f"im-worker-{args.id}" + (f"-p{partition.index}of{partition.count}" if partition
+                                                              else "") if args.id else
                                    partition.client_id if partition else f"im-worker-{default_worker_id()}")
     stop = _wait_for_signal()
     worker = Worker(addresses, _store(args, db), client_id=client_id, share_group=share_group,
@@ -516,6 +549,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.tls_only and not args.tls_cert:
         print("error: --tls-only needs --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    if _metrics_port_taken(args):
         return 2
     for port in _listeners(args).ports():
         if port_in_use(args.host, port):

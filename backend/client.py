@@ -410,7 +410,7 @@ class IMClient:
                     if obj.get("status") == "delivered":
                         out.delivered.set()
                     elif out.receipt is None or out.receipt.get("kind") != "receipt":
-                        out.receipt = obj
+                        out.receipt, out.problem = obj, None  # answered: what was feared while waiting is over
                         out.done.set()
                         self._outgoing.pop(out.msg_id, None)
             elif obj.get("req_id") in self._requests:

@@ -12,7 +12,7 @@ from backend.client import IMClient
 from conftest import Server, add_users, raw_client
 from services import WorkerProcess, mosquitto
 
-USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank")
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan")
 PW = {u: f"{u}-pw" for u in USERS}
 
 

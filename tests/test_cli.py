@@ -254,3 +254,34 @@ def test_a_read_only_command_never_creates_a_database_at_a_mistyped_path(tmp_pat
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and f"no database at '{path}'" in lines[0], r.stderr
     assert not path.parent.exists()  # nothing created
+
+
+def _one_line_error(r, usage: bool = False) -> str:
+    """The error line; ``usage``: argparse's own (its usage block first, then one `error:` line)."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert usage or len(lines) == 1, r.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_taken_metrics_port_is_one_line_naming_the_flag(db_url, command):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        extra = ["--port", str(free_port())] if command == "serve" else ["--broker", "mqtt://127.0.0.1:1"]
+        r = run_cli(command, *extra, "--metrics-port", str(port), "--database-url", db_url,
+                    env={**os.environ, "IM_BROKER_PASSWORD": "x"})
+    assert f"--metrics-port {port} is already in use" in _one_line_error(r)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["serve", "--port", "99999"], "99999 is not a port"),
+    (["worker", "--partition", "0", "--broker", "mqtt://127.0.0.1:1"], "--partition 0 needs --partitions N"),
+    (["worker", "--broker", "mqtt://127.0.0.1:abc"], "the port in broker URL 'mqtt://127.0.0.1:abc' is not"),
+    (["worker", "--presence-settle", "abc", "--broker", "mqtt://127.0.0.1:1"], "'abc' is not a number of seconds"),
+])
+def test_a_mistyped_port_partition_or_number_is_one_line(db_url, args, text):
+    r = run_cli(*args, "--database-url", db_url, env={**os.environ, "IM_BROKER_PASSWORD": "x"})
+    assert text in _one_line_error(r, usage="-port" in args[1] or "-settle" in args[1])

@@ -151,6 +151,26 @@ def test_list_and_remove_devices(system, made):
     assert back.wait_for(lambda: back.removed, 10), "a removed device is told when it returns"
 
 
+def test_a_device_removed_by_another_process_is_told_at_its_next_request_and_its_push_registration_holds(system, made):
+    """`device remove` runs in its own process: the worker still has the device cached as registered. Its next
+    push registration answered "registered" while nothing was saved, and it was not told it had been removed
+    (found by a new user's trial). Now requests look the device up afresh: told, registered again, saved."""
+    from backend.store import Store
+    phone = system.client("ivan", "phone", auto_sync=False)
+    made.append(phone)
+    assert phone.devices()["kind"] == "devices"  # registered, and cached by the worker
+    db = open_database(system.db_url)
+    try:
+        assert Store(db).remove_device("ivan", "phone") is not None  # as `device remove ivan phone` does
+    finally:
+        db.close()
+    answer = phone.push_register("https://push.example.com/t/ivan")
+    assert (answer["kind"], answer["registered"]) == ("push", True)
+    assert phone.wait_for(lambda: phone.removed, 10), "told it had been removed (what it missed is gone)"
+    got = {d["device"]: d for d in phone.devices()["devices"]}
+    assert got["phone"]["push"] is True, "the endpoint it was told was registered is in the store"
+
+
 def _entries_of(db_url, uid):
     db = open_database(db_url)
     try:

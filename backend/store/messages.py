@@ -31,6 +31,9 @@ KNOWN_CACHE_MAX = 100_000
 # Messages whose entries one statement writes: each is a 3-term compound SELECT with 9 parameters, and SQLite
 # allows 500 terms and (before 3.32) 999 parameters: 100 stays below both.
 ENTRY_CHUNK = 100
+# Operations that check their device in the database, never in the worker's cache (sends and acks do, for speed):
+# a device removed elsewhere hears it at its next count, pull or push registration, not a minute later.
+_FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
 
 
 class Store(DeviceStore, StatusStore, MaintenanceStore):
@@ -71,6 +74,10 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                 for op in ops:
                     if self._deferred and not isinstance(op, core.StoreMessage):
                         self._write_entries(out)
+                    if isinstance(op, _FRESH_DEVICE_OPS):
+                        # Not on the hot path: look the device up afresh, in case another process (`device remove`,
+                        # another worker) removed it since this worker cached it; it is then told (DeviceReset).
+                        self._seen.pop(op.origin, None)
                     refused = self._register(op, out)
                     out.append(refused if refused is not None else self._run(op))
                     if self._deferred and self._deferred[-1][0] is None:

@@ -33,7 +33,11 @@ def parse_broker_url(url: str, password: str | None = None, ca_file: str | None 
     if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
         raise ValueError(f"broker URL must start with mqtt:// (or mqtts:// for TLS), got {url!r}")
     tls = u.scheme in ("mqtts", "ssl")
-    return BrokerAddress(host=u.hostname or "127.0.0.1", port=u.port or (8883 if tls else 1883),
+    try:
+        port = u.port
+    except ValueError:  # urllib's own words ("Port could not be cast to integer value as 'abc'") name no URL
+        raise ValueError(f"the port in broker URL {url!r} is not a port number (1-65535)") from None
+    return BrokerAddress(host=u.hostname or "127.0.0.1", port=port or (8883 if tls else 1883),
                          username=unquote(u.username) if u.username else None,
                          password=unquote(u.password) if u.password else password, tls=tls, ca_file=ca_file)
 

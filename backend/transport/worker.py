@@ -903,7 +903,11 @@ class Worker:
         if uids is not None:
             return self.store.push_targets(uids)
         # Partitions: each worker sweeps its own users' devices (core.mine is pure: safe on this thread).
-        return [t for t in self.store.push_sweep() if self.core.mine(t[0])]
+        swept = [t for t in self.store.push_sweep() if self.core.mine(t[0])]
+        if swept:
+            log.info("push sweep (presence settled): %d device(s) wait for what no notification covered yet; "
+                     "notifying those whose user has no device online", len(swept))
+        return swept
 
     def _push_results(self) -> None:
         """Hand finished lookups to the notifier (skipping users who came online meanwhile), and clear the
