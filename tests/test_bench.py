@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,18 @@ RUN_TIMEOUT_S = 55
 
 
 def _bench(out, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "bench", "--tiny", "--no-plots", "--out", str(out), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    """Run the tiny bench in a session of its own: on a timeout its brokers and workers go with it (a bare
+    subprocess.run timeout killed only the bench and left a nats-server running)."""
+    cmd = [sys.executable, "-m", "bench", "--tiny", "--no-plots", "--out", str(out), *args]
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    proc = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
