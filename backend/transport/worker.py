@@ -307,7 +307,8 @@ class Worker:
         self.presence_settle = presence_settle
         self._sweep_at: float | None = None  # monotonic time of the next push sweep (set at each CONNACK)
         self._sent: list[tuple[str, str, int]] = []  # (uid, device, newest_seq) gateways accepted, from im-push
-        self._push_lookups: list[Future] = []
+        # Look-ups in flight, in order: (future, the connection a sweep was made for; None for a batch's look-up).
+        self._push_lookups: list[tuple[Future, int | None]] = []
         self._gone: list[tuple[str, str, str]] = []  # endpoints a gateway called gone, from the im-push thread
         self._push_any = False  # some device has an endpoint (as of _push_any_until - PUSH_ANY_RECHECK_S)
         self._push_any_until = 0.0  # monotonic time of the next check; 0: check at the next look-up
@@ -715,7 +716,7 @@ class Worker:
                 self._sweep_at = None
                 future = self._store_thread.submit(self._push_lookup, None)
                 future.add_done_callback(self._wake)
-                self._push_lookups.append(future)
+                self._push_lookups.append((future, self._conn_gen))
             try:
                 self._retransmit()
                 if self._purging is None and time.monotonic() >= next_purge:
@@ -889,7 +890,7 @@ class Worker:
             return
         future = self._store_thread.submit(self._push_lookup, sorted(uids))
         future.add_done_callback(self._wake)
-        self._push_lookups.append(future)
+        self._push_lookups.append((future, None))
 
     def _push_lookup(self, uids: list[str] | None) -> list[tuple[str, str, str, int, int]]:
         """On the store thread: the devices to notify (``uids`` None: the sweep, every device with something
@@ -912,8 +913,12 @@ class Worker:
     def _push_results(self) -> None:
         """Hand finished lookups to the notifier (skipping users who came online meanwhile), and clear the
         endpoints gateways called gone, on the store thread."""
-        while self._push_lookups and self._push_lookups[0].done():
-            future = self._push_lookups.pop(0)
+        while self._push_lookups and self._push_lookups[0][0].done():
+            future, swept_for = self._push_lookups.pop(0)
+            if swept_for is not None and (swept_for != self._conn_gen or not self.connected.is_set()):
+                # A sweep whose connection ended while it ran: presence was reset (and is being rebuilt), so
+                # "no device online" means nothing yet. The new connection sweeps again once presence settled.
+                continue
             try:
                 targets = future.result()
             except Exception as e:  # noqa: BLE001 - the database failed: notifications are best effort
