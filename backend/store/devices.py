@@ -144,17 +144,22 @@ class DeviceStore:
                     .group_by(Device.uid, Device.device, Device.push_endpoint).tuples()]
         return out
 
-    def push_sweep(self, limit: int = PUSH_SWEEP_MAX) -> list[tuple[str, str, str, int, int]]:
+    def push_sweep(self, limit: int = PUSH_SWEEP_MAX,
+                   stored_before_ms: int | None = None) -> list[tuple[str, str, str, int, int]]:
         """(uid, device, endpoint, waiting, newest_seq), like push_targets, for every device with a push endpoint
         whose newest waiting entry is newer than the newest seq it was notified of (``notified_seq``): what no
         notification covers yet, whoever the user is. The worker runs it once presence has settled after each
         (re)connection: a broker that died took its clients' last wills with it, and a killed worker took its
         queued notifications. One grouped query over the devices with an endpoint (at most ``limit`` rows)."""
         newest = pw.fn.MAX(Entry.seq)
+        q = (Device.select(Device.uid, Device.device, Device.push_endpoint, pw.fn.COUNT(Entry.seq), newest)
+             .join(Entry, on=((Entry.uid == Device.uid) & (Entry.device == Device.device))))
+        cond = Device.push_endpoint.is_null(False)
+        if stored_before_ms is not None:  # only what has waited that long: fresh entries may be pushes in flight
+            q = q.join(Message, on=(Message.seq == Entry.seq))
+            cond &= Message.send_time <= stored_before_ms
         return [(u, d, e, int(n), int(s)) for u, d, e, n, s in
-                Device.select(Device.uid, Device.device, Device.push_endpoint, pw.fn.COUNT(Entry.seq), newest)
-                .join(Entry, on=((Entry.uid == Device.uid) & (Entry.device == Device.device)))
-                .where(Device.push_endpoint.is_null(False))
+                q.where(cond)
                 .group_by(Device.uid, Device.device, Device.push_endpoint, Device.notified_seq)
                 .having(newest > Device.notified_seq).limit(limit).tuples()]
 

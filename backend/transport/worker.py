@@ -904,7 +904,10 @@ class Worker:
         if uids is not None:
             return self.store.push_targets(uids)
         # Partitions: each worker sweeps its own users' devices (core.mine is pure: safe on this thread).
-        swept = [t for t in self.store.push_sweep() if self.core.mine(t[0])]
+        # Only entries stored a settle time ago or more: a fresher one may be a push in flight to a device that is
+        # online but not yet seen online by this worker (a worker lagging behind the status topics).
+        cutoff = now_ms() - int(self.presence_settle * 1000)
+        swept = [t for t in self.store.push_sweep(stored_before_ms=cutoff) if self.core.mine(t[0])]
         if swept:
             log.info("push sweep (presence settled): %d device(s) wait for what no notification covered yet; "
                      "notifying those whose user has no device online", len(swept))
