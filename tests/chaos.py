@@ -164,16 +164,22 @@ class Device:
         self.instances: list[IMClient] = []
         self.client: IMClient | None = None
 
+    client_class = IMClient  # a test that records the connection's history passes its own subclass
+
+    def went_down(self) -> None:
+        """Called when a connection attempt fails and when the test takes the device down (a hook)."""
+
     def up(self, timeout: float = 10) -> bool:
         if self.client is not None:
             return True
-        c = IMClient(self.uid, self.password, device=self.device, seen=self.seen, messages=self.messages,
-                     **CLIENT_KW, **self.client_kw)
+        c = self.client_class(self.uid, self.password, device=self.device, seen=self.seen, messages=self.messages,
+                              **CLIENT_KW, **self.client_kw)
         self.instances.append(c)
         try:
             c.connect(timeout=timeout)
         except ConnectionError:
             c.kill()
+            self.went_down()
             return False
         self.client = c
         return True
@@ -181,6 +187,7 @@ class Device:
     def down(self, abrupt: bool) -> None:
         c, self.client = self.client, None
         if c is not None:
+            self.went_down()
             c.kill() if abrupt else c.close()
 
 

@@ -78,14 +78,14 @@ class Tracked(IMClient):
         return o
 
 
-class Dev:
+class Dev(chaos.Device):
+    """A chaos device whose connections are Tracked: when each went up and down, and when each message came."""
+
+    client_class = Tracked
+
     def __init__(self, uid: str, device: str, port: int):
-        self.uid, self.device, self.port = uid, device, port
-        self.seen: set[int] = set()
-        self.messages: list[dict] = []
+        super().__init__(uid, device, PASSWORDS[uid], port=port, on_message=self._got, dev=self)
         self.got_at: dict[str, float] = {}  # msg_id -> when this device first had it
-        self.instances: list[IMClient] = []
-        self.client: IMClient | None = None
         self.events: list[tuple[float, bool]] = []  # (monotonic time, connected)
         self.lock = threading.RLock()
         self.pending: list = []  # sends without a receipt yet
@@ -98,35 +98,17 @@ class Dev:
     def _got(self, m: dict) -> None:
         self.got_at.setdefault(m["msg_id"], time.monotonic())
 
-    def up(self, timeout: float = 10) -> bool:
-        if self.client is not None:
-            return True
-        c = Tracked(self.uid, PASSWORDS[self.uid], port=self.port, device=self.device, seen=self.seen,
-                    messages=self.messages, on_message=self._got, dev=self, **chaos.CLIENT_KW)
-        self.instances.append(c)
-        try:
-            c.connect(timeout=timeout)
-        except ConnectionError:
-            c.kill()
-            self.mark(False)
-            return False
-        self.client = c
-        return True
-
-    def down(self, abrupt: bool) -> None:
-        c, self.client = self.client, None
-        if c is not None:
-            self.mark(False)  # from here on the test counts it offline (the broker may tell the worker later)
-            c.kill() if abrupt else c.close()
+    def went_down(self) -> None:
+        self.mark(False)  # from here on the test counts it offline (the broker may tell the worker later)
 
     def online_over(self, a: float, b: float) -> bool:
         """Connected during all of [a, b]?"""
         with self.lock:
-            state, since = False, 0.0
+            state = False
             for t, up in self.events:
                 if t > a:
                     break
-                state, since = up, t
+                state = up
             if not state:
                 return False
             return all(up for t, up in self.events if a < t <= b)

@@ -34,6 +34,18 @@ PUSH_LOOKUP_CHUNK = 500
 PUSH_SWEEP_MAX = 10_000
 
 
+def _push_query() -> pw.ModelSelect:
+    """(uid, device, endpoint, entries waiting, newest waiting seq) per device with a push endpoint and entries."""
+    return (Device.select(Device.uid, Device.device, Device.push_endpoint, pw.fn.COUNT(Entry.seq), pw.fn.MAX(Entry.seq))
+            .join(Entry, on=((Entry.uid == Device.uid) & (Entry.device == Device.device)))
+            .where(Device.push_endpoint.is_null(False))
+            .group_by(Device.uid, Device.device, Device.push_endpoint, Device.notified_seq))
+
+
+def _waiting_per_device(q: pw.ModelSelect) -> list[tuple[str, str, str, int, int]]:
+    return [(u, d, e, int(n), int(s)) for u, d, e, n, s in q.tuples()]
+
+
 class DeviceStore:
     """The device half of the Store (a mixin: ``self.db``, ``self.max_devices``, ``self._seen``...)."""
 
@@ -136,12 +148,7 @@ class DeviceStore:
         a user without an endpoint costs an index probe of the device table and nothing more)."""
         out = []
         for i in range(0, len(uids), PUSH_LOOKUP_CHUNK):
-            out += [(u, d, e, int(n), int(s)) for u, d, e, n, s in
-                    Device.select(Device.uid, Device.device, Device.push_endpoint, pw.fn.COUNT(Entry.seq),
-                                  pw.fn.MAX(Entry.seq))
-                    .join(Entry, on=((Entry.uid == Device.uid) & (Entry.device == Device.device)))
-                    .where(Device.uid.in_(uids[i:i + PUSH_LOOKUP_CHUNK]) & Device.push_endpoint.is_null(False))
-                    .group_by(Device.uid, Device.device, Device.push_endpoint).tuples()]
+            out += _waiting_per_device(_push_query().where(Device.uid.in_(uids[i:i + PUSH_LOOKUP_CHUNK])))
         return out
 
     def push_sweep(self, limit: int = PUSH_SWEEP_MAX,
@@ -151,17 +158,10 @@ class DeviceStore:
         notification covers yet, whoever the user is. The worker runs it once presence has settled after each
         (re)connection: a broker that died took its clients' last wills with it, and a killed worker took its
         queued notifications. One grouped query over the devices with an endpoint (at most ``limit`` rows)."""
-        newest = pw.fn.MAX(Entry.seq)
-        q = (Device.select(Device.uid, Device.device, Device.push_endpoint, pw.fn.COUNT(Entry.seq), newest)
-             .join(Entry, on=((Entry.uid == Device.uid) & (Entry.device == Device.device))))
-        cond = Device.push_endpoint.is_null(False)
+        q = _push_query()
         if stored_before_ms is not None:  # only what has waited that long: fresh entries may be pushes in flight
-            q = q.join(Message, on=(Message.seq == Entry.seq))
-            cond &= Message.send_time <= stored_before_ms
-        return [(u, d, e, int(n), int(s)) for u, d, e, n, s in
-                q.where(cond)
-                .group_by(Device.uid, Device.device, Device.push_endpoint, Device.notified_seq)
-                .having(newest > Device.notified_seq).limit(limit).tuples()]
+            q = q.join(Message, on=(Message.seq == Entry.seq)).where(Message.send_time <= stored_before_ms)
+        return _waiting_per_device(q.having(pw.fn.MAX(Entry.seq) > Device.notified_seq).limit(limit))
 
     def mark_notified(self, notified: list[tuple[str, str, int]]) -> None:
         """Record (uid, device, newest_seq) of notifications a gateway accepted; a seq never moves backwards."""
