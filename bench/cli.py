@@ -17,8 +17,8 @@ from bench import harness as h
 from bench import report, scenarios
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("online", "offline", "growth", "devices", "scaleout", "profile")
-DEFAULT_SCENARIOS = ("online", "offline", "growth", "devices", "scaleout")
+SCENARIOS = ("online", "offline", "growth", "devices", "scaleout", "groups", "profile")
+DEFAULT_SCENARIOS = ("online", "offline", "growth", "devices", "scaleout", "groups")
 # Sizes whose default run leaves a scenario out (none today: the tiny scale-out takes about 3 s).
 SIZE_DEFAULTS: dict[str, tuple[str, ...]] = {}
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="a few seconds per scenario: checks that everything runs (tests/test_bench.py)")
     ap.set_defaults(size="full")
     ap.add_argument("--only", nargs="+", choices=SCENARIOS, default=None,
-                    help="run only these scenarios (default: online offline growth devices scaleout)")
+                    help="run only these scenarios (default: online offline growth devices scaleout groups)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the worker with py-spy under the online and drain loads (separate runs)")
     ap.add_argument("--brokers", nargs="+", choices=["amqtt", "mosquitto", "nats", "rabbitmq"], default=None,

@@ -396,15 +396,20 @@ def start_serve(db_url: str, users: Iterable[str], workdir: Path) -> tuple[Proc,
 
 
 # --- load generators ----------------------------------------------------------------------------
+def run_groupload(args: list[str], secrets: dict, watch: dict, timeout: float, log_path: Path) -> dict:
+    """``python -m bench.groupload ARGS`` (many member connections), measured as :func:`run_loadgen`."""
+    return run_loadgen(args, secrets, watch, timeout, log_path, module="bench.groupload")
+
+
 def run_loadgen(args: list[str], secrets: dict, watch: dict[str, int | None | Callable[[], float | None]],
-                timeout: float, log_path: Path) -> dict:
+                timeout: float, log_path: Path, module: str = "bench.loadgen") -> dict:
     """Run ``python -m bench.loadgen ARGS``; sample the CPU of `watch` (name -> pid, or a function
     returning CPU seconds) at its MARK lines.
 
     Returns its RESULT with ``cpu_s`` (name -> CPU seconds used inside the measured phase) and
     ``cpu_util`` (name -> share of one core over the measured phase's wall time).
     """
-    cmd = [PY, "-m", "bench.loadgen", *args]
+    cmd = [PY, "-m", module, *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env({"BENCH_SECRETS": json.dumps(secrets)}),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watch = {**watch, "loadgen": proc.pid}

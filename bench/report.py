@@ -11,6 +11,8 @@ TARGETS = {
     "offline_drain": "offline drain >= 1.5 x Mosquitto's own offline-queue replay, nothing lost at 100k",
     "growth_page": "page latency at 1M rows <= 1.5 x at 10k rows",
     "devices_throughput": "online throughput with 2 devices per receiver >= 0.7 x with 1 (users served per second)",
+    "groups_fanout": "group fan-out: deliveries per second to a group's members >= 0.5 x Mosquitto's own fan-out "
+                     "of one publish to as many subscribers",
 }
 
 
@@ -110,7 +112,37 @@ def check_targets(res: dict) -> list[dict]:
             t["note"] = (f"worker memory {mem['bytes_per_device']:,.0f} bytes per online device (RSS with "
                          f"{mem['devices']:,} devices online, {mem['per_user']} per user)")
         out.append(t)
+    t = groups_target(sc.get("groups", {}))
+    if t:
+        out.append(t)
     return out
+
+
+def groups_target(gr: dict) -> dict | None:
+    if gr.get("ratio") is None and "worker" not in gr:
+        return None
+    rt = gr.get("ratio")
+    w, b = gr["worker"]["throughput"], gr["baseline"]["throughput"]
+    t = {"id": "groups_fanout", "broker": gr["broker"], "target": ">= 0.5", "measured": rt,
+         "what": f"a group of {gr['members']:,} members: worker {w['delivery_rate']:,.0f} deliveries/s "
+                 f"({w['msg_rate']:,.1f} group msg/s, send to last member p50 {_lat(w['latency_last'], 'p50')} / p99 "
+                 f"{_lat(w['latency_last'])} ms) vs Mosquitto's fan-out to {gr['receivers']:,} subscribers "
+                 f"{b['delivery_rate']:,.0f} deliveries/s (p50 {_lat(b['latency_last'], 'p50')} / p99 "
+                 f"{_lat(b['latency_last'])} ms)",
+         "passed": rt is not None and rt >= 0.5 and gr["worker"].get("left_waiting_rows", 0) == 0}
+    cost = gr["worker"].get("cost")
+    if cost:
+        t["note"] = (f"store: {cost['rows_per_member']:.2f} rows per member per group message"
+                     + (f", {cost['payload_bytes_per_member']:,.0f} payload bytes per member"
+                        if "payload_bytes_per_member" in cost else "")
+                     + f"; left waiting in the store at the end: {gr['worker'].get('left_waiting_rows')}")
+    if gr["members"] < 1000:
+        t["note"] = f"{gr['members']} members, not 1,000 (run --quick or the full mode)" + (
+            f"; {t['note']}" if t.get("note") else "")
+    if not t["passed"] and rt:
+        t["missed_by"] = f"{rt:.2f}x instead of 0.5x" + (
+            "" if gr["worker"].get("left_waiting_rows", 0) == 0 else "; the store did not drain")
+    return t
 
 
 def targets_text(res: dict) -> str:
@@ -278,6 +310,9 @@ def markdown(res: dict) -> str:
     dv = sc.get("devices", {})
     if dv.get("runs"):
         L += ["", "## 5. Devices", ""] + devices_markdown(dv)
+    gp = sc.get("groups", {})
+    if "worker" in gp and "baseline" in gp:
+        L += ["", "## 6. Groups", ""] + groups_markdown(gp)
     prof = sc.get("profile", {})
     for key, label in (("online", "online throughput"), ("drain", "offline drain")):
         x = prof.get(key, {})
@@ -330,6 +365,52 @@ def devices_markdown(dv: dict) -> list[str]:
                   f"users with {mem['per_user']} devices each; each device's retained `online` published once, "
                   f"then the connection closed, so the worker holds them online): "
                   f"**{_f(mem['bytes_per_device'])} bytes per online device**."]
+    return L
+
+
+def groups_markdown(gp: dict) -> list[str]:
+    w, b = gp["worker"], gp["baseline"]
+    L = [f"On Mosquitto (broker_config/), each side on a fresh broker. *Worker*: a group of {gp['members']:,} members "
+         f"(one of them the sender, so {gp['receivers']:,} receivers), each member its own MQTT connection on its "
+         "v1 topics (online, acking its pushes in batches of 100 or 50 ms as backend.client, pulling on an "
+         "announcement), all of them and the sender in one load-generator process (one epoll loop, paho, QoS 1, "
+         "TCP_NODELAY); the worker on SQLite. *Baseline*: the same load generator with "
+         f"{gp['receivers']:,} subscribers of one topic, and one publisher whose each publish Mosquitto fans out to "
+         f"all of them (QoS 1, a push-shaped payload with {gp['content_bytes']}-byte content). A message is complete "
+         f"when the last receiver has it. Closed loop: {gp['n']:,} messages with at most {gp['window']} incomplete; "
+         f"then {gp['latency_n']} one at a time (the fan-out's own latency, nothing queued behind it). "
+         "*Deliveries/s*: receivers x complete messages per second. CPU: share of one core over the closed loop.",
+         "", "| system | group msg/s | deliveries/s | send to last receiver p50 / p99 (ms), closed loop | "
+             "one at a time p50 / p99 (ms) | CPU cores: broker / worker / loadgen | CPU µs per delivery: broker / "
+             "worker / loadgen |", "|---|---|---|---|---|---|---|"]
+    for label, r, proc in (("Mosquitto fan-out (baseline)", b, "x"), ("worker", w, "worker")):
+        th, one = r["throughput"], r.get("one_at_a_time")
+        c, n = r.get("cpu_s", {}), th.get("deliveries") or 0
+
+        def us(k):
+            return f"{c[k] / n * 1e6:,.1f}" if k in c and n else "-"
+        L.append(f"| {label} | {_f(th['msg_rate'], 1)} | {_f(th['delivery_rate'])} | "
+                 f"{_lat(th['latency_last'], 'p50')} / {_lat(th['latency_last'])} | "
+                 + (f"{_lat(one['latency_last'], 'p50')} / {_lat(one['latency_last'])}" if one else "-")
+                 + f" | {_cpu(r, 'broker', proc, 'loadgen')} | {us('broker')} / {us(proc)} / {us('loadgen')} |")
+    L += ["", f"**Worker / Mosquitto fan-out: {_f(gp.get('ratio'), 2)}x** (deliveries per second)."]
+    cost = w.get("cost")
+    if cost:
+        rows = ", ".join(f"`{k}` {v:+,}" for k, v in sorted(cost["rows_added"].items()))
+        L += ["", f"Store writes per group message ({cost['messages']} messages stored while the "
+                  f"{cost['receivers']:,} receivers held their acks, SQLite): rows added {rows}: "
+                  f"**{cost['rows_per_message']:,.1f} rows per group message, {cost['rows_per_member']:.3f} per "
+                  "receiver**"
+                  + (f"; b-tree payload **{cost['payload_bytes_per_message']:,.0f} bytes per group message "
+                     f"({cost['payload_bytes_per_member']:,.1f} per receiver)**, {cost['page_bytes_per_message']:,.0f} "
+                     "bytes of pages (SQLite's dbstat: tables and indexes)" if "payload_bytes_per_message" in cost
+                     else "") + "."]
+    L += ["", f"Worker side: {_f(w.get('repeats'))} repeated pushes dropped, {_f(w.get('twice'))} messages received "
+              f"twice under different seqs, {_f(w.get('pulls'))} pulls, {_f(w.get('ack_packets'))} ack packets, "
+              f"{_f(w.get('stored_receipts'))} stored and {_f(w.get('delivered_receipts'))} delivered receipts; "
+              f"members missing a message: {_f(w.get('members_missing'))}; left waiting in the store at the end: "
+              f"{_f(w.get('left_waiting_rows'))}; set-up (connect {gp['members']:,} members, online, create the "
+              f"group, every member has its created event): {w.get('setup_s')} s."]
     return L
 
 

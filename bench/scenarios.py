@@ -58,6 +58,14 @@ class Sizes:
     devices_n: int = 1500  # closed-loop messages per devices measurement (1 and 2 devices per receiver)
     devices_reps: int = 2  # each device count measured this many times, alternating
     devices_online: int = 10_000  # devices online for the worker's memory figure (10 per user)
+    # Groups: a group of this many members (the sender one of them: the default cap, --max-group-members, is
+    # 1,000), against the broker fanning one publish out to as many subscribers as the group has receivers.
+    groups_members: int = 1000
+    groups_n: int = 200  # closed-loop group messages measured (each to groups_members - 1 receivers)
+    groups_window: int = 20  # most group messages not yet complete (every receiver has it)
+    groups_warmup: int = 10
+    groups_latency_n: int = 30  # then this many, one at a time: the fan-out's latency with no queue behind it
+    groups_cost_n: int = 5  # sent while the members hold their acks: the store's rows per group message
 
 
 SIZES = {
@@ -65,15 +73,16 @@ SIZES = {
     "tiny": Sizes("tiny", relay_n=600, worker_n=200, window=200, warmup=20, latency_fracs=[0.5], own_fracs=[], latency_s=0.5,
                   grace_s=1.0, drain_backlog=1000, drain_limit=500, growth_rows=[2000, 6000], growth_reps=3,
                   serve_variant=False, scaleout_n=300, devices_n=200, devices_reps=1, devices_online=200,
-                  brokers=["amqtt", "mosquitto", "nats"], plain_latency=False),
+                  brokers=["amqtt", "mosquitto", "nats"], plain_latency=False, groups_members=50, groups_n=60,
+                  groups_window=10, groups_warmup=5, groups_latency_n=10, groups_cost_n=3),
     "quick": Sizes("quick", relay_n=8000, worker_n=1500, window=1000, warmup=200, latency_fracs=[0.5],
                    own_fracs=[0.5], latency_s=2.0, grace_s=2.0, drain_backlog=20_000, drain_limit=500,
                    growth_rows=[10_000, 100_000], growth_reps=15, serve_variant=False, scaleout_n=3000,
-                   devices_n=1500, devices_reps=2, plain_latency=False),
+                   devices_n=1500, devices_reps=2, plain_latency=False, groups_n=100),
     "full": Sizes("full", relay_n=20000, worker_n=4000, window=1000, warmup=300, latency_fracs=[0.25, 0.5, 0.75],
                   own_fracs=[0.5], latency_s=4.0, grace_s=4.0, drain_backlog=100_000, drain_limit=500,
                   growth_rows=[10_000, 100_000, 1_000_000], growth_reps=40, serve_variant=True, scaleout_n=8000,
-                  scaleout_reps=2, devices_n=4000, devices_reps=3, plain_v1=True),
+                  scaleout_reps=2, devices_n=4000, devices_reps=3, plain_v1=True, groups_n=300, groups_latency_n=50),
 }
 
 
@@ -572,4 +581,54 @@ def profile(run: Run) -> dict:
                                                        "--warmup", str(s.warmup)], 300, profile=f"online-{kind}")
     if kind == "mosquitto":
         out["drain"] = offline(run, profile="drain")
+    return out
+
+
+# --- 6. groups ------------------------------------------------------------------------------------
+def groups(run: Run) -> dict:
+    """Group fan-out on Mosquitto (docs/PROTOCOL.md 14). Baseline: the broker's own fan-out, one publish to a
+    topic that R subscribers hold (R = the group's receivers), from a fresh Mosquitto. Worker: a group of
+    ``groups_members`` members (the sender one of them), every member online on its own connection, acking its
+    pushes; a message is complete when the last receiver has it. Deliveries per second (receivers x complete
+    messages / s) and send-to-last-receiver latency, in a closed loop (``groups_window`` messages incomplete at
+    most) and one message at a time; then the store's rows per group message (members hold their acks while
+    ``groups_cost_n`` messages are stored), and the store checked drained at the end."""
+    s = run.sizes
+    if not h.mosquitto_available():
+        return {"skipped": "mosquitto is not installed: the groups scenario runs on Mosquitto"}
+    n_members = s.groups_members
+    receivers = n_members - 1
+    uids = [f"gm{k}" for k in range(receivers)]
+    common = ["--count", str(s.groups_n), "--window", str(s.groups_window), "--warmup", str(s.groups_warmup),
+              "--latency-count", str(s.groups_latency_n), "--prefix", "gm"]
+    out: dict = {"broker": "mosquitto", "members": n_members, "receivers": receivers, "n": s.groups_n,
+                 "window": s.groups_window, "latency_n": s.groups_latency_n, "content_bytes": 100}
+    d = run.scratch("groups-fanout")
+    b = h.start_mosquitto_broker(d, uids)
+    try:
+        run.log(f"groups: Mosquitto's own fan-out to {receivers} subscribers ({s.groups_n} messages)")
+        out["baseline"] = h.run_groupload(["fanout", "--port", str(b.port), "--members", str(receivers),
+                                           "--pub-user", b.worker_user, *common], b.secrets, {"broker": b.pid},
+                                          300, d / "groupload.log")
+    finally:
+        b.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    d = run.scratch("groups-worker")
+    db_path = d / "im.db"
+    b = h.start_mosquitto_broker(d, uids + ["gs"])
+    try:
+        w = h.start_worker(b, f"sqlite:///{db_path}", d)
+        try:
+            run.log(f"groups: the worker, a group of {n_members} members ({s.groups_n} messages)")
+            out["worker"] = h.run_groupload(["group", "--port", str(b.port), "--members", str(n_members),
+                                             "--sender", "gs", "--db", str(db_path), "--cost-count",
+                                             str(s.groups_cost_n), *common], b.secrets,
+                                            {"broker": b.pid, "worker": w.pid}, 300, d / "groupload.log")
+        finally:
+            w.stop()
+    finally:
+        b.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    wr, br = out["worker"]["throughput"], out["baseline"]["throughput"]
+    out["ratio"] = ratio(wr["delivery_rate"], br["delivery_rate"])
     return out
