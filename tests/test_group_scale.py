@@ -72,5 +72,26 @@ def test_a_thousand_member_group_gets_every_message_once_and_the_store_drains(tm
         broker.close()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([__file__, "-q", "-n", "0"])
+def test_bench_tiny_groups_against_mosquittos_own_fan_out(tmp_path):
+    """`python -m bench --tiny --only groups` runs both sides and reports the ratio, the store's cost and a
+    drained store (the figures themselves: docs/BENCHMARKS.md)."""
+    from test_bench import HAVE_MOSQUITTO, _bench, _require_mosquitto, _result
+    _require_mosquitto()
+    if not HAVE_MOSQUITTO:
+        pytest.skip("mosquitto not installed: the groups scenario runs on Mosquitto")
+    proc = _bench(tmp_path, "--only", "groups")
+    assert "groups_fanout" in proc.stdout
+    res, md = _result(tmp_path)
+    gr = res["scenarios"]["groups"]
+    w, b = gr["worker"], gr["baseline"]
+    for side in (w, b):
+        th = side["throughput"]
+        assert th["complete"] and th["completed"] == gr["n"] and th["delivery_rate"] > 0, th
+        assert th["deliveries"] == gr["n"] * gr["receivers"]
+        assert side["one_at_a_time"]["complete"]
+    assert w["twice"] == 0 and w["members_missing"] == 0 and w["left_waiting_rows"] == 0, w
+    assert gr["ratio"] == w["throughput"]["delivery_rate"] / b["throughput"]["delivery_rate"]
+    cost = w["cost"]
+    assert cost["rows_per_member"] > 0 and cost["receivers"] == gr["receivers"]
+    assert any(t["id"] == "groups_fanout" for t in res["targets"])
+    assert "## 6. Groups" in md

@@ -1,0 +1,212 @@
+"""Groups under chaos, on PostgreSQL: beside Mosquitto with three workers, and on the embedded broker (`serve`,
+whose every kill takes the broker too). Three groups of MEMBERS members drawn from one pool of users (some with
+two devices); the devices go offline and online (cleanly and abruptly), the owners add and remove members while
+the traffic runs, the worker is SIGKILLed 5 times and the broker restarted once.
+
+Each group's membership windows come from the group's own events as an observer member (in every group, never
+removed, always online) received them, in gseq order (docs/PROTOCOL.md 14: a member gets exactly the group
+messages with gseq after its join event up to its leave or removal event). At the end every device of every
+member still in the group holds every message of its current window exactly once (its client drops repeated
+seqs), no device holds a message outside its windows (a removed member may miss what waited for it: its entries
+are released), and the store holds nothing undelivered."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import pytest
+
+import chaos
+from backend.accounts import hash_password
+from backend.store import Entry, Message, User, now_ms, open_database
+from services import MosquittoWorkers, PrivateSchema
+from test_faults import EmbeddedSystem
+
+GROUPS = ("ga", "gb", "gc")
+MEMBERS = 50  # per group at the start
+POOL = 70  # users the groups draw their other members from
+OWNERS = {"ga": "own0", "gb": "own1", "gc": "own2"}
+OBSERVER = "obs"
+PROTECTED = sorted(OWNERS.values()) + [OBSERVER]  # members of every group, never removed
+TWO_DEVICES_EVERY = 5  # every fifth pool user has a second device
+MESSAGES = 150  # group messages, from the owners' desks, to the three groups in turn
+CHANGES = 15  # membership changes (an add or a remove) spread over the traffic
+SCRYPT_N = 2**4  # the embedded broker's logins: cheap hashes for test accounts (90 logins per restart)
+
+
+def _uids() -> list[str]:
+    return PROTECTED + [f"p{k}" for k in range(POOL)]
+
+
+def _devices_of(uid: str) -> tuple[str, ...]:
+    if uid in OWNERS.values():
+        return ("desk", "tab")  # the desk stays up, sends and changes memberships; the tab comes and goes
+    if uid == OBSERVER:
+        return ("eye",)
+    k = int(uid[1:])
+    return ("phone", "tab") if k % TWO_DEVICES_EVERY == 0 else ("phone",)
+
+
+def _add_accounts(db_url: str, uids: list[str]) -> None:
+    db = open_database(db_url)
+    try:
+        with db.atomic():
+            for u in uids:
+                User.create(uid=u, password_hash=hash_password(f"{u}-pw", n=SCRYPT_N), created_at=now_ms())
+    finally:
+        db.close()
+
+
+class Dev(chaos.Device):
+    def __init__(self, uid: str, device: str, port: int):
+        super().__init__(uid, device, f"{uid}-pw", port=port)
+
+
+def _windows(events: list[dict]) -> dict[str, list[list[float]]]:
+    """uid -> [[join gseq, leave gseq (inf while a member)], ...] from one group's events in gseq order."""
+    win: dict[str, list[list[float]]] = {}
+    for e in sorted(events, key=lambda m: m["gseq"]):
+        ev, g = e["event"], e["gseq"]
+        if ev["event"] == "created":
+            for u in ev["members"]:
+                win.setdefault(u, []).append([g, float("inf")])
+            win.setdefault(e["from"], []).append([g, float("inf")])  # the creator, if not among members
+        elif ev["event"] == "added":
+            for u in ev["members"]:
+                win.setdefault(u, []).append([g, float("inf")])
+        elif ev["event"] in ("removed", "left"):
+            for u in ev.get("members") or [e["from"]]:
+                if win.get(u) and win[u][-1][1] == float("inf"):
+                    win[u][-1][1] = g
+    for u, ws in win.items():  # the creator listed twice: one window
+        win[u] = [w for i, w in enumerate(ws) if i == 0 or w != ws[i - 1]]
+    return win
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "embedded"])
+def test_every_member_device_gets_its_window_once_through_kills_and_a_broker_restart(kind, capsys):
+    schema = PrivateSchema()
+    uids = _uids()
+    rng = random.Random(23)
+    if kind == "mosquitto":
+        system = MosquittoWorkers(schema.url, {u: f"{u}-pw" for u in uids}, workers=3, seed=11)
+    else:
+        _add_accounts(schema.url, uids)
+        system = EmbeddedSystem(schema.url)
+    devs = {(u, d): Dev(u, d, system.port) for u in uids for d in _devices_of(u)}
+    t0 = time.monotonic()
+    try:
+        for dev in devs.values():
+            assert dev.up(20), f"{dev.uid}:{dev.device} could not connect"
+        members = {g: set(PROTECTED) | set(rng.sample([f"p{k}" for k in range(POOL)], MEMBERS - len(PROTECTED)))
+                   for g in GROUPS}
+        for g, owner in OWNERS.items():
+            ans = devs[(owner, "desk")].client.request(
+                {"op": "group_create", "group": g, "name": g.upper(), "members": sorted(members[g] - {owner})},
+                timeout=20)
+            assert ans.get("kind") == "group", ans
+        t_setup = time.monotonic() - t0
+        kill_at = set(rng.sample(range(MESSAGES // 10, MESSAGES - MESSAGES // 10), 5))
+        restart_at = rng.choice(sorted(set(range(MESSAGES // 5, MESSAGES - MESSAGES // 5)) - kill_at))
+        change_at = set(rng.sample(range(5, MESSAGES - 5), CHANGES))
+        togglable = [k for k in devs if k[0] != OBSERVER and k[1] != "desk"]
+        sent = []
+        for i in range(MESSAGES):
+            if i in kill_at:
+                system.kill_worker()
+                system.start_worker()
+            if i == restart_at:
+                system.restart_broker()
+            if rng.random() < 0.1:
+                dev = devs[rng.choice(togglable)]
+                dev.up(5) if dev.client is None else dev.down(abrupt=rng.random() < 0.5)
+            if i in change_at:
+                g = rng.choice(GROUPS)
+                owner = devs[(OWNERS[g], "desk")].client
+                outside = sorted(set(f"p{k}" for k in range(POOL)) - members[g])
+                if rng.random() < 0.5 and outside:
+                    u = rng.choice(outside)
+                    owner.request({"op": "group_add", "group": g, "members": [u]}, timeout=30)
+                    members[g].add(u)
+                else:
+                    u = rng.choice(sorted(members[g] - set(PROTECTED)))
+                    owner.request({"op": "group_remove", "group": g, "members": [u]}, timeout=30)
+                    members[g].discard(u)
+            g = GROUPS[i % len(GROUPS)]
+            sender = rng.choice(PROTECTED[:-1])  # an owner: a member of every group
+            sent.append((g, sender, devs[(sender, "desk")].client.send_group(g, f"{sender}->{g} #{i}")))
+            time.sleep(0.02)  # pacing, not synchronisation
+        t_traffic = time.monotonic() - t0
+        for dev in devs.values():
+            assert dev.up(20), f"{dev.uid}:{dev.device} could not reconnect"
+        deadline = time.monotonic() + 40
+        for _, _, o in sent:
+            o.wait(max(0.1, deadline - time.monotonic()))
+        confirmed = sum(1 for _, _, o in sent if o.receipt and o.receipt.get("status") in ("stored", "duplicate"))
+        assert confirmed == MESSAGES, f"{MESSAGES - confirmed} group sends never confirmed"
+
+        # The observer holds every message and event of every group: the group order and the windows.
+        eye = devs[(OBSERVER, "eye")]
+        all_ids = {o.msg_id for _, _, o in sent}
+        end = time.monotonic() + 20
+        while not all_ids <= {m["msg_id"] for m in eye.messages} and time.monotonic() < end:
+            try:
+                eye.client.drain(limit=200)
+            except (TimeoutError, RuntimeError):
+                pass
+            eye.client.wait_for(lambda: all_ids <= {m["msg_id"] for m in eye.messages}, 1.0)
+        gseq = {m["msg_id"]: (m["group"], m["gseq"]) for m in eye.messages if m.get("type") != "group_event"}
+        assert all_ids <= set(gseq), f"the observer misses {len(all_ids - set(gseq))} group messages"
+        windows = {g: _windows([m for m in eye.messages if m.get("type") == "group_event" and m["group"] == g])
+                   for g in GROUPS}
+        for g in GROUPS:
+            now_in = {u for u, ws in windows[g].items() if ws[-1][1] == float("inf")}
+            assert now_in == members[g], f"{g}: the events say {sorted(now_in ^ members[g])} differ"
+        origin = {o.msg_id: (s, "desk") for _, s, o in sent}
+
+        def inside(uid: str, mid: str, closed_too: bool) -> bool:
+            g, n = gseq[mid]
+            return any(a < n < b for a, b in windows[g].get(uid, []) if closed_too or b == float("inf"))
+
+        def want_for(uid: str, device: str) -> set[str]:  # the current window, but not what this device sent
+            return {mid for mid in all_ids if inside(uid, mid, False) and origin[mid] != (uid, device)}
+
+        lost, twice, received = chaos.collect_device_deliveries(devs, want_for)
+        outside = []
+        for (uid, device), dev in devs.items():
+            for m in dev.messages:
+                if m.get("group") and m.get("type") != "group_event":
+                    if not inside(uid, m["msg_id"], True) or origin[m["msg_id"]] == (uid, device):
+                        outside.append((uid, device, m["msg_id"], m.get("gseq")))
+        for dev in devs.values():
+            dev.client.flush_acks()
+        db = open_database(schema.url)
+        end = time.monotonic() + 20
+        while (Message.select().count() or Entry.select().count()) and time.monotonic() < end:
+            time.sleep(0.1)  # acks in flight; polling the database is the only way to see them land
+        left = (Message.select().count(), Entry.select().count())
+        db.close()
+        took = time.monotonic() - t0
+        dropped = sum(c.duplicates_dropped for d in devs.values() for c in d.instances)
+        changes = {g: Counter(m["event"]["event"] for m in eye.messages
+                              if m.get("type") == "group_event" and m["group"] == g) for g in GROUPS}
+        with capsys.disabled():
+            print(f"\ngroups chaos ({kind}, postgresql): {len(devs)} devices, sent={MESSAGES} device deliveries="
+                  f"{received} lost={len(lost)} twice={len(twice)} outside={len(outside)} "
+                  f"repeats_dropped_by_clients={dropped} left_in_store={left} events={dict(changes)} "
+                  f"(set-up {t_setup:.1f} s, traffic until {t_traffic:.1f} s, {took:.1f} s)")
+        assert lost == [], lost[:10]
+        assert twice == [], twice[:10]
+        assert outside == [], outside[:10]
+        assert left == (0, 0)
+    finally:
+        for d in devs.values():
+            for c in d.instances:
+                try:
+                    c.kill()
+                except Exception:  # noqa: BLE001
+                    pass
+        system.close() if kind == "mosquitto" else system.server.kill()
+        schema.close()
