@@ -17,8 +17,9 @@ from .. import core
 from .. import protocol as p
 from ..crypto import InvalidTag, KeyError_, KeyRing
 from .devices import MAX_DEVICES, DeviceStore
+from .groups import MAX_GROUP_MEMBERS, GroupStore
 from .maintenance import EXPIRE_AFTER_MS, MaintenanceStore
-from .models import Device, Entry, Expired, Message, Page, User, now_ms
+from .models import GROUP_PREFIX, Device, Entry, Expired, Message, Page, User, now_ms
 from .queries import PAGE_FIELDS, _aad, _returning_delete, count_query, page_query
 from .statuses import StatusStore
 
@@ -36,14 +37,14 @@ ENTRY_CHUNK = 100
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
 
 
-class Store(DeviceStore, StatusStore, MaintenanceStore):
+class Store(DeviceStore, GroupStore, StatusStore, MaintenanceStore):
     """Runs plans against the database. One instance per worker thread. Device registration, removal, push
-    endpoints and the user-scope pages are DeviceStore's (devices.py); last statuses StatusStore's (statuses.py) and
-    housekeeping MaintenanceStore's (maintenance.py)."""
+    endpoints and the user-scope pages are DeviceStore's (devices.py); groups GroupStore's (groups.py); last
+    statuses StatusStore's (statuses.py) and housekeeping MaintenanceStore's (maintenance.py)."""
 
     def __init__(self, db: pw.Database, *, known_accounts: bool = False, quota: int | None = None,
                  expire_after_ms: int | None = EXPIRE_AFTER_MS, keyring: KeyRing | None = None,
-                 max_devices: int | None = MAX_DEVICES):
+                 max_devices: int | None = MAX_DEVICES, max_group_members: int = MAX_GROUP_MEMBERS):
         self.db = db
         self.keyring = keyring  # None: content stored as sent (it may still be end-to-end encrypted)
         # With the embedded broker the worker knows every account: a message to nobody is an error.
@@ -53,7 +54,9 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         self.quota = quota or None
         self.expire_after_ms = expire_after_ms
         self.max_devices = max_devices or None
+        self.max_group_members = max_group_members
         self._sql = self._prepare(db)  # the hot path's SQL text, built once
+        self._gsql = self._prepare_groups()
         self._returning = _returning_delete(db)
         self._mysql = isinstance(db, pw.MySQLDatabase)
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
@@ -110,7 +113,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
 
     def _run(self, op: core.Operation) -> core.Outcome:
         if isinstance(op, core.StoreMessage):
-            return self.store_message(op)
+            return self.store_message(op) if op.group is None else self.store_group_message(op)
         if isinstance(op, core.DeleteAcked):
             return core.Deleted(op, self.delete(op.receiver, op.seqs, op.device))
         if isinstance(op, core.CountBacklog):
@@ -125,6 +128,8 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                 return core.Refused(op, "unknown_device", f"'{op.receiver}' has no device {op.target!r}; "
                                     "list them with {\"op\": \"devices\"}")
             return core.DeviceRemoved(op, released)
+        if isinstance(op, core.GroupOp):
+            return self.group_request(op)
         return self.set_push_endpoint(op)
 
     # -- operations -----------------------------------------------------------
@@ -229,7 +234,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
             return ()
         q = self.db.param
         marks = ", ".join([q] * len(seqs))
-        columns = "seq, sender_uid, msg_id, batch_receipts, sender_device, receiver_uid, delivered"
+        columns = "seq, sender_uid, msg_id, batch_receipts, sender_device, receiver_uid, delivered, gseq, members"
         sqlite = isinstance(self.db, pw.SqliteDatabase)
         rows: dict[int, tuple] = {}
         if not sqlite:
@@ -267,11 +272,23 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
             left = len(found) - self.db.execute_sql(gone_sql, found).rowcount
         out = []
         first = []
+        group_first, group_seqs = [], []
         for seq in found:
             row = rows.get(seq)
             if row is None:
                 continue  # an entry without its message (cannot happen; nothing to report)
-            _, sender, msg_id, batch, sender_device, to, delivered = row
+            _, sender, msg_id, batch, sender_device, to, delivered, gseq, members = row
+            if gseq is not None:
+                # A group message: `delivered` counts the members that acked it, each on its first device; never
+                # for a sync copy or a membership change (members 0).
+                group_seqs.append(seq)
+                receipt = bool(members) and receiver != sender and self.member_acked(seq, receiver)
+                if receipt:
+                    group_first.append(seq)
+                    delivered += 1
+                out.append(core.DeletedRow(receiver, seq, sender, msg_id, bool(batch), sender_device or "", device,
+                                           receipt, to[len(GROUP_PREFIX):], gseq, delivered, members))
+                continue
             receipt = to == receiver and not delivered
             if receipt:
                 first.append(seq)
@@ -280,14 +297,26 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         if left and first:  # messages other devices still owe: remember that `delivered` went out
             self.db.execute_sql(f"UPDATE message SET delivered = 1 WHERE seq IN ({', '.join([q] * len(first))})",
                                 first)
+        if group_first:
+            self.db.execute_sql(f"UPDATE message SET delivered = delivered + 1 WHERE seq IN "
+                                f"({', '.join([q] * len(group_first))})", group_first)
+        if group_seqs:  # the members' receipts of the group messages that left the store go with them
+            self.db.execute_sql(f"DELETE FROM member_receipt WHERE seq IN ({', '.join([q] * len(group_seqs))}) AND "
+                                "NOT EXISTS (SELECT 1 FROM message WHERE message.seq = member_receipt.seq)", group_seqs)
         return tuple(out)
 
     def count(self, op: core.CountBacklog) -> core.Counted:
         """Totals by sender, each sender's newest message as a preview, and the expired tally (then reset)."""
-        by_sender, newest = {}, []
-        for sender, n, top in count_query(op.receiver, op.device):
-            by_sender[sender] = n
-            newest.append(top)
+        by_sender: dict[str, int] = {}
+        by_group: dict[str, int] = {}
+        newest: dict[str, int] = {}
+        for sender, to, n, top in count_query(op.receiver, op.device):
+            by_sender[sender] = by_sender.get(sender, 0) + n
+            newest[sender] = max(newest.get(sender, 0), top)
+            if to.startswith(GROUP_PREFIX):
+                gid = to[len(GROUP_PREFIX):]
+                by_group[gid] = by_group.get(gid, 0) + n
+        newest = list(newest.values())
         previews = {}
         if newest and self.keyring is None:
             for sender, seq, msg_type, text, sent_at in (
@@ -301,7 +330,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                 previews[m["from"]] = {"seq": m["seq"], "type": m["type"], "sent_at": m["sent_at"],
                                        "content": m["content"][:p.PREVIEW_CHARS]}
         expired = self._take_expired(op.receiver, op.device)
-        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired)
+        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired, by_group)
 
     def _take_expired(self, uid: str, device: str) -> int:
         """The device's expired tally, plus the user's tally from before it had devices; both reset. Each is
@@ -351,7 +380,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
     def _push_dict(self, row: tuple, reader: str | None = None) -> dict:
         """A page entry (or push) from a row of PAGE_FIELDS, its content opened if it was sealed. Read by
         ``reader``: a message it sent to someone else is a sync copy."""
-        seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, key_id, sender_device = row
+        seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, key_id, sender_device, gseq = row
         unreadable = False
         if key_id is not None:
             if self.keyring is None:
@@ -362,8 +391,12 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                 # Tampered with, or moved from another row: never show it, never block the pages behind it.
                 log.error("message seq %s does not decrypt with key %r: delivered as unreadable", seq, key_id)
                 content, unreadable = "", True
-        copy = sender_device or "" if reader is not None and reader != receiver else None
-        out = core.push_payload(seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, copy)
+        if gseq is not None:  # a group message: a copy only for its sender's other devices
+            copy = sender_device or "" if reader is not None and reader == sender else None
+            receiver = receiver[len(GROUP_PREFIX):]
+        else:
+            copy = sender_device or "" if reader is not None and reader != receiver else None
+        out = core.push_payload(seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, copy, gseq)
         if unreadable:
             out["unreadable"] = True
         return out
