@@ -386,30 +386,54 @@ class Members:
 
 
 class Sender:
-    """The group's creator and sender on its v1 topics: creates the group, sends, collects receipts."""
+    """The group's creator and sender on its v1 topics: creates the group, sends, collects receipts. It is a
+    member too, online: what the group stores for it (its own `created` event, say) is pushed and acked at once,
+    or pulled on an announcement, so the store drains."""
 
     def __init__(self, loop: Loop, host: str, port: int, uid: str, prefix: str, total: int,
                  password: str | None = None):
         self.uid, self.prefix = uid, prefix
-        self.peer = Peer(loop, host, port, uid, f"{uid}:bench-gs", on_message=self._on_message, password=password)
+        self.peer = Peer(loop, host, port, uid, f"{uid}:bench-gs", on_message=self._on_message, password=password,
+                         will=(f"im/status/{uid}", b"offline"))
         self.loop = loop
         self.answers: dict[str, dict] = {}
         self.stored = [0.0] * total
         self.n_stored = 0
         self.delivered_receipts = 0
         self.errors: list[dict] = []
+        self.inbox: list[dict] = []  # what the group sent to the sender (not its own messages)
+        self.pulls = 0
 
     def _on_message(self, client, userdata, msg) -> None:
         obj = orjson.loads(msg.payload)
-        if obj.get("kind") == "receipts":
+        if msg.topic.endswith("/inbox"):
+            self.inbox.append(obj)
+            self.peer.publish(f"im/u/{self.uid}/ack", b'{"seqs":[%d]}' % obj["seq"])
+            return
+        kind = obj.get("kind")
+        if kind == "receipts":
             for r in obj["receipts"]:
                 self._receipt(r)
-        elif obj.get("kind") == "receipt":
+        elif kind == "receipt":
             self._receipt(obj)
+        elif kind == "page" and obj.get("req_id", "").startswith("sync"):
+            self.inbox += obj["messages"]
+            if obj.get("cursor"):
+                self._pull(obj["cursor"])
+        elif kind == "count" and obj.get("req_id") is None:
+            if obj.get("total", 0) > 0:
+                self._pull(None)
         elif "req_id" in obj:
             self.answers[obj["req_id"]] = obj
-        elif obj.get("kind") == "error":
+        elif kind == "error":
             self.errors.append(obj)
+
+    def _pull(self, cursor: str | None) -> None:
+        body: dict[str, Any] = {"op": "pull", "req_id": f"sync{self.pulls}", "limit": PULL_LIMIT}
+        if cursor:
+            body["ack"] = cursor
+        self.pulls += 1
+        self.peer.publish(f"im/u/{self.uid}/req", orjson.dumps(body))
 
     def _receipt(self, r: dict) -> None:
         mid = r.get("msg_id", "")
@@ -428,7 +452,10 @@ class Sender:
 
     def connect(self, timeout: float = 30) -> None:
         connect_all(self.loop, [self.peer], timeout)
-        subscribe_all(self.loop, [self.peer], lambda p: [f"im/u/{self.uid}/reply"], timeout)
+        subscribe_all(self.loop, [self.peer], lambda p: [f"im/u/{self.uid}/inbox", f"im/u/{self.uid}/reply"],
+                      timeout)
+        self.peer.publish(f"im/status/{self.uid}", b"online", retain=True)
+        self.request({"op": "count", "req_id": "ready"}, timeout)
 
     def request(self, body: dict, timeout: float = 30) -> dict:
         self.peer.publish(f"im/u/{self.uid}/req", orjson.dumps(body))
@@ -515,7 +542,7 @@ def btree_bytes(db_path: str) -> dict[str, dict[str, int]]:
 
 
 # Tables whose rows are what waits for receivers (the store is drained when they are back to their count).
-WAITING_TABLES = ("message", "entry")
+WAITING_TABLES = ("message", "entry", "member_receipt")
 
 
 def waiting_rows(db_path: str) -> int:

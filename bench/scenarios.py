@@ -62,7 +62,7 @@ class Sizes:
     # 1,000), against the broker fanning one publish out to as many subscribers as the group has receivers.
     groups_members: int = 1000
     groups_n: int = 200  # closed-loop group messages measured (each to groups_members - 1 receivers)
-    groups_window: int = 20  # most group messages not yet complete (every receiver has it)
+    groups_window: int = 5  # most group messages not yet complete (every receiver has it)
     groups_warmup: int = 10
     groups_latency_n: int = 30  # then this many, one at a time: the fan-out's latency with no queue behind it
     groups_cost_n: int = 5  # sent while the members hold their acks: the store's rows per group message
