@@ -85,6 +85,9 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-devices", type=_non_negative, default=10,
                    help="most devices one user may register; one more is refused with too_many_devices, never "
                         "by evicting another (default: 10; 0 = no limit)")
+    p.add_argument("--history-days", type=_non_negative_float, default=0,
+                   help="keep delivered messages this many days, so a device can page back through a conversation "
+                        "(op history); at most --expire-after (default: 0, a message leaves at its last ack)")
     p.add_argument("--max-group-members", type=_group_cap, default=1000,
                    help="most members one group may have; past it group_create/group_add are refused with "
                         "too_many_members (default: 1000, as OpenIM; at most 30000)")
@@ -97,7 +100,18 @@ def _store(args: argparse.Namespace, db, **kw):
     keyring = load_key_ring(args.encryption_key_file, os.environ.get("IM_ENCRYPTION_KEY"))
     check_keys(keyring)
     return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), keyring=keyring,
-                 max_devices=args.max_devices or None, max_group_members=args.max_group_members, **kw)
+                 max_devices=args.max_devices or None, max_group_members=args.max_group_members,
+                 history_days=args.history_days, **kw)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
 
 
 def _group_cap(text: str) -> int:
