@@ -1,4 +1,4 @@
-"""Conversation history (``--history-days N``, docs/PROTOCOL.md section 14.10): delivered messages are kept N
+"""Conversation history (``--history-days N``, docs/PROTOCOL.md section 14.9): delivered messages are kept N
 days instead of leaving the store at the last ack, and a device pages back through a 1:1 conversation or a
 group it is a member of, newest first. A mixin of :class:`backend.store.Store`.
 
