@@ -71,7 +71,9 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         """Run the operations in one transaction; the caller publishes only after this returns. Outcomes
         are in operation order, one each, except that a device registered afresh after its removal gets a
         DeviceReset just before its operation's outcome."""
+        ops = list(ops)
         with self.db.atomic():
+            self._lock_groups(ops)
             out: list[core.Outcome] = []
             # Entries of the messages stored in a row are written together (_write_entries): one statement
             # for up to ENTRY_CHUNK messages instead of one each. Written before any other operation, and
