@@ -578,6 +578,16 @@ class IMClient:
     def group_members(self, group: str) -> dict[str, Any]:
         return self.group_request("group_members", group)
 
+    def history(self, with_uid: str | None = None, group: str | None = None, before: int = 0,
+                limit: int | None = None) -> dict[str, Any]:
+        """A page of a conversation's history, newest first (servers run with --history-days): the answer's
+        ``before`` is the next call's. {"kind": "history", "messages": [...], "before": seq, "more": bool}"""
+        body: dict[str, Any] = {"op": "history", "before": before}
+        body.update({"with": with_uid} if with_uid is not None else {"group": group})
+        if limit is not None:
+            body["limit"] = limit
+        return self.request(body)
+
     def drain(self, limit: int = 100, from_uid: str | None = None) -> list[dict[str, Any]]:
         """Pull pages until the empty one; each request acks the page before. Returns the new messages.
         Raises TimeoutError when a page gets no answer, RuntimeError on an error answer. One drain runs

@@ -67,7 +67,9 @@ PUSH_ENDPOINT_MAX = 2048
 PULL_SCOPES = ("device", "user")
 
 CLIENT_TOPICS = ("send", "ack", "req")
-REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "push_unregister")
+REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "push_unregister", "history")
+# A history page (op history, --history-days): as many messages as a pull's default page, at most a pull's most.
+HISTORY_LIMIT_DEFAULT = 50
 # Group requests (docs/PROTOCOL.md section 14), answered with a `group` or `groups` payload.
 GROUP_OPS = ("group_create", "group_add", "group_remove", "group_leave", "group_rename", "group_role", "groups",
              "group_members", "group_receipts")
@@ -440,6 +442,8 @@ def parse_request(payload: bytes) -> (CountRequest | PullRequest | DevicesReques
             raise ProtocolError("bad_field", "'device' must be a device id (1-32 characters of A-Z a-z 0-9 _ -) "
                                 "or \"\" for the default device", **ids)
         return RemoveDeviceRequest(req_id=req_id, device=device)
+    if op == "history":
+        return parse_history(obj, req_id)
     if op == "push_unregister":
         return PushRequest(req_id=req_id, endpoint=None)
     if op == "push_register":
@@ -538,6 +542,36 @@ def parse_group_request(op: str, obj: dict[str, Any], req_id: str) -> GroupReque
             raise ProtocolError("bad_field", "'seq' must be the seq of your message (a positive integer)", **ids)
         out["seq"] = seq
     return GroupRequest(**out)
+
+
+@dataclass(frozen=True)
+class HistoryRequest:
+    """A page of a conversation's history, newest first: with the user ``with_uid``, or in ``group``; messages
+    with a seq below ``before`` (0: from the newest)."""
+
+    req_id: str
+    with_uid: str | None
+    group: str | None
+    before: int
+    limit: int
+
+
+def parse_history(obj: dict[str, Any], req_id: str) -> HistoryRequest:
+    ids = {"req_id": req_id}
+    with_uid, group = obj.get("with"), obj.get("group")
+    if (with_uid is None) == (group is None):
+        raise ProtocolError("missing_field", "give the conversation: 'with' (a uid) or 'group'", **ids)
+    if with_uid is not None and not valid_uid(with_uid):
+        raise ProtocolError("bad_uid", "'with' must be a valid uid", **ids)
+    if group is not None and not valid_group(group):
+        raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+    before = obj.get("before") or 0
+    if not (_int(before) and 0 <= before < 2**63):
+        raise ProtocolError("bad_field", "'before' must be a seq (a non-negative integer)", **ids)
+    limit = obj.get("limit", HISTORY_LIMIT_DEFAULT)
+    if not _int(limit) or not 1 <= limit <= PULL_LIMIT_MAX:
+        raise ProtocolError("bad_limit", f"'limit' must be an integer from 1 to {PULL_LIMIT_MAX}", **ids)
+    return HistoryRequest(req_id=req_id, with_uid=with_uid, group=group, before=before, limit=limit)
 
 
 def parse_status(payload: bytes) -> str | None:

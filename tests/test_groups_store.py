@@ -6,6 +6,7 @@ coalesced "delivered to k of n" receipts, counts by group."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -27,7 +28,7 @@ class Server:
         self.db = fresh_database(url)
         self.store = Store(self.db, **store_kw)
         self.core = core.Delivery(send_rate=0)
-        self.now = 1_000_000
+        self.now = int(time.time() * 1000)
 
     def online(self, uid, dev=""):
         return self.batch([(p.status_topic(uid, dev), b"online")])
@@ -198,3 +199,40 @@ def test_group_event_type_is_the_servers_alone(srv):
     out = srv.send("alice", {"msg_id": "e", "group": "team", "type": "group_event", "content": "{}"})
     assert [x.payload["code"] for x in out] == ["bad_field"]
     assert Member.select().count() == 3
+
+
+@pytest.fixture
+def hist(url):
+    s = Server(url, history_days=1)
+    yield s
+    s.db.close()
+
+
+def test_history_pages_back_through_a_conversation_from_the_join_and_expires(hist):
+    create(hist, members=("bob",))
+    for i in range(5):
+        hist.send("alice", {"msg_id": f"g{i}", "group": "team", "content": f"g{i}"})
+    hist.send("alice", {"msg_id": "d1", "to": "bob", "content": "direct 1"})
+    hist.send("bob", {"msg_id": "d2", "to": "alice", "content": "direct 2"})
+    hist.drain("bob")
+    hist.drain("alice")
+    assert Entry.select().count() == 0 and Message.select().count() == 8, "acked, and kept for history"
+    page = hist.req("bob", {"op": "history", "req_id": "h", "group": "team", "limit": 3})
+    assert [m["content"] for m in page["messages"]] == ["g4", "g3", "g2"] and page["more"]
+    page = hist.req("bob", {"op": "history", "req_id": "h", "group": "team", "limit": 3, "before": page["before"]})
+    assert [m["content"] for m in page["messages"]][:2] == ["g1", "g0"] and not page["more"]
+    chat = hist.req("bob", {"op": "history", "req_id": "h", "with": "alice"})
+    assert [(m["from"], m["content"]) for m in chat["messages"]] == [("bob", "direct 2"), ("alice", "direct 1")]
+    # a member added later sees nothing from before its join (the group does not say new members see history)
+    hist.req("alice", {"op": "group_add", "req_id": "a", "group": "team", "members": ["carol"]})
+    hist.send("alice", {"msg_id": "g5", "group": "team", "content": "g5"})
+    late = hist.req("carol", {"op": "history", "req_id": "h", "group": "team"})
+    assert [m.get("event", {}).get("event") or m["content"] for m in late["messages"]] == ["g5", "added"]
+    assert hist.req("mallory", {"op": "history", "req_id": "h", "group": "team"})["code"] == "not_a_member"
+    # past the history age the kept messages go; what still waits stays (it expires by the expiry age)
+    assert hist.store.expire_history(now=hist.now + 2 * 86_400_000) == 8
+    assert Message.select().count() == Message.select().join(Entry, on=(Entry.seq == Message.seq)).distinct().count()
+
+
+def test_history_is_refused_when_the_server_keeps_none(srv):
+    assert srv.req("bob", {"op": "history", "req_id": "h", "with": "alice"})["code"] == "history_off"

@@ -10,8 +10,8 @@ from typing import Any, Callable
 from .. import protocol as p
 from .announcements import ANNOUNCE_MIN_GAP_MS, ANNOUNCE_REPEAT_MAX_MS, ANNOUNCE_REPEAT_MS, AnnouncementsMixin, _Watch
 from .events import (CountBacklog, Counted, DeleteAcked, Deleted, DeviceRemoved, DeviceReset, GroupAnswered, GroupOp,
-                     Key, Listed, ListDevices, Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet, Refused,
-                     RemoveDevice, SetPushEndpoint, Stored, StoreMessage, device_removed_payload)
+                     HistoryPage, Key, Listed, ListDevices, Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet,
+                     ReadHistory, Refused, RemoveDevice, SetPushEndpoint, Stored, StoreMessage, device_removed_payload)
 from .groups import GroupsMixin
 from .presence import PresenceMixin
 from .pushes import PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, PushesMixin, _Pending
@@ -119,6 +119,8 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                     plan.ops.append(ListDevices(receiver=uid, req_id=r.req_id, device=dev))
                 elif isinstance(r, p.GroupRequest):
                     plan.ops.append(GroupOp(receiver=uid, req_id=r.req_id, device=dev, request=r))
+                elif isinstance(r, p.HistoryRequest):
+                    plan.ops.append(ReadHistory(receiver=uid, req_id=r.req_id, device=dev, request=r))
                 elif isinstance(r, p.RemoveDeviceRequest):
                     plan.ops.append(RemoveDevice(receiver=uid, req_id=r.req_id, device=dev, target=r.device))
                 else:
@@ -159,6 +161,13 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                     self._stored_group(out, batched, o, now_ms)
             elif isinstance(o, GroupAnswered):
                 self._group_answered(out, o, now_ms)
+            elif isinstance(o, HistoryPage):
+                r = o.op.request
+                conv = {"with": r.with_uid} if r.with_uid is not None else {"group": r.group}
+                last = o.messages[-1]["seq"] if o.messages else None
+                out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "history", "req_id": o.op.req_id, **conv,
+                                                                  "messages": list(o.messages), "before": last,
+                                                                  "more": o.more}))
             elif isinstance(o, Deleted):
                 self._delivered(out, batched, o.rows, now_ms)
             elif isinstance(o, Counted):

@@ -130,8 +130,22 @@ class GroupOp:
         return self.receiver, self.device
 
 
+@dataclass(frozen=True)
+class ReadHistory:
+    """A page of a conversation's history (--history-days), newest first: read-only."""
+
+    receiver: str
+    req_id: str
+    device: str
+    request: p.HistoryRequest
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
+
+
 Operation = (StoreMessage | DeleteAcked | CountBacklog | PullPage | ListDevices | RemoveDevice | SetPushEndpoint
-             | GroupOp)
+             | GroupOp | ReadHistory)
 
 
 # --- what the store reports back --------------------------------------------
@@ -254,8 +268,15 @@ class Refused:
     message: str
 
 
+@dataclass(frozen=True)
+class HistoryPage:
+    op: ReadHistory
+    messages: tuple[dict[str, Any], ...]  # newest first
+    more: bool
+
+
 Outcome = (Stored | Deleted | Counted | Paged | Refused | Listed | DeviceRemoved | PushEndpointSet | DeviceReset
-           | GroupAnswered)
+           | GroupAnswered | HistoryPage)
 
 
 # --- actions for the transport ----------------------------------------------

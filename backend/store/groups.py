@@ -70,6 +70,22 @@ class GroupStore:
             "member_acked": f"{ignore} member_receipt (seq, uid, at) VALUES ({q}, {q}, {q}){tail}",
         }
 
+    # Requests that change a group (and so take its row lock); the others only read.
+    _CHANGES = frozenset({"group_add", "group_remove", "group_leave", "group_rename", "group_role"})
+
+    def _lock_groups(self, ops) -> None:
+        """Take the row locks of every group a transaction will change, at its start and in gid order (PostgreSQL,
+        MariaDB): a transaction that acked (locked) a message and then sends to a group could otherwise deadlock
+        with one that changed that group and then releases that message."""
+        if isinstance(self.db, pw.SqliteDatabase):
+            return  # one writer at a time
+        gids = sorted({op.group for op in ops if isinstance(op, core.StoreMessage) and op.group is not None} |
+                      {op.request.group for op in ops if isinstance(op, core.GroupOp) and op.request.op in self._CHANGES})
+        if gids:
+            q = self.db.param
+            self.db.execute_sql(f"SELECT gid FROM chat_group WHERE gid IN ({', '.join([q] * len(gids))}) "
+                                "ORDER BY gid FOR UPDATE", gids).fetchall()
+
     # -- sending ----------------------------------------------------------------
     def store_group_message(self, op: core.StoreMessage) -> core.Outcome:
         """Store a message to a group for every member device but the sending one, in the group's order.

@@ -18,6 +18,7 @@ from .. import protocol as p
 from ..crypto import InvalidTag, KeyError_, KeyRing
 from .devices import MAX_DEVICES, DeviceStore
 from .groups import MAX_GROUP_MEMBERS, GroupStore
+from .history import DAY_MS, HISTORY_DAYS, HistoryStore
 from .maintenance import EXPIRE_AFTER_MS, MaintenanceStore
 from .models import GROUP_PREFIX, Device, Entry, Expired, Message, Page, User, now_ms
 from .queries import PAGE_FIELDS, _aad, _returning_delete, count_query, page_query
@@ -37,14 +38,15 @@ ENTRY_CHUNK = 100
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
 
 
-class Store(DeviceStore, GroupStore, StatusStore, MaintenanceStore):
+class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore):
     """Runs plans against the database. One instance per worker thread. Device registration, removal, push
     endpoints and the user-scope pages are DeviceStore's (devices.py); groups GroupStore's (groups.py); last
     statuses StatusStore's (statuses.py) and housekeeping MaintenanceStore's (maintenance.py)."""
 
     def __init__(self, db: pw.Database, *, known_accounts: bool = False, quota: int | None = None,
                  expire_after_ms: int | None = EXPIRE_AFTER_MS, keyring: KeyRing | None = None,
-                 max_devices: int | None = MAX_DEVICES, max_group_members: int = MAX_GROUP_MEMBERS):
+                 max_devices: int | None = MAX_DEVICES, max_group_members: int = MAX_GROUP_MEMBERS,
+                 history_days: float = HISTORY_DAYS):
         self.db = db
         self.keyring = keyring  # None: content stored as sent (it may still be end-to-end encrypted)
         # With the embedded broker the worker knows every account: a message to nobody is an error.
@@ -55,6 +57,8 @@ class Store(DeviceStore, GroupStore, StatusStore, MaintenanceStore):
         self.expire_after_ms = expire_after_ms
         self.max_devices = max_devices or None
         self.max_group_members = max_group_members
+        # Delivered messages are kept this long for history (history.py); 0: they leave at the last ack.
+        self.history_ms = int(history_days * DAY_MS)
         self._sql = self._prepare(db)  # the hot path's SQL text, built once
         self._gsql = self._prepare_groups()
         self._returning = _returning_delete(db)
@@ -67,7 +71,9 @@ class Store(DeviceStore, GroupStore, StatusStore, MaintenanceStore):
         """Run the operations in one transaction; the caller publishes only after this returns. Outcomes
         are in operation order, one each, except that a device registered afresh after its removal gets a
         DeviceReset just before its operation's outcome."""
+        ops = list(ops)
         with self.db.atomic():
+            self._lock_groups(ops)
             out: list[core.Outcome] = []
             # Entries of the messages stored in a row are written together (_write_entries): one statement
             # for up to ENTRY_CHUNK messages instead of one each. Written before any other operation, and
@@ -130,6 +136,8 @@ class Store(DeviceStore, GroupStore, StatusStore, MaintenanceStore):
             return core.DeviceRemoved(op, released)
         if isinstance(op, core.GroupOp):
             return self.group_request(op)
+        if isinstance(op, core.ReadHistory):
+            return self.history(op)
         return self.set_push_endpoint(op)
 
     # -- operations -----------------------------------------------------------
@@ -160,7 +168,7 @@ class Store(DeviceStore, GroupStore, StatusStore, MaintenanceStore):
             "entries_many": targets,  # joined by UNION ALL for several messages (_write_entries)
             "entry": f"INSERT INTO entry (seq, uid, device) VALUES ({q}, {q}, {q})",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
-            "waiting": f"SELECT 1 FROM message WHERE seq = {q}",
+            "waiting": f"SELECT 1 FROM entry WHERE seq = {q} LIMIT 1",  # (a kept message has none: history.py)
             # Pages: page_query's text, its parameters (receiver, device, [from,] limit) given per pull.
             **{f"page_{order}{'_from' if from_uid else ''}": page_query("", 1, "" if from_uid else None, order).sql()[0]
                for order in p.PULL_ORDERS for from_uid in (False, True)},
@@ -257,7 +265,12 @@ class Store(DeviceStore, GroupStore, StatusStore, MaintenanceStore):
         fmarks = ", ".join([q] * len(found))
         gone_sql = (f"DELETE FROM message WHERE seq IN ({fmarks}) AND NOT EXISTS "
                     "(SELECT 1 FROM entry WHERE entry.seq = message.seq)")
-        if sqlite and self._returning:
+        if self.history_ms:  # kept for history (history.py): read, never deleted here
+            if sqlite:
+                rows = {r[0]: r for r in self.db.execute_sql(
+                    f"SELECT {columns} FROM message WHERE seq IN ({fmarks})", found).fetchall()}
+            left = len(found)
+        elif sqlite and self._returning:
             gone = {r[0]: r for r in self.db.execute_sql(f"{gone_sql} RETURNING {columns}", found).fetchall()}
             rows.update(gone)
             rest = [s for s in found if s not in gone]
@@ -402,6 +415,9 @@ class Store(DeviceStore, GroupStore, StatusStore, MaintenanceStore):
         return out
 
     def backlog(self) -> int:
+        """Messages waiting for at least one device (not those kept for history)."""
+        if self.history_ms:
+            return Entry.select(pw.fn.COUNT(pw.fn.DISTINCT(Entry.seq))).scalar() or 0
         return Message.select().count()
 
     def alive(self, keys: Iterable) -> set:
