@@ -14,7 +14,9 @@ from .events import (CountBacklog, Counted, DeleteAcked, Deleted, DeviceRemoved,
                      SetPushEndpoint, Stored, StoreMessage, device_removed_payload)
 from .presence import PresenceMixin
 from .pushes import PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, PushesMixin, _Pending
+from .reads import CONVERSATION_OUTCOMES, ReadsMixin
 from .receipts import RECEIPT_DELAY_MS, ReceiptsMixin
+from .signals import SignalsMixin
 
 WORKER_TOPIC_PREFIX = p.WORKER_TOPIC_FILTER[:-1]  # im/worker/
 
@@ -27,7 +29,7 @@ SEND_BURST = 100
 BUCKETS_MAX = 100_000
 
 
-class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin):
+class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, SignalsMixin, ReadsMixin):
     """The worker's brain. Not thread-safe: the worker's network thread alone drives it."""
 
     def __init__(self, *, content_max: int = p.CONTENT_MAX, ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS,
@@ -61,6 +63,7 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin):
         self.announce_min_gap_ms = announce_min_gap_ms
         self._watch: dict[Key, _Watch] = {}
         self._announce_timers: list[tuple[int, str, str]] = []  # (due, uid, device), lazily invalidated
+        self._init_signals()  # typing notices (signals.py)
 
     # -- inbound -------------------------------------------------------------
     def plan(self, inbound: list[tuple], now_ms: int) -> Plan:
@@ -103,7 +106,9 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin):
                     plan.ops.append(DeleteAcked(receiver=uid, seqs=a.seqs, device=dev))
             else:
                 r = p.parse_request(payload)
-                if isinstance(r, p.CountRequest):
+                if isinstance(r, (p.TypingRequest, p.ReadRequest, p.SettingsRequest)):
+                    self._plan_conversation(plan, uid, dev, r, now_ms)  # reads.py, signals.py
+                elif isinstance(r, p.CountRequest):
                     plan.ops.append(CountBacklog(receiver=uid, req_id=r.req_id, device=dev))
                 elif isinstance(r, p.PullRequest):
                     plan.ops.append(PullPage(receiver=uid, req_id=r.req_id, limit=r.limit, from_uid=r.from_uid,
@@ -155,6 +160,8 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin):
                     self._backlog_empty(key)
                 elif o.op.req_id is not None:
                     self._backlog_read(key, now_ms)
+                if o.unread is not None:
+                    payload["unread"] = o.unread
                 if o.op.req_id is not None:
                     payload["req_id"] = o.op.req_id
                 elif o.total == 0 and o.expired == 0:
@@ -185,6 +192,8 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin):
             elif isinstance(o, PushEndpointSet):
                 out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "push", "req_id": o.op.req_id,
                                                                   "registered": o.op.endpoint is not None}))
+            elif isinstance(o, CONVERSATION_OUTCOMES):
+                self._conversation_done(out, batched, o)  # reads.py
             elif isinstance(o, DeviceReset):
                 out.append(Publish(p.reply_topic(o.uid, o.device), device_removed_payload()))
         for key, items in batched.items():

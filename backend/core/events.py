@@ -156,6 +156,7 @@ class Counted:
     by_sender: dict[str, int]
     previews: dict[str, dict[str, Any]] = field(default_factory=dict)  # each sender's newest message
     expired: int = 0  # messages that expired unread since the last count
+    unread: dict[str, int] | None = None  # answers to a count request: conversation -> unread (core/reads.py)
 
 
 @dataclass(frozen=True)

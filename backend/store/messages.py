@@ -1,7 +1,7 @@
 """The :class:`Store`: runs a plan's operations in one transaction and reports the core's outcomes;
 here the message operations (store with duplicate detection and quota, delete on ack, count, pull by
 pages with cursors, sealed content). Devices, last statuses and housekeeping are its mixins
-(devices.py, statuses.py, maintenance.py)."""
+(devices.py, statuses.py, maintenance.py, conversations.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import peewee as pw
 from .. import core
 from .. import protocol as p
 from ..crypto import InvalidTag, KeyError_, KeyRing
+from .conversations import ConversationStore
 from .devices import MAX_DEVICES, DeviceStore
 from .maintenance import EXPIRE_AFTER_MS, MaintenanceStore
 from .models import Device, Entry, Expired, Message, Page, User, now_ms
@@ -36,7 +37,7 @@ ENTRY_CHUNK = 100
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
 
 
-class Store(DeviceStore, StatusStore, MaintenanceStore):
+class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
     """Runs plans against the database. One instance per worker thread. Device registration, removal, push
     endpoints and the user-scope pages are DeviceStore's (devices.py); last statuses StatusStore's (statuses.py) and
     housekeeping MaintenanceStore's (maintenance.py)."""
@@ -125,6 +126,8 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                 return core.Refused(op, "unknown_device", f"'{op.receiver}' has no device {op.target!r}; "
                                     "list them with {\"op\": \"devices\"}")
             return core.DeviceRemoved(op, released)
+        if isinstance(op, core.CONVERSATION_OPS):
+            return self.run_conversation(op)  # read markers, settings: conversations.py
         return self.set_push_endpoint(op)
 
     # -- operations -----------------------------------------------------------
@@ -301,7 +304,8 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                 previews[m["from"]] = {"seq": m["seq"], "type": m["type"], "sent_at": m["sent_at"],
                                        "content": m["content"][:p.PREVIEW_CHARS]}
         expired = self._take_expired(op.receiver, op.device)
-        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired)
+        unread = self.unread(op.receiver) if op.req_id is not None else None  # answers only, not announcements
+        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired, unread)
 
     def _take_expired(self, uid: str, device: str) -> int:
         """The device's expired tally, plus the user's tally from before it had devices; both reset. Each is

@@ -1,6 +1,6 @@
 """The schema: peewee models that read like the tables (accounts, messages and their per-device entries,
-accepted (sender, msg_id) pairs, page cursors, devices, key checks, last statuses), bound to the
-database through ``database_proxy`` by :func:`backend.store.open_database`."""
+accepted (sender, msg_id) pairs, page cursors, devices, key checks, last statuses, read markers and user
+settings), bound to the database through ``database_proxy`` by :func:`backend.store.open_database`."""
 
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ class Accepted(BaseModel):
     class Meta:
         primary_key = pw.CompositeKey("sender_uid", "msg_id")
         # The housekeeping walks this index in chunks: unreleased pairs by seq, released ones by age.
-        indexes = ((("released_at", "seq"), False),)
+        # Read markers (conversations.py): a conversation's messages by seq, and unread counts per sender.
+        indexes = ((("released_at", "seq"), False), (("receiver_uid", "sender_uid", "seq"), False))
 
 
 class Page(BaseModel):
@@ -182,4 +183,26 @@ class LastStatus(BaseModel):
     changed_at = pw.BigIntegerField()
 
 
-MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, Device, Entry, RemovedDevice, LastStatus)
+class ReadMarker(BaseModel):
+    """How far a user has read a conversation (docs/PROTOCOL.md, section 15): only ever moves forward."""
+
+    uid = pw.CharField(max_length=50)  # the reader
+    kind = pw.CharField(max_length=1)  # "u": a 1:1 conversation, `conversation` the other uid; "g": a group
+    conversation = pw.CharField(max_length=50)
+    upto = pw.BigIntegerField()  # read up to this seq ("u") or gseq ("g"), inclusive
+    updated_at = pw.BigIntegerField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("uid", "kind", "conversation")
+
+
+class UserSettings(BaseModel):
+    """A user's settings; a user without a row has the defaults (read receipts on)."""
+
+    uid = pw.CharField(max_length=50, primary_key=True)
+    read_receipts = pw.SmallIntegerField(default=1, constraints=[pw.SQL("DEFAULT 1")])  # 0: none sent for its reads
+    updated_at = pw.BigIntegerField()
+
+
+MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, Device, Entry, RemovedDevice, LastStatus, ReadMarker,
+          UserSettings)

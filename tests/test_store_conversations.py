@@ -1,0 +1,121 @@
+"""Read markers, unread counts and the read-receipt setting in the store (SQLite): never backwards, never past
+the newest message, the messages a move makes read (and the cap), unread per conversation never negative,
+delivered messages still counted, the setting, and the migration of a database made before them."""
+
+from __future__ import annotations
+
+import peewee as pw
+import pytest
+
+from backend import core
+from backend.core import reads
+from backend.store import Accepted, ReadMarker, Store, UserSettings, open_database
+
+
+@pytest.fixture
+def store(tmp_path):
+    db = open_database(f"sqlite:///{tmp_path}/s.db")
+    yield Store(db)
+    db.close()
+
+
+def send(store, sender, to, n, prefix="m"):
+    ops = [core.StoreMessage(sender=sender, msg_id=f"{prefix}{i}", to=to, type="text", content="x", ts=None,
+                             sent_at=1000) for i in range(n)]
+    return [o.seq for o in store.apply(ops)]
+
+
+def mark(store, uid, peer, seq):
+    (o,) = store.apply([core.MarkRead(uid, "r", peer, seq)])
+    return o
+
+
+def count(store, uid):
+    (c,) = store.apply([core.CountBacklog(uid, "r")])
+    return c
+
+
+def test_a_marker_moves_forward_only_and_never_past_the_newest_message(store):
+    seqs = send(store, "bob", "alice", 4)
+    send(store, "carol", "alice", 2)  # another conversation: never counted in bob's
+    m = mark(store, "alice", "bob", seqs[1])
+    assert (m.upto, m.advanced, m.unread) == (seqs[1], True, 2)
+    assert m.read == (("m0", seqs[0]), ("m1", seqs[1])), "the newly read messages, oldest first"
+    back = mark(store, "alice", "bob", seqs[0])
+    assert (back.upto, back.advanced, back.read) == (seqs[1], False, ()), "never backwards"
+    where = mark(store, "alice", "bob", 0)
+    assert (where.upto, where.unread) == (seqs[1], 2), "seq 0 asks where the marker is"
+    far = mark(store, "alice", "bob", 10**15)
+    assert far.upto == seqs[-1] and far.unread == 0, "clamped to the newest message bob sent alice"
+    assert far.read == (("m2", seqs[2]), ("m3", seqs[3])), "only what was not read before"
+    new = send(store, "bob", "alice", 1, prefix="n")
+    assert mark(store, "alice", "bob", 10**15).upto == new[0]
+
+
+def test_a_marker_with_nothing_to_read_writes_nothing(store):
+    m = mark(store, "alice", "nobody", 50)
+    assert (m.upto, m.advanced, m.unread, m.read) == (0, False, 0, ())
+    assert ReadMarker.select().count() == 0
+
+
+def test_unread_counts_per_conversation_include_delivered_messages_and_never_go_negative(store):
+    seqs = send(store, "bob", "alice", 3)
+    send(store, "carol", "alice", 2)
+    assert count(store, "alice").unread == {"bob": 3, "carol": 2}
+    store.apply([core.DeleteAcked("alice", tuple(seqs))])  # acked (delivered) is not read
+    c = count(store, "alice")
+    assert c.total == 2 and c.unread == {"bob": 3, "carol": 2}
+    mark(store, "alice", "bob", seqs[1])
+    assert count(store, "alice").unread == {"bob": 1, "carol": 2}
+    mark(store, "alice", "bob", 10**15)
+    mark(store, "alice", "bob", 1)
+    assert count(store, "alice").unread == {"carol": 2}, "a read conversation is left out, never negative"
+    (announced,) = store.apply([core.CountBacklog("alice", None)])
+    assert announced.unread is None, "announcements do not count unread"
+
+
+def test_settings_turn_read_receipts_off_and_on(store):
+    seqs = send(store, "bob", "alice", 3)
+    (s,) = store.apply([core.SetSettings("alice", "r")])
+    assert (s.read_receipts, s.changed) == (True, False) and UserSettings.select().count() == 0
+    (s,) = store.apply([core.SetSettings("alice", "r", read_receipts=False)])
+    assert (s.read_receipts, s.changed) == (False, True)
+    (s,) = store.apply([core.SetSettings("alice", "r", read_receipts=False)])
+    assert s.changed is False
+    m = mark(store, "alice", "bob", seqs[0])
+    assert m.advanced and not m.receipts and m.read == (), "no receipts, the marker still moves"
+    store.apply([core.SetSettings("alice", "r", read_receipts=True)])
+    m = mark(store, "alice", "bob", seqs[2])
+    assert m.receipts and [s for _, s in m.read] == seqs[1:]
+
+
+def test_read_receipts_are_capped_to_the_newest(store, monkeypatch):
+    monkeypatch.setattr(reads, "READ_RECEIPTS_MAX", 3)
+    seqs = send(store, "bob", "alice", 10)
+    m = mark(store, "alice", "bob", seqs[-1])
+    assert [s for _, s in m.read] == seqs[-3:] and m.unread == 0
+
+
+def test_a_database_made_before_read_markers_is_migrated(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    db = open_database(url)
+    Store(db).apply([core.StoreMessage(sender="bob", msg_id="a", to="alice", type="text", content="x", ts=None,
+                                       sent_at=1)])
+    db.drop_tables([ReadMarker, UserSettings])
+    db.execute_sql("DROP INDEX accepted_receiver_uid_sender_uid_seq")
+    db.close()
+    db = open_database(url)
+    try:
+        assert {"read_marker", "user_settings"} <= set(db.get_tables())
+        assert "accepted_receiver_uid_sender_uid_seq" in {i.name for i in db.get_indexes("accepted")}
+        store = Store(db)
+        assert mark(store, "alice", "bob", 99).unread == 0 and Accepted.select().count() == 1
+    finally:
+        db.close()
+
+
+def test_the_unread_query_uses_the_conversation_index(store):
+    plan = store.db.execute_sql("EXPLAIN QUERY PLAN SELECT MAX(seq) FROM accepted WHERE receiver_uid = ? AND "
+                                "sender_uid = ?", ("a", "b")).fetchall()
+    assert any("accepted_receiver_uid_sender_uid_seq" in str(row) for row in plan), plan
+    assert isinstance(store.db, pw.SqliteDatabase)
