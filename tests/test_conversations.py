@@ -133,3 +133,15 @@ def test_typing_reaches_the_online_devices_is_rate_limited_and_never_stored(syst
     stored_by_the_marker = {"message": 1, "accepted": 1, "entry": 2}  # hank's two devices
     assert {t: after[t] - before[t] for t in after if after[t] != before[t]} == stored_by_the_marker, \
         "typing moved no row count"
+
+
+def test_a_sender_not_seen_online_still_gets_its_read_receipts(system: System, made):
+    """A send-only client publishes no status: the worker never counts it online, yet its `read` receipts reach it
+    (they go to every registered device of the sender, as `delivered` goes to the sending device)."""
+    sensor = system.client("gina", "script", receiver=False)
+    frank = system.client("frank", auto_sync=False)
+    made += [sensor, frank]
+    out = sensor.send("frank", "seen?")
+    seq = out.wait(10)["seq"]
+    assert frank.mark_read("gina", seq)["seq"] == seq
+    assert sensor.wait_for(lambda: out.read.is_set(), 10) and sensor.peer_read == {"frank": seq}

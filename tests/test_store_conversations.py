@@ -19,9 +19,9 @@ def store(tmp_path):
     db.close()
 
 
-def send(store, sender, to, n, prefix="m"):
+def send(store, sender, to, n, prefix="m", device=""):
     ops = [core.StoreMessage(sender=sender, msg_id=f"{prefix}{i}", to=to, type="text", content="x", ts=None,
-                             sent_at=1000) for i in range(n)]
+                             sent_at=1000, sender_device=device) for i in range(n)]
     return [o.seq for o in store.apply(ops)]
 
 
@@ -87,6 +87,13 @@ def test_settings_turn_read_receipts_off_and_on(store):
     store.apply([core.SetSettings("alice", "r", read_receipts=True)])
     m = mark(store, "alice", "bob", seqs[2])
     assert m.receipts and [s for _, s in m.read] == seqs[1:]
+    assert m.sender_devices == ("",), "bob never registered a device: its default one"
+
+
+def test_read_receipts_go_to_every_registered_device_of_the_sender(store):
+    store.apply([core.CountBacklog("bob", None, "laptop")])  # registers the laptop
+    seqs = send(store, "bob", "alice", 1, device="phone")  # and the phone, sending
+    assert mark(store, "alice", "bob", seqs[0]).sender_devices == ("laptop", "phone")
 
 
 def test_read_receipts_are_capped_to_the_newest(store, monkeypatch):

@@ -9,8 +9,9 @@ reports the messages that became read. After the commit:
 * the asking device gets the answer (``{"kind": "read", "req_id", "with", "seq", "unread"}``);
 * the user's other online devices get the same without ``req_id`` on their inbox, when the marker moved
   (unread counts stay in sync across devices);
-* unless the user turned read receipts off, every online device of bob gets a ``read`` receipt per
-  newly read message (the newest READ_RECEIPTS_MAX), batched in ``receipts`` payloads.
+* unless the user turned read receipts off, every registered device of bob (its default device if it
+  has none) gets a ``read`` receipt per newly read message (the newest READ_RECEIPTS_MAX), batched in
+  ``receipts`` payloads on its reply topic.
 
 Groups plug in with ``kind="g"`` (a group's marker counts gseqs; the lead's).
 """
@@ -64,6 +65,7 @@ class Marked:
     unread: int  # messages of the conversation after the marker (never negative)
     read: tuple[tuple[str, int], ...] = ()  # (msg_id, seq) newly read, oldest first, at most READ_RECEIPTS_MAX
     receipts: bool = True  # the reader sends read receipts (its setting)
+    sender_devices: tuple[str, ...] = ()  # where the `read` receipts go: the peer's registered devices
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,9 @@ class ReadsMixin:
         sync = read_payload(op.peer, o.upto, o.unread)
         out += [Publish(p.inbox_topic(*k), sync) for k in self._other_devices(*op.origin)]
         if o.receipts and o.read and op.kind == "u" and op.peer != op.uid:
-            # Every online device of the sender: each shows the conversation (the others got sync copies of
+            # Every registered device of the sender, online or not as far as this worker knows (as `delivered` goes
+            # to the sending device's reply topic): each shows the conversation (the others got sync copies of
             # what it sent), and which device sent a message is no longer known once it left the store.
             items = [p.receipt(msg_id, op.uid, seq, "read") for msg_id, seq in o.read]
-            for d in sorted(self._devices.get(op.peer, ())):
+            for d in o.sender_devices:
                 batched.setdefault((op.peer, d), []).extend(items)

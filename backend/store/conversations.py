@@ -17,7 +17,7 @@ import peewee as pw
 
 from .. import core
 from ..core import reads
-from .models import Accepted, ReadMarker, UserSettings, now_ms
+from .models import Accepted, Device, ReadMarker, UserSettings, now_ms
 
 # Conversations one count answer lists in `unread` at most, the most recent first: a user with thousands of
 # conversations with unread messages still gets a count well under 1 MiB (an entry is about 60 bytes).
@@ -70,6 +70,7 @@ class ConversationStore:
         if stored is not None and upto > stored:
             ReadMarker.update(upto=upto, updated_at=now).where(self._marker_key(op.uid, op.kind, op.peer)).execute()
         read: tuple[tuple[str, int], ...] = ()
+        devices: tuple[str, ...] = ()
         receipts = False
         if upto > old:
             receipts = self.read_receipts_on(op.uid)
@@ -78,8 +79,11 @@ class ConversationStore:
                         .where(self._conversation(op.uid, op.peer) & (Accepted.seq > old) & (Accepted.seq <= upto))
                         .order_by(Accepted.seq.desc()).limit(reads.READ_RECEIPTS_MAX).tuples())
                 read = tuple((m, int(s)) for m, s in reversed(list(rows)))
+                # The `read` receipts go to every device of the sender (at most --max-devices), or its default one.
+                devices = tuple(d for (d,) in Device.select(Device.device).where(Device.uid == op.peer)
+                                .order_by(Device.device).tuples()) or ("",)
         unread = Accepted.select().where(self._conversation(op.uid, op.peer) & (Accepted.seq > upto)).count()
-        return core.Marked(op, upto, upto > old, unread, read, receipts)
+        return core.Marked(op, upto, upto > old, unread, read, receipts, devices)
 
     def unread(self, uid: str) -> dict[str, int]:
         """Unread messages per conversation (the peer's uid -> n > 0), the most recent conversations first,
