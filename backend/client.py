@@ -465,6 +465,12 @@ class IMClient:
                 slot.append(obj)
                 if kind in ("read", "settings"):
                     self._note_conversation(obj)
+                elif kind == "count" and isinstance(obj.get("read_by"), dict):
+                    for peer, seq in obj["read_by"].items():  # what `read` receipts said while we were away
+                        self._peer_read({"to": peer, "seq": seq})
+                    for peer, n in (obj.get("unread") or {}).items():
+                        if isinstance(n, int):
+                            self.unread[peer] = n
             elif kind == "error":
                 self.errors.append(obj)
                 if obj.get("code") == "device_removed":

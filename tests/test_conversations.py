@@ -145,3 +145,19 @@ def test_a_sender_not_seen_online_still_gets_its_read_receipts(system: System, m
     seq = out.wait(10)["seq"]
     assert frank.mark_read("gina", seq)["seq"] == seq
     assert sensor.wait_for(lambda: out.read.is_set(), 10) and sensor.peer_read == {"frank": seq}
+
+
+def test_a_sender_away_when_its_messages_were_read_learns_it_from_its_next_count(system: System, made):
+    ivan = system.client("ivan", "phone", auto_sync=False)
+    hank = system.client("hank", "tablet", auto_sync=False)
+    made += [ivan, hank]
+    out = ivan.send("hank", "read me while I am away")
+    seq = out.wait(10)["seq"]
+    ivan.close()  # gone: no device of ivan hears the `read` receipt...
+    assert hank.mark_read("ivan", seq)["seq"] == seq
+    back = system.client("ivan", "phone", auto_sync=False, messages=ivan.messages)
+    made.append(back)
+    back._by_msg_id[out.msg_id] = out  # the app's outbox, kept across restarts
+    counted = back.count()
+    assert counted["read_by"]["hank"] >= seq, "...but its next count says how far hank read"
+    assert back.peer_read["hank"] >= seq and out.read.is_set()

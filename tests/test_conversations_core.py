@@ -147,10 +147,12 @@ def test_settings_answer_and_a_change_is_synced_to_the_other_devices():
 
 def test_count_answers_carry_unread_and_announcements_do_not():
     d = core.Delivery()
-    answer = d.after_commit([core.Counted(core.CountBacklog("bob", "r1"), 1, {"alice": 1}, unread={"alice": 3})], T0)
-    assert answer[0].payload["unread"] == {"alice": 3} and answer[0].payload["req_id"] == "r1"
+    answer = d.after_commit([core.Counted(core.CountBacklog("bob", "r1"), 1, {"alice": 1}, unread={"alice": 3},
+                                          read_by={"carol": 9})], T0)
+    assert list(answer[0].payload)[-3:] == ["unread", "read_by", "req_id"]
+    assert answer[0].payload["unread"] == {"alice": 3} and answer[0].payload["read_by"] == {"carol": 9}
     announced = d.after_commit([core.Counted(core.CountBacklog("bob", None), 1, {"alice": 1})], T0)
-    assert "unread" not in announced[0].payload
+    assert "unread" not in announced[0].payload and "read_by" not in announced[0].payload
 
 
 def test_a_refused_mark_is_answered_with_its_req_id():

@@ -126,3 +126,19 @@ def test_the_unread_query_uses_the_conversation_index(store):
                                 "sender_uid = ?", ("a", "b")).fetchall()
     assert any("accepted_receiver_uid_sender_uid_seq" in str(row) for row in plan), plan
     assert isinstance(store.db, pw.SqliteDatabase)
+
+
+def test_read_by_tells_a_sender_how_far_each_reader_read_as_its_receipts_said(store):
+    to_bob = send(store, "alice", "bob", 3)
+    to_carol = send(store, "alice", "carol", 2, prefix="c")
+    assert count(store, "alice").read_by == {}
+    mark(store, "bob", "alice", to_bob[1])
+    store.apply([core.SetSettings("carol", "r", read_receipts=False)])
+    mark(store, "carol", "alice", to_carol[0])
+    assert count(store, "alice").read_by == {"bob": to_bob[1]}, "carol's move was made with receipts off"
+    store.apply([core.SetSettings("carol", "r", read_receipts=True)])
+    assert count(store, "alice").read_by == {"bob": to_bob[1]}, "turning receipts on tells nothing of the past"
+    mark(store, "carol", "alice", to_carol[1])
+    assert count(store, "alice").read_by == {"carol": to_carol[1], "bob": to_bob[1]}, "most recent first"
+    (announced,) = store.apply([core.CountBacklog("alice", None)])
+    assert announced.read_by is None

@@ -161,7 +161,7 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Si
                 elif o.op.req_id is not None:
                     self._backlog_read(key, now_ms)
                 if o.unread is not None:
-                    payload["unread"] = o.unread
+                    payload["unread"], payload["read_by"] = o.unread, o.read_by or {}
                 if o.op.req_id is not None:
                     payload["req_id"] = o.op.req_id
                 elif o.total == 0 and o.expired == 0:

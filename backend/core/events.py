@@ -157,6 +157,7 @@ class Counted:
     previews: dict[str, dict[str, Any]] = field(default_factory=dict)  # each sender's newest message
     expired: int = 0  # messages that expired unread since the last count
     unread: dict[str, int] | None = None  # answers to a count request: conversation -> unread (core/reads.py)
+    read_by: dict[str, int] | None = None  # answers to a count request: reader -> how far it read our messages
 
 
 @dataclass(frozen=True)

@@ -57,23 +57,24 @@ class ConversationStore:
         newest = Accepted.select(pw.fn.MAX(Accepted.seq)).where(self._conversation(op.uid, op.peer)).scalar() or 0
         target = min(op.seq, int(newest))
         now = now_ms()
+        receipts = self.read_receipts_on(op.uid)
         old = self.marker(op.uid, op.peer, op.kind, lock=True)
         stored = old  # what the row holds now (None: no row)
         if old is None and target > 0:
             if self.db.execute(ReadMarker.insert(uid=op.uid, kind=op.kind, conversation=op.peer, upto=target,
-                                                 updated_at=now).on_conflict_ignore()).rowcount:
+                                                 receipted=target if receipts else 0, updated_at=now)
+                               .on_conflict_ignore()).rowcount:
                 stored = target
             else:  # another worker made the row meanwhile: take it as it is now (locked)
                 old = stored = self.marker(op.uid, op.peer, op.kind, lock=True)
         old = old or 0
         upto = max(old, target)
         if stored is not None and upto > stored:
-            ReadMarker.update(upto=upto, updated_at=now).where(self._marker_key(op.uid, op.kind, op.peer)).execute()
+            fields = {"upto": upto, "updated_at": now, **({"receipted": upto} if receipts else {})}
+            ReadMarker.update(**fields).where(self._marker_key(op.uid, op.kind, op.peer)).execute()
         read: tuple[tuple[str, int], ...] = ()
         devices: tuple[str, ...] = ()
-        receipts = False
         if upto > old:
-            receipts = self.read_receipts_on(op.uid)
             if receipts:
                 rows = (Accepted.select(Accepted.msg_id, Accepted.seq)
                         .where(self._conversation(op.uid, op.peer) & (Accepted.seq > old) & (Accepted.seq <= upto))
@@ -96,6 +97,15 @@ class ConversationStore:
              .group_by(Accepted.sender_uid).order_by(pw.fn.MAX(Accepted.seq).desc())
              .limit(UNREAD_CONVERSATIONS_MAX))
         return {sender: int(n) for sender, n in q.tuples()}
+
+    def read_by(self, uid: str) -> dict[str, int]:
+        """How far each user ``uid`` wrote to has read its messages, as it was told by `read` receipts (moves made
+        while that user's read receipts were off are not shown): reader -> seq, the most recently moved first, at
+        most UNREAD_CONVERSATIONS_MAX."""
+        q = (ReadMarker.select(ReadMarker.uid, ReadMarker.receipted)
+             .where((ReadMarker.kind == "u") & (ReadMarker.conversation == uid) & (ReadMarker.receipted > 0))
+             .order_by(ReadMarker.updated_at.desc()).limit(UNREAD_CONVERSATIONS_MAX))
+        return {reader: int(seq) for reader, seq in q.tuples()}
 
     # -- settings ------------------------------------------------------------------------------------
     def read_receipts_on(self, uid: str) -> bool:

@@ -304,8 +304,10 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
                 previews[m["from"]] = {"seq": m["seq"], "type": m["type"], "sent_at": m["sent_at"],
                                        "content": m["content"][:p.PREVIEW_CHARS]}
         expired = self._take_expired(op.receiver, op.device)
-        unread = self.unread(op.receiver) if op.req_id is not None else None  # answers only, not announcements
-        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired, unread)
+        unread = read_by = None  # answers only, not announcements (conversations.py)
+        if op.req_id is not None:
+            unread, read_by = self.unread(op.receiver), self.read_by(op.receiver)
+        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired, unread, read_by)
 
     def _take_expired(self, uid: str, device: str) -> int:
         """The device's expired tally, plus the user's tally from before it had devices; both reset. Each is

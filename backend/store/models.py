@@ -190,10 +190,13 @@ class ReadMarker(BaseModel):
     kind = pw.CharField(max_length=1)  # "u": a 1:1 conversation, `conversation` the other uid; "g": a group
     conversation = pw.CharField(max_length=50)
     upto = pw.BigIntegerField()  # read up to this seq ("u") or gseq ("g"), inclusive
+    # The marker as the other side was told it (moved while read receipts were on): a count's `read_by`.
+    receipted = pw.BigIntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
     updated_at = pw.BigIntegerField()
 
     class Meta:
         primary_key = pw.CompositeKey("uid", "kind", "conversation")
+        indexes = ((("kind", "conversation"), False),)  # who read a user's messages (read_by)
 
 
 class UserSettings(BaseModel):
