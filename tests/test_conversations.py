@@ -10,7 +10,8 @@ import time
 from backend import core
 from backend import protocol as p
 from backend.store import MODELS, LastStatus, open_database
-from conftest import eventually
+from backend.client import IMClient
+from conftest import PASSWORDS, Server, add_users, eventually, free_port
 from systems import System, system_fixture
 
 system = system_fixture("conversations")
@@ -161,3 +162,24 @@ def test_a_sender_away_when_its_messages_were_read_learns_it_from_its_next_count
     counted = back.count()
     assert counted["read_by"]["hank"] >= seq, "...but its next count says how far hank read"
     assert back.peer_read["hank"] >= seq and out.read.is_set()
+
+
+def test_typing_dropped_by_the_rate_limit_is_counted_in_the_metrics(db_url, made):
+    import urllib.request
+    add_users(db_url, "alice", "bob")
+    port = free_port()
+    server = Server(db_url).start(extra=["--metrics-port", str(port)])
+    made.append(server)
+    bob = IMClient("bob", PASSWORDS["bob"], port=server.port, auto_sync=False).connect()
+    alice = IMClient("alice", PASSWORDS["alice"], port=server.port, auto_sync=False).connect()
+    made += [bob, alice]
+    bob.count()  # answered after bob's `online` (same connection, in order): the worker counts him online
+
+    def metric(name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    for _ in range(3 * core.TYPING_BURST):
+        alice.typing("bob")
+    assert eventually(lambda: metric("im_typing_dropped_total") >= core.TYPING_BURST, 10)
+    relayed = metric("im_typing_relayed_total")
+    assert 1 <= relayed <= core.TYPING_BURST + 2 and relayed + metric("im_typing_dropped_total") == 3 * core.TYPING_BURST
