@@ -39,8 +39,8 @@ _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
 
 class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
     """Runs plans against the database. One instance per worker thread. Device registration, removal, push
-    endpoints and the user-scope pages are DeviceStore's (devices.py); last statuses StatusStore's (statuses.py) and
-    housekeeping MaintenanceStore's (maintenance.py)."""
+    endpoints and the user-scope pages are DeviceStore's (devices.py); last statuses StatusStore's (statuses.py),
+    housekeeping MaintenanceStore's (maintenance.py), read markers and settings ConversationStore's (conversations.py)."""
 
     def __init__(self, db: pw.Database, *, known_accounts: bool = False, quota: int | None = None,
                  expire_after_ms: int | None = EXPIRE_AFTER_MS, keyring: KeyRing | None = None,
