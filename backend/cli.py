@@ -23,7 +23,7 @@ SHUTDOWN_TIMEOUT_S = 3
 SIGNAL_POLL_S = 0.5
 
 
-COMMANDS = ("serve", "worker", "user", "device", "doctor", "keygen")
+COMMANDS = ("serve", "worker", "user", "device", "group", "doctor", "keygen")
 DEFAULT_SHARE_GROUP = "im-workers"  # as backend.transport.worker.DEFAULT_SHARE_GROUP (not imported: startup time)
 USER_COMMANDS = ("add", "remove", "list")
 
@@ -85,6 +85,12 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-devices", type=_non_negative, default=10,
                    help="most devices one user may register; one more is refused with too_many_devices, never "
                         "by evicting another (default: 10; 0 = no limit)")
+    p.add_argument("--history-days", type=_non_negative_float, default=0,
+                   help="keep delivered messages this many days, so a device can page back through a conversation "
+                        "(op history); at most --expire-after (default: 0, a message leaves at its last ack)")
+    p.add_argument("--max-group-members", type=_group_cap, default=1000,
+                   help="most members one group may have; past it group_create/group_add are refused with "
+                        "too_many_members (default: 1000, as OpenIM; at most 30000)")
 
 
 def _store(args: argparse.Namespace, db, **kw):
@@ -94,7 +100,26 @@ def _store(args: argparse.Namespace, db, **kw):
     keyring = load_key_ring(args.encryption_key_file, os.environ.get("IM_ENCRYPTION_KEY"))
     check_keys(keyring)
     return Store(db, quota=args.quota or None, expire_after_ms=int(args.expire_after * 1000), keyring=keyring,
-                 max_devices=args.max_devices or None, **kw)
+                 max_devices=args.max_devices or None, max_group_members=args.max_group_members,
+                 history_days=args.history_days, **kw)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _group_cap(text: str) -> int:
+    from .store import MAX_GROUP_MEMBERS_LIMIT
+    value = _non_negative(text)
+    if not 2 <= value <= MAX_GROUP_MEMBERS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 2 to {MAX_GROUP_MEMBERS_LIMIT}")
+    return value
 
 
 def _delivery(args: argparse.Namespace):
@@ -254,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("uid")
     dr.add_argument("device", help="the device id (\"\" for the default device)")
     _db_arg(dr)
+    gr = sub.add_parser("group", parents=[logs], help="list, show, create and change groups (docs/PROTOCOL.md, Groups)")
+    gsub = gr.add_subparsers(dest="group_command", metavar="{list,show,create,add,remove}")
+    gl = gsub.add_parser("list", parents=[logs], help="list every group, or a user's groups")
+    gl.add_argument("uid", nargs="?", default=None)
+    _db_arg(gl)
+    gs = gsub.add_parser("show", parents=[logs], help="a group's name, owner and members")
+    gs.add_argument("group")
+    _db_arg(gs)
+    gc = gsub.add_parser("create", parents=[logs], help="create a group owned by OWNER, with MEMBERS")
+    gc.add_argument("group", help="the group id: 1-32 characters of A-Z a-z 0-9 _ -")
+    gc.add_argument("owner")
+    gc.add_argument("members", nargs="*")
+    gc.add_argument("--name", default=None, help="the group's name (default: its id)")
+    _db_arg(gc)
+    for name, what in (("add", "add members (as the group's owner)"), ("remove", "remove members (as the owner): "
+                                                                       "what waits for them in the group is released")):
+        ga = gsub.add_parser(name, parents=[logs], help=what)
+        ga.add_argument("group")
+        ga.add_argument("members", nargs="+")
+        _db_arg(ga)
     parser.user_parser = u  # main() reports a missing user command with its usage
     return parser
 
@@ -265,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"choose a command: {', '.join(COMMANDS)} (--help says what each does)")
     if args.command == "device" and args.device_command is None:
         parser.error("choose a device command: list, remove (--help says what each does)")
+    if args.command == "group" and args.group_command is None:
+        parser.error("choose a group command: list, show, create, add, remove (--help says what each does)")
     if args.command == "user" and args.user_command is None:
         parser.user_parser.error(f"choose a user command: {', '.join(USER_COMMANDS)} (--help says what each does)")
     if args.log_format == "json":
@@ -300,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             return _user(args)
         if args.command == "device":
             return _device(args)
+        if args.command == "group":
+            return _group(args)
         if args.command == "worker":
             return _worker(args)
         return _serve(args)
@@ -430,6 +479,60 @@ def _device(args: argparse.Namespace) -> int:
         print(f"error: {args.uid} has no device {args.device!r}; see `device list {args.uid}`", file=sys.stderr)
         return 1
     print(f"device {args.device!r} of {args.uid} removed ({released} waiting entries released)")
+    return 0
+
+
+def _group(args: argparse.Namespace) -> int:
+    """Groups from the command line, on the database directly (as the group's owner). A change is stored as
+    the group's next membership event like any other; members online now are told at their next count (an
+    announcement, a reconnect, a pull), not pushed to at once: this command has no broker connection."""
+    from . import core, protocol
+    from .store import Group, Store, open_database
+    if args.group_command != "create":
+        _require_existing(args.database_url)
+    db = open_database(args.database_url)
+    store = Store(db)
+    if args.group_command == "list":
+        if args.uid is not None:
+            rows = [(g["group"], g["name"], g["members"], g["role"]) for g in store.groups_of(args.uid)]
+        else:
+            rows = [(g, n, m, o) for g, n, m, o in Group.select(Group.gid, Group.name, Group.members, Group.owner)
+                    .order_by(Group.gid).tuples()]
+        for gid, name, members, extra in rows:
+            print(f"{gid}\t{name}\t{members} members\t{'role' if args.uid else 'owner'} {extra}")
+        if not rows:
+            print("no groups" + (f" for {args.uid}" if args.uid else ""), file=sys.stderr)
+        return 0
+    if not protocol.valid_group(args.group):
+        print("error: a group id is 1-32 characters of A-Z a-z 0-9 _ -", file=sys.stderr)
+        return 2
+    group = Group.get_or_none(Group.gid == args.group)
+    if args.group_command != "create" and group is None:
+        print(f"error: no group {args.group!r}; see `group list`", file=sys.stderr)
+        return 1
+    bad = [u for u in getattr(args, "members", []) + ([args.owner] if args.group_command == "create" else [])
+           if not protocol.valid_uid(u)]
+    if bad:
+        print(f"error: {bad[0]!r} is not a uid (1-50 characters of A-Z a-z 0-9 _ . -)", file=sys.stderr)
+        return 2
+    actor = args.owner if args.group_command == "create" else group.owner
+    if args.group_command == "show":
+        op = "group_members"
+        fields: dict = {}
+    elif args.group_command == "create":
+        op, fields = "group_create", {"members": tuple(args.members), "name": args.name or args.group}
+    else:
+        op, fields = f"group_{args.group_command}", {"members": tuple(dict.fromkeys(args.members))}
+    request = protocol.GroupRequest(req_id="cli", op=op, group=args.group, **fields)
+    with db.atomic():
+        (out,) = store.apply([core.GroupOp(actor, "cli", "", request)])
+    if isinstance(out, core.Refused):
+        print(f"error: {out.message}", file=sys.stderr)
+        return 1
+    state = out.payload
+    print(f"{state['group']}\t{state['name']}\towner {state['owner']}\tgseq {state['gseq']}")
+    for m in state["members"]:
+        print(f"  {m['uid']}\t{m['role']}")
     return 0
 
 

@@ -120,6 +120,8 @@ class Outgoing:
     # Set once the first resend window passed without a receipt: why wait() may return None.
     problem: str | None = None
     created: float = field(default_factory=time.monotonic)
+    # A group message: (members that acked it, members it was for), from its latest `delivered` receipt.
+    progress: tuple[int, int] | None = None
 
     def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The receipt (or error) once it came; None if none came within ``timeout`` seconds, and then
@@ -455,6 +457,8 @@ class IMClient:
                     self._peer_read(obj)
                 elif out is not None:
                     if obj.get("status") == "delivered":
+                        if "members" in obj:  # a group message: delivered to k of n members
+                            out.progress = (obj.get("delivered"), obj.get("members"))
                         out.delivered.set()
                     elif out.receipt is None or out.receipt.get("kind") != "receipt":
                         out.receipt, out.problem = obj, None  # answered: what was feared while waiting is over
@@ -512,10 +516,13 @@ class IMClient:
 
     # -- sending -----------------------------------------------------------------
     def send(self, to: str, content: str, *, type: str = "text", msg_id: str | None = None,
-             extra: dict[str, Any] | None = None) -> Outgoing:
-        """Publish a message and keep resending the same msg_id until a receipt (or the bound)."""
+             extra: dict[str, Any] | None = None, group: bool = False) -> Outgoing:
+        """Publish a message and keep resending the same msg_id until a receipt (or the bound). ``group``: ``to``
+        is a group id (docs/PROTOCOL.md section 14); its `delivered` receipts then say how many members of how
+        many acked it (``Outgoing.progress``)."""
         msg_id = msg_id or f"{self._prefix}-{next(self._ids)}"
-        body = {"msg_id": msg_id, "to": to, "type": type, "content": content, "ts": int(time.time() * 1000)}
+        body = {"msg_id": msg_id, "group" if group else "to": to, "type": type, "content": content,
+                "ts": int(time.time() * 1000)}
         if self.batch_receipts:
             body["receipts"] = "batch"
         body.update(extra or {})
@@ -632,6 +639,51 @@ class IMClient:
     def settings(self, timeout: float | None = None) -> dict[str, Any]:
         """Our settings, unchanged: {"kind": "settings", "read_receipts": bool}."""
         return self.request({"op": "settings"}, timeout)
+    # -- groups (docs/PROTOCOL.md section 14) ---------------------------------------
+    def send_group(self, group: str, content: str, **kw: Any) -> Outgoing:
+        """Send to a group's members (see send)."""
+        return self.send(group, content, group=True, **kw)
+
+    def group_request(self, op: str, group: str | None = None, timeout: float | None = None,
+                      **fields: Any) -> dict[str, Any]:
+        """Any group request (op group_create, group_add, ...); answers {"kind": "group", ...} or an error."""
+        body: dict[str, Any] = {"op": op, **fields}
+        if group is not None:
+            body["group"] = group
+        return self.request(body, timeout)
+
+    def create_group(self, group: str, members: Sequence[str] = (), name: str | None = None,
+                     history: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"members": list(members), "history": history}
+        if name is not None:
+            body["name"] = name
+        return self.group_request("group_create", group, **body)
+
+    def group_add(self, group: str, members: Sequence[str]) -> dict[str, Any]:
+        return self.group_request("group_add", group, members=list(members))
+
+    def group_remove(self, group: str, members: Sequence[str]) -> dict[str, Any]:
+        return self.group_request("group_remove", group, members=list(members))
+
+    def group_leave(self, group: str) -> dict[str, Any]:
+        return self.group_request("group_leave", group)
+
+    def groups(self) -> dict[str, Any]:
+        """{"kind": "groups", "groups": [{"group", "name", "role", "members", "gseq"}]}"""
+        return self.group_request("groups")
+
+    def group_members(self, group: str) -> dict[str, Any]:
+        return self.group_request("group_members", group)
+
+    def history(self, with_uid: str | None = None, group: str | None = None, before: int = 0,
+                limit: int | None = None) -> dict[str, Any]:
+        """A page of a conversation's history, newest first (servers run with --history-days): the answer's
+        ``before`` is the next call's. {"kind": "history", "messages": [...], "before": seq, "more": bool}"""
+        body: dict[str, Any] = {"op": "history", "before": before}
+        body.update({"with": with_uid} if with_uid is not None else {"group": group})
+        if limit is not None:
+            body["limit"] = limit
+        return self.request(body)
 
     def drain(self, limit: int = 100, from_uid: str | None = None) -> list[dict[str, Any]]:
         """Pull pages until the empty one; each request acks the page before. Returns the new messages.

@@ -67,10 +67,24 @@ PUSH_ENDPOINT_MAX = 2048
 PULL_SCOPES = ("device", "user")
 
 CLIENT_TOPICS = ("send", "ack", "req")
-REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "push_unregister")
 # Conversations (docs/PROTOCOL.md section 15): typing notices, read markers, the read-receipt setting.
 CONVERSATION_OPS = ("typing", "read", "settings")
 TYPING_STATES = ("typing", "stopped")
+REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "push_unregister", "history")
+# A history page (op history, --history-days): as many messages as a pull's default page, at most a pull's most.
+HISTORY_LIMIT_DEFAULT = 50
+# Group requests (docs/PROTOCOL.md section 14), answered with a `group` or `groups` payload.
+GROUP_OPS = ("group_create", "group_add", "group_remove", "group_leave", "group_rename", "group_role", "groups",
+             "group_members", "group_receipts")
+# A group id: as a device id (1-32 characters, no '.', which NATS and RabbitMQ rewrite); the creator chooses it.
+GROUP_MAX = 32
+GROUP_RE = DEVICE_RE
+# A group's name: a label for people, 100 bytes (WhatsApp allows 100 characters).
+GROUP_NAME_MAX = 100
+# Members named in one request: the default member cap (--max-group-members), so a group can be filled at once.
+GROUP_REQUEST_MEMBERS_MAX = 1000
+GROUP_EVENT_TYPE = "group_event"  # a membership change's message type: the server's alone in a group
+GROUP_ROLES = ("admin", "member")  # what group_role may set; "owner" passes only by the owner leaving
 
 
 # --- topics -----------------------------------------------------------------
@@ -273,11 +287,12 @@ def _int(value: Any) -> bool:
 @dataclass(frozen=True)
 class Send:
     msg_id: str
-    to: str
+    to: str  # the receiver's uid, or the group id when ``group`` is set
     type: str
     content: str
     ts: int | None
     batch_receipts: bool = False  # "receipts": "batch"
+    group: str | None = None  # a message to a group (its members), instead of to one user
 
 
 @dataclass(frozen=True)
@@ -347,13 +362,21 @@ def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
         raise ProtocolError("bad_field", "'msg_id' is not valid Unicode")
     if _utf8_len(raw_id) > MSG_ID_MAX:
         raise ProtocolError("too_long", f"'msg_id' must be at most {MSG_ID_MAX} bytes")
-    if "to" not in obj:
-        raise ProtocolError("missing_field", "'to' is required", **ids)
-    to = obj["to"]
-    if not isinstance(to, str):
-        raise ProtocolError("bad_field", "'to' must be a string", **ids)
-    if not valid_uid(to):
-        raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    group = obj.get("group")
+    if group is not None:
+        if "to" in obj:
+            raise ProtocolError("bad_field", "give 'to' (a user) or 'group', not both", **ids)
+        if not valid_group(group):
+            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+        to = group
+    elif "to" not in obj:
+        raise ProtocolError("missing_field", "'to' (or 'group') is required", **ids)
+    else:
+        to = obj["to"]
+        if not isinstance(to, str):
+            raise ProtocolError("bad_field", "'to' must be a string", **ids)
+        if not valid_uid(to):
+            raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
     msg_type = _string(obj, "type", TYPE_MAX, required=False, default="text", **ids)
     if not msg_type:
         raise ProtocolError("bad_field", "'type' must not be empty", **ids)
@@ -373,7 +396,10 @@ def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
     mode = obj.get("receipts")
     if mode is not None and mode not in RECEIPT_MODES:
         raise ProtocolError("bad_field", "'receipts' must be \"each\" or \"batch\"", **ids)
-    return Send(msg_id=msg_id, to=to, type=msg_type, content=content, ts=ts, batch_receipts=mode == "batch")
+    if group is not None and msg_type == GROUP_EVENT_TYPE:
+        raise ProtocolError("bad_field", f"'type' {GROUP_EVENT_TYPE!r} is the server's own (membership changes)", **ids)
+    return Send(msg_id=msg_id, to=to, type=msg_type, content=content, ts=ts, batch_receipts=mode == "batch",
+                group=group)
 
 
 def parse_ack(payload: bytes) -> Ack:
@@ -388,8 +414,8 @@ def parse_ack(payload: bytes) -> Ack:
     return Ack(seqs=tuple(dict.fromkeys(seqs)))
 
 
-def parse_request(payload: bytes) -> CountRequest | PullRequest | DevicesRequest | RemoveDeviceRequest | PushRequest \
-        | TypingRequest | ReadRequest | SettingsRequest:
+def parse_request(payload: bytes) -> (CountRequest | PullRequest | DevicesRequest | RemoveDeviceRequest | PushRequest
+                                      | GroupRequest | TypingRequest | ReadRequest | SettingsRequest):
     obj = decode_object(payload)
     if obj.get("op") == "typing":
         return parse_typing(obj)  # no answer, so no req_id needed (one given is echoed in an error)
@@ -407,10 +433,13 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest | DevicesRequest
     op = obj.get("op")
     if op is None:
         raise ProtocolError("missing_field", "'op' is required", **ids)
-    if op not in REQUEST_OPS + CONVERSATION_OPS:
-        raise ProtocolError("unknown_op", f"'op' must be one of {', '.join(REQUEST_OPS + CONVERSATION_OPS)}", **ids)
+    if op in GROUP_OPS:
+        return parse_group_request(op, obj, req_id)
     if op in CONVERSATION_OPS:
         return parse_conversation(op, obj, req_id)
+    if op not in REQUEST_OPS:
+        raise ProtocolError("unknown_op", f"'op' must be one of "
+                            f"{', '.join(REQUEST_OPS + GROUP_OPS + CONVERSATION_OPS)}", **ids)
     if op == "count":
         return CountRequest(req_id=req_id)
     if op == "devices":
@@ -421,6 +450,8 @@ def parse_request(payload: bytes) -> CountRequest | PullRequest | DevicesRequest
             raise ProtocolError("bad_field", "'device' must be a device id (1-32 characters of A-Z a-z 0-9 _ -) "
                                 "or \"\" for the default device", **ids)
         return RemoveDeviceRequest(req_id=req_id, device=device)
+    if op == "history":
+        return parse_history(obj, req_id)
     if op == "push_unregister":
         return PushRequest(req_id=req_id, endpoint=None)
     if op == "push_register":
@@ -521,6 +552,98 @@ def parse_conversation(op: str, obj: dict[str, Any], req_id: str) -> ReadRequest
     if not (_int(seq) and 0 <= seq < 2**63):
         raise ProtocolError("bad_field", "'seq' must be a seq (a non-negative integer)", **ids)
     return ReadRequest(req_id=req_id, peer=peer, seq=seq)
+def valid_group(group: Any) -> bool:
+    return isinstance(group, str) and GROUP_RE.match(group) is not None
+
+
+@dataclass(frozen=True)
+class GroupRequest:
+    """One of GROUP_OPS. ``members``: the uids named (create, add, remove); ``member`` and ``role``: group_role;
+    ``seq``: group_receipts (the sender's message). Fields an op does not take are empty."""
+
+    req_id: str
+    op: str
+    group: str = ""
+    name: str | None = None
+    members: tuple[str, ...] = ()
+    member: str = ""
+    role: str = ""
+    history: bool = False
+    seq: int = 0
+
+
+def parse_group_request(op: str, obj: dict[str, Any], req_id: str) -> GroupRequest:
+    ids = {"req_id": req_id}
+    if op == "groups":
+        return GroupRequest(req_id=req_id, op=op)
+    group = obj.get("group")
+    if group is None:
+        raise ProtocolError("missing_field", "'group' is required", **ids)
+    if not valid_group(group):
+        raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+    out: dict[str, Any] = {"req_id": req_id, "op": op, "group": group}
+    if op in ("group_create", "group_rename"):
+        name = _string(obj, "name", GROUP_NAME_MAX, required=op == "group_rename", default=group, **ids)
+        if not name:
+            raise ProtocolError("bad_field", "'name' must not be empty", **ids)
+        out["name"] = name
+    if op in ("group_create", "group_add", "group_remove"):
+        members = obj.get("members", [] if op == "group_create" else None)
+        if members is None:
+            raise ProtocolError("missing_field", "'members' is required", **ids)
+        if not isinstance(members, list) or not all(valid_uid(m) for m in members):
+            raise ProtocolError("bad_field", "'members' must be a list of uids", **ids)
+        if len(members) > GROUP_REQUEST_MEMBERS_MAX:
+            raise ProtocolError("too_many", f"at most {GROUP_REQUEST_MEMBERS_MAX} members per request", **ids)
+        out["members"] = tuple(dict.fromkeys(members))
+    if op == "group_create":
+        history = obj.get("history", False)
+        if not isinstance(history, bool):
+            raise ProtocolError("bad_field", "'history' must be true or false", **ids)
+        out["history"] = history
+    if op == "group_role":
+        member, role = obj.get("member"), obj.get("role")
+        if not valid_uid(member):
+            raise ProtocolError("bad_uid", "'member' must be a valid uid", **ids)
+        if role not in GROUP_ROLES:
+            raise ProtocolError("bad_field", "'role' must be \"admin\" or \"member\"", **ids)
+        out["member"], out["role"] = member, role
+    if op == "group_receipts":
+        seq = obj.get("seq")
+        if not (_int(seq) and 0 < seq < 2**63):
+            raise ProtocolError("bad_field", "'seq' must be the seq of your message (a positive integer)", **ids)
+        out["seq"] = seq
+    return GroupRequest(**out)
+
+
+@dataclass(frozen=True)
+class HistoryRequest:
+    """A page of a conversation's history, newest first: with the user ``with_uid``, or in ``group``; messages
+    with a seq below ``before`` (0: from the newest)."""
+
+    req_id: str
+    with_uid: str | None
+    group: str | None
+    before: int
+    limit: int
+
+
+def parse_history(obj: dict[str, Any], req_id: str) -> HistoryRequest:
+    ids = {"req_id": req_id}
+    with_uid, group = obj.get("with"), obj.get("group")
+    if (with_uid is None) == (group is None):
+        raise ProtocolError("missing_field", "give the conversation: 'with' (a uid) or 'group'", **ids)
+    if with_uid is not None and not valid_uid(with_uid):
+        raise ProtocolError("bad_uid", "'with' must be a valid uid", **ids)
+    if group is not None and not valid_group(group):
+        raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+    before = obj.get("before") or 0
+    if not (_int(before) and 0 <= before < 2**63):
+        raise ProtocolError("bad_field", "'before' must be a seq (a non-negative integer)", **ids)
+    limit = obj.get("limit", HISTORY_LIMIT_DEFAULT)
+    if not _int(limit) or not 1 <= limit <= PULL_LIMIT_MAX:
+        raise ProtocolError("bad_limit", f"'limit' must be an integer from 1 to {PULL_LIMIT_MAX}", **ids)
+    return HistoryRequest(req_id=req_id, with_uid=with_uid, group=group, before=before, limit=limit)
 
 
 def parse_status(payload: bytes) -> str | None:

@@ -285,3 +285,20 @@ def test_a_taken_metrics_port_is_one_line_naming_the_flag(db_url, command):
 def test_a_mistyped_port_partition_or_number_is_one_line(db_url, args, text):
     r = run_cli(*args, "--database-url", db_url, env={**os.environ, "IM_BROKER_PASSWORD": "x"})
     assert text in _one_line_error(r, usage="-port" in args[1] or "-settle" in args[1])
+
+
+def test_group_create_show_add_remove_list(db_url):
+    r = run_cli("group", "create", "team", "alice", "bob", "--name", "Team", "--database-url", db_url)
+    assert r.returncode == 0 and "team\tTeam\towner alice\tgseq 1" in r.stdout, r.stderr
+    r = run_cli("group", "add", "team", "carol", "--database-url", db_url)
+    assert r.returncode == 0 and "  carol\tmember" in r.stdout and "gseq 2" in r.stdout
+    r = run_cli("group", "remove", "team", "bob", "--database-url", db_url)
+    assert r.returncode == 0 and "bob" not in r.stdout
+    r = run_cli("group", "list", "carol", "--database-url", db_url)
+    assert r.stdout.splitlines() == ["team\tTeam\t2 members\trole member"]
+    r = run_cli("group", "show", "nothere", "--database-url", db_url)
+    assert r.returncode == 1 and r.stderr.strip() == "error: no group 'nothere'; see `group list`"
+    r = run_cli("group", "create", "team", "zed", "--database-url", db_url)
+    assert r.returncode == 1 and r.stderr.strip() == "error: group 'team' exists; choose another id"
+    r = run_cli("group", "create", "bad.id", "alice", "--database-url", db_url)
+    assert r.returncode == 2 and "1-32 characters" in r.stderr and "Traceback" not in r.stderr

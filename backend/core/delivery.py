@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 from .. import protocol as p
 from .announcements import ANNOUNCE_MIN_GAP_MS, ANNOUNCE_REPEAT_MAX_MS, ANNOUNCE_REPEAT_MS, AnnouncementsMixin, _Watch
-from .events import (CountBacklog, Counted, DeleteAcked, Deleted, DeviceRemoved, DeviceReset, Key, Listed,
-                     ListDevices, Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet, Refused, RemoveDevice,
-                     SetPushEndpoint, Stored, StoreMessage, device_removed_payload)
+from .events import (CountBacklog, Counted, DeleteAcked, Deleted, DeviceRemoved, DeviceReset, GroupAnswered, GroupOp,
+                     HistoryPage, Key, Listed, ListDevices, Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet,
+                     ReadHistory, Refused, RemoveDevice, SetPushEndpoint, Stored, StoreMessage, device_removed_payload)
+from .groups import GroupsMixin
 from .presence import PresenceMixin
 from .pushes import PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, PushesMixin, _Pending
 from .reads import CONVERSATION_OUTCOMES, ReadsMixin
@@ -29,7 +30,7 @@ SEND_BURST = 100
 BUCKETS_MAX = 100_000
 
 
-class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, SignalsMixin, ReadsMixin):
+class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, GroupsMixin, SignalsMixin, ReadsMixin):
     """The worker's brain. Not thread-safe: the worker's network thread alone drives it."""
 
     def __init__(self, *, content_max: int = p.CONTENT_MAX, ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS,
@@ -59,6 +60,7 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Si
         self._timers: list[tuple[int, str, str, int]] = []  # (deadline, receiver, device, seq), lazily invalidated
         self.receipt_delay_ms = receipt_delay_ms
         self._held: dict[Key, tuple[int, list[dict[str, Any]]]] = {}  # sender's device -> (due, batched receipts)
+        self._progress: dict[Key, tuple[int, dict[int, dict[str, Any]]]] = {}  # ... -> (due, group receipts by seq)
         self.announce_repeat_ms, self.announce_repeat_max_ms = announce_repeat_ms, announce_repeat_max_ms
         self.announce_min_gap_ms = announce_min_gap_ms
         self._watch: dict[Key, _Watch] = {}
@@ -95,6 +97,11 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Si
                 if not allowed:
                     raise p.ProtocolError("rate_limited", f"more than {self.send_rate:g} messages a second "
                                           f"(bursts of {self.send_burst}); send it again later", msg_id=m.msg_id)
+                if m.group is not None:  # the store names the member devices; pushed after the commit
+                    plan.ops.append(StoreMessage(sender=uid, msg_id=m.msg_id, to=m.to, type=m.type, content=m.content,
+                                                 ts=m.ts, sent_at=now_ms, batch_receipts=m.batch_receipts,
+                                                 sender_device=dev, group=m.group))
+                    return
                 push_to = self._push_targets(m.to, uid, dev)
                 plan.ops.append(StoreMessage(sender=uid, msg_id=m.msg_id, to=m.to, type=m.type,
                                              content=m.content, ts=m.ts, sent_at=now_ms,
@@ -115,6 +122,10 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Si
                                              ack=r.ack, order=r.order, device=dev, scope=r.scope, after=r.after))
                 elif isinstance(r, p.DevicesRequest):
                     plan.ops.append(ListDevices(receiver=uid, req_id=r.req_id, device=dev))
+                elif isinstance(r, p.GroupRequest):
+                    plan.ops.append(GroupOp(receiver=uid, req_id=r.req_id, device=dev, request=r))
+                elif isinstance(r, p.HistoryRequest):
+                    plan.ops.append(ReadHistory(receiver=uid, req_id=r.req_id, device=dev, request=r))
                 elif isinstance(r, p.RemoveDeviceRequest):
                     plan.ops.append(RemoveDevice(receiver=uid, req_id=r.req_id, device=dev, target=r.device))
                 else:
@@ -149,13 +160,27 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Si
         batched: dict[Key, list[dict[str, Any]]] = {}  # sender's device -> its receipts, in order
         for o in outcomes:
             if isinstance(o, Stored):
-                self._stored(out, batched, o, now_ms)
+                if o.op.group is None:
+                    self._stored(out, batched, o, now_ms)
+                else:
+                    self._stored_group(out, batched, o, now_ms)
+            elif isinstance(o, GroupAnswered):
+                self._group_answered(out, o, now_ms)
+            elif isinstance(o, HistoryPage):
+                r = o.op.request
+                conv = {"with": r.with_uid} if r.with_uid is not None else {"group": r.group}
+                last = o.messages[-1]["seq"] if o.messages else None
+                out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "history", "req_id": o.op.req_id, **conv,
+                                                                  "messages": list(o.messages), "before": last,
+                                                                  "more": o.more}))
             elif isinstance(o, Deleted):
-                self._delivered(out, batched, o.rows)
+                self._delivered(out, batched, o.rows, now_ms)
             elif isinstance(o, Counted):
                 key = o.op.origin
                 payload: dict[str, Any] = {"kind": "count", "total": o.total, "by_sender": o.by_sender,
                                            "previews": o.previews, "expired": o.expired}
+                if o.by_group:
+                    payload["by_group"] = o.by_group
                 if o.total == 0:
                     self._backlog_empty(key)
                 elif o.op.req_id is not None:
@@ -218,7 +243,7 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Si
             self._backlog_read(key, now_ms)
         elif o.op.from_uid is None:
             self._backlog_empty(key)  # the drain reached its end
-        self._delivered(out, batched, o.deleted)
+        self._delivered(out, batched, o.deleted, now_ms)
         out.append(Publish(p.reply_topic(*key), {
             "kind": "page", "req_id": o.op.req_id, "messages": list(o.messages),
             "cursor": o.cursor, "more": o.more}))

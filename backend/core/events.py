@@ -4,6 +4,7 @@ dataclasses and pure functions: no state."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ class StoreMessage:
     # The devices, of the receiver and of the sender (sync copies), online at this message's place in the
     # batch: each of them that gets an entry is pushed to after the commit (push: any of them).
     push_to: frozenset[tuple[str, str]] = frozenset()
+    # A message to a group (``to`` is then the group id): every member's devices get an entry; those online
+    # after the commit are pushed to (the core knows presence, the store knows the members).
+    group: str | None = None
 
     @property
     def origin(self) -> tuple[str, str]:
@@ -112,7 +116,36 @@ class SetPushEndpoint:
         return self.receiver, self.device
 
 
-Operation = StoreMessage | DeleteAcked | CountBacklog | PullPage | ListDevices | RemoveDevice | SetPushEndpoint
+@dataclass(frozen=True)
+class GroupOp:
+    """A group request (create, add, remove, leave, rename, role, list, members, receipts: protocol.GROUP_OPS)."""
+
+    receiver: str  # the user asking
+    req_id: str
+    device: str
+    request: p.GroupRequest
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
+
+
+@dataclass(frozen=True)
+class ReadHistory:
+    """A page of a conversation's history (--history-days), newest first: read-only."""
+
+    receiver: str
+    req_id: str
+    device: str
+    request: p.HistoryRequest
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
+
+
+Operation = (StoreMessage | DeleteAcked | CountBacklog | PullPage | ListDevices | RemoveDevice | SetPushEndpoint
+             | GroupOp | ReadHistory)
 
 
 # --- what the store reports back --------------------------------------------
@@ -129,6 +162,12 @@ class DeletedRow:
     sender_device: str = ""
     device: str = ""
     receipt: bool = True
+    # A group message: its group and gseq, and (with ``receipt``: this member's first device acked it) how many
+    # members have acked it now of how many it was for: the sender's "delivered to k of n".
+    group: str = ""
+    gseq: int = 0
+    delivered: int = 0
+    members: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,8 +178,34 @@ class Stored:
     to: str = ""  # the first message's receiver, for a duplicate
     waiting: bool = False  # for a duplicate: the first message is still stored (not acked, not expired)
     # The (uid, device) entries the message got: the receiver's devices, then the sender's other devices
-    # (sync copies). Empty means the receiver's default device alone (v1, and unit tests).
+    # (sync copies). Empty means the receiver's default device alone (v1, and unit tests). A group message: every
+    # member device but the sending one.
     devices: tuple[tuple[str, str], ...] = ()
+    gseq: int = 0  # a group message's place in the group's order
+    members: int = 0  # a group message: the members (other than the sender) it is for
+
+
+@dataclass(frozen=True)
+class GroupEvent:
+    """A membership change stored as a group message (type ``group_event``), for the devices in ``devices``
+    (every member's after the change, and the removed or leaving members')."""
+
+    group: str
+    seq: int
+    gseq: int
+    by: str
+    event: dict[str, Any]
+    sent_at: int
+    devices: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class GroupAnswered:
+    """A group request answered: ``payload`` to the asking device; ``events`` to push to online members."""
+
+    op: GroupOp
+    payload: dict[str, Any]
+    events: tuple[GroupEvent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,6 +223,7 @@ class Counted:
     expired: int = 0  # messages that expired unread since the last count
     unread: dict[str, int] | None = None  # answers to a count request: conversation -> unread (core/reads.py)
     read_by: dict[str, int] | None = None  # answers to a count request: reader -> how far it read our messages
+    by_group: dict[str, int] = field(default_factory=dict)  # of the total, what waits per group
 
 
 @dataclass(frozen=True)
@@ -204,7 +270,15 @@ class Refused:
     message: str
 
 
-Outcome = Stored | Deleted | Counted | Paged | Refused | Listed | DeviceRemoved | PushEndpointSet | DeviceReset
+@dataclass(frozen=True)
+class HistoryPage:
+    op: ReadHistory
+    messages: tuple[dict[str, Any], ...]  # newest first
+    more: bool
+
+
+Outcome = (Stored | Deleted | Counted | Paged | Refused | Listed | DeviceRemoved | PushEndpointSet | DeviceReset
+           | GroupAnswered | HistoryPage)
 
 
 # --- actions for the transport ----------------------------------------------
@@ -225,12 +299,23 @@ class Plan:
 
 
 
+GROUP_EVENT_TYPE = p.GROUP_EVENT_TYPE  # the type of a membership change's message; its content is the event as JSON
+
+
 def push_payload(seq: int, msg_id: str, sender: str, to: str, msg_type: str, content: str, sent_at: int,
-                 ts: int | None = None, copy_from: str | None = None) -> dict[str, Any]:
+                 ts: int | None = None, copy_from: str | None = None, gseq: int | None = None) -> dict[str, Any]:
     """A message as pushed or paged. ``copy_from`` (not None): a sync copy of what the user itself sent,
-    from that device ("" the default device), marked ``"copy": true`` (and ``"device"``)."""
+    from that device ("" the default device), marked ``"copy": true`` (and ``"device"``). ``gseq`` (not None):
+    a message to the group ``to``, in the group's order; a membership change also carries its ``event``."""
     out = {"kind": "msg", "seq": seq, "msg_id": msg_id, "from": sender, "to": to,
            "type": msg_type, "content": content, "sent_at": sent_at}
+    if gseq is not None:
+        out["group"], out["gseq"] = to, gseq
+        if msg_type == GROUP_EVENT_TYPE:
+            try:
+                out["event"] = json.loads(content)
+            except ValueError:  # a client's own message typed group_event: its content stays as sent
+                pass
     if ts is not None:
         out["ts"] = ts  # the sender's own clock, as it sent it
     if copy_from is not None:

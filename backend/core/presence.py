@@ -5,7 +5,7 @@ A mixin of :class:`backend.core.Delivery` (it uses the state Delivery.__init__ s
 from __future__ import annotations
 
 from .. import protocol as p
-from .events import Key, Outcome, Plan, Publish, Stored
+from .events import GroupAnswered, Key, Outcome, Plan, Publish, Stored
 
 
 class PresenceMixin:
@@ -84,8 +84,15 @@ class PresenceMixin:
     def offline_receivers(self, outcomes: list[Outcome]) -> list[tuple[str, int]]:
         """(receiver, seq) of the messages just stored for a user none of whose devices is online: the hook
         for push notifications (backend/push.py; the store's push_endpoints(uid) names the endpoints)."""
-        return [(o.op.to, o.seq) for o in outcomes
-                if isinstance(o, Stored) and not o.duplicate and not self.user_online(o.op.to)]
+        out = []
+        for o in outcomes:
+            if isinstance(o, Stored) and o.op.group is None:
+                if not o.duplicate and not self.user_online(o.op.to):
+                    out.append((o.op.to, o.seq))
+            elif isinstance(o, (Stored, GroupAnswered)):  # a group message or membership change: its members
+                seq = o.seq if isinstance(o, Stored) else o.events[-1].seq if o.events else 0
+                out += [(uid, seq) for uid in sorted(self.group_offline_members(o))]
+        return out
 
     def user_online(self, uid: str) -> bool:
         devs = self._devices.get(uid, ())

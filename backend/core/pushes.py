@@ -79,6 +79,9 @@ class PushesMixin:
         ``receipts_only``: held receipts alone (what the transport can do while a batch is in its transaction:
         retransmissions and announcements wait for it, so their past deadlines must not make it spin)."""
         receipts = min((at for at, _ in self._held.values()), default=None)
+        if self._progress:  # coalesced group receipts (core/groups.py)
+            at = min(at for at, _ in self._progress.values())
+            receipts = at if receipts is None else min(receipts, at)
         if receipts_only:
             return receipts
         dues = [receipts, self._announce_deadline()]

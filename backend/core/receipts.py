@@ -23,15 +23,16 @@ class ReceiptsMixin:
     """The receipt half of Delivery (``self._held``, ``self.receipt_delay_ms``...)."""
 
     def flush_receipts(self, now_ms: int | None = None) -> list[Publish]:
-        """The held batched receipts that are due (all of them with ``now_ms`` None), one payload per sender."""
+        """The held batched receipts that are due (all of them with ``now_ms`` None), one payload per sender;
+        then the coalesced group receipts that are due (core/groups.py)."""
         if not self._held:
-            return []
+            return self._flush_progress(now_ms)
         due = [s for s, (at, _) in self._held.items() if now_ms is None or at <= now_ms]
         out = []
         for s in due:
             items, n = self._held.pop(s)[1], RECEIPTS_PER_PAYLOAD_MAX
             out += [Publish(p.reply_topic(*s), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
-        return out
+        return out + self._flush_progress(now_ms)
 
     @staticmethod
     def _receipt(out: list[Publish], batched: dict[Key, list[dict[str, Any]]], sender: Key, batch: bool,
@@ -42,9 +43,12 @@ class ReceiptsMixin:
             out.append(Publish(p.reply_topic(*sender), receipt))
 
     def _delivered(self, out: list[Publish], batched: dict[Key, list[dict[str, Any]]],
-                   rows: tuple[DeletedRow, ...]) -> None:
+                   rows: tuple[DeletedRow, ...], now_ms: int = 0) -> None:
         for r in rows:
             self._pending.pop((r.receiver, r.device, r.seq), None)
-            if r.receipt:  # the first of the receiver's devices to ack; never a sync copy
+            if r.group:
+                if r.receipt:
+                    self._group_delivered(r, now_ms)  # coalesced: "delivered to k of n"
+            elif r.receipt:  # the first of the receiver's devices to ack; never a sync copy
                 self._receipt(out, batched, (r.sender, r.sender_device), r.batch_receipts,
                               p.receipt(r.msg_id, r.receiver, r.seq, "delivered"))

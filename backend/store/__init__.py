@@ -10,7 +10,8 @@ The package, by concern:
 * ``database.py``: opening a database, its URL errors, creating and migrating the schema;
 * ``queries.py``: the at-rest key check and the SQL shared by the halves below (count, page);
 * ``messages.py``: :class:`Store` and its message operations (store, delete, count, pull), composed of
-* ``devices.py`` (registration, removal, push endpoints, user-scope pages), ``statuses.py`` (last
+* ``devices.py`` (registration, removal, push endpoints, user-scope pages), ``groups.py`` (groups,
+  members, group messages and membership changes), ``statuses.py`` (last
   status per topic), ``maintenance.py`` (expiry, purge) and ``conversations.py`` (read markers, unread
   counts, the read-receipt setting).
 
@@ -23,16 +24,19 @@ from .database import (DATABASE_URL_FORMS, POOL_MAX_CONNECTIONS, POOL_STALE_TIME
                        _pooled, _schema_lock, check_database_url, create_schema, drop_schema, open_database,
                        redact_url)
 from .conversations import UNREAD_CONVERSATIONS_MAX, ConversationStore
+from .groups import GROUP_RECEIPTS_LIST_MAX, MAX_GROUP_MEMBERS, MAX_GROUP_MEMBERS_LIMIT, GroupStore, group_receiver
 from .devices import DEVICE_SEEN_MAX, DEVICE_SEEN_S, MAX_DEVICES, PUSH_LOOKUP_CHUNK, DeviceStore
 from .maintenance import (ACCEPTED_RETENTION_MS, EXPIRE_AFTER_MS, PAGE_TTL_MS, PURGE_CHUNK, REMOVED_DEVICE_RETENTION_MS,
                           MaintenanceStore)
 from .messages import KNOWN_CACHE_MAX, KNOWN_CACHE_S, Store, log
-from .models import (MODELS, Accepted, BaseModel, ContentField, Device, Entry, Expired, KeyCheck, LastStatus, Message,
+from .models import (GROUP_PREFIX, MODELS, Accepted, Group, Member, MemberReceipt, BaseModel, ContentField, Device, Entry, Expired, KeyCheck, LastStatus, Message,
                      Page, ReadMarker, RemovedDevice, SeqField, User, UserSettings, database_proxy, now_ms)
 from .queries import PAGE_FIELDS, _aad, _for_update, _returning_delete, check_keys, count_query, page_query
 from .statuses import StatusStore
 
 __all__ = [
+    "GROUP_PREFIX", "GROUP_RECEIPTS_LIST_MAX", "Group", "GroupStore", "MAX_GROUP_MEMBERS", "MAX_GROUP_MEMBERS_LIMIT",
+    "Member", "MemberReceipt", "group_receiver",
     "ACCEPTED_RETENTION_MS", "Accepted", "BaseModel", "ContentField", "DATABASE_URL_FORMS", "DEVICE_SEEN_MAX",
     "DEVICE_SEEN_S", "DatabaseOpenError", "Device", "DeviceStore", "EXPIRE_AFTER_MS", "Entry", "Expired",
     "MaintenanceStore", "KNOWN_CACHE_MAX", "KNOWN_CACHE_S", "KeyCheck", "LastStatus", "MAX_DEVICES", "MODELS",

@@ -129,8 +129,9 @@ class DeviceStore:
                             seqs).fetchall()
         self.db.execute_sql(f"DELETE FROM entry WHERE uid = {q} AND device = {q} AND seq IN ({marks})",
                             (uid, device, *seqs))
-        self.db.execute_sql(f"DELETE FROM message WHERE seq IN ({marks}) AND NOT EXISTS "
-                            "(SELECT 1 FROM entry WHERE entry.seq = message.seq)", seqs)
+        if not self.history_ms:  # (kept for history otherwise: history.py)
+            self.db.execute_sql(f"DELETE FROM message WHERE seq IN ({marks}) AND NOT EXISTS "
+                                "(SELECT 1 FROM entry WHERE entry.seq = message.seq)", seqs)
 
     def set_push_endpoint(self, op: core.SetPushEndpoint) -> core.Outcome:
         Device.update(push_endpoint=op.endpoint).where(

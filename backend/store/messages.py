@@ -18,8 +18,10 @@ from .. import protocol as p
 from ..crypto import InvalidTag, KeyError_, KeyRing
 from .conversations import ConversationStore
 from .devices import MAX_DEVICES, DeviceStore
+from .groups import MAX_GROUP_MEMBERS, GroupStore
+from .history import DAY_MS, HISTORY_DAYS, HistoryStore
 from .maintenance import EXPIRE_AFTER_MS, MaintenanceStore
-from .models import Device, Entry, Expired, Message, Page, User, now_ms
+from .models import GROUP_PREFIX, Device, Entry, Expired, Message, Page, User, now_ms
 from .queries import PAGE_FIELDS, _aad, _returning_delete, count_query, page_query
 from .statuses import StatusStore
 
@@ -37,14 +39,16 @@ ENTRY_CHUNK = 100
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
 
 
-class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
+class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore, ConversationStore):
     """Runs plans against the database. One instance per worker thread. Device registration, removal, push
-    endpoints and the user-scope pages are DeviceStore's (devices.py); last statuses StatusStore's (statuses.py),
-    housekeeping MaintenanceStore's (maintenance.py), read markers and settings ConversationStore's (conversations.py)."""
+    endpoints and the user-scope pages are DeviceStore's (devices.py); groups GroupStore's (groups.py); last
+    statuses StatusStore's (statuses.py), housekeeping MaintenanceStore's (maintenance.py), read markers and
+    settings ConversationStore's (conversations.py)."""
 
     def __init__(self, db: pw.Database, *, known_accounts: bool = False, quota: int | None = None,
                  expire_after_ms: int | None = EXPIRE_AFTER_MS, keyring: KeyRing | None = None,
-                 max_devices: int | None = MAX_DEVICES):
+                 max_devices: int | None = MAX_DEVICES, max_group_members: int = MAX_GROUP_MEMBERS,
+                 history_days: float = HISTORY_DAYS):
         self.db = db
         self.keyring = keyring  # None: content stored as sent (it may still be end-to-end encrypted)
         # With the embedded broker the worker knows every account: a message to nobody is an error.
@@ -54,7 +58,11 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
         self.quota = quota or None
         self.expire_after_ms = expire_after_ms
         self.max_devices = max_devices or None
+        self.max_group_members = max_group_members
+        # Delivered messages are kept this long for history (history.py); 0: they leave at the last ack.
+        self.history_ms = int(history_days * DAY_MS)
         self._sql = self._prepare(db)  # the hot path's SQL text, built once
+        self._gsql = self._prepare_groups()
         self._returning = _returning_delete(db)
         self._mysql = isinstance(db, pw.MySQLDatabase)
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
@@ -65,7 +73,9 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
         """Run the operations in one transaction; the caller publishes only after this returns. Outcomes
         are in operation order, one each, except that a device registered afresh after its removal gets a
         DeviceReset just before its operation's outcome."""
+        ops = list(ops)
         with self.db.atomic():
+            self._lock_groups(ops)
             out: list[core.Outcome] = []
             # Entries of the messages stored in a row are written together (_write_entries): one statement
             # for up to ENTRY_CHUNK messages instead of one each. Written before any other operation, and
@@ -111,7 +121,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
 
     def _run(self, op: core.Operation) -> core.Outcome:
         if isinstance(op, core.StoreMessage):
-            return self.store_message(op)
+            return self.store_message(op) if op.group is None else self.store_group_message(op)
         if isinstance(op, core.DeleteAcked):
             return core.Deleted(op, self.delete(op.receiver, op.seqs, op.device))
         if isinstance(op, core.CountBacklog):
@@ -128,6 +138,10 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
             return core.DeviceRemoved(op, released)
         if isinstance(op, core.CONVERSATION_OPS):
             return self.run_conversation(op)  # read markers, settings: conversations.py
+        if isinstance(op, core.GroupOp):
+            return self.group_request(op)
+        if isinstance(op, core.ReadHistory):
+            return self.history(op)
         return self.set_push_endpoint(op)
 
     # -- operations -----------------------------------------------------------
@@ -158,7 +172,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
             "entries_many": targets,  # joined by UNION ALL for several messages (_write_entries)
             "entry": f"INSERT INTO entry (seq, uid, device) VALUES ({q}, {q}, {q})",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
-            "waiting": f"SELECT 1 FROM message WHERE seq = {q}",
+            "waiting": f"SELECT 1 FROM entry WHERE seq = {q} LIMIT 1",  # (a kept message has none: history.py)
             # Pages: page_query's text, its parameters (receiver, device, [from,] limit) given per pull.
             **{f"page_{order}{'_from' if from_uid else ''}": page_query("", 1, "" if from_uid else None, order).sql()[0]
                for order in p.PULL_ORDERS for from_uid in (False, True)},
@@ -232,7 +246,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
             return ()
         q = self.db.param
         marks = ", ".join([q] * len(seqs))
-        columns = "seq, sender_uid, msg_id, batch_receipts, sender_device, receiver_uid, delivered"
+        columns = "seq, sender_uid, msg_id, batch_receipts, sender_device, receiver_uid, delivered, gseq, members"
         sqlite = isinstance(self.db, pw.SqliteDatabase)
         rows: dict[int, tuple] = {}
         if not sqlite:
@@ -255,7 +269,12 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
         fmarks = ", ".join([q] * len(found))
         gone_sql = (f"DELETE FROM message WHERE seq IN ({fmarks}) AND NOT EXISTS "
                     "(SELECT 1 FROM entry WHERE entry.seq = message.seq)")
-        if sqlite and self._returning:
+        if self.history_ms:  # kept for history (history.py): read, never deleted here
+            if sqlite:
+                rows = {r[0]: r for r in self.db.execute_sql(
+                    f"SELECT {columns} FROM message WHERE seq IN ({fmarks})", found).fetchall()}
+            left = len(found)
+        elif sqlite and self._returning:
             gone = {r[0]: r for r in self.db.execute_sql(f"{gone_sql} RETURNING {columns}", found).fetchall()}
             rows.update(gone)
             rest = [s for s in found if s not in gone]
@@ -270,11 +289,23 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
             left = len(found) - self.db.execute_sql(gone_sql, found).rowcount
         out = []
         first = []
+        group_first, group_seqs = [], []
         for seq in found:
             row = rows.get(seq)
             if row is None:
                 continue  # an entry without its message (cannot happen; nothing to report)
-            _, sender, msg_id, batch, sender_device, to, delivered = row
+            _, sender, msg_id, batch, sender_device, to, delivered, gseq, members = row
+            if gseq is not None:
+                # A group message: `delivered` counts the members that acked it, each on its first device; never
+                # for a sync copy or a membership change (members 0).
+                group_seqs.append(seq)
+                receipt = bool(members) and receiver != sender and self.member_acked(seq, receiver)
+                if receipt:
+                    group_first.append(seq)
+                    delivered += 1
+                out.append(core.DeletedRow(receiver, seq, sender, msg_id, bool(batch), sender_device or "", device,
+                                           receipt, to[len(GROUP_PREFIX):], gseq, delivered, members))
+                continue
             receipt = to == receiver and not delivered
             if receipt:
                 first.append(seq)
@@ -283,14 +314,26 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
         if left and first:  # messages other devices still owe: remember that `delivered` went out
             self.db.execute_sql(f"UPDATE message SET delivered = 1 WHERE seq IN ({', '.join([q] * len(first))})",
                                 first)
+        if group_first:
+            self.db.execute_sql(f"UPDATE message SET delivered = delivered + 1 WHERE seq IN "
+                                f"({', '.join([q] * len(group_first))})", group_first)
+        if group_seqs:  # the members' receipts of the group messages that left the store go with them
+            self.db.execute_sql(f"DELETE FROM member_receipt WHERE seq IN ({', '.join([q] * len(group_seqs))}) AND "
+                                "NOT EXISTS (SELECT 1 FROM message WHERE message.seq = member_receipt.seq)", group_seqs)
         return tuple(out)
 
     def count(self, op: core.CountBacklog) -> core.Counted:
         """Totals by sender, each sender's newest message as a preview, and the expired tally (then reset)."""
-        by_sender, newest = {}, []
-        for sender, n, top in count_query(op.receiver, op.device):
-            by_sender[sender] = n
-            newest.append(top)
+        by_sender: dict[str, int] = {}
+        by_group: dict[str, int] = {}
+        newest: dict[str, int] = {}
+        for sender, to, n, top in count_query(op.receiver, op.device):
+            by_sender[sender] = by_sender.get(sender, 0) + n
+            newest[sender] = max(newest.get(sender, 0), top)
+            if to.startswith(GROUP_PREFIX):
+                gid = to[len(GROUP_PREFIX):]
+                by_group[gid] = by_group.get(gid, 0) + n
+        newest = list(newest.values())
         previews = {}
         if newest and self.keyring is None:
             for sender, seq, msg_type, text, sent_at in (
@@ -307,7 +350,8 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
         unread = read_by = None  # answers only, not announcements (conversations.py)
         if op.req_id is not None:
             unread, read_by = self.unread(op.receiver), self.read_by(op.receiver)
-        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired, unread, read_by)
+        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired, by_group=by_group,
+                            unread=unread, read_by=read_by)
 
     def _take_expired(self, uid: str, device: str) -> int:
         """The device's expired tally, plus the user's tally from before it had devices; both reset. Each is
@@ -357,7 +401,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
     def _push_dict(self, row: tuple, reader: str | None = None) -> dict:
         """A page entry (or push) from a row of PAGE_FIELDS, its content opened if it was sealed. Read by
         ``reader``: a message it sent to someone else is a sync copy."""
-        seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, key_id, sender_device = row
+        seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, key_id, sender_device, gseq = row
         unreadable = False
         if key_id is not None:
             if self.keyring is None:
@@ -368,13 +412,20 @@ class Store(DeviceStore, StatusStore, MaintenanceStore, ConversationStore):
                 # Tampered with, or moved from another row: never show it, never block the pages behind it.
                 log.error("message seq %s does not decrypt with key %r: delivered as unreadable", seq, key_id)
                 content, unreadable = "", True
-        copy = sender_device or "" if reader is not None and reader != receiver else None
-        out = core.push_payload(seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, copy)
+        if gseq is not None:  # a group message: a copy only for its sender's other devices
+            copy = sender_device or "" if reader is not None and reader == sender else None
+            receiver = receiver[len(GROUP_PREFIX):]
+        else:
+            copy = sender_device or "" if reader is not None and reader != receiver else None
+        out = core.push_payload(seq, msg_id, sender, receiver, msg_type, content, send_time, client_ts, copy, gseq)
         if unreadable:
             out["unreadable"] = True
         return out
 
     def backlog(self) -> int:
+        """Messages waiting for at least one device (not those kept for history)."""
+        if self.history_ms:
+            return Entry.select(pw.fn.COUNT(pw.fn.DISTINCT(Entry.seq))).scalar() or 0
         return Message.select().count()
 
     def alive(self, keys: Iterable) -> set:

@@ -78,7 +78,12 @@ class Message(BaseModel):
     # The device it was sent from ("" the v1 topics): its receipts go there; sync copies name it.
     sender_device = pw.CharField(max_length=32, default="", constraints=[pw.SQL("DEFAULT ''")])
     # 1 once the first of the receiver's devices acked it: its `delivered` receipt went out (only once).
-    delivered = pw.SmallIntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
+    # A group message: how many members have acked it (on any of their devices), for "delivered to k of n".
+    delivered = pw.IntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
+    # A group message (receiver_uid is GROUP_PREFIX + the group id): its place in the group's own order, and how
+    # many members other than the sender it was for (the n of "delivered to k of n"). NULL and 0 otherwise.
+    gseq = pw.BigIntegerField(null=True)
+    members = pw.IntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
 
     class Meta:
         indexes = (
@@ -207,5 +212,55 @@ class UserSettings(BaseModel):
     updated_at = pw.BigIntegerField()
 
 
-MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, Device, Entry, RemovedDevice, LastStatus, ReadMarker,
-          UserSettings)
+# A group message's receiver_uid: this prefix and the group id. '#' is never in a uid (an MQTT wildcard), so a
+# group's messages never mix with a user's, and the existing (receiver_uid, seq) index is the group's history.
+GROUP_PREFIX = "#"
+
+
+class Group(BaseModel):
+    """A group conversation (docs/PROTOCOL.md section 14). Its row lock orders the group: a send or a
+    membership change takes the next ``gseq`` under it, so every member sees one order."""
+
+    gid = pw.CharField(max_length=32, primary_key=True)
+    name = pw.CharField(max_length=100)
+    owner = pw.CharField(max_length=50)
+    history = pw.SmallIntegerField(default=0)  # 1: a new member may read what was said before it joined
+    gseq = pw.BigIntegerField(default=0)  # the newest gseq given (a message or a membership change)
+    members = pw.IntegerField(default=0)  # how many members now (the cap is checked against it)
+    created_at = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "chat_group"  # GROUP is a reserved word in SQL
+
+
+class Member(BaseModel):
+    """A member of a group, from the gseq of its join (its window opens there) until it leaves or is removed
+    (the row goes: its window closes)."""
+
+    gid = pw.CharField(max_length=32)
+    uid = pw.CharField(max_length=50)
+    role = pw.CharField(max_length=8)  # owner, admin or member
+    joined_gseq = pw.BigIntegerField()
+    joined_at = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "group_member"
+        primary_key = pw.CompositeKey("gid", "uid")
+        indexes = ((("uid",), False),)  # "my groups"
+
+
+class MemberReceipt(BaseModel):
+    """A member acked a group message (on its first device): counted once in ``message.delivered``, and listed
+    by a group_receipts request. Goes with its message."""
+
+    seq = pw.BigIntegerField()
+    uid = pw.CharField(max_length=50)
+    at = pw.BigIntegerField()
+
+    class Meta:
+        table_name = "member_receipt"
+        primary_key = pw.CompositeKey("seq", "uid")
+
+
+MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, Device, Entry, RemovedDevice, LastStatus, Group, Member,
+          MemberReceipt, ReadMarker, UserSettings)

@@ -41,7 +41,8 @@ def check_keys(keyring: KeyRing | None) -> None:
 
 # A page entry's columns, in the order _push_dict takes them.
 PAGE_FIELDS = (Message.seq, Message.msg_id, Message.sender_uid, Message.receiver_uid, Message.msg_type,
-               Message.msg_content, Message.send_time, Message.client_ts, Message.key_id, Message.sender_device)
+               Message.msg_content, Message.send_time, Message.client_ts, Message.key_id, Message.sender_device,
+               Message.gseq)
 
 
 def _returning_delete(db: pw.Database) -> bool:
@@ -57,11 +58,13 @@ def _for_update(db: pw.Database) -> str:
 
 
 def count_query(receiver: str, device: str = "") -> pw.ModelSelect:
-    """(sender, count, newest seq) per sender of what waits for one device: a range scan of the entry key
+    """(sender, receiver, count, newest seq) per sender and conversation of what waits for one device (the
+    receiver is the device's own uid, another user for a sync copy, or a group): a range scan of the entry key
     (uid, device, seq), each entry joined to its message by primary key; other devices' rows are never read."""
-    return (Entry.select(Message.sender_uid, pw.fn.COUNT(Entry.seq), pw.fn.MAX(Entry.seq))
+    return (Entry.select(Message.sender_uid, Message.receiver_uid, pw.fn.COUNT(Entry.seq), pw.fn.MAX(Entry.seq))
             .join(Message, on=(Message.seq == Entry.seq))
-            .where((Entry.uid == receiver) & (Entry.device == device)).group_by(Message.sender_uid).tuples())
+            .where((Entry.uid == receiver) & (Entry.device == device))
+            .group_by(Message.sender_uid, Message.receiver_uid).tuples())
 
 
 def page_query(receiver: str, limit: int, from_uid: str | None = None, order: str = "oldest",

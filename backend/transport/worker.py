@@ -722,6 +722,7 @@ class Worker:
                 if self._purging is None and time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self._purge_interval()
                     self.metrics.expired.inc(self._db_call(self.store.expire))
+                    self._db_call(self.store.expire_history)  # delivered messages past --history-days
                     # Devices silent past the expiry age are removed (told so if they come back).
                     self._db_call(self.store.expire_devices, None, self.core.online_devices())
                     self._purging = self.store.purge_chunks()

@@ -1,0 +1,96 @@
+"""Groups in the core: a group message and a membership change are pushed to every member device online after
+the commit (the store names the devices: it knows the members; the core knows presence), and the members'
+acks come back to the sender as one coalesced "delivered to k of n" per message. A mixin of
+:class:`backend.core.Delivery` (docs/PROTOCOL.md section 14)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .. import protocol as p
+from .events import GROUP_EVENT_TYPE, DeletedRow, GroupAnswered, Key, Publish, Stored, push_payload
+from .receipts import RECEIPTS_PER_PAYLOAD_MAX
+
+# A sender's "delivered to k of n" for a group message is coalesced this long: a 1,000-member group acks within
+# a second or two, and one receipt a second per message is what a progress display needs (not one per member).
+GROUP_RECEIPT_DELAY_MS = 1000
+
+
+def group_receipt(msg_id: str, group: str, seq: int, gseq: int, status: str, **counts: int) -> dict[str, Any]:
+    """A receipt for a group message: v1's fields (``to`` is the group) plus ``group``, ``gseq`` and, for
+    ``delivered``, the counts ``delivered`` (members that acked, on any device) and ``members`` (it was for)."""
+    return {**p.receipt(msg_id, group, seq, status), "group": group, "gseq": gseq, **counts}
+
+
+class GroupsMixin:
+    """The group half of Delivery (``self._progress``: sender device -> (due ms, {seq: receipt}))."""
+
+    def _stored_group(self, out: list[Publish], batched: dict[Key, list[dict[str, Any]]], o: Stored,
+                      now_ms: int) -> None:
+        op = o.op
+        if o.duplicate:
+            first = o.to[1:] if o.to.startswith("#") else o.to
+            self._receipt(out, batched, op.origin, op.batch_receipts,
+                          group_receipt(op.msg_id, first, o.seq, 0, "duplicate"))
+            return
+        shared = copy = None  # built once: every member device gets the same dict (never mutated)
+        for uid, dev in o.devices:
+            if not self.is_online(uid, dev):
+                continue  # counted and pulled (the store holds its entry), or announced when it comes online
+            if uid != op.sender:
+                if shared is None:
+                    shared = push_payload(o.seq, op.msg_id, op.sender, op.group, op.type, op.content, op.sent_at,
+                                          op.ts, None, o.gseq)
+                push = shared
+            else:  # the sender's other device: a sync copy
+                if copy is None:
+                    copy = push_payload(o.seq, op.msg_id, op.sender, op.group, op.type, op.content, op.sent_at,
+                                        op.ts, op.sender_device, o.gseq)
+                push = copy
+            out.append(Publish(p.inbox_topic(uid, dev), push))
+            self._track(uid, dev, o.seq, push, now_ms)
+        self._receipt(out, batched, op.origin, op.batch_receipts,
+                      group_receipt(op.msg_id, op.group, o.seq, o.gseq, "stored"))
+
+    def _group_answered(self, out: list[Publish], o: GroupAnswered, now_ms: int) -> None:
+        """The membership changes' pushes (to the online member devices, the asking one too: every device
+        reads the change in the group's order), then the answer."""
+        for ev in o.events:
+            push = push_payload(ev.seq, f"event-{ev.gseq}", ev.by, ev.group, GROUP_EVENT_TYPE,
+                                json.dumps(ev.event, separators=(",", ":")), ev.sent_at, None, None, ev.gseq)
+            for uid, dev in ev.devices:
+                if self.is_online(uid, dev):
+                    out.append(Publish(p.inbox_topic(uid, dev), push))
+                    self._track(uid, dev, ev.seq, push, now_ms)
+        out.append(Publish(p.reply_topic(*o.op.origin), o.payload))
+
+    def _group_delivered(self, r: DeletedRow, now_ms: int) -> None:
+        """A member's first ack of a group message: the sender's receipt for it, replacing any not yet sent."""
+        key = (r.sender, r.sender_device)
+        receipt = group_receipt(r.msg_id, r.group, r.seq, r.gseq, "delivered", delivered=r.delivered,
+                                members=r.members)
+        held = self._progress.get(key)
+        if held is None:
+            self._progress[key] = (now_ms + GROUP_RECEIPT_DELAY_MS, {r.seq: receipt})
+        else:
+            held[1][r.seq] = receipt
+
+    def _flush_progress(self, now_ms: int | None) -> list[Publish]:
+        """The coalesced group receipts that are due (all with ``now_ms`` None), as `receipts` payloads."""
+        if not self._progress:
+            return []
+        out = []
+        for key in [k for k, (at, _) in self._progress.items() if now_ms is None or at <= now_ms]:
+            items, n = list(self._progress.pop(key)[1].values()), RECEIPTS_PER_PAYLOAD_MAX
+            out += [Publish(p.reply_topic(*key), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
+        return out
+
+    def group_offline_members(self, o: Stored | GroupAnswered) -> set[str]:
+        """The members a group message or membership change was stored for none of whose devices is online
+        (push notifications)."""
+        if isinstance(o, Stored):
+            devices = o.devices if not o.duplicate else ()
+        else:
+            devices = [d for ev in o.events for d in ev.devices]
+        return {uid for uid, _ in devices if not self.user_online(uid)}
