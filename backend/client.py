@@ -189,6 +189,7 @@ class IMClient:
         # `read` receipts), and our read-receipt setting (None until the server said).
         self.typing_from: dict[str, tuple[str, float]] = {}
         self.read_markers: dict[str, int] = {}
+        self.group_read_markers: dict[str, int] = {}  # group -> our marker there (seq), as our devices moved it
         self.unread: dict[str, int] = {}
         self.peer_read: dict[str, int] = {}
         self.read_receipts: bool | None = None
@@ -421,6 +422,10 @@ class IMClient:
         """A `read` or `settings` payload (an answer or another device's move). Lock held."""
         if obj.get("kind") == "settings" and isinstance(obj.get("read_receipts"), bool):
             self.read_receipts = obj["read_receipts"]
+        elif obj.get("kind") == "read" and isinstance(obj.get("group"), str) and isinstance(obj.get("seq"), int):
+            gid = obj["group"]  # a group's marker (docs/PROTOCOL.md 14.6)
+            if obj["seq"] >= self.group_read_markers.get(gid, 0):
+                self.group_read_markers[gid] = obj["seq"]
         elif obj.get("kind") == "read" and isinstance(obj.get("with"), str) and isinstance(obj.get("seq"), int):
             peer = obj["with"]
             if obj["seq"] >= self.read_markers.get(peer, 0):  # markers only move forward
@@ -612,10 +617,11 @@ class IMClient:
         return self.request(body, timeout)
 
     # -- conversations (docs/PROTOCOL.md, section 15) --------------------------------------------
-    def typing(self, to: str, state: str = "typing") -> None:
+    def typing(self, to: str, state: str = "typing", group: bool = False) -> None:
         """Tell ``to``'s online devices that we type (``state="stopped"``: we stopped). QoS 0, no answer, never
-        stored: call it again every few seconds while typing (a notice lapses by itself after ``expires_in``)."""
-        body = {"op": "typing", "to": to}
+        stored: call it again every few seconds while typing (a notice lapses by itself after ``expires_in``).
+        ``group``: ``to`` is a group id (its online members' devices)."""
+        body = {"op": "typing", "group" if group else "to": to}
         if state != "typing":
             body["state"] = state
         self.client.publish(p.req_topic(self.uid, self.device), p.encode(body), qos=0)
@@ -626,11 +632,12 @@ class IMClient:
             state, lapse = self.typing_from.get(uid, ("stopped", 0.0))
         return state == "typing" and time.monotonic() < lapse
 
-    def mark_read(self, peer: str, seq: int, timeout: float | None = None) -> dict[str, Any]:
+    def mark_read(self, peer: str, seq: int, timeout: float | None = None, group: bool = False) -> dict[str, Any]:
         """Our messages from ``peer`` up to ``seq`` are read. Answers {"kind": "read", "with", "seq", "unread"}:
         ``seq`` is the marker as stored (never lower than before, never past the newest message); ``seq=0``
-        asks where the marker is without moving it."""
-        return self.request({"op": "read", "with": peer, "seq": seq}, timeout)
+        asks where the marker is without moving it. ``group``: ``peer`` is a group id (the group's messages up to
+        that seq; the answer has "group" instead of "with")."""
+        return self.request({"op": "read", "group" if group else "with": peer, "seq": seq}, timeout)
 
     def set_read_receipts(self, on: bool, timeout: float | None = None) -> dict[str, Any]:
         """Send `read` receipts for our read markers (the default) or not. Answers {"kind": "settings", ...}."""
@@ -639,6 +646,7 @@ class IMClient:
     def settings(self, timeout: float | None = None) -> dict[str, Any]:
         """Our settings, unchanged: {"kind": "settings", "read_receipts": bool}."""
         return self.request({"op": "settings"}, timeout)
+
     # -- groups (docs/PROTOCOL.md section 14) ---------------------------------------
     def send_group(self, group: str, content: str, **kw: Any) -> Outgoing:
         """Send to a group's members (see send)."""

@@ -495,15 +495,18 @@ class TypingRequest:
     to: str
     state: str = "typing"
     req_id: str | None = None  # optional: echoed in an error only
+    group: bool = False  # ``to`` is a group id ({"op": "typing", "group": gid}): its online members' devices
 
 
 @dataclass(frozen=True)
 class ReadRequest:
-    """{"op": "read", "req_id", "with": uid, "seq": S}: the messages from ``peer`` with seq <= S are read."""
+    """{"op": "read", "req_id", "with": uid, "seq": S}: the messages from ``peer`` with seq <= S are read;
+    {"op": "read", "req_id", "group": gid, "seq": S}: the group's messages with seq <= S (``kind`` "g")."""
 
     req_id: str
     peer: str
     seq: int
+    kind: str = "u"
 
 
 @dataclass(frozen=True)
@@ -518,17 +521,25 @@ def parse_typing(obj: dict[str, Any]) -> TypingRequest:
     raw = obj.get("req_id")
     req_id = raw if isinstance(raw, str) and 0 < _utf8_len(raw) <= REQ_ID_MAX else None
     ids = {"req_id": req_id}
-    if "to" not in obj:
-        raise ProtocolError("missing_field", "'to' is required", **ids)
-    to = obj["to"]
-    if not isinstance(to, str):
-        raise ProtocolError("bad_field", "'to' must be a string", **ids)
-    if not valid_uid(to):
-        raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    group = obj.get("group")
+    if group is not None:
+        if "to" in obj:
+            raise ProtocolError("bad_field", "give 'to' (a user) or 'group', not both", **ids)
+        if not valid_group(group):
+            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+        to = group
+    elif "to" not in obj:
+        raise ProtocolError("missing_field", "'to' (or 'group') is required", **ids)
+    else:
+        to = obj["to"]
+        if not isinstance(to, str):
+            raise ProtocolError("bad_field", "'to' must be a string", **ids)
+        if not valid_uid(to):
+            raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
     state = obj.get("state") or "typing"  # null means absent
     if state not in TYPING_STATES:
         raise ProtocolError("bad_field", "'state' must be \"typing\" or \"stopped\"", **ids)
-    return TypingRequest(to=to, state=state, req_id=req_id)
+    return TypingRequest(to=to, state=state, req_id=req_id, group=group is not None)
 
 
 def parse_conversation(op: str, obj: dict[str, Any], req_id: str) -> ReadRequest | SettingsRequest:
@@ -539,19 +550,29 @@ def parse_conversation(op: str, obj: dict[str, Any], req_id: str) -> ReadRequest
         if value is not None and not isinstance(value, bool):
             raise ProtocolError("bad_field", "'read_receipts' must be true or false", **ids)
         return SettingsRequest(req_id=req_id, read_receipts=value)
-    if "with" not in obj:
-        raise ProtocolError("missing_field", "'with' is required", **ids)
-    peer = obj["with"]
-    if not isinstance(peer, str):
-        raise ProtocolError("bad_field", "'with' must be a string", **ids)
-    if not valid_uid(peer):
-        raise ProtocolError("bad_uid", "'with' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    kind = "u"
+    if obj.get("group") is not None:
+        if "with" in obj:
+            raise ProtocolError("bad_field", "give 'with' (a user) or 'group', not both", **ids)
+        peer, kind = obj["group"], "g"
+        if not valid_group(peer):
+            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+    elif "with" not in obj:
+        raise ProtocolError("missing_field", "'with' (or 'group') is required", **ids)
+    else:
+        peer = obj["with"]
+        if not isinstance(peer, str):
+            raise ProtocolError("bad_field", "'with' must be a string", **ids)
+        if not valid_uid(peer):
+            raise ProtocolError("bad_uid", "'with' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
     if "seq" not in obj:
         raise ProtocolError("missing_field", "'seq' is required", **ids)
     seq = obj["seq"]
     if not (_int(seq) and 0 <= seq < 2**63):
         raise ProtocolError("bad_field", "'seq' must be a seq (a non-negative integer)", **ids)
-    return ReadRequest(req_id=req_id, peer=peer, seq=seq)
+    return ReadRequest(req_id=req_id, peer=peer, seq=seq, kind=kind)
+
+
 def valid_group(group: Any) -> bool:
     return isinstance(group, str) and GROUP_RE.match(group) is not None
 

@@ -11,7 +11,8 @@ from .. import protocol as p
 from .announcements import ANNOUNCE_MIN_GAP_MS, ANNOUNCE_REPEAT_MAX_MS, ANNOUNCE_REPEAT_MS, AnnouncementsMixin, _Watch
 from .events import (CountBacklog, Counted, DeleteAcked, Deleted, DeviceRemoved, DeviceReset, GroupAnswered, GroupOp,
                      HistoryPage, Key, Listed, ListDevices, Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet,
-                     ReadHistory, Refused, RemoveDevice, SetPushEndpoint, Stored, StoreMessage, device_removed_payload)
+                     ReadHistory, Refused, RemoveDevice, SetPushEndpoint, Stored, StoreMessage, TypingMembers,
+                     device_removed_payload)
 from .groups import GroupsMixin
 from .presence import PresenceMixin
 from .pushes import PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, PushesMixin, _Pending
@@ -60,7 +61,7 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
         self._timers: list[tuple[int, str, str, int]] = []  # (deadline, receiver, device, seq), lazily invalidated
         self.receipt_delay_ms = receipt_delay_ms
         self._held: dict[Key, tuple[int, list[dict[str, Any]]]] = {}  # sender's device -> (due, batched receipts)
-        self._progress: dict[Key, tuple[int, dict[int, dict[str, Any]]]] = {}  # ... -> (due, group receipts by seq)
+        self._progress: dict[Key, tuple[int, dict[tuple[int, str], dict[str, Any]]]] = {}  # group receipts (groups.py)
         self.announce_repeat_ms, self.announce_repeat_max_ms = announce_repeat_ms, announce_repeat_max_ms
         self.announce_min_gap_ms = announce_min_gap_ms
         self._watch: dict[Key, _Watch] = {}
@@ -166,6 +167,8 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                     self._stored_group(out, batched, o, now_ms)
             elif isinstance(o, GroupAnswered):
                 self._group_answered(out, o, now_ms)
+            elif isinstance(o, TypingMembers):
+                self._typing_to_group(out, o)  # signals.py
             elif isinstance(o, HistoryPage):
                 r = o.op.request
                 conv = {"with": r.with_uid} if r.with_uid is not None else {"group": r.group}
@@ -187,6 +190,8 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                     self._backlog_read(key, now_ms)
                 if o.unread is not None:
                     payload["unread"], payload["read_by"] = o.unread, o.read_by or {}
+                if o.unread_groups:
+                    payload["unread_groups"] = o.unread_groups
                 if o.op.req_id is not None:
                     payload["req_id"] = o.op.req_id
                 elif o.total == 0 and o.expired == 0:
@@ -218,7 +223,7 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                 out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "push", "req_id": o.op.req_id,
                                                                   "registered": o.op.endpoint is not None}))
             elif isinstance(o, CONVERSATION_OUTCOMES):
-                self._conversation_done(out, batched, o)  # reads.py
+                self._conversation_done(out, batched, o, now_ms)  # reads.py
             elif isinstance(o, DeviceReset):
                 out.append(Publish(p.reply_topic(o.uid, o.device), device_removed_payload()))
         for key, items in batched.items():

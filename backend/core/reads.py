@@ -13,7 +13,10 @@ reports the messages that became read. After the commit:
   has none) gets a ``read`` receipt per newly read message (the newest READ_RECEIPTS_MAX), batched in
   ``receipts`` payloads on its reply topic.
 
-Groups plug in with ``kind="g"`` (a group's marker counts gseqs; the lead's).
+In a group (``kind="g"``, section 14.6) the marker is a seq of the group's messages (within a group seq order is
+gseq order); the senders of the newly read messages get an aggregate `read` receipt per message, "read by k of
+n" (the members whose marker passed it, while their read receipts were on), coalesced like the group's
+`delivered` receipts (core/groups.py).
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class Marked:
     read: tuple[tuple[str, int], ...] = ()  # (msg_id, seq) newly read, oldest first, at most READ_RECEIPTS_MAX
     receipts: bool = True  # the reader sends read receipts (its setting)
     sender_devices: tuple[str, ...] = ()  # where the `read` receipts go: the peer's registered devices
+    # A group: (sender, msg_id, seq, gseq, k, n) per newly read message of another member (read by k of n), and
+    # each such sender's registered devices (where its receipts go).
+    group_read: tuple[tuple[str, str, int, int, int, int], ...] = ()
+    devices_of: dict[str, tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,11 +86,11 @@ CONVERSATION_OPS = (MarkRead, SetSettings)
 CONVERSATION_OUTCOMES = (Marked, SettingsSet)
 
 
-def read_payload(peer: str, upto: int, unread: int, req_id: str | None = None) -> dict[str, Any]:
+def read_payload(peer: str, upto: int, unread: int, req_id: str | None = None, kind: str = "u") -> dict[str, Any]:
     out: dict[str, Any] = {"kind": "read"}
     if req_id is not None:
         out["req_id"] = req_id
-    out.update({"with": peer, "seq": upto, "unread": unread})
+    out.update({"with" if kind == "u" else "group": peer, "seq": upto, "unread": unread})
     return out
 
 
@@ -103,14 +110,15 @@ class ReadsMixin:
         if isinstance(r, p.TypingRequest):
             self._plan_typing(plan, uid, dev, r, now_ms)
         elif isinstance(r, p.ReadRequest):
-            plan.ops.append(MarkRead(uid=uid, req_id=r.req_id, peer=r.peer, seq=r.seq, device=dev))
+            plan.ops.append(MarkRead(uid=uid, req_id=r.req_id, peer=r.peer, seq=r.seq, device=dev, kind=r.kind))
         else:
             plan.ops.append(SetSettings(uid=uid, req_id=r.req_id, device=dev, read_receipts=r.read_receipts))
 
     def _other_devices(self, uid: str, dev: str) -> list[Key]:
         return sorted((uid, d) for d in self._devices.get(uid, ()) if d != dev)
 
-    def _conversation_done(self, out: list[Publish], batched: dict[Key, list[dict[str, Any]]], o: Any) -> None:
+    def _conversation_done(self, out: list[Publish], batched: dict[Key, list[dict[str, Any]]], o: Any,
+                           now_ms: int = 0) -> None:
         """Publishes for a committed Marked or SettingsSet."""
         if isinstance(o, SettingsSet):
             out.append(Publish(p.reply_topic(*o.op.origin), settings_payload(o.read_receipts, o.op.req_id)))
@@ -119,11 +127,13 @@ class ReadsMixin:
                 out += [Publish(p.inbox_topic(*k), sync) for k in self._other_devices(*o.op.origin)]
             return
         op = o.op
-        out.append(Publish(p.reply_topic(*op.origin), read_payload(op.peer, o.upto, o.unread, op.req_id)))
+        out.append(Publish(p.reply_topic(*op.origin), read_payload(op.peer, o.upto, o.unread, op.req_id, op.kind)))
         if not o.advanced:
             return
-        sync = read_payload(op.peer, o.upto, o.unread)
+        sync = read_payload(op.peer, o.upto, o.unread, None, op.kind)
         out += [Publish(p.inbox_topic(*k), sync) for k in self._other_devices(*op.origin)]
+        if o.group_read:
+            self._group_read(op.peer, o.group_read, o.devices_of or {}, now_ms)  # coalesced: read by k of n
         if o.receipts and o.read and op.kind == "u" and op.peer != op.uid:
             # Every registered device of the sender, online or not as far as this worker knows (as `delivered` goes
             # to the sending device's reply topic): each shows the conversation (the others got sync copies of

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import protocol as p
-from .events import Key, Plan, Publish
+from .events import Key, Plan, Publish, RelayTyping, TypingMembers
 
 # How long a typing notice lasts at the receiver unless renewed: 6 s. Telegram's chat action lasts 5 s
 # and clients repeat it while the user types; Matrix caps a typing notice at 30 s, which leaves a
@@ -67,6 +67,9 @@ class SignalsMixin:
         if not take_token(self._typing_buckets, uid, now_ms, self.typing_rate, self.typing_burst):
             self.signals_dropped += 1
             return
+        if r.group:  # the store names the members (a read, cached: store/groups.py); relayed after it
+            plan.ops.append(RelayTyping(uid, dev, r.to, r.state))
+            return
         targets = self._typing_targets(uid, dev, r)
         if not targets:
             return  # nobody online: a notice is never kept for later
@@ -78,6 +81,16 @@ class SignalsMixin:
     def _typing_targets(self, uid: str, dev: str, r: p.TypingRequest) -> list[Key]:
         """The devices a notice goes to: the receiver's online devices (not the typing device itself)."""
         return sorted((r.to, d) for d in self._devices.get(r.to, ()) if (r.to, d) != (uid, dev))
+
+    def _typing_to_group(self, out: list[Publish], o: TypingMembers) -> None:
+        """A group typing notice: QoS 0 to the online devices of its members (not the typing device)."""
+        op = o.op
+        targets = [(u, d) for u in o.members for d in self._devices.get(u, ()) if (u, d) != (op.uid, op.device)]
+        if not targets:
+            return
+        payload = {**typing_payload(op.uid, op.group, op.state, self.typing_expires_ms), "group": op.group}
+        out += [Publish(p.inbox_topic(u, d), payload, qos=0) for u, d in sorted(targets)]
+        self.signals_relayed += len(targets)
 
     def take_signal_counts(self) -> tuple[int, int]:
         """(relayed, dropped) since the last call (the worker adds them to its metrics)."""

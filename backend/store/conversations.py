@@ -13,11 +13,14 @@ models.py's (ReadMarker, UserSettings, Accepted).
 
 from __future__ import annotations
 
+import bisect
+
 import peewee as pw
 
 from .. import core
 from ..core import reads
-from .models import Accepted, Device, ReadMarker, UserSettings, now_ms
+from .groups import group_receiver
+from .models import Accepted, Device, Group, Member, Message, ReadMarker, UserSettings, now_ms
 
 # Conversations one count answer lists in `unread` at most, the most recent first: a user with thousands of
 # conversations with unread messages still gets a count well under 1 MiB (an entry is about 60 bytes).
@@ -30,9 +33,84 @@ class ConversationStore:
     def run_conversation(self, op: core.MarkRead | core.SetSettings) -> core.Outcome:
         if isinstance(op, core.SetSettings):
             return self.set_settings(op)
+        if op.kind == "g":
+            return self.mark_group_read(op)
         if op.kind != "u":
             return core.Refused(op, "bad_field", f"unknown conversation kind {op.kind!r}")
         return self.mark_read(op)
+
+    # -- group read markers ----------------------------------------------------------------------
+    def mark_group_read(self, op: core.MarkRead) -> core.Outcome:
+        """Move a member's marker of a group (a seq of the group's messages: seq order is the group's order)
+        forward, never past the group's newest message; the other members' newly read messages get "read by k of
+        n" receipts (k: the members whose marker passed the message while their read receipts were on)."""
+        gid, uid = op.peer, op.uid
+        if Member.get_or_none((Member.gid == gid) & (Member.uid == uid)) is None:
+            return core.Refused(op, "not_a_member", f"you are not a member of group '{gid}'")
+        receiver = group_receiver(gid)
+        newest = Accepted.select(pw.fn.MAX(Accepted.seq)).where(Accepted.receiver_uid == receiver).scalar() or 0
+        receipts = self.read_receipts_on(uid)
+        now = now_ms()
+        old = self.marker(uid, gid, "g", lock=True)
+        if old is None:  # a member from before markers were set at the join: from nothing
+            self.db.execute(ReadMarker.insert(uid=uid, kind="g", conversation=gid, upto=0, receipted=0,
+                                              updated_at=now).on_conflict_ignore())
+            old = self.marker(uid, gid, "g", lock=True) or 0
+        upto = max(old, min(op.seq, int(newest)))
+        if upto > old:
+            fields = {"upto": upto, "updated_at": now, **({"receipted": upto} if receipts else {})}
+            ReadMarker.update(**fields).where(self._marker_key(uid, "g", gid)).execute()
+        others = (Accepted.receiver_uid == receiver) & (Accepted.sender_uid != uid)
+        unread = Accepted.select().where(others & (Accepted.seq > upto)).count()
+        rows: list = []
+        devices_of: dict[str, tuple[str, ...]] = {}
+        if upto > old and receipts:
+            read = list(Accepted.select(Accepted.sender_uid, Accepted.msg_id, Accepted.seq)
+                        .where(others & (Accepted.seq > old) & (Accepted.seq <= upto))
+                        .order_by(Accepted.seq.desc()).limit(reads.READ_RECEIPTS_MAX).tuples())
+            if read:
+                markers = {u: int(m) for u, m in ReadMarker.select(ReadMarker.uid, ReadMarker.receipted).where(
+                    (ReadMarker.kind == "g") & (ReadMarker.conversation == gid) & (ReadMarker.receipted > 0)).tuples()}
+                ordered = sorted(markers.values())
+                members = (Group.select(Group.members).where(Group.gid == gid).scalar() or 1) - 1
+                # (the gseq of those still stored; a receipt of one that left the store has none: its sender knows
+                # it from the stored receipt)
+                gseqs = dict(Message.select(Message.seq, Message.gseq).where(
+                    Message.seq.in_([s for _, _, s in read])).tuples())
+                for sender, msg_id, seq in reversed(read):
+                    k = len(ordered) - bisect.bisect_left(ordered, seq) - (markers.get(sender, 0) >= seq)
+                    rows.append((sender, msg_id, int(seq), gseqs.get(seq), k, members))
+                senders = sorted({r[0] for r in rows})
+                for u, d in Device.select(Device.uid, Device.device).where(Device.uid.in_(senders)).tuples():
+                    devices_of.setdefault(u, ())
+                    devices_of[u] += (d,)
+        return core.Marked(op, upto, upto > old, unread, receipts=receipts, group_read=tuple(rows),
+                           devices_of=devices_of)
+
+    def unread_groups(self, uid: str) -> dict[str, int]:
+        """Unread messages (of the other members) per group of the user, after its marker; groups with none are
+        left out. One count per group the user is in (at most UNREAD_CONVERSATIONS_MAX groups)."""
+        out = {}
+        for gid, upto in (Member.select(Member.gid, pw.fn.COALESCE(ReadMarker.upto, 0))
+                          .join(ReadMarker, pw.JOIN.LEFT_OUTER, on=((ReadMarker.uid == Member.uid) &
+                                (ReadMarker.kind == "g") & (ReadMarker.conversation == Member.gid)))
+                          .where(Member.uid == uid).limit(UNREAD_CONVERSATIONS_MAX).tuples()):
+            n = Accepted.select().where((Accepted.receiver_uid == group_receiver(gid)) & (Accepted.sender_uid != uid)
+                                        & (Accepted.seq > upto)).count()
+            if n:
+                out[gid] = n
+        return out
+
+    def set_join_markers(self, gid: str, uids: list[str], seq: int) -> None:
+        """New members read a group from their join (the join event's seq): what came before is not theirs to
+        read, nor unread. A re-joining member's old marker is replaced."""
+        ReadMarker.delete().where((ReadMarker.kind == "g") & (ReadMarker.conversation == gid) &
+                                  ReadMarker.uid.in_(uids)).execute()
+        now = now_ms()
+        rows = [{"uid": u, "kind": "g", "conversation": gid, "upto": seq, "receipted": 0, "updated_at": now}
+                for u in uids]
+        for i in range(0, len(rows), 100):
+            ReadMarker.insert_many(rows[i:i + 100]).execute()
 
     # -- 1:1 read markers ----------------------------------------------------------------------
     def _conversation(self, uid: str, peer: str) -> pw.Expression:
