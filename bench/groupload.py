@@ -253,7 +253,7 @@ class Member:
             seq = obj["seq"]
             self.pending.append(seq)  # a repeat is acked again, as the protocol asks
             if self.ack_due is None:
-                self.ack_due = t + ACK_DELAY_S
+                self.ack_due = t + ms.ack_delay_s
                 ms.ack_queue.append(self)
             self._msg(obj, seq, t)
             return
@@ -332,8 +332,9 @@ class Members:
 
     def __init__(self, host: str, port: int, uids: list[str], total: int, *, worker_mode: bool,
                  group: str = "", prefix: str = "", topic: str = "", passwords: dict | None = None,
-                 loop: Loop | None = None):
+                 loop: Loop | None = None, ack_delay_s: float = ACK_DELAY_S):
         self.host, self.port, self.worker_mode = host, port, worker_mode
+        self.ack_delay_s = ack_delay_s
         self.group, self.prefix, self.topic = group, prefix, topic
         self.passwords = passwords
         self.loop = loop or Loop()
@@ -465,14 +466,15 @@ class Sender:
 
 
 def open_group(host: str, port: int, sender: str, uids: list[str], group: str, total: int, *,
-               passwords: dict | None = None, timeout: float = 60) -> tuple[Loop, Sender, Members]:
+               passwords: dict | None = None, timeout: float = 60,
+               ack_delay_s: float = ACK_DELAY_S) -> tuple[Loop, Sender, Members]:
     """Members online, then the sender creates ``group`` with them; returns once every member has its
     `created` event (so the worker pushes to every one of them). The group's messages are
     ``{prefix}{i}`` for i < total, prefix ``group + "-"``."""
     loop = Loop()
     prefix = f"{group}-"
     ms = Members(host, port, uids, total, worker_mode=True, group=group, prefix=prefix, passwords=passwords,
-                 loop=loop)
+                 loop=loop, ack_delay_s=ack_delay_s)
     ms.connect(timeout)
     tx = Sender(loop, host, port, sender, prefix, total, password=(passwords or {}).get(sender))
     tx.connect(timeout)
@@ -601,7 +603,8 @@ def run_group(a: argparse.Namespace) -> None:
     uids = [f"{a.prefix}{k}" for k in range(a.members - 1)]  # the sender is the group's Nth member
     group = f"bench-{os.urandom(3).hex()}"
     t = now()
-    loop, tx, ms = open_group(a.host, a.port, a.sender, uids, group, total, timeout=a.timeout)
+    loop, tx, ms = open_group(a.host, a.port, a.sender, uids, group, total, timeout=a.timeout,
+                              ack_delay_s=a.ack_delay_ms / 1000)
     setup_s = now() - t
     content = b"x" * a.content_bytes
     prefix = tx.prefix.encode()
@@ -615,7 +618,8 @@ def run_group(a: argparse.Namespace) -> None:
             raise SystemExit(f"the server refused: {(tx.errors + ms.errors)[:3]}")
 
     out = _measure(a, loop, ms.tally, send, check)
-    out.update(mode="group", members=a.members, receivers=len(uids), setup_s=round(setup_s, 2))
+    out.update(mode="group", members=a.members, receivers=len(uids), setup_s=round(setup_s, 2),
+               ack_delay_ms=a.ack_delay_ms)
     if a.db and a.cost_count:
         out["cost"] = _cost(a, loop, tx, ms, send, check)
     ms.flush_all()
@@ -676,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("--sender", default="gs")
     gr.add_argument("--db", default="", help="the worker's SQLite file: rows per message, store drained at the end")
     gr.add_argument("--cost-count", type=int, default=5, help="messages sent while members hold their acks")
+    gr.add_argument("--ack-delay-ms", type=float, default=ACK_DELAY_S * 1000,
+                    help="how long a member gathers acks (default 50, as backend.client; an experiment's knob)")
     for p in (fo, gr):
         p.add_argument("--members", type=int, required=True,
                        help="group members, the sender included (fan-out: subscribers, the publisher not included)")
