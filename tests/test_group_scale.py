@@ -12,6 +12,10 @@ import pytest
 from backend.store import open_database
 from services import WorkerProcess, mosquitto
 
+# Several workers (or a thousand connections), a broker and their clients at once: one after another with the other
+# chaos tests, never two together on the 2 cores (tests/conftest.py, "chaos").
+pytestmark = pytest.mark.xdist_group("chaos")
+
 MEMBERS = 1000  # the default cap (--max-group-members): the owner and 999 others
 MESSAGES = 5
 PASSWORD = "pw"

@@ -29,6 +29,10 @@ from backend.store import Entry, Message, User, now_ms, open_database
 from services import MosquittoWorkers, PrivateSchema
 from test_faults import EmbeddedSystem
 
+# Several workers (or a thousand connections), a broker and their clients at once: one after another with the other
+# chaos tests, never two together on the 2 cores (tests/conftest.py, "chaos").
+pytestmark = pytest.mark.xdist_group("chaos")
+
 GROUPS = ("ga", "gb", "gc")
 MEMBERS = 50  # per group at the start
 POOL = 70  # users the groups draw their other members from
