@@ -11,7 +11,9 @@ same configuration, so each headline figure is a ratio (docs/BENCHMARKS.md):
 * ``growth``  - count and page latency with 10k, 100k and 1M stored rows;
 * ``scaleout`` - online throughput with 2 workers against 1 (Mosquitto + PostgreSQL, shared
   subscription, several senders; beside NATS and RabbitMQ, which have no ``$share``, 2 workers
-  with uid partitions against 1).
+  with uid partitions against 1);
+* ``groups``  - a group of 1,000 members, every member its own connection, through the worker,
+  against Mosquitto's own fan-out of one publish to as many subscribers (bench/groupload.py).
 
 The online scenario runs beside amqtt, Mosquitto, NATS and RabbitMQ (each where installed),
 every broker against its own relay.
