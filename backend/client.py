@@ -14,6 +14,9 @@
 * syncs (drains) on every announcement that says something waits, and after every
   reconnect; a sync that gets no answer is tried again with backoff for as long
   as the client stays connected, until the backlog is drained;
+* conversations (docs/PROTOCOL.md, section 15): sends typing notices (QoS 0) and shows the peers' until
+  they lapse, moves read markers (``mark_read``) and follows those its other devices move, collects
+  ``read`` receipts, and turns its own read receipts off or on (``set_read_receipts``);
 * with ``device="laptop"`` it is one of the user's devices (docs/PROTOCOL.md, "Devices"): its own
   topics, status and last will; it gets every message once for itself, and sync copies of what the
   user sent from its other devices (``"copy": true``); without it, it is v1 (the default device).
@@ -113,6 +116,7 @@ class Outgoing:
     receipt: dict[str, Any] | None = None  # stored / duplicate receipt, or the error
     failed: bool = False
     delivered: threading.Event = field(default_factory=threading.Event)
+    read: threading.Event = field(default_factory=threading.Event)  # a `read` receipt came (or a later one's)
     # Set once the first resend window passed without a receipt: why wait() may return None.
     problem: str | None = None
     created: float = field(default_factory=time.monotonic)
@@ -135,7 +139,8 @@ class IMClient:
                  ack_delay: float = ACK_DELAY_S, tls: bool = False, ca_file: str | None = None,
                  transport: str = "tcp", batch_receipts: bool = True,
                  on_message: Callable[[dict[str, Any]], None] | None = None, keepalive: int = KEEPALIVE_S,
-                 device: str = "", brokers: str | Sequence[tuple[str, int] | BrokerAddress] | None = None):
+                 device: str = "", brokers: str | Sequence[tuple[str, int] | BrokerAddress] | None = None,
+                 on_signal: Callable[[dict[str, Any]], None] | None = None):
         """``seen``: the seqs already shown to the user; pass the same set to the next IMClient of this
         user (an app keeps it on disk) so that dedup holds across reconnects and restarts; ``messages``
         likewise. ``receiver=False`` makes a send-only client (a sensor, or a second connection used only
@@ -149,7 +154,9 @@ class IMClient:
         its connection is lost or a connect fails it moves to the next (round robin, with the reconnect backoff:
         1 s, doubling up to 16 s) and there subscribes, publishes ``online``, syncs and keeps resending as after any
         reconnect. ``host`` and ``port`` then name the address in use. ValueError for a bad list
-        (:func:`broker_list`)."""
+        (:func:`broker_list`).
+
+        ``on_signal``: called (on paho's thread) with each `typing`, `read` or `settings` payload on the inbox."""
         if not p.valid_uid(uid):
             raise ValueError(f"invalid uid {uid!r}")
         if device and not p.valid_device(device):
@@ -177,6 +184,16 @@ class IMClient:
         self.rate_limited = 0  # sends the server asked us to slow down (they are resent, not failed)
         self.errors: list[dict[str, Any]] = []
         self.announcements: list[dict[str, Any]] = []
+        # Conversations: the peers' typing notices (uid -> (state, lapses at, monotonic s)), our read markers as
+        # the server last said (peer -> seq, and peer -> unread), how far each peer read our messages (from its
+        # `read` receipts), and our read-receipt setting (None until the server said).
+        self.typing_from: dict[str, tuple[str, float]] = {}
+        self.read_markers: dict[str, int] = {}
+        self.group_read_markers: dict[str, int] = {}  # group -> our marker there (seq), as our devices moved it
+        self.unread: dict[str, int] = {}
+        self.peer_read: dict[str, int] = {}
+        self.read_receipts: bool | None = None
+        self.on_signal = on_signal
         self._seen: set[int] = seen if seen is not None else set()
         self._lock = threading.Condition()
         self._outgoing: dict[str, Outgoing] = {}
@@ -380,8 +397,41 @@ class IMClient:
                     if self._ack_due is None:
                         self._ack_due = time.monotonic() + self.ack_delay
                     self._lock.notify_all()
+            elif obj.get("kind") in ("typing", "read", "settings"):
+                self._on_signal(obj)
             return
         self._on_reply(obj)
+
+    def _on_signal(self, obj: dict[str, Any]) -> None:
+        """A typing notice, or a read marker / setting another of our devices moved (inbox, no req_id)."""
+        kind = obj.get("kind")
+        with self._lock:
+            if kind == "typing" and isinstance(obj.get("from"), str) and isinstance(obj.get("expires_in"), int):
+                lapse = time.monotonic() + min(obj["expires_in"], 30_000) / 1000  # never trust more than 30 s
+                self.typing_from[obj["from"]] = (obj.get("state", "typing"), lapse)
+            elif kind in ("read", "settings"):
+                self._note_conversation(obj)
+            self._lock.notify_all()
+        if self.on_signal is not None:
+            try:
+                self.on_signal(obj)
+            except Exception:  # noqa: BLE001 - a user callback must not break delivery
+                log.exception("on_signal callback failed")
+
+    def _note_conversation(self, obj: dict[str, Any]) -> None:
+        """A `read` or `settings` payload (an answer or another device's move). Lock held."""
+        if obj.get("kind") == "settings" and isinstance(obj.get("read_receipts"), bool):
+            self.read_receipts = obj["read_receipts"]
+        elif obj.get("kind") == "read" and isinstance(obj.get("group"), str) and isinstance(obj.get("seq"), int):
+            gid = obj["group"]  # a group's marker (docs/PROTOCOL.md 14.6)
+            if obj["seq"] >= self.group_read_markers.get(gid, 0):
+                self.group_read_markers[gid] = obj["seq"]
+        elif obj.get("kind") == "read" and isinstance(obj.get("with"), str) and isinstance(obj.get("seq"), int):
+            peer = obj["with"]
+            if obj["seq"] >= self.read_markers.get(peer, 0):  # markers only move forward
+                self.read_markers[peer] = obj["seq"]
+                if isinstance(obj.get("unread"), int):
+                    self.unread[peer] = obj["unread"]
 
     def _accept(self, m: dict[str, Any]) -> bool:
         """Record a message unless its seq was seen (push and pull of the same seq, a resend). Lock held."""
@@ -408,7 +458,9 @@ class IMClient:
         with self._lock:
             if kind == "receipt":
                 out = self._by_msg_id.get(obj.get("msg_id"))
-                if out is not None:
+                if obj.get("status") == "read":
+                    self._peer_read(obj)
+                elif out is not None:
                     if obj.get("status") == "delivered":
                         if "members" in obj:  # a group message: delivered to k of n members
                             out.progress = (obj.get("delivered"), obj.get("members"))
@@ -420,6 +472,14 @@ class IMClient:
             elif obj.get("req_id") in self._requests:
                 slot = self._requests[obj["req_id"]]
                 slot.append(obj)
+                if kind in ("read", "settings"):
+                    self._note_conversation(obj)
+                elif kind == "count" and isinstance(obj.get("read_by"), dict):
+                    for peer, seq in obj["read_by"].items():  # what `read` receipts said while we were away
+                        self._peer_read({"to": peer, "seq": seq})
+                    for peer, n in (obj.get("unread") or {}).items():
+                        if isinstance(n, int):
+                            self.unread[peer] = n
             elif kind == "error":
                 self.errors.append(obj)
                 if obj.get("code") == "device_removed":
@@ -444,6 +504,20 @@ class IMClient:
                     # drain coalesce into it, and it picks up whatever arrived after the drain's pages.
                     self._sync_wanted = True
             self._lock.notify_all()
+
+    def _peer_read(self, obj: dict[str, Any]) -> None:
+        """A `read` receipt: the peer read this message, and (the marker only moves forward) every earlier one we
+        sent it. Lock held."""
+        peer, seq = obj.get("to"), obj.get("seq")
+        if not isinstance(peer, str) or not isinstance(seq, int):
+            return
+        if seq <= self.peer_read.get(peer, 0):
+            return
+        self.peer_read[peer] = seq
+        for out in self._by_msg_id.values():
+            r = out.receipt
+            if out.to == peer and r is not None and isinstance(r.get("seq"), int) and r["seq"] <= seq:
+                out.read.set()
 
     # -- sending -----------------------------------------------------------------
     def send(self, to: str, content: str, *, type: str = "text", msg_id: str | None = None,
@@ -541,6 +615,37 @@ class IMClient:
         """Register this device's push endpoint (an https:// URL), or drop it with None."""
         body = {"op": "push_register", "endpoint": endpoint} if endpoint is not None else {"op": "push_unregister"}
         return self.request(body, timeout)
+
+    # -- conversations (docs/PROTOCOL.md, section 15) --------------------------------------------
+    def typing(self, to: str, state: str = "typing", group: bool = False) -> None:
+        """Tell ``to``'s online devices that we type (``state="stopped"``: we stopped). QoS 0, no answer, never
+        stored: call it again every few seconds while typing (a notice lapses by itself after ``expires_in``).
+        ``group``: ``to`` is a group id (its online members' devices)."""
+        body = {"op": "typing", "group" if group else "to": to}
+        if state != "typing":
+            body["state"] = state
+        self.client.publish(p.req_topic(self.uid, self.device), p.encode(body), qos=0)
+
+    def is_typing(self, uid: str) -> bool:
+        """Does ``uid`` type to us now (a `typing` notice that has not lapsed and was not followed by `stopped`)?"""
+        with self._lock:
+            state, lapse = self.typing_from.get(uid, ("stopped", 0.0))
+        return state == "typing" and time.monotonic() < lapse
+
+    def mark_read(self, peer: str, seq: int, timeout: float | None = None, group: bool = False) -> dict[str, Any]:
+        """Our messages from ``peer`` up to ``seq`` are read. Answers {"kind": "read", "with", "seq", "unread"}:
+        ``seq`` is the marker as stored (never lower than before, never past the newest message); ``seq=0``
+        asks where the marker is without moving it. ``group``: ``peer`` is a group id (the group's messages up to
+        that seq; the answer has "group" instead of "with")."""
+        return self.request({"op": "read", "group" if group else "with": peer, "seq": seq}, timeout)
+
+    def set_read_receipts(self, on: bool, timeout: float | None = None) -> dict[str, Any]:
+        """Send `read` receipts for our read markers (the default) or not. Answers {"kind": "settings", ...}."""
+        return self.request({"op": "settings", "read_receipts": bool(on)}, timeout)
+
+    def settings(self, timeout: float | None = None) -> dict[str, Any]:
+        """Our settings, unchanged: {"kind": "settings", "read_receipts": bool}."""
+        return self.request({"op": "settings"}, timeout)
 
     # -- groups (docs/PROTOCOL.md section 14) ---------------------------------------
     def send_group(self, group: str, content: str, **kw: Any) -> Outgoing:

@@ -31,6 +31,11 @@ class Metrics:
                                registry=r)
         self.partition_skipped = Counter("im_partition_skipped", "send/ack/req packets of uids another partition "
                                          "owns, acknowledged and skipped (worker --partitions)", registry=r)
+        # Typing notices (backend/core/signals.py): never stored; no labels (a label would name a user).
+        self.typing_relayed = Counter("im_typing_relayed", "Typing notices published to receivers' devices (QoS 0)",
+                                      registry=r)
+        self.typing_dropped = Counter("im_typing_dropped", "Typing notices dropped by the per-user rate limit",
+                                      registry=r)
         self.backlog = Gauge("im_backlog_messages", "Messages waiting in the store (sampled)", registry=r)
         self.connected = Gauge("im_broker_connected", "1 while connected to the broker", registry=r)
         self.rights_enforced = Gauge("im_broker_rights_enforced", "1 if the broker refused the start-up probes of "

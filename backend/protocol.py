@@ -67,6 +67,9 @@ PUSH_ENDPOINT_MAX = 2048
 PULL_SCOPES = ("device", "user")
 
 CLIENT_TOPICS = ("send", "ack", "req")
+# Conversations (docs/PROTOCOL.md section 15): typing notices, read markers, the read-receipt setting.
+CONVERSATION_OPS = ("typing", "read", "settings")
+TYPING_STATES = ("typing", "stopped")
 REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "push_unregister", "history")
 # A history page (op history, --history-days): as many messages as a pull's default page, at most a pull's most.
 HISTORY_LIMIT_DEFAULT = 50
@@ -412,8 +415,10 @@ def parse_ack(payload: bytes) -> Ack:
 
 
 def parse_request(payload: bytes) -> (CountRequest | PullRequest | DevicesRequest | RemoveDeviceRequest | PushRequest
-                                      | GroupRequest):
+                                      | GroupRequest | TypingRequest | ReadRequest | SettingsRequest):
     obj = decode_object(payload)
+    if obj.get("op") == "typing":
+        return parse_typing(obj)  # no answer, so no req_id needed (one given is echoed in an error)
     raw = obj.get("req_id")
     req_id = raw if isinstance(raw, str) and 0 < _utf8_len(raw) <= REQ_ID_MAX else None
     if "req_id" not in obj:
@@ -430,8 +435,11 @@ def parse_request(payload: bytes) -> (CountRequest | PullRequest | DevicesReques
         raise ProtocolError("missing_field", "'op' is required", **ids)
     if op in GROUP_OPS:
         return parse_group_request(op, obj, req_id)
+    if op in CONVERSATION_OPS:
+        return parse_conversation(op, obj, req_id)
     if op not in REQUEST_OPS:
-        raise ProtocolError("unknown_op", f"'op' must be one of {', '.join(REQUEST_OPS + GROUP_OPS)}", **ids)
+        raise ProtocolError("unknown_op", f"'op' must be one of "
+                            f"{', '.join(REQUEST_OPS + GROUP_OPS + CONVERSATION_OPS)}", **ids)
     if op == "count":
         return CountRequest(req_id=req_id)
     if op == "devices":
@@ -478,6 +486,91 @@ def parse_request(payload: bytes) -> (CountRequest | PullRequest | DevicesReques
         raise ProtocolError("bad_field", "a pull with \"scope\": \"user\" is read-only: it takes 'after', not 'ack'",
                             **ids)
     return PullRequest(req_id=req_id, limit=limit, from_uid=from_uid, ack=ack, order=order, scope=scope, after=after)
+
+
+@dataclass(frozen=True)
+class TypingRequest:
+    """{"op": "typing", "to": uid[, "state": "typing"|"stopped"]}: relayed, never stored, never answered."""
+
+    to: str
+    state: str = "typing"
+    req_id: str | None = None  # optional: echoed in an error only
+    group: bool = False  # ``to`` is a group id ({"op": "typing", "group": gid}): its online members' devices
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """{"op": "read", "req_id", "with": uid, "seq": S}: the messages from ``peer`` with seq <= S are read;
+    {"op": "read", "req_id", "group": gid, "seq": S}: the group's messages with seq <= S (``kind`` "g")."""
+
+    req_id: str
+    peer: str
+    seq: int
+    kind: str = "u"
+
+
+@dataclass(frozen=True)
+class SettingsRequest:
+    """{"op": "settings", "req_id"[, "read_receipts": bool]}: None reads the settings without changing them."""
+
+    req_id: str
+    read_receipts: bool | None = None
+
+
+def parse_typing(obj: dict[str, Any]) -> TypingRequest:
+    raw = obj.get("req_id")
+    req_id = raw if isinstance(raw, str) and 0 < _utf8_len(raw) <= REQ_ID_MAX else None
+    ids = {"req_id": req_id}
+    group = obj.get("group")
+    if group is not None:
+        if "to" in obj:
+            raise ProtocolError("bad_field", "give 'to' (a user) or 'group', not both", **ids)
+        if not valid_group(group):
+            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+        to = group
+    elif "to" not in obj:
+        raise ProtocolError("missing_field", "'to' (or 'group') is required", **ids)
+    else:
+        to = obj["to"]
+        if not isinstance(to, str):
+            raise ProtocolError("bad_field", "'to' must be a string", **ids)
+        if not valid_uid(to):
+            raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    state = obj.get("state") or "typing"  # null means absent
+    if state not in TYPING_STATES:
+        raise ProtocolError("bad_field", "'state' must be \"typing\" or \"stopped\"", **ids)
+    return TypingRequest(to=to, state=state, req_id=req_id, group=group is not None)
+
+
+def parse_conversation(op: str, obj: dict[str, Any], req_id: str) -> ReadRequest | SettingsRequest:
+    """The `read` and `settings` requests (``req_id`` already checked)."""
+    ids = {"req_id": req_id}
+    if op == "settings":
+        value = obj.get("read_receipts")
+        if value is not None and not isinstance(value, bool):
+            raise ProtocolError("bad_field", "'read_receipts' must be true or false", **ids)
+        return SettingsRequest(req_id=req_id, read_receipts=value)
+    kind = "u"
+    if obj.get("group") is not None:
+        if "with" in obj:
+            raise ProtocolError("bad_field", "give 'with' (a user) or 'group', not both", **ids)
+        peer, kind = obj["group"], "g"
+        if not valid_group(peer):
+            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+    elif "with" not in obj:
+        raise ProtocolError("missing_field", "'with' (or 'group') is required", **ids)
+    else:
+        peer = obj["with"]
+        if not isinstance(peer, str):
+            raise ProtocolError("bad_field", "'with' must be a string", **ids)
+        if not valid_uid(peer):
+            raise ProtocolError("bad_uid", "'with' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    if "seq" not in obj:
+        raise ProtocolError("missing_field", "'seq' is required", **ids)
+    seq = obj["seq"]
+    if not (_int(seq) and 0 <= seq < 2**63):
+        raise ProtocolError("bad_field", "'seq' must be a seq (a non-negative integer)", **ids)
+    return ReadRequest(req_id=req_id, peer=peer, seq=seq, kind=kind)
 
 
 def valid_group(group: Any) -> bool:

@@ -13,10 +13,7 @@ Real brokers, real worker processes, real signals; waits are on events, with gen
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
-import threading
 import time
 
 import pytest

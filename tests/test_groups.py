@@ -9,7 +9,7 @@ import pytest
 
 from backend import core
 from backend.store import Entry, Message, open_database
-from conftest import eventually
+from conftest import eventually, stop_raw
 from systems import system_fixture
 
 system = system_fixture("groups")
@@ -86,3 +86,35 @@ def test_membership_changes_reach_every_member_device_and_non_members_are_refuse
     assert frank.group_leave("pair")["left"] is True
     assert frank.send_group("pair", "gone").wait(10)["code"] == "not_a_member"
     assert [g["group"] for g in erin.groups()["groups"]] == ["pair"]
+
+
+def test_group_read_markers_and_typing_between_real_clients(system, made):
+    gina, hank_phone, hank_tab = system.client("gina"), system.client("hank", "phone"), system.client("hank", "tab")
+    ivan = system.client("ivan")
+    spy, replies = system.raw("gina", "im/u/gina/reply")
+    made += [gina, hank_phone, hank_tab, ivan]
+    gina.create_group("readers", ["hank", "ivan"])
+    out = gina.send_group("readers", "read me")
+    seq = out.wait(10)["seq"]
+    assert hank_phone.wait_for(lambda: any(m["seq"] == seq for m in hank_phone.messages), 10)
+    answer = hank_phone.mark_read("readers", seq, group=True)
+    assert (answer["kind"], answer["group"], answer["seq"], answer["unread"]) == ("read", "readers", seq, 0)
+    assert hank_tab.wait_for(lambda: hank_tab.group_read_markers.get("readers") == seq, 10), "hank's other device"
+
+    def read_counts():
+        out = []
+        for m in list(replies):
+            obj = core_decode(m.payload)
+            out += [(r["read"], r["members"]) for r in obj.get("receipts", []) if r.get("status") == "read"]
+        return out
+    assert eventually(lambda: (1, 2) in read_counts(), 10), read_counts()
+    assert ivan.count()["unread_groups"] == {"readers": 1}
+    ivan.typing("readers", group=True)
+    assert hank_tab.wait_for(lambda: hank_tab.is_typing("ivan"), 10)
+    assert not gina.is_typing("hank")
+    stop_raw(spy)
+
+
+def core_decode(payload):
+    from backend import protocol
+    return protocol.decode_object(payload)

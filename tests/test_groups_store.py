@@ -236,3 +236,57 @@ def test_history_pages_back_through_a_conversation_from_the_join_and_expires(his
 
 def test_history_is_refused_when_the_server_keeps_none(srv):
     assert srv.req("bob", {"op": "history", "req_id": "h", "with": "alice"})["code"] == "history_off"
+
+
+def read_receipts(pubs, uid, dev=""):
+    return [r for x in pubs if x.topic == p.reply_topic(uid, dev) and x.payload.get("kind") == "receipts"
+            for r in x.payload["receipts"] if r["status"] == "read"]
+
+
+def test_group_read_markers_sync_devices_count_unread_and_tell_the_sender_k_of_n(srv):
+    create(srv, members=("bob", "carol", "dave"))
+    srv.online("alice")
+    seqs = []
+    for i in range(3):
+        out = srv.send("alice", {"msg_id": f"r{i}", "group": "team", "content": f"r{i}"})
+        seqs += [x.payload["seq"] for x in out if x.topic == p.reply_topic("alice")]
+    srv.send("bob", {"msg_id": "b", "group": "team", "content": "from bob"})
+    count = srv.req("carol", {"op": "count", "req_id": "c"})
+    assert count["unread_groups"] == {"team": 4}, "others' messages after carol's join (her join event is read)"
+    srv.online("carol", "phone")
+    srv.online("carol", "laptop")
+    pubs = srv.batch([(p.req_topic("carol", "phone"), json.dumps(
+        {"op": "read", "req_id": "m", "group": "team", "seq": seqs[1]}).encode())])
+    (answer,) = [x.payload for x in pubs if x.topic == p.reply_topic("carol", "phone")]
+    assert (answer["group"], answer["seq"], answer["unread"]) == ("team", seqs[1], 2)
+    assert [x.payload for x in pubs if x.topic == p.inbox_topic("carol", "laptop")] == \
+        [{"kind": "read", "group": "team", "seq": seqs[1], "unread": 2}], "the user's other device is told"
+    receipts = read_receipts(pubs, "alice")
+    assert [(r["msg_id"], r["read"], r["members"]) for r in receipts] == [("r0", 1, 3), ("r1", 1, 3)]
+    # dave reads everything; bob has read receipts off: his reads are not counted
+    srv.req("bob", {"op": "settings", "req_id": "s", "read_receipts": False})
+    srv.req("bob", {"op": "read", "req_id": "m", "group": "team", "seq": 10**12})
+    pubs = srv.batch([(p.req_topic("dave"), json.dumps({"op": "read", "req_id": "m", "group": "team",
+                                                         "seq": 10**12}).encode())])
+    assert [(r["msg_id"], r["read"]) for r in read_receipts(pubs, "alice")] == [("r0", 2), ("r1", 2), ("r2", 1)]
+    assert [(r["msg_id"], r["read"]) for r in read_receipts(pubs, "bob")] == [("b", 1)]
+    # never backwards, never past the newest
+    back = srv.req("dave", {"op": "read", "req_id": "m", "group": "team", "seq": 1})
+    assert back["seq"] == seqs[2] + 1 and back["unread"] == 0
+    assert srv.req("mallory", {"op": "read", "req_id": "m", "group": "team", "seq": 1})["code"] == "not_a_member"
+
+
+def test_group_typing_reaches_online_member_devices_and_writes_nothing(srv):
+    create(srv, members=("bob", "carol"))
+    srv.online("bob", "phone")
+    srv.online("carol")
+    srv.online("mallory")
+    counts = [m.select().count() for m in (Message, Entry, Member)]
+    pubs = srv.batch([(p.req_topic("alice"), json.dumps({"op": "typing", "group": "team"}).encode())])
+    got = {x.topic: x for x in pubs}
+    assert set(got) == {p.inbox_topic("bob", "phone"), p.inbox_topic("carol")}
+    notice = got[p.inbox_topic("carol")]
+    assert notice.qos == 0 and notice.payload["group"] == "team" and notice.payload["from"] == "alice"
+    assert srv.batch([(p.req_topic("mallory"), json.dumps({"op": "typing", "group": "team"}).encode())]) == [], \
+        "a non-member's notice goes nowhere"
+    assert [m.select().count() for m in (Message, Entry, Member)] == counts

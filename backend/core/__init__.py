@@ -38,7 +38,8 @@ The package, by concern (the layout of h11: events, then the state machine):
 
 * ``events.py``: operations, outcomes, publishes and the payloads built from them;
 * ``delivery.py``: :class:`Delivery`, planning a batch and dispatching the outcomes, composed of
-* ``presence.py``, ``announcements.py``, ``pushes.py`` (and retransmission), ``receipts.py``, ``groups.py``.
+* ``presence.py``, ``announcements.py``, ``pushes.py`` (and retransmission), ``receipts.py``, ``groups.py``,
+  ``signals.py`` (typing notices, never stored) and ``reads.py`` (read markers, read receipts, settings).
 
 Every name is importable from ``backend.core``; a module-level limit is read (and so is patched in
 tests) in the module that defines it.
@@ -49,18 +50,23 @@ from .announcements import (ANNOUNCE_MIN_GAP_MS, ANNOUNCE_REPEAT_MAX_MS, ANNOUNC
 from .delivery import BUCKETS_MAX, SEND_BURST, SEND_RATE_PER_S, WORKER_TOPIC_PREFIX, Delivery
 from .events import (GROUP_EVENT_TYPE, CountBacklog, Counted, DeleteAcked, Deleted, DeletedRow, DeviceRemoved,
                      DeviceReset, GroupAnswered, GroupEvent, GroupOp, HistoryPage, Key, Listed, ListDevices, Operation,
-                     Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet, ReadHistory, Refused, RemoveDevice,
-                     SetPushEndpoint, Stored, StoreMessage, device_removed_payload, push_payload)
+                     Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet, ReadHistory, Refused, RelayTyping, RemoveDevice,
+                     SetPushEndpoint, TypingMembers, Stored, StoreMessage, device_removed_payload, push_payload)
 from .groups import GROUP_RECEIPT_DELAY_MS, group_receipt
 from .pushes import PENDING_PUSH_MAX, PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, _Pending
+from .reads import (CONVERSATION_OPS, CONVERSATION_OUTCOMES, READ_RECEIPTS_MAX, Marked, MarkRead, SetSettings,
+                    SettingsSet)
 from .receipts import RECEIPT_DELAY_MS, RECEIPTS_PER_PAYLOAD_MAX
+from .signals import TYPING_BURST, TYPING_EXPIRES_MS, TYPING_RATE_PER_S
 
 __all__ = [
     "ANNOUNCE_MIN_GAP_MS", "ANNOUNCE_REPEAT_MAX_MS", "ANNOUNCE_REPEAT_MS", "ANNOUNCE_WATCH_MAX", "BUCKETS_MAX",
     "PENDING_PUSH_MAX", "PUSH_ACK_TIMEOUT_MS", "PUSH_BACKOFF", "PUSH_MAX_RETRIES", "RECEIPT_DELAY_MS",
     "RECEIPTS_PER_PAYLOAD_MAX", "GROUP_EVENT_TYPE", "GROUP_RECEIPT_DELAY_MS", "SEND_BURST", "SEND_RATE_PER_S", "WORKER_GONE_SPREAD_MS", "WORKER_TOPIC_PREFIX",
     "CountBacklog", "Counted", "DeleteAcked", "Deleted", "DeletedRow", "Delivery", "DeviceRemoved", "DeviceReset",
-    "GroupAnswered", "GroupEvent", "GroupOp", "HistoryPage", "ReadHistory", "Key", "Listed", "ListDevices", "Operation", "Outcome", "Paged", "Plan", "Publish", "PullPage",
+    "GroupAnswered", "GroupEvent", "GroupOp", "HistoryPage", "ReadHistory", "RelayTyping", "TypingMembers", "Key", "Listed", "ListDevices", "Operation", "Outcome", "Paged", "Plan", "Publish", "PullPage",
     "PushEndpointSet", "Refused", "RemoveDevice", "SetPushEndpoint", "Stored", "StoreMessage",
     "device_removed_payload", "group_receipt", "push_payload", "_Pending", "_Watch",
+    "CONVERSATION_OPS", "CONVERSATION_OUTCOMES", "READ_RECEIPTS_MAX", "MarkRead", "Marked", "SetSettings", "SettingsSet",
+    "TYPING_BURST", "TYPING_EXPIRES_MS", "TYPING_RATE_PER_S",
 ]

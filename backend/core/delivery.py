@@ -11,11 +11,14 @@ from .. import protocol as p
 from .announcements import ANNOUNCE_MIN_GAP_MS, ANNOUNCE_REPEAT_MAX_MS, ANNOUNCE_REPEAT_MS, AnnouncementsMixin, _Watch
 from .events import (CountBacklog, Counted, DeleteAcked, Deleted, DeviceRemoved, DeviceReset, GroupAnswered, GroupOp,
                      HistoryPage, Key, Listed, ListDevices, Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet,
-                     ReadHistory, Refused, RemoveDevice, SetPushEndpoint, Stored, StoreMessage, device_removed_payload)
+                     ReadHistory, Refused, RemoveDevice, SetPushEndpoint, Stored, StoreMessage, TypingMembers,
+                     device_removed_payload)
 from .groups import GroupsMixin
 from .presence import PresenceMixin
 from .pushes import PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, PushesMixin, _Pending
+from .reads import CONVERSATION_OUTCOMES, ReadsMixin
 from .receipts import RECEIPT_DELAY_MS, ReceiptsMixin
+from .signals import SignalsMixin
 
 WORKER_TOPIC_PREFIX = p.WORKER_TOPIC_FILTER[:-1]  # im/worker/
 
@@ -28,7 +31,7 @@ SEND_BURST = 100
 BUCKETS_MAX = 100_000
 
 
-class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, GroupsMixin):
+class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, GroupsMixin, SignalsMixin, ReadsMixin):
     """The worker's brain. Not thread-safe: the worker's network thread alone drives it."""
 
     def __init__(self, *, content_max: int = p.CONTENT_MAX, ack_timeout_ms: int = PUSH_ACK_TIMEOUT_MS,
@@ -58,11 +61,12 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
         self._timers: list[tuple[int, str, str, int]] = []  # (deadline, receiver, device, seq), lazily invalidated
         self.receipt_delay_ms = receipt_delay_ms
         self._held: dict[Key, tuple[int, list[dict[str, Any]]]] = {}  # sender's device -> (due, batched receipts)
-        self._progress: dict[Key, tuple[int, dict[int, dict[str, Any]]]] = {}  # ... -> (due, group receipts by seq)
+        self._progress: dict[Key, tuple[int, dict[tuple[int, str], dict[str, Any]]]] = {}  # group receipts (groups.py)
         self.announce_repeat_ms, self.announce_repeat_max_ms = announce_repeat_ms, announce_repeat_max_ms
         self.announce_min_gap_ms = announce_min_gap_ms
         self._watch: dict[Key, _Watch] = {}
         self._announce_timers: list[tuple[int, str, str]] = []  # (due, uid, device), lazily invalidated
+        self._init_signals()  # typing notices (signals.py)
 
     # -- inbound -------------------------------------------------------------
     def plan(self, inbound: list[tuple], now_ms: int) -> Plan:
@@ -110,7 +114,9 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                     plan.ops.append(DeleteAcked(receiver=uid, seqs=a.seqs, device=dev))
             else:
                 r = p.parse_request(payload)
-                if isinstance(r, p.CountRequest):
+                if isinstance(r, (p.TypingRequest, p.ReadRequest, p.SettingsRequest)):
+                    self._plan_conversation(plan, uid, dev, r, now_ms)  # reads.py, signals.py
+                elif isinstance(r, p.CountRequest):
                     plan.ops.append(CountBacklog(receiver=uid, req_id=r.req_id, device=dev))
                 elif isinstance(r, p.PullRequest):
                     plan.ops.append(PullPage(receiver=uid, req_id=r.req_id, limit=r.limit, from_uid=r.from_uid,
@@ -161,6 +167,8 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                     self._stored_group(out, batched, o, now_ms)
             elif isinstance(o, GroupAnswered):
                 self._group_answered(out, o, now_ms)
+            elif isinstance(o, TypingMembers):
+                self._typing_to_group(out, o)  # signals.py
             elif isinstance(o, HistoryPage):
                 r = o.op.request
                 conv = {"with": r.with_uid} if r.with_uid is not None else {"group": r.group}
@@ -180,6 +188,10 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                     self._backlog_empty(key)
                 elif o.op.req_id is not None:
                     self._backlog_read(key, now_ms)
+                if o.unread is not None:
+                    payload["unread"], payload["read_by"] = o.unread, o.read_by or {}
+                if o.unread_groups:
+                    payload["unread_groups"] = o.unread_groups
                 if o.op.req_id is not None:
                     payload["req_id"] = o.op.req_id
                 elif o.total == 0 and o.expired == 0:
@@ -210,6 +222,8 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
             elif isinstance(o, PushEndpointSet):
                 out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "push", "req_id": o.op.req_id,
                                                                   "registered": o.op.endpoint is not None}))
+            elif isinstance(o, CONVERSATION_OUTCOMES):
+                self._conversation_done(out, batched, o, now_ms)  # reads.py
             elif isinstance(o, DeviceReset):
                 out.append(Publish(p.reply_topic(o.uid, o.device), device_removed_payload()))
         for key, items in batched.items():

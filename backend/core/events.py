@@ -144,7 +144,28 @@ class ReadHistory:
         return self.receiver, self.device
 
 
-Operation = (StoreMessage | DeleteAcked | CountBacklog | PullPage | ListDevices | RemoveDevice | SetPushEndpoint
+@dataclass(frozen=True)
+class RelayTyping:
+    """A typing notice to a group: the store names its members (a read: never a write, never a registration);
+    the core relays the notice to their online devices (core/signals.py)."""
+
+    uid: str
+    device: str
+    group: str
+    state: str
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.uid, self.device
+
+
+@dataclass(frozen=True)
+class TypingMembers:
+    op: RelayTyping
+    members: tuple[str, ...]  # empty: no such group, or the typist is not a member (dropped, as it is not stored)
+
+
+Operation = (RelayTyping | StoreMessage | DeleteAcked | CountBacklog | PullPage | ListDevices | RemoveDevice | SetPushEndpoint
              | GroupOp | ReadHistory)
 
 
@@ -221,6 +242,9 @@ class Counted:
     by_sender: dict[str, int]
     previews: dict[str, dict[str, Any]] = field(default_factory=dict)  # each sender's newest message
     expired: int = 0  # messages that expired unread since the last count
+    unread: dict[str, int] | None = None  # answers to a count request: conversation -> unread (core/reads.py)
+    read_by: dict[str, int] | None = None  # answers to a count request: reader -> how far it read our messages
+    unread_groups: dict[str, int] | None = None  # answers to a count request: group -> unread (others' messages)
     by_group: dict[str, int] = field(default_factory=dict)  # of the total, what waits per group
 
 
@@ -275,7 +299,7 @@ class HistoryPage:
     more: bool
 
 
-Outcome = (Stored | Deleted | Counted | Paged | Refused | Listed | DeviceRemoved | PushEndpointSet | DeviceReset
+Outcome = (TypingMembers | Stored | Deleted | Counted | Paged | Refused | Listed | DeviceRemoved | PushEndpointSet | DeviceReset
            | GroupAnswered | HistoryPage)
 
 

@@ -17,14 +17,19 @@ from .receipts import RECEIPTS_PER_PAYLOAD_MAX
 GROUP_RECEIPT_DELAY_MS = 1000
 
 
-def group_receipt(msg_id: str, group: str, seq: int, gseq: int, status: str, **counts: int) -> dict[str, Any]:
-    """A receipt for a group message: v1's fields (``to`` is the group) plus ``group``, ``gseq`` and, for
-    ``delivered``, the counts ``delivered`` (members that acked, on any device) and ``members`` (it was for)."""
-    return {**p.receipt(msg_id, group, seq, status), "group": group, "gseq": gseq, **counts}
+def group_receipt(msg_id: str, group: str, seq: int, gseq: int | None, status: str, **counts: int) -> dict[str, Any]:
+    """A receipt for a group message: v1's fields (``to`` is the group) plus ``group``, ``gseq`` (None: left out)
+    and, for ``delivered``, the counts ``delivered`` (members that acked, on any device) and ``members`` (it was
+    for); for ``read``, ``read`` (members whose read marker passed it) and ``members``."""
+    out = {**p.receipt(msg_id, group, seq, status), "group": group}
+    if gseq is not None:
+        out["gseq"] = gseq
+    out.update(counts)
+    return out
 
 
 class GroupsMixin:
-    """The group half of Delivery (``self._progress``: sender device -> (due ms, {seq: receipt}))."""
+    """The group half of Delivery (``self._progress``: sender device -> (due ms, {(seq, status): receipt}))."""
 
     def _stored_group(self, out: list[Publish], batched: dict[Key, list[dict[str, Any]]], o: Stored,
                       now_ms: int) -> None:
@@ -67,14 +72,25 @@ class GroupsMixin:
 
     def _group_delivered(self, r: DeletedRow, now_ms: int) -> None:
         """A member's first ack of a group message: the sender's receipt for it, replacing any not yet sent."""
-        key = (r.sender, r.sender_device)
-        receipt = group_receipt(r.msg_id, r.group, r.seq, r.gseq, "delivered", delivered=r.delivered,
-                                members=r.members)
+        self._hold_progress((r.sender, r.sender_device), group_receipt(
+            r.msg_id, r.group, r.seq, r.gseq, "delivered", delivered=r.delivered, members=r.members), now_ms)
+
+    def _group_read(self, group: str, rows, devices_of: dict[str, tuple[str, ...]], now_ms: int) -> None:
+        """A member's read marker passed other members' messages: each sender's "read by k of n", on every
+        registered device of it (as 1:1 `read` receipts go), replacing any not yet sent."""
+        for sender, msg_id, seq, gseq, k, n in rows:
+            receipt = group_receipt(msg_id, group, seq, gseq, "read", read=k, members=n)
+            for dev in devices_of.get(sender, ("",)):
+                self._hold_progress((sender, dev), receipt, now_ms)
+
+    def _hold_progress(self, key: Key, receipt: dict[str, Any], now_ms: int) -> None:
+        """Hold a group receipt for its sender device, in place of the same message's earlier one of that status."""
         held = self._progress.get(key)
+        slot = (receipt["seq"], receipt["status"])
         if held is None:
-            self._progress[key] = (now_ms + GROUP_RECEIPT_DELAY_MS, {r.seq: receipt})
+            self._progress[key] = (now_ms + GROUP_RECEIPT_DELAY_MS, {slot: receipt})
         else:
-            held[1][r.seq] = receipt
+            held[1][slot] = receipt
 
     def _flush_progress(self, now_ms: int | None) -> list[Publish]:
         """The coalesced group receipts that are due (all with ``now_ms`` None), as `receipts` payloads."""

@@ -12,7 +12,8 @@ The package, by concern:
 * ``messages.py``: :class:`Store` and its message operations (store, delete, count, pull), composed of
 * ``devices.py`` (registration, removal, push endpoints, user-scope pages), ``groups.py`` (groups,
   members, group messages and membership changes), ``statuses.py`` (last
-  status per topic) and ``maintenance.py`` (expiry, purge).
+  status per topic), ``maintenance.py`` (expiry, purge) and ``conversations.py`` (read markers, unread
+  counts, the read-receipt setting).
 
 Every name is importable from ``backend.store``; a module-level limit is read (and so is patched in
 tests) in the module that defines it.
@@ -22,13 +23,14 @@ from .database import (DATABASE_URL_FORMS, POOL_MAX_CONNECTIONS, POOL_STALE_TIME
                        SQLITE_BUSY_TIMEOUT_MS, DatabaseOpenError, _mysql_session, _open_database, _open_failure,
                        _pooled, _schema_lock, check_database_url, create_schema, drop_schema, open_database,
                        redact_url)
+from .conversations import UNREAD_CONVERSATIONS_MAX, ConversationStore
 from .groups import GROUP_RECEIPTS_LIST_MAX, MAX_GROUP_MEMBERS, MAX_GROUP_MEMBERS_LIMIT, GroupStore, group_receiver
 from .devices import DEVICE_SEEN_MAX, DEVICE_SEEN_S, MAX_DEVICES, PUSH_LOOKUP_CHUNK, DeviceStore
 from .maintenance import (ACCEPTED_RETENTION_MS, EXPIRE_AFTER_MS, PAGE_TTL_MS, PURGE_CHUNK, REMOVED_DEVICE_RETENTION_MS,
                           MaintenanceStore)
 from .messages import KNOWN_CACHE_MAX, KNOWN_CACHE_S, Store, log
 from .models import (GROUP_PREFIX, MODELS, Accepted, Group, Member, MemberReceipt, BaseModel, ContentField, Device, Entry, Expired, KeyCheck, LastStatus, Message,
-                     Page, RemovedDevice, SeqField, User, database_proxy, now_ms)
+                     Page, ReadMarker, RemovedDevice, SeqField, User, UserSettings, database_proxy, now_ms)
 from .queries import PAGE_FIELDS, _aad, _for_update, _returning_delete, check_keys, count_query, page_query
 from .statuses import StatusStore
 
@@ -44,4 +46,5 @@ __all__ = [
     "_mysql_session", "_open_database", "_open_failure", "_pooled", "_returning_delete", "_schema_lock",
     "check_database_url", "check_keys", "count_query", "create_schema", "database_proxy", "drop_schema", "log",
     "now_ms", "open_database", "page_query", "redact_url",
+    "ConversationStore", "ReadMarker", "UNREAD_CONVERSATIONS_MAX", "UserSettings",
 ]

@@ -12,12 +12,13 @@ window), and within a group, seq order is gseq order (a page by seq is the group
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import peewee as pw
 
 from .. import core
-from .models import GROUP_PREFIX, Device, Entry, Group, Member, MemberReceipt, Message, User, now_ms
+from .models import GROUP_PREFIX, Device, Entry, Group, Member, MemberReceipt, Message, ReadMarker, User, now_ms
 from .queries import _aad
 
 # Members per group (--max-group-members): OpenIM's default (Tinode's is 128). Raising it raises the entries one
@@ -30,6 +31,10 @@ MAX_GROUP_MEMBERS_LIMIT = 30_000
 GROUP_RECEIPTS_LIST_MAX = 32
 # Rows one INSERT writes for an event's entries: 3 parameters each, under SQLite's old limit of 999.
 EVENT_ENTRY_CHUNK = 300
+# A group's members are cached this long for typing notices (several a second in a busy group, each otherwise a
+# query); a member added or removed meanwhile may miss, or see, a few seconds of "typing...".
+TYPING_MEMBERS_CACHE_S = 5.0
+TYPING_MEMBERS_CACHE_MAX = 10_000
 # Uids per IN list when looking members' devices up (SQLite's old 999-parameter limit).
 UID_CHUNK = 500
 
@@ -69,6 +74,22 @@ class GroupStore:
             "entries_of": f"SELECT uid, device FROM entry WHERE seq = {q}",
             "member_acked": f"{ignore} member_receipt (seq, uid, at) VALUES ({q}, {q}, {q}){tail}",
         }
+
+    # Requests that change a group (and so take its row lock); the others only read.
+    _CHANGES = frozenset({"group_add", "group_remove", "group_leave", "group_rename", "group_role"})
+
+    def _lock_groups(self, ops) -> None:
+        """Take the row locks of every group a transaction will change, at its start and in gid order (PostgreSQL,
+        MariaDB): a transaction that acked (locked) a message and then sends to a group could otherwise deadlock
+        with one that changed that group and then releases that message."""
+        if isinstance(self.db, pw.SqliteDatabase):
+            return  # one writer at a time
+        gids = sorted({op.group for op in ops if isinstance(op, core.StoreMessage) and op.group is not None} |
+                      {op.request.group for op in ops if isinstance(op, core.GroupOp) and op.request.op in self._CHANGES})
+        if gids:
+            q = self.db.param
+            self.db.execute_sql(f"SELECT gid FROM chat_group WHERE gid IN ({', '.join([q] * len(gids))}) "
+                                "ORDER BY gid FOR UPDATE", gids).fetchall()
 
     # -- sending ----------------------------------------------------------------
     def store_group_message(self, op: core.StoreMessage) -> core.Outcome:
@@ -117,6 +138,18 @@ class GroupStore:
         cur = self.db.execute_sql(self._gsql["insert"], (receiver, sender, msg_id, msg_type, content, sent_at, ts,
                                                          key_id, int(batch), sender_device, gseq, members))
         return cur.fetchone()[0] if isinstance(self.db, pw.PostgresqlDatabase) else cur.lastrowid
+
+    def typing_members(self, op: core.RelayTyping) -> core.TypingMembers:
+        """The members a group typing notice goes to (none if the typist is not one): a read, cached briefly."""
+        now = time.monotonic()
+        cached = self._typing_cache.get(op.group)
+        if cached is None or cached[0] < now:
+            if len(self._typing_cache) > TYPING_MEMBERS_CACHE_MAX:
+                self._typing_cache.clear()
+            cached = (now + TYPING_MEMBERS_CACHE_S, frozenset(self.group_member_uids(op.group)))
+            self._typing_cache[op.group] = cached
+        members = cached[1]
+        return core.TypingMembers(op, tuple(sorted(members)) if op.uid in members else ())
 
     def member_acked(self, seq: int, uid: str) -> bool:
         """Note that a member acked a group message; True the first time (its first device)."""
@@ -185,6 +218,7 @@ class GroupStore:
         gseq, _ = self._bump(r.group)
         self._insert_members(r.group, members, {uid: "owner"}, gseq, now)
         event = self._event(r.group, uid, {"event": "created", "name": r.name, "members": members}, gseq=gseq)
+        self.set_join_markers(r.group, members, event.seq)
         return core.GroupAnswered(op, self._state(op, r.group), (event,))
 
     def _check_new_members(self, op: core.GroupOp, new: list[str], have: int, total: int) -> core.Outcome | None:
@@ -217,6 +251,7 @@ class GroupStore:
         self._insert_members(r.group, new, {}, gseq, now_ms())
         Group.update(members=Group.members + len(new)).where(Group.gid == r.group).execute()
         event = self._event(r.group, op.receiver, {"event": "added", "members": new}, gseq=gseq)
+        self.set_join_markers(r.group, new, event.seq)
         return core.GroupAnswered(op, self._state(op, r.group), (event,))
 
     def _remove(self, op: core.GroupOp, role: str) -> core.Outcome:
@@ -256,6 +291,8 @@ class GroupStore:
             Group.select(Group.members).where(Group.gid == gid).scalar()
         for uid in gone:
             self._release_member(gid, uid)
+        ReadMarker.delete().where((ReadMarker.kind == "g") & (ReadMarker.conversation == gid) &
+                                  ReadMarker.uid.in_(gone)).execute()  # (their reads no longer count)
         ev = self._event(gid, op.receiver, event, gseq=gseq, also=gone)
         if not left:
             Group.delete().where(Group.gid == gid).execute()  # the last member left: the id is free again

@@ -1,7 +1,7 @@
 """The :class:`Store`: runs a plan's operations in one transaction and reports the core's outcomes;
 here the message operations (store with duplicate detection and quota, delete on ack, count, pull by
 pages with cursors, sealed content). Devices, last statuses and housekeeping are its mixins
-(devices.py, statuses.py, maintenance.py)."""
+(devices.py, statuses.py, maintenance.py, conversations.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import peewee as pw
 from .. import core
 from .. import protocol as p
 from ..crypto import InvalidTag, KeyError_, KeyRing
+from .conversations import ConversationStore
 from .devices import MAX_DEVICES, DeviceStore
 from .groups import MAX_GROUP_MEMBERS, GroupStore
 from .history import DAY_MS, HISTORY_DAYS, HistoryStore
@@ -38,10 +39,11 @@ ENTRY_CHUNK = 100
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
 
 
-class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore):
+class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore, ConversationStore):
     """Runs plans against the database. One instance per worker thread. Device registration, removal, push
     endpoints and the user-scope pages are DeviceStore's (devices.py); groups GroupStore's (groups.py); last
-    statuses StatusStore's (statuses.py) and housekeeping MaintenanceStore's (maintenance.py)."""
+    statuses StatusStore's (statuses.py), housekeeping MaintenanceStore's (maintenance.py), read markers and
+    settings ConversationStore's (conversations.py)."""
 
     def __init__(self, db: pw.Database, *, known_accounts: bool = False, quota: int | None = None,
                  expire_after_ms: int | None = EXPIRE_AFTER_MS, keyring: KeyRing | None = None,
@@ -61,6 +63,7 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         self.history_ms = int(history_days * DAY_MS)
         self._sql = self._prepare(db)  # the hot path's SQL text, built once
         self._gsql = self._prepare_groups()
+        self._typing_cache: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (until, members): groups.py
         self._returning = _returning_delete(db)
         self._mysql = isinstance(db, pw.MySQLDatabase)
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
@@ -71,7 +74,9 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         """Run the operations in one transaction; the caller publishes only after this returns. Outcomes
         are in operation order, one each, except that a device registered afresh after its removal gets a
         DeviceReset just before its operation's outcome."""
+        ops = list(ops)
         with self.db.atomic():
+            self._lock_groups(ops)
             out: list[core.Outcome] = []
             # Entries of the messages stored in a row are written together (_write_entries): one statement
             # for up to ENTRY_CHUNK messages instead of one each. Written before any other operation, and
@@ -85,7 +90,8 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
                         # Not on the hot path: look the device up afresh, in case another process (`device remove`,
                         # another worker) removed it since this worker cached it; it is then told (DeviceReset).
                         self._seen.pop(op.origin, None)
-                    refused = self._register(op, out)
+                    # A group typing notice is a read and nothing else: no registration, no last_seen write.
+                    refused = self._register(op, out) if not isinstance(op, core.RelayTyping) else None
                     out.append(refused if refused is not None else self._run(op))
                     if self._deferred and self._deferred[-1][0] is None:
                         self._deferred[-1][0] = len(out) - 1
@@ -132,8 +138,12 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
                 return core.Refused(op, "unknown_device", f"'{op.receiver}' has no device {op.target!r}; "
                                     "list them with {\"op\": \"devices\"}")
             return core.DeviceRemoved(op, released)
+        if isinstance(op, core.CONVERSATION_OPS):
+            return self.run_conversation(op)  # read markers, settings: conversations.py
         if isinstance(op, core.GroupOp):
             return self.group_request(op)
+        if isinstance(op, core.RelayTyping):
+            return self.typing_members(op)
         if isinstance(op, core.ReadHistory):
             return self.history(op)
         return self.set_push_endpoint(op)
@@ -341,7 +351,12 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
                 previews[m["from"]] = {"seq": m["seq"], "type": m["type"], "sent_at": m["sent_at"],
                                        "content": m["content"][:p.PREVIEW_CHARS]}
         expired = self._take_expired(op.receiver, op.device)
-        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired, by_group)
+        unread = read_by = unread_groups = None  # answers only, not announcements (conversations.py)
+        if op.req_id is not None:
+            unread, read_by = self.unread(op.receiver), self.read_by(op.receiver)
+            unread_groups = self.unread_groups(op.receiver)
+        return core.Counted(op, sum(by_sender.values()), by_sender, previews, expired, by_group=by_group,
+                            unread=unread, read_by=read_by, unread_groups=unread_groups)
 
     def _take_expired(self, uid: str, device: str) -> int:
         """The device's expired tally, plus the user's tally from before it had devices; both reset. Each is

@@ -1,6 +1,6 @@
 """The schema: peewee models that read like the tables (accounts, messages and their per-device entries,
-accepted (sender, msg_id) pairs, page cursors, devices, key checks, last statuses), bound to the
-database through ``database_proxy`` by :func:`backend.store.open_database`."""
+accepted (sender, msg_id) pairs, page cursors, devices, key checks, last statuses, read markers and user
+settings), bound to the database through ``database_proxy`` by :func:`backend.store.open_database`."""
 
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ class Accepted(BaseModel):
     class Meta:
         primary_key = pw.CompositeKey("sender_uid", "msg_id")
         # The housekeeping walks this index in chunks: unreleased pairs by seq, released ones by age.
-        indexes = ((("released_at", "seq"), False),)
+        # Read markers (conversations.py): a conversation's messages by seq, and unread counts per sender.
+        indexes = ((("released_at", "seq"), False), (("receiver_uid", "sender_uid", "seq"), False))
 
 
 class Page(BaseModel):
@@ -187,6 +188,30 @@ class LastStatus(BaseModel):
     changed_at = pw.BigIntegerField()
 
 
+class ReadMarker(BaseModel):
+    """How far a user has read a conversation (docs/PROTOCOL.md, section 15): only ever moves forward."""
+
+    uid = pw.CharField(max_length=50)  # the reader
+    kind = pw.CharField(max_length=1)  # "u": a 1:1 conversation, `conversation` the other uid; "g": a group
+    conversation = pw.CharField(max_length=50)
+    upto = pw.BigIntegerField()  # read up to this seq ("u") or gseq ("g"), inclusive
+    # The marker as the other side was told it (moved while read receipts were on): a count's `read_by`.
+    receipted = pw.BigIntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
+    updated_at = pw.BigIntegerField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("uid", "kind", "conversation")
+        indexes = ((("kind", "conversation"), False),)  # who read a user's messages (read_by)
+
+
+class UserSettings(BaseModel):
+    """A user's settings; a user without a row has the defaults (read receipts on)."""
+
+    uid = pw.CharField(max_length=50, primary_key=True)
+    read_receipts = pw.SmallIntegerField(default=1, constraints=[pw.SQL("DEFAULT 1")])  # 0: none sent for its reads
+    updated_at = pw.BigIntegerField()
+
+
 # A group message's receiver_uid: this prefix and the group id. '#' is never in a uid (an MQTT wildcard), so a
 # group's messages never mix with a user's, and the existing (receiver_uid, seq) index is the group's history.
 GROUP_PREFIX = "#"
@@ -238,4 +263,4 @@ class MemberReceipt(BaseModel):
 
 
 MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, Device, Entry, RemovedDevice, LastStatus, Group, Member,
-          MemberReceipt)
+          MemberReceipt, ReadMarker, UserSettings)

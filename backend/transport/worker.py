@@ -824,8 +824,12 @@ class Worker:
         # Partitions: the owner alone notifies (every worker sees every status).
         went_offline = {u for u in went_offline
                         if (u in came_online or self.core.user_online(u)) and self.core.mine(u)}
-        return _Batch(msgs, kinds, self.core.plan(inbound, now), gen=self._inbox_gen, statuses=statuses,
-                      went_offline=went_offline)
+        plan = self.core.plan(inbound, now)
+        relayed, dropped = self.core.take_signal_counts()
+        if relayed or dropped:
+            self.metrics.typing_relayed.inc(relayed)
+            self.metrics.typing_dropped.inc(dropped)
+        return _Batch(msgs, kinds, plan, gen=self._inbox_gen, statuses=statuses, went_offline=went_offline)
 
     def _submit(self, batch: "_Batch") -> None:
         batch.started = time.perf_counter()
