@@ -112,14 +112,10 @@ def test_two_browsers_chat_online_and_offline(web, tabs, users):
 
     b.open(f"u:{alice}")  # bob reads it: alice sees read where the server has read markers (section 15)
     b.el("#composer").send_keys("typ")
-    # a server without read markers answers unknown_op (bob's tab then keeps its unread counts to itself)
-    reads = b.wait(f"im.features.read === false ? 'off' : (im.store.convs['u:{alice}'].read > 0 && 'on')")
-    if reads == "on":
-        a.wait("[...document.querySelectorAll('#messages li.mine')].some(li => li.dataset.state === 'read')",
-               what="read")
-    typing = b.wait("im.features.typing === false ? 'off' : 'on'")  # a server without typing answers unknown_op
-    if typing == "on":
-        assert a.wait("document.getElementById('typing').textContent").startswith(bob)
+    a.wait("[...document.querySelectorAll('#messages li.mine')].some(li => li.dataset.state === 'read')",
+           what="read (bob's tab moved his read marker)")
+    assert a.wait("document.getElementById('typing').textContent").startswith(bob)
+    a.screenshot("typing.png")
     b.send("ping")  # the typed "typ" goes with it
     a.wait("[...document.querySelectorAll('#messages li')].some(li => li.textContent.includes('typping'))",
            what="bob's reply")
@@ -141,6 +137,17 @@ def test_two_browsers_chat_online_and_offline(web, tabs, users):
            what="everything delivered")
     texts = [m["text"] for m in b2.shown()]
     assert texts == ["hello bob", "typping", "see you later"], texts  # once each, in order
+    # a phone-sized viewport: one pane at a time, a back button to the list
+    size = b2.driver.get_window_size()
+    b2.driver.set_window_size(390, 760)
+    try:
+        assert b2.js("return getComputedStyle(document.getElementById('list-pane')).display") == "none"
+        assert b2.el("#back-button").is_displayed()
+        b2.screenshot("phone.png")
+        b2.el("#back-button").click()
+        assert b2.el("#list-pane").is_displayed() and not b2.el("#composer").is_displayed()
+    finally:
+        b2.driver.set_window_size(size["width"], size["height"])
 
 
 def has_text(text: str) -> str:
@@ -164,9 +171,18 @@ def test_a_group_of_three(web, tabs, users, paho):
     a.send("hello team")
     b.open("g:team")
     b.wait(has_text("hello team"), what="bob has it")
+    a.on()
     assert c.wait_for(lambda: any(m.get("content") == "hello team" for m in c.messages))
     a.wait("[...document.querySelectorAll('#messages li.mine')].some(li => li.textContent.includes('to 2 of 2'))",
            what="delivered to 2 of 2")
+    # bob's tab shows it (in front): read by 1 of 2; carol reads it on her phone: read
+    a.wait("[...document.querySelectorAll('#messages li.mine')].some(li => li.textContent.includes('read by 1 of 2'))",
+           what="read by 1 of 2")
+    seq = next(m["seq"] for m in c.messages if m.get("content") == "hello team")
+    c.mark_read("team", seq, group=True)
+    a.wait("document.querySelector('#messages li.mine').dataset.state === 'read'", what="read by both")
+    c.typing("team", group=True)  # typing in a group: shown in every member's tab
+    a.wait(f"document.getElementById('typing').textContent.startsWith({json.dumps(carol)})", what="carol types")
     c.send_group("team", "hi from carol's phone").wait(5)
     for t in (a, b):
         t.wait(has_text("hi from carol's phone"), what="carol's message")

@@ -208,7 +208,9 @@ function drawMessage(c, m) {
     state.dataset.state = m.state || "stored";
     li.dataset.state = m.state || "stored";
     const label = { sending: "sending…", stored: "sent", delivered: "delivered", read: "read", failed: "not sent" }[m.state || "stored"];
-    state.textContent = ` · ${label}${m.progress ? ` to ${m.progress[0]} of ${m.progress[1]}` : ""}`;
+    const group = m.state === "read" ? "" : (m.progress ? ` to ${m.progress[0]} of ${m.progress[1]}` : "") +
+      (m.readBy ? `, read by ${m.readBy[0]} of ${m.readBy[1]}` : "");
+    state.textContent = ` · ${label}${group}`;
     meta.append(state);
     if (m.state === "failed") {
       const retry = text("button", "retry", "Retry");
@@ -262,12 +264,12 @@ $("composer").addEventListener("keydown", (ev) => {
 });
 $("composer").addEventListener("input", () => {
   const c = im.store.convs[openKey];
-  if (!c || c.kind !== "user") return;
+  if (!c || c.left) return;
   if (!$("composer").value) { stopTyping(); return; }
   const now = Date.now();
-  if (typingTo !== c.id || now - typingSentAt >= TYPING_RENEW_MS) {
-    im.typing(c.id);
-    typingTo = c.id;
+  if (typingTo !== c.key || now - typingSentAt >= TYPING_RENEW_MS) {
+    im.typing(c.key);
+    typingTo = c.key;
     typingSentAt = now;
   }
 });

@@ -185,12 +185,12 @@ export class IMClient extends EventTarget {
       this._accept(obj);
       this._flushSoon();
     } else if (obj.kind === "typing") {
-      const key = `u:${obj.from}`, until = Date.now() + Math.min(obj.expires_in || 6000, TYPING_MAX_MS);
+      const key = obj.group ? `g:${obj.group}` : `u:${obj.from}`, until = Date.now() + Math.min(obj.expires_in || 6000, TYPING_MAX_MS);
       const now = this.typingFrom[key] || (this.typingFrom[key] = {});
       if (obj.state === "stopped") delete now[obj.from]; else now[obj.from] = until;
       this.dispatchEvent(new CustomEvent("typing", { detail: { key } }));
-    } else if (obj.kind === "read") {
-      this._marker(obj.with, obj.seq);
+    } else if (obj.kind === "read") {  // another device of ours moved a marker
+      this._marker(obj.group ? `g:${obj.group}` : `u:${obj.with}`, obj.seq);
     }
   }
 
@@ -264,6 +264,13 @@ export class IMClient extends EventTarget {
 
   _receipt(r) {
     const status = r.status;
+    if (status === "read" && r.group != null) {  // k of the group's n other members have read this one
+      const rec = this._findMine(r);
+      if (!rec) return;
+      rec.readBy = [r.read, r.members];
+      if (r.read > 0 && r.read >= r.members) rec.state = "read";
+      return this._save();
+    }
     if (status === "read") {  // r.to read everything of ours up to r.seq (markers never move back)
       const c = this.store.convs[`u:${r.to}`];
       if (!c) return;
@@ -415,8 +422,8 @@ export class IMClient extends EventTarget {
   }
 
   // -- conversations: read markers and typing (section 15) -----------------------------------------------------
-  /** The user has seen a 1:1 conversation up to its newest message from the other side: move the read marker
-   * (shared by the user's devices; the sender gets `read` receipts). */
+  /** The user has seen a conversation up to its newest message from the others: move the read marker (shared
+   * by the user's devices; the senders get `read` receipts, aggregate in a group). */
   markRead(key) {
     const c = this.store.convs[key];
     if (!c) return;
@@ -424,25 +431,26 @@ export class IMClient extends EventTarget {
     if (newest <= c.read) return;
     c.read = newest;
     this._save();
-    if (c.kind === "user" && this.features.read && this.conn?.connected) {
-      this.request({ op: "read", with: c.id, seq: newest })
-        .then((a) => this._marker(c.id, a.seq))
+    if (this.features.read && this.conn?.connected) {
+      this.request({ op: "read", [c.kind === "group" ? "group" : "with"]: c.id, seq: newest })
+        .then((a) => this._marker(key, a.seq))
         .catch((e) => { if (e.code === "unknown_op") this.features.read = false; });
     }
   }
 
-  _marker(withUid, seq) {
-    const c = this.store.convs[`u:${withUid}`];
+  _marker(key, seq) {
+    const c = this.store.convs[key];
     if (c && Number.isInteger(seq) && seq > c.read) { c.read = seq; this._save(); }
   }
 
   unread(c) { return c.messages.filter((m) => !m.mine && m.seq > c.read && m.type !== "group_event").length; }
 
-  /** Tell ``to`` the user types (state "typing", renewed by the caller every TYPING_RENEW_MS) or "stopped". QoS 0:
-   * worth nothing late. */
-  typing(to, state = "typing") {
+  /** Tell a conversation (key "u:bob" or "g:team") the user types (state "typing", renewed by the caller every
+   * TYPING_RENEW_MS) or "stopped". QoS 0: worth nothing late. */
+  typing(key, state = "typing") {
     if (!this.features.typing || !this.conn?.connected) return;
-    const body = { op: "typing", to, state, req_id: `t-${++this._ids}` };  // req_id: a server without it says so
+    const target = key[0] === "g" ? { group: key.slice(2) } : { to: key.slice(2) };
+    const body = { op: "typing", ...target, state, req_id: `t-${++this._ids}` };  // req_id: a server without it says so
     this.conn.publish(this.t("req"), JSON.stringify(body), { qos: 0 }).catch(() => {});
   }
 
