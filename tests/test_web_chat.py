@@ -228,6 +228,13 @@ def test_a_browser_and_a_paho_client_of_one_user_and_two_tabs(web, tabs, users, 
     assert sorted(m["content"] for m in phone.messages) == sorted(f"m{i}" for i in range(n))
     listed = {d["device"] for d in phone.devices()["devices"] if d["online"]}
     assert devices | {"phone"} <= listed
+    t1.el("#devices-button").click()  # the user's devices, as the tab lists them
+    items = t1.wait("document.querySelectorAll('#devices-list li').length > 1 && "
+                    "[...document.querySelectorAll('#devices-list li')].map(li => li.textContent)")
+    mine = t1.js("return im.device")
+    assert f"{mine} (this tab): online" in items and "phone: online" in items, items
+    assert t1.js("return document.activeElement.id") == "devices-close"  # keyboard focus in the dialog
+    t1.el("#devices-close").click()
 
 
 def test_the_network_cut_and_restored_loses_nothing(web, tabs, users, paho):
