@@ -30,10 +30,8 @@ SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "web"
 def chromium() -> tuple[str, str]:
     binary = next((shutil.which(b) for b in _BROWSERS if shutil.which(b)), None)
     driver = next((shutil.which(d) for d in _DRIVERS if shutil.which(d)), None)
-    try:
-        import selenium  # noqa: F401 - only whether it is installed
-    except ImportError:
-        require(False, "selenium not installed (pip install -r requirements.txt)")
+    import importlib.util
+    require(importlib.util.find_spec("selenium") is not None, "selenium not installed (pip install -r requirements.txt)")
     require(binary is not None and driver is not None,
             "chromium or chromium-driver not installed (Debian: apt-get install chromium chromium-driver)")
     return binary, driver
