@@ -236,6 +236,22 @@ def test_a_browser_and_a_paho_client_of_one_user_and_two_tabs(web, tabs, users, 
     assert any(i.startswith("phone: online") for i in items), items
     assert t1.js("return document.activeElement.id") == "devices-close"  # keyboard focus in the dialog
     t1.el("#devices-close").click()
+    # the phone goes away; what bob sends now waits for it. A third tab is a new device, not empty: it fetches
+    # what its user's devices still wait for (section 12.7; what all of them acked has left the store), and finds
+    # it read (the second tab, in front, read it: the marker is the user's)
+    phone.kill()
+    t2.on()
+    for i in range(3):
+        sender.send(alice, f"late {i}").wait(5)
+    t2.wait("[...document.querySelectorAll('#messages li')].filter(li => li.textContent.includes('late')).length === 3")
+    t3 = tabs(web.url).login(alice, pw(alice))
+    assert t3.js("return im.device") not in devices
+    conv = f"document.querySelector('#conversations button[data-key=\"u:{bob}\"]')"
+    t3.wait(f"{conv} && {conv}.getAttribute('aria-label').includes('late 2') && "
+            f"!{conv}.getAttribute('aria-label').includes('unread')", what="the marker caught up: nothing unread")
+    t3.open(f"u:{bob}")
+    t3.wait("document.querySelectorAll('#messages li').length === 3", what="what waits for the phone")
+    assert [m["text"] for m in t3.shown()] == [f"late {i}" for i in range(3)]
 
 
 def test_the_network_cut_and_restored_loses_nothing(web, tabs, users, paho):

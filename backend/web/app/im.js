@@ -132,6 +132,7 @@ export class IMClient extends EventTarget {
       this._resendAll();
       this.sync();  // whatever waited meanwhile, without waiting for the announcement our `online` brings
       this.refreshGroups().catch(() => {});
+      this._catchUp().catch(() => {});
       const reason = await closed;
       this.conn = null;
       if (this.state === "closed") return;
@@ -418,6 +419,26 @@ export class IMClient extends EventTarget {
       }
     } finally {
       this._syncing = false;
+    }
+  }
+
+  /** After a (re)connect: a new device fetches what its user already has (section 12.7: read-only pages of the
+   * user's scope), and conversations with unread messages ask where their markers are (another device may have
+   * read them while this one was away: `read` notices reach only online devices). */
+  async _catchUp() {
+    let after = 0;
+    while (!this.store.filled) {
+      const page = await this.request({ op: "pull", scope: "user", after, limit: PULL_LIMIT });
+      for (const m of page.messages || []) if (Number.isInteger(m.seq)) this._accept(m);
+      after = page.after;
+      if (!page.more || !Number.isInteger(after)) this.store.filled = true;
+      this._save();
+    }
+    for (const c of Object.values(this.store.convs)) {
+      if (!this.features.read || !this.unread(c)) continue;
+      this.request({ op: "read", [c.kind === "group" ? "group" : "with"]: c.id, seq: 0 })
+        .then((a) => this._marker(c.key, a.seq))
+        .catch((e) => { if (e.code === "unknown_op") this.features.read = false; });
     }
   }
 

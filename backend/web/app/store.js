@@ -56,7 +56,7 @@ export class DeviceStore {
     try { saved = JSON.parse(localStorage.getItem(this.key) || "null"); } catch (e) { saved = null; }
     this.convs = saved?.convs || {};  // key ("u:bob", "g:team") -> conversation
     this.seen = new Set(saved?.seen || []);
-    this.fresh = !saved;  // a device with nothing saved (new, or its storage cleared)
+    this.filled = !!saved?.filled;  // it has fetched what its user had before it (section 12.7)
   }
 
   conv(key, init = {}) {
@@ -74,6 +74,6 @@ export class DeviceStore {
     }
     let seen = [...this.seen];
     if (seen.length > SEEN_KEPT) { seen = seen.sort((a, b) => a - b).slice(-SEEN_KEPT); this.seen = new Set(seen); }
-    localStorage.setItem(this.key, JSON.stringify({ convs: this.convs, seen }));
+    localStorage.setItem(this.key, JSON.stringify({ convs: this.convs, seen, filled: this.filled }));
   }
 }
