@@ -88,8 +88,10 @@ class Tab:
             if value:
                 return value
             if time.monotonic() > end:
+                state = self.js("return [window.im ? [im.state, im.reason] : null, "
+                                "document.getElementById('login-error').textContent]")
                 raise AssertionError(f"timed out after {timeout} s waiting for {what or script}; "
-                                     f"state: {self.js('return window.im ? [im.state, im.reason] : null')}")
+                                     f"client state, login error: {state}")
             time.sleep(0.1)  # a poll interval, not a wait for an event
 
     def login(self, uid: str, password: str) -> "Tab":

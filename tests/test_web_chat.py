@@ -326,3 +326,4 @@ def test_a_background_tab_keeps_its_connection(web, tabs, users, paho, driver):
     finally:
         w.loop_stop()
         w.disconnect()
+

@@ -146,3 +146,31 @@ def test_the_web_command_and_serve_web_port(tmp_path):
         assert s.stop() == 0
     finally:
         s.kill()
+
+
+def test_serve_with_tls_serves_https_and_wss(tmp_path):
+    """serve --tls-cert: the page over HTTPS, config.json says tls (the page then uses wss://), and an MQTT
+    CONNECT over wss:// with the tests' CA is accepted. (Chromium cancels a wss:// connection to a certificate
+    of a CA it does not trust whatever its flags say, so this part runs without a browser.)"""
+    import ssl as ssl_
+    from websockets.sync.client import connect
+    certs = make_certs(tmp_path)
+    db = f"sqlite:///{tmp_path}/im.db"
+    add_users(db, "alice")
+    web_port, ws_port = free_port(), free_port()
+    s = Web("serve", "--host", "127.0.0.1", "--port", str(free_port()), "--ws-port", str(ws_port), "--web-port",
+            str(web_port), "--tls-cert", certs["cert"], "--tls-key", certs["key"], "--tls-port", str(free_port()),
+            "--database-url", db, ready="backend: serving MQTT").start()
+    try:
+        ctx = ssl_.create_default_context(cafile=certs["ca"])
+        c = http.client.HTTPSConnection("127.0.0.1", web_port, context=ctx, timeout=5)
+        c.request("GET", "/config.json")
+        assert json.loads(c.getresponse().read()) == {"ws": {"port": ws_port, "path": "/mqtt", "tls": True}}
+        user, password = b"alice", b"alice-pw"
+        body = (b"\x00\x04MQTT\x04\xc2\x00\x1e" + len(b"alice:web").to_bytes(2, "big") + b"alice:web"
+                + len(user).to_bytes(2, "big") + user + len(password).to_bytes(2, "big") + password)
+        with connect(f"wss://127.0.0.1:{ws_port}/mqtt", ssl=ctx, subprotocols=["mqtt"]) as ws:
+            ws.send(bytes([0x10, len(body)]) + body)
+            assert ws.recv(5) == b"\x20\x02\x00\x00"  # CONNACK, accepted
+    finally:
+        s.kill()
