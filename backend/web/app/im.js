@@ -8,7 +8,7 @@ import { MqttConnection } from "./mqtt.js";
 import { DeviceStore } from "./store.js";
 
 // As backend/client.py: resend 3, 9, 21, 45, 75 s after the first publish; failed at 105 s.
-const RESEND_FIRST_MS = 3000, MAX_RESENDS = 5, RESEND_WAIT_MAX_MS = 30000;
+const RESEND_FIRST_MS = 3000, MAX_RESENDS = 5, RESEND_WAIT_MAX_MS = 30000, FAIL_AFTER_MS = 105000;
 // A request (count, pull, group ops) is resent after 3 s, 6 s, ... and given up after 10 s.
 const REQUEST_RESEND_MS = 3000, REQUEST_TIMEOUT_MS = 10000;
 // Reconnect after 1 s, doubling up to 16 s; a refused SUBSCRIBE likewise (client.py's RECONNECT/RESUBSCRIBE).
@@ -323,12 +323,17 @@ export class IMClient extends EventTarget {
   _track(body, rec) {
     const now = Date.now();
     rec.key = rec.key || `${body.group ? "g" : "u"}:${body.group || body.to}`;
+    // deadline: set at the first publish on a connection (time offline does not count: a message typed on a
+    // train goes when the network is back, it does not fail meanwhile)
     this._outgoing.set(body.msg_id, { body, rec, attempts: 0, wait: RESEND_FIRST_MS, next: now + RESEND_FIRST_MS,
-      deadline: (rec.ts || now) + 105000 });
+      deadline: null });
   }
 
   _publishSend(body) {
-    if (this.conn?.connected) this.conn.publish(this.t("send"), JSON.stringify(body), { qos: 1 }).catch(() => {});
+    if (!this.conn?.connected) return;
+    this.conn.publish(this.t("send"), JSON.stringify(body), { qos: 1 }).catch(() => {});
+    const out = this._outgoing.get(body.msg_id);
+    if (out && out.deadline == null) out.deadline = Date.now() + FAIL_AFTER_MS;
   }
 
   _resendAll() {
@@ -336,8 +341,9 @@ export class IMClient extends EventTarget {
   }
 
   _resendDue(now) {
+    if (!this.conn?.connected) return;  // a reconnect resends them all at once (_resendAll)
     for (const [id, out] of this._outgoing) {
-      if (now >= out.deadline && out.attempts >= MAX_RESENDS) {
+      if (out.deadline != null && now >= out.deadline && out.attempts >= MAX_RESENDS) {
         this._outgoing.delete(id);
         out.rec.state = "failed";
         this._save();

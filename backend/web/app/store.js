@@ -6,6 +6,8 @@
 const PREFIX = "im.v1";
 // Kept per conversation (older ones leave the tab's storage; the server keeps history where it is turned on).
 export const MESSAGES_KEPT = 500;
+// ...and when the browser's storage quota is reached (a few MB per site).
+export const MESSAGES_KEPT_WHEN_FULL = 50;
 // Seen seqs kept: far more than can be redelivered (a seq is redelivered only until its ack reaches the server).
 export const SEEN_KEPT = 20000;
 
@@ -68,12 +70,22 @@ export class DeviceStore {
     return c;
   }
 
+  /** Write it all (before any ack leaves). The browser's quota reached: keep fewer old messages and try again;
+   * still full: throws, and the caller sends no ack (the server keeps the messages for later). */
   save() {
-    for (const c of Object.values(this.convs)) {
-      if (c.messages.length > MESSAGES_KEPT) c.messages.splice(0, c.messages.length - MESSAGES_KEPT);
-    }
     let seen = [...this.seen];
     if (seen.length > SEEN_KEPT) { seen = seen.sort((a, b) => a - b).slice(-SEEN_KEPT); this.seen = new Set(seen); }
-    localStorage.setItem(this.key, JSON.stringify({ convs: this.convs, seen, filled: this.filled }));
+    for (const kept of [MESSAGES_KEPT, MESSAGES_KEPT_WHEN_FULL]) {
+      for (const c of Object.values(this.convs)) {
+        const old = c.messages.length - kept;
+        if (old > 0) c.messages.splice(0, c.messages.findIndex((m, i) => i >= old || m.state === "sending") );
+      }
+      try {
+        localStorage.setItem(this.key, JSON.stringify({ convs: this.convs, seen, filled: this.filled }));
+        return;
+      } catch (e) {
+        if (kept === MESSAGES_KEPT_WHEN_FULL) throw e;
+      }
+    }
   }
 }
