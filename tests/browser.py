@@ -10,7 +10,9 @@ with the reason (fails with IM_REQUIRE_SERVICES=1, as in CI).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +26,11 @@ _DRIVERS = ("chromedriver", "/usr/bin/chromedriver", "/usr/lib/chromium/chromedr
 WAIT_S = 15.0
 # Seconds hidden before a tab's timers wake at most once a minute (Chrome's default: 300).
 INTENSIVE_THROTTLING_AFTER_S = 5
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "web"
+_DOCS_SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "web"
+# The README's screenshots are rewritten only on request (IM_SCREENSHOTS=1 python -m pytest tests/test_web_chat.py):
+# times and device ids change at each run, and a test run should not leave the work tree changed.
+SCREENSHOTS = _DOCS_SCREENSHOTS if os.environ.get("IM_SCREENSHOTS") == "1" else \
+    Path(tempfile.gettempdir()) / f"im-screenshots-{os.getpid()}"
 
 
 def chromium() -> tuple[str, str]:
