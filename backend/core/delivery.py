@@ -119,10 +119,12 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin):
 
     def _push_targets(self, to: str, sender: str, sender_device: str) -> frozenset[Key]:
         """The receiver's online devices and the sender's other online devices (sync copies)."""
-        out = [(to, d) for d in self._devices.get(to, ())]
-        if sender != to:
-            out += [(sender, d) for d in self._devices.get(sender, ()) if d != sender_device]
-        return frozenset(out)
+        devices = self._devices
+        mine = devices.get(sender) if sender != to else None
+        if mine and (len(mine) > 1 or sender_device not in mine):
+            return frozenset([(to, d) for d in devices.get(to, ())] + [(sender, d) for d in mine if d != sender_device])
+        # The common case: no other device of the sender's online (v1 clients, one device each).
+        return frozenset([(to, d) for d in devices.get(to, ())])
 
     def _take_token(self, uid: str, now_ms: int) -> bool:
         if self.send_rate <= 0:

@@ -59,6 +59,11 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
         self._seen: dict[tuple[str, str], float] = {}  # (uid, device) -> registered, last_seen fresh until
         self._deferred: list | None = None  # inside apply(): messages whose entries are not written yet
+        # A resend is found by its failed insert into `accepted` (the message row inserted just before is then
+        # deleted): one statement less per message than looking it up first, and inside apply() the pairs of the
+        # messages stored in a row are inserted together (_accept). With a quota or known accounts the look-up
+        # comes first and each pair is inserted at once, so a resend is answered `duplicate` rather than refused.
+        self._look_first = bool(self.quota or known_accounts)
 
     def apply(self, ops: Iterable[core.Operation]) -> list[core.Outcome]:
         """Run the operations in one transaction; the caller publishes only after this returns. Outcomes
@@ -66,9 +71,10 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         DeviceReset just before its operation's outcome."""
         with self.db.atomic():
             out: list[core.Outcome] = []
-            # Entries of the messages stored in a row are written together (_write_entries): one statement
-            # for up to ENTRY_CHUNK messages instead of one each. Written before any other operation, and
-            # before a device is registered, so every operation sees the entries of the messages before it.
+            # The (sender, msg_id) pairs and entries of the messages stored in a row are written together
+            # (_write_entries): one statement each for up to ENTRY_CHUNK messages instead of one each. Written
+            # before any other operation, and before a device is registered, so every operation sees the
+            # messages before it as they will be committed.
             self._deferred = [] if not self._mysql else None
             try:
                 for op in ops:
@@ -97,7 +103,9 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         deferred, self._deferred = self._deferred, []
         q, targets = self.db.param, self._sql["targets_of"]
         for i in range(0, len(deferred), ENTRY_CHUNK):
-            chunk = deferred[i:i + ENTRY_CHUNK]
+            chunk = deferred[i:i + ENTRY_CHUNK] if self._look_first else self._accept(deferred[i:i + ENTRY_CHUNK], out)
+            if not chunk:
+                continue
             groups: dict[tuple[str, str, str], list[int]] = {}
             for _, op, seq in chunk:
                 key = (op.to, op.sender, op.sender_device)
@@ -125,6 +133,23 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                 if len(devices) > 1:
                     devices.sort(key=lambda k: k[0] != op.to)
                 out[index] = core.Stored(op, seq, devices=tuple(devices))
+
+    def _accept(self, chunk: list[list], out: list[core.Outcome]) -> list[list]:
+        """Insert the (sender, msg_id) pairs of a chunk of deferred messages in one statement; a message whose
+        pair was there already (a resend, perhaps of a message earlier in the chunk, or one another worker stored
+        meanwhile) leaves the store again and is answered `duplicate` in its place. Returns the rest of the chunk."""
+        q = self.db.param
+        text = (self._sql["accept_many"] + ", ".join([f"({q}, {q}, {q}, {q}, {q})"] * len(chunk))
+                + " ON CONFLICT DO NOTHING RETURNING seq")
+        params = [x for _, op, seq in chunk for x in (op.sender, op.msg_id, op.to, seq, op.sent_at)]
+        accepted = {s for (s,) in self.db.execute_sql(text, params).fetchall()}
+        if len(accepted) == len(chunk):
+            return chunk
+        for index, op, seq in chunk:
+            if seq not in accepted:
+                self.db.execute_sql(self._sql["unstore"], (seq,))
+                out[index] = self._duplicate(op, self._first(op.sender, op.msg_id))
+        return [d for d in chunk if d[2] in accepted]
 
     def _run(self, op: core.Operation) -> core.Outcome:
         if isinstance(op, core.StoreMessage):
@@ -173,6 +198,8 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                       + (" RETURNING seq" if pg else ""),
             "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
                       f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
+            # Several pairs (_accept; not MySQL/MariaDB, whose messages are never deferred): VALUES rows follow.
+            "accept_many": "INSERT INTO accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) VALUES ",
             "targets": targets,
             "entries": f"INSERT INTO entry (seq, uid, device) {targets}" + ("" if mysql else " RETURNING uid, device"),
             "targets_of": targets_of,
@@ -206,10 +233,13 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         cache[uid] = now + KNOWN_CACHE_S
         return True
 
-    def store_message(self, op: core.StoreMessage) -> core.Outcome:
-        first = self._first(op.sender, op.msg_id)
-        if first is not None:
-            return self._duplicate(op, first)
+    def store_message(self, op: core.StoreMessage) -> core.Outcome | None:
+        """Store one message (``accepted`` decides duplicates: its (sender, msg_id) key). Inside apply() its
+        entries wait for _write_entries, and None holds its outcome's place in apply()'s list till then."""
+        if self._look_first:
+            first = self._first(op.sender, op.msg_id)
+            if first is not None:
+                return self._duplicate(op, first)
         if self.known_accounts and not self._known(op.to):
             return core.Refused(op, "unknown_receiver", f"no user '{op.to}'")
         if self.quota is not None:
@@ -224,14 +254,17 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         cur = self.db.execute_sql(sql["insert"], (op.to, op.sender, op.msg_id, op.type, content, op.sent_at, op.ts,
                                                   key_id, int(op.batch_receipts), op.sender_device))
         seq = cur.fetchone()[0] if isinstance(self.db, pw.PostgresqlDatabase) else cur.lastrowid
+        if self._deferred is not None and not self._look_first:
+            self._deferred.append([None, op, seq])  # apply() notes its index; _accept and _write_entries finish it
+            return None
         inserted = self.db.execute_sql(sql["accept"], (op.sender, op.msg_id, op.to, seq, op.sent_at)).rowcount
         if inserted != 1:
-            # Another worker stored the same (sender, msg_id) after our look-up: theirs wins.
+            # Stored before (a resend), or by another worker after our look-up: the first one wins.
             self.db.execute_sql(sql["unstore"], (seq,))
             return self._duplicate(op, self._first(op.sender, op.msg_id))
         if self._deferred is not None:
             self._deferred.append([None, op, seq])  # apply() notes its index and writes its entries
-            return core.Stored(op, seq)
+            return None
         params = (seq, op.to, seq, op.to, op.to, seq, op.sender, op.sender_device, op.to)
         if self._mysql:
             devices = [(u, d) for _, u, d in self.db.execute_sql(sql["targets"], params).fetchall()]
