@@ -66,19 +66,23 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin):
     def plan(self, inbound: list[tuple], now_ms: int) -> Plan:
         """Turn a batch of (topic, payload) into store operations and replies that need no store (errors,
         the derived user status). The announcements that are due come first (``inbound`` may be empty:
-        see announcements_due). An item may carry a third element, True for a retained replay."""
+        see announcements_due). An item may carry a third element, True for a retained replay, and a fourth,
+        ``p.parse_topic(topic)`` (the transport parsed it already: not parsed twice per packet)."""
         plan = Plan()
         self._plan_due_announcements(plan, now_ms)
         for item in inbound:
-            self._plan_one(plan, item[0], item[1], now_ms, len(item) > 2 and bool(item[2]))
+            n = len(item)
+            self._plan_one(plan, item[0], item[1], now_ms, n > 2 and bool(item[2]), item[3] if n > 3 else False)
         return plan
 
-    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int, retained: bool = False) -> None:
+    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int, retained: bool = False,
+                  parsed: p.Topic | None | bool = False) -> None:
         if topic.startswith(WORKER_TOPIC_PREFIX):
             if payload.strip() == p.WORKER_GONE:
                 self.worker_gone(now_ms)
             return
-        parsed = p.parse_topic(topic)
+        if parsed is False:  # not given
+            parsed = p.parse_topic(topic)
         if parsed is None or parsed.kind in ("inbox", "reply"):
             return  # not ours to answer: no valid uid to reply to (logged by the transport)
         uid, dev = parsed.uid, parsed.device

@@ -31,6 +31,8 @@ KNOWN_CACHE_MAX = 100_000
 # compound SELECT with 6 parameters, plus one parameter per message, and SQLite allows 500 terms and (before 3.32)
 # 999 parameters: 100 messages (at most 100 terms, 700 parameters) stay below both.
 ENTRY_CHUNK = 100
+# Entry rows one plain INSERT writes (SQLite, _entries_one_writer): 3 parameters each, below the old limit of 999.
+ENTRY_ROWS = 300
 # Operations that check their device in the database, never in the worker's cache (sends and acks do, for speed):
 # a device removed elsewhere hears it at its next count, pull or push registration, not a minute later.
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
@@ -56,6 +58,7 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         self._sql = self._prepare(db)  # the hot path's SQL text, built once
         self._returning = _returning_delete(db)
         self._mysql = isinstance(db, pw.MySQLDatabase)
+        self._one_writer = isinstance(db, pw.SqliteDatabase)
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
         self._seen: dict[tuple[str, str], float] = {}  # (uid, device) -> registered, last_seen fresh until
         self._deferred: list | None = None  # inside apply(): messages whose entries are not written yet
@@ -98,10 +101,9 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         """Write the deferred messages' entries (``self._deferred``: [index in out, op, seq]) and give each
         Stored outcome its devices: the receiver's devices registered now, or its default device, and the
         sender's other devices (sync copies), receiver's first. The messages of one receiver, sender and sending
-        device share their targets: one statement for the chunk, one device look-up per such group joined with
-        its seqs (a look-up per message was two thirds of the statement's time: bench profile)."""
+        device share their targets: looked up once for them all (a look-up per message was two thirds of the
+        entries' time: bench profile)."""
         deferred, self._deferred = self._deferred, []
-        q, targets = self.db.param, self._sql["targets_of"]
         for i in range(0, len(deferred), ENTRY_CHUNK):
             chunk = deferred[i:i + ENTRY_CHUNK] if self._look_first else self._accept(deferred[i:i + ENTRY_CHUNK], out)
             if not chunk:
@@ -114,25 +116,62 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
                     groups[key] = [seq]
                 else:
                     seqs.append(seq)
-            terms, params = [], []
-            for (to, sender, sender_device), seqs in groups.items():
-                terms.append(f"SELECT v.column1, t.uid, t.device FROM (VALUES {', '.join([f'({q})'] * len(seqs))}) "
-                             f"AS v, ({targets}) AS t")
-                params += seqs
-                params += (to, to, to, sender, sender_device, to)
-            text = "INSERT INTO entry (seq, uid, device) " + " UNION ALL ".join(terms) + " RETURNING seq, uid, device"
-            by_seq: dict[int, list[tuple[str, str]]] = {}
-            for seq, uid, device in self.db.execute_sql(text, params).fetchall():
-                devices = by_seq.get(seq)
-                if devices is None:
-                    by_seq[seq] = [(uid, device)]
-                else:
-                    devices.append((uid, device))
+            by_seq = self._entries_one_writer(groups) if self._one_writer else self._entries_returning(groups)
             for index, op, seq in chunk:
-                devices = by_seq.get(seq, [])
-                if len(devices) > 1:
-                    devices.sort(key=lambda k: k[0] != op.to)
-                out[index] = core.Stored(op, seq, devices=tuple(devices))
+                out[index] = core.Stored(op, seq, devices=by_seq.get(seq, ()))
+
+    def _entries_returning(self, groups: dict[tuple[str, str, str], list[int]]) -> dict[int, tuple]:
+        """Entries of several workers' database (PostgreSQL): one statement, each group's targets joined with its
+        seqs, the devices read back from what it inserted (one snapshot: exactly the entries written)."""
+        q, targets = self.db.param, self._sql["targets_of"]
+        terms, params = [], []
+        for (to, sender, sender_device), seqs in groups.items():
+            terms.append(f"SELECT v.column1, t.uid, t.device FROM (VALUES {', '.join([f'({q})'] * len(seqs))}) "
+                         f"AS v, ({targets}) AS t")
+            params += seqs
+            params += (to, to, to, sender, sender_device, to)
+        text = "INSERT INTO entry (seq, uid, device) " + " UNION ALL ".join(terms) + " RETURNING seq, uid, device"
+        by_seq: dict[int, list[tuple[str, str]]] = {}
+        for seq, uid, device in self.db.execute_sql(text, params).fetchall():
+            devices = by_seq.get(seq)
+            if devices is None:
+                by_seq[seq] = [(uid, device)]
+            else:
+                devices.append((uid, device))
+        to_of = {seq: to for (to, _, _), seqs in groups.items() for seq in seqs}
+        for seq, devices in by_seq.items():
+            if len(devices) > 1:
+                devices.sort(key=lambda k: k[0] != to_of[seq])
+        return {seq: tuple(devices) for seq, devices in by_seq.items()}
+
+    def _entries_one_writer(self, groups: dict[tuple[str, str, str], list[int]]) -> dict[int, tuple]:
+        """Entries on SQLite: the devices of every uid of the chunk in one query, then plain rows. SQLite has one
+        writer and this transaction is it (it stored the messages), so nothing registers a device between the two
+        statements. Cheaper than reading back what an INSERT ... SELECT wrote (RETURNING: half its time)."""
+        q = self.db.param
+        uids = list({uid for to, sender, _ in groups for uid in (to, sender)})
+        registered: dict[str, list[str]] = {}
+        for uid, device in self.db.execute_sql(f"SELECT uid, device FROM device WHERE uid IN "
+                                               f"({', '.join([q] * len(uids))})", uids):
+            registered.setdefault(uid, []).append(device)
+        by_seq: dict[int, tuple] = {}
+        params: list = []
+        for (to, sender, sender_device), seqs in groups.items():
+            # The receiver's devices (its default device "" if it has none), then the sender's other ones.
+            targets = [(to, d) for d in registered.get(to, ("",))]
+            if sender != to:
+                targets += [(sender, d) for d in registered.get(sender, ()) if d != sender_device]
+            devices = tuple(targets)
+            for seq in seqs:
+                by_seq[seq] = devices
+                for uid, device in devices:
+                    params += (seq, uid, device)
+        row = f"({q}, {q}, {q})"
+        for i in range(0, len(params), 3 * ENTRY_ROWS):
+            part = params[i:i + 3 * ENTRY_ROWS]
+            self.db.execute_sql("INSERT INTO entry (seq, uid, device) VALUES " + ", ".join([row] * (len(part) // 3)),
+                                part)
+        return by_seq
 
     def _accept(self, chunk: list[list], out: list[core.Outcome]) -> list[list]:
         """Insert the (sender, msg_id) pairs of a chunk of deferred messages in one statement; a message whose

@@ -815,9 +815,9 @@ class Worker:
                     # Maybe a departure; not a retained replay (after this worker's (re)connect): that would
                     # wake every sleeping phone again at each worker restart.
                     went_offline.add(parsed.uid)
-            inbound.append((topic, m.payload, m.retain))
+            inbound.append((topic, m.payload, m.retain, parsed))
         if log.isEnabledFor(logging.DEBUG):  # topics and sizes only: payloads hold message content
-            for topic, payload, _ in inbound:
+            for topic, payload, *_ in inbound:
                 log.debug("in  %s (%d bytes)", topic, len(payload))
         # A departure is a user online before this batch (or during it) whose last device left. An `offline` for
         # a user already offline is none: the worker's own derived status coming back, a repeated will.
