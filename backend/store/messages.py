@@ -27,9 +27,9 @@ log = logging.getLogger("backend.store")
 # seconds, as a message sent just before the removal would have been.
 KNOWN_CACHE_S = 10.0
 KNOWN_CACHE_MAX = 100_000
-# Messages whose entries one statement writes: each (receiver, sender, sending device) among them is one term of a
-# compound SELECT with 6 parameters, plus one parameter per message, and SQLite allows 500 terms and (before 3.32)
-# 999 parameters: 100 messages (at most 100 terms, 700 parameters) stay below both.
+# Messages whose (sender, msg_id) pairs and entries are written together: SQLite allows (before 3.32) 999 parameters
+# and 500 compound terms; 100 messages take 500 parameters for their pairs (_accept), at most 200 uids for their
+# devices' look-up, and on PostgreSQL at most 100 terms and 700 parameters for the entries (_entries_returning).
 ENTRY_CHUNK = 100
 # Entry rows one plain INSERT writes (SQLite, _entries_one_writer): 3 parameters each, below the old limit of 999.
 ENTRY_ROWS = 300
@@ -221,15 +221,15 @@ class Store(DeviceStore, StatusStore, MaintenanceStore):
         tail = "" if mysql else " ON CONFLICT DO NOTHING"
         # The message's entries, in one statement: one per device of the receiver registered now (or its
         # default device "" if it has none yet), and one per other device of the sender (sync copies).
-        # The same devices without the seq (_write_entries joins them with several messages' seqs).
-        targets_of = (f"SELECT uid, device FROM device WHERE uid = {q} "
-                      f"UNION ALL SELECT {q}, ''{' FROM DUAL' if mysql else ''} "
-                      f"WHERE NOT EXISTS (SELECT 1 FROM device WHERE uid = {q}) "
-                      f"UNION ALL SELECT uid, device FROM device WHERE uid = {q} AND device <> {q} AND uid <> {q}")
         targets = (f"SELECT {q}, uid, device FROM device WHERE uid = {q} "
                    f"UNION ALL SELECT {q}, {q}, ''{' FROM DUAL' if mysql else ''} "
                    f"WHERE NOT EXISTS (SELECT 1 FROM device WHERE uid = {q}) "
                    f"UNION ALL SELECT {q}, uid, device FROM device WHERE uid = {q} AND device <> {q} AND uid <> {q}")
+        # The same devices without the seq (_entries_returning joins them with several messages' seqs).
+        targets_of = (f"SELECT uid, device FROM device WHERE uid = {q} "
+                      f"UNION ALL SELECT {q}, ''{' FROM DUAL' if mysql else ''} "
+                      f"WHERE NOT EXISTS (SELECT 1 FROM device WHERE uid = {q}) "
+                      f"UNION ALL SELECT uid, device FROM device WHERE uid = {q} AND device <> {q} AND uid <> {q}")
         return {
             "first": f"SELECT seq, receiver_uid FROM accepted WHERE sender_uid = {q} AND msg_id = {q}",
             "insert": "INSERT INTO message (receiver_uid, sender_uid, msg_id, msg_type, msg_content, send_time, "
