@@ -265,7 +265,9 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
             "targets_of": targets_of,
             "entry": f"INSERT INTO entry (seq, uid, device) VALUES ({q}, {q}, {q})",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
-            "waiting": f"SELECT 1 FROM entry WHERE seq = {q} LIMIT 1",  # (a kept message has none: history.py)
+            "waiting": f"SELECT 1 FROM message WHERE seq = {q}",
+            # With history a delivered message is kept (history.py): it waits while it has an entry.
+            "waiting_entry": f"SELECT 1 FROM entry WHERE seq = {q} LIMIT 1",
             # Pages: page_query's text, its parameters (receiver, device, [from,] limit) given per pull.
             **{f"page_{order}{'_from' if from_uid else ''}": page_query("", 1, "" if from_uid else None, order).sql()[0]
                for order in p.PULL_ORDERS for from_uid in (False, True)},
@@ -277,7 +279,12 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
     def _duplicate(self, op: core.StoreMessage, first: tuple[int, str]) -> core.Stored:
         """A `duplicate` outcome, saying whether the first message still waits (the core then makes
         sure its receiver, if online, hears of it)."""
-        waiting = self.db.execute_sql(self._sql["waiting"], (first[0],)).fetchone() is not None
+        seq = first[0]
+        if not self.history_ms:
+            waiting = self.db.execute_sql(self._sql["waiting"], (seq,)).fetchone() is not None
+        else:  # (a message earlier in this transaction has its entries written at its end)
+            waiting = any(d[2] == seq for d in self._deferred or ()) or \
+                self.db.execute_sql(self._sql["waiting_entry"], (seq,)).fetchone() is not None
         return core.Stored(op, first[0], duplicate=True, to=first[1], waiting=waiting)
 
     def _known(self, uid: str) -> bool:
