@@ -23,7 +23,7 @@ SHUTDOWN_TIMEOUT_S = 3
 SIGNAL_POLL_S = 0.5
 
 
-COMMANDS = ("serve", "worker", "user", "device", "group", "doctor", "keygen")
+COMMANDS = ("serve", "worker", "web", "user", "device", "group", "doctor", "keygen")
 DEFAULT_SHARE_GROUP = "im-workers"  # as backend.transport.worker.DEFAULT_SHARE_GROUP (not imported: startup time)
 USER_COMMANDS = ("add", "remove", "list")
 
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ws-port", type=_port, default=None,
                    help="also listen for MQTT over WebSocket (TLS when --tls-cert is given), for browser clients "
                         "(default: off)")
+    s.add_argument("--web-port", type=_port, default=None,
+                   help="also serve the web client (a chat in the browser) on this port, over HTTPS when "
+                        "--tls-cert is given; needs --ws-port, where the page connects (default: off)")
     _db_arg(s)
     _store_args(s)
     _push_args(s)
@@ -254,6 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "size, queue length, keepalive, retained messages on wildcards, latency. Exits "
                                    "1 on any FAIL. Takes a few seconds; leaves no session or retained message.")
     _broker_args(d)
+
+    wb = sub.add_parser("web", parents=[logs], help="serve the web client beside a broker's WebSocket listener",
+                        description="Serve the web client (static files: a chat in the browser) on --port. The page "
+                                    "logs in to the broker over MQTT-over-WebSocket with the user's own account; run "
+                                    "a worker beside that broker. Ctrl-C stops.")
+    wb.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    wb.add_argument("--port", type=_port, default=8080, help="HTTP port (default: 8080)")
+    wb.add_argument("--ws-url", default=None,
+                    help="the broker's WebSocket listener as the browser reaches it, e.g. wss://chat.example:8081/mqtt "
+                         "(default: the page's own host on --ws-port)")
+    wb.add_argument("--ws-port", type=_port, default=9001,
+                    help="without --ws-url: the WebSocket port on the page's own host (default: 9001)")
+    wb.add_argument("--ws-tls", action="store_true", help="without --ws-url: wss:// (default: ws://, wss:// when "
+                                                          "the page itself is served over HTTPS)")
+    wb.add_argument("--tls-cert", help="certificate (chain) in PEM: serve the page over HTTPS")
+    wb.add_argument("--tls-key", help="private key of --tls-cert, in PEM")
 
     k = sub.add_parser("keygen", parents=[logs], help="print a new encryption key line (ID:BASE64) for --encryption-key-file")
     k.add_argument("--id", default="k1", help="the key id stored with each row it seals (default: k1)")
@@ -331,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         from .crypto import new_key_line
         print(new_key_line(args.id))
         return 0
+    if args.command == "web":
+        return _web(args)
     if args.command == "doctor":
         from .doctor import main as doctor
         from .transport.connection import parse_broker_urls
@@ -646,16 +667,53 @@ def _listeners(args: argparse.Namespace):
                      certfile=args.tls_cert, keyfile=args.tls_key, presence=args.presence)
 
 
+def _start_web(host: str, port: int, ws: dict, certfile: str | None, keyfile: str | None):
+    """The web client's server (backend/web), started; None after saying why it cannot listen."""
+    from .web import WebServer
+    try:
+        server = WebServer(host, port, ws, certfile, keyfile).start()
+    except OSError as e:
+        print(f"error: the web client cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return None
+    logging.getLogger("backend").info("web client on %s (open it in a browser)", server.url)
+    return server
+
+
+def _web(args: argparse.Namespace) -> int:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.ws_url is not None and not args.ws_url.startswith(("ws://", "wss://")):
+        print(f"error: --ws-url {args.ws_url!r}: give a ws:// or wss:// URL", file=sys.stderr)
+        return 2
+    ws = {"url": args.ws_url} if args.ws_url else {"port": args.ws_port, "path": "/mqtt",
+                                                    "tls": bool(args.ws_tls or args.tls_cert)}
+    server = _start_web(args.host, args.port, ws, args.tls_cert, args.tls_key)
+    if server is None:
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(SIGNAL_POLL_S):
+        pass
+    server.stop()
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.web_port is not None and args.ws_port is None:
+        print("error: --web-port needs --ws-port (the page connects to the broker there), e.g. --ws-port 9001",
+              file=sys.stderr)
         return 2
     if args.tls_only and not args.tls_cert:
         print("error: --tls-only needs --tls-cert and --tls-key", file=sys.stderr)
         return 2
     if _metrics_port_taken(args):
         return 2
-    for port in _listeners(args).ports():
+    for port in _listeners(args).ports() + ([args.web_port] if args.web_port is not None else []):
         if port_in_use(args.host, port):
             print(f"error: port {port} is already in use (another MQTT broker?). Pick a free one with "
                   f"--port, or run the worker beside that broker: {self_command()} worker "
@@ -698,6 +756,13 @@ async def _serve_async(args: argparse.Namespace) -> int:
                     push=args.push, push_options=_push_options(args),  # im/status/+ itself, never rewrites a topic
                     presence_settle=args.presence_settle)
     worker.metrics.rights_enforced.set(1)  # the embedded broker enforces the per-user rights itself
+    web = None
+    if args.web_port is not None:  # the page reaches the broker on its own host name, at --ws-port
+        web = _start_web(args.host, args.web_port, {"port": args.ws_port, "path": "/mqtt", "tls": bool(args.tls_cert)},
+                         args.tls_cert, args.tls_key)
+        if web is None:
+            await broker.shutdown()
+            return 2
     _start_metrics(args, worker)
     worker.start()
     stop = asyncio.Event()
@@ -712,6 +777,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
     log.info("stopping")
     # From here on amqtt reports its own cancelled tasks as errors with tracebacks: noise, not news.
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)
+    if web is not None:
+        web.stop()
     await asyncio.to_thread(worker.stop)  # commits its last batch and disconnects cleanly first
     # amqtt 0.12's shutdown can leave tasks of still-connected clients failing or pending; by now
     # every accepted message is committed, so log those in one line and do not wait forever.

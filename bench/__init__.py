@@ -21,5 +21,6 @@ every broker against its own relay.
 Load generators are lean paho processes (bench/loadgen.py) speaking docs/PROTOCOL.md;
 bench/scenarios.py runs the scenarios and bench/harness.py starts every broker, worker and
 relay as its own process; bench/report.py writes the Markdown and plots, bench/profile.py the
-py-spy profiles. Results: bench/results/, summarised in docs/BENCHMARKS.md.
+py-spy profiles; bench/hotpath.py times the worker's core and store in-process (no broker), to compare
+commits. Results: bench/results/, summarised in docs/BENCHMARKS.md.
 """

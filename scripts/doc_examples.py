@@ -52,7 +52,7 @@ READY_TIMEOUT_S = 20.0
 # After the last step, lines arriving this soon are still checked (a late duplicate push, a stray reply).
 SETTLE_S = 1.0
 # Ports the documents use; each is replaced by a free one.
-DOC_PORTS = ("1883", "1884", "1885", "1886", "1887")
+DOC_PORTS = ("1883", "1884", "1885", "1886", "1887", "8080", "9001")
 # mosquitto_sub runs with -d so that its SUBACK can be awaited; these are its debug lines, not output.
 DEBUG_LINE = re.compile(r"^(Client \S+ (sending|received) |Subscribed \(mid: )")
 

@@ -87,13 +87,15 @@ def _directives(text: str) -> list[tuple[str, str]]:
 
 
 def render_config(base: str, *, host: str, port: int, workdir: Path, open_: bool = False,
-                  extra: Iterable[str] = ()) -> str:
+                  extra: Iterable[str] = (), ws_port: int | None = None) -> str:
     """The base config with its listener, persistence and auth paths moved to host:port and workdir.
 
     ``open_``: as a Mosquitto left at its defaults for who may do what (anonymous clients allowed, no password
     file, no ACL), to show what the worker and ``doctor`` say beside such a broker.
     ``extra``: config lines (e.g. ``"max_queued_messages 1000"``) that replace the base's line with the
-    same keyword where it has one (in place), and are appended otherwise."""
+    same keyword where it has one (in place), and are appended otherwise.
+    ``ws_port``: also a listener for MQTT over WebSocket there (browsers: the web client), with the same
+    accounts and ACL (``per_listener_settings`` is off: they are global)."""
     overrides: dict[str, str] = {}
     for line in extra:
         keyword = line.strip().split()[0] if line.strip() else ""
@@ -136,6 +138,8 @@ def render_config(base: str, *, host: str, port: int, workdir: Path, open_: bool
             lines.append(line)
     if "persistence" not in seen:
         lines.append("persistence true")
+    if ws_port is not None:  # after every global option: a listener's own options follow its line
+        lines += [f"listener {ws_port} {host}", "protocol websockets"]
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +182,9 @@ class Mosquitto(BrokerProcess):
 
     START_TIMEOUT_S, STOP_TIMEOUT_S = START_TIMEOUT_S, STOP_TIMEOUT_S
 
-    def __init__(self, host: str, port: int, workdir: Path, binary: str, owner: tuple[int, int] | None):
-        self.host, self.port, self.workdir = host, port, workdir
+    def __init__(self, host: str, port: int, workdir: Path, binary: str, owner: tuple[int, int] | None,
+                 ws_port: int | None = None):
+        self.host, self.port, self.workdir, self.ws_port = host, port, workdir, ws_port
         self.binary, self._owner = binary, owner
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
@@ -230,12 +235,13 @@ class Mosquitto(BrokerProcess):
 def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port: int | None = None,
                     host: str = "127.0.0.1", config: Path | str = BASE_CONFIG, acl: Path | str = BASE_ACL,
                     timeout: float = START_TIMEOUT_S, open_: bool = False,
-                    extra_config: Iterable[str] = ()) -> Mosquitto:
+                    extra_config: Iterable[str] = (), ws_port: int | None = None) -> Mosquitto:
     """Lay out a temporary directory, start Mosquitto on host:port (a free port if None) and return it.
 
     ``users`` maps usernames to passwords; include the worker's account (im-worker). ``open_``: anonymous
     clients allowed, no password file and no ACL (see render_config); ``users`` are then ignored.
     ``extra_config``: lines that replace the base config's line with the same keyword, or are added.
+    ``ws_port``: also listen for MQTT over WebSocket on host:ws_port (0: a free port; ``broker.ws_port`` says which).
     """
     extra_config = list(extra_config)
     binary = find_mosquitto()
@@ -254,8 +260,9 @@ def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, por
         attempts = 1 if port is not None else 3  # a port picked by free_port() may be taken before we bind
         for attempt in range(attempts):
             chosen = port if port is not None else free_port(host)
+            ws = (ws_port or free_port(host)) if ws_port is not None else None
             (workdir / "mosquitto.conf").write_text(render_config(base, host=host, port=chosen, workdir=workdir,
-                                                                  open_=open_, extra=extra_config),
+                                                                  open_=open_, extra=extra_config, ws_port=ws),
                                                     encoding="utf-8")
             for path in (workdir, workdir / "data", workdir / "acl", workdir / "passwd", workdir / "mosquitto.conf"):
                 if not path.exists():
@@ -263,7 +270,7 @@ def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, por
                 os.chmod(path, 0o700 if path.is_dir() else 0o600)
                 if owner is not None:
                     os.chown(path, *owner)
-            broker = Mosquitto(host, chosen, workdir, binary, owner)
+            broker = Mosquitto(host, chosen, workdir, binary, owner, ws_port=ws)
             try:
                 return broker.start(timeout)
             except RuntimeError:
@@ -294,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open", action="store_true",
                         help="anonymous clients allowed, no password file, no ACL: an INSECURE broker, as Mosquitto's "
                              "defaults leave it (to try `python -m backend doctor` or the worker's warning)")
+    parser.add_argument("--ws-port", type=int, default=None,
+                        help="also listen for MQTT over WebSocket on this port (0: a free one), for the web client")
     parser.add_argument("--set", action="append", default=[], metavar="'KEYWORD VALUE'", dest="extra",
                         help="a config line replacing the base's line with that keyword (or added), e.g. "
                              "--set 'max_queued_messages 1000'; repeat for more")
@@ -302,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one --user USER:PASSWORD (anonymous clients are refused)")
     try:
         broker = start_mosquitto(args.user, port=args.port, host=args.host, config=args.config, acl=args.acl,
-                                 open_=args.open, extra_config=args.extra)
+                                 open_=args.open, extra_config=args.extra, ws_port=args.ws_port)
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return run_until_stopped(broker, f"mosquitto listening on {broker.host}:{broker.port} (pid {broker.proc.pid}); "
+    ws = f", WebSocket on {broker.ws_port}" if broker.ws_port else ""
+    return run_until_stopped(broker, f"mosquitto listening on {broker.host}:{broker.port}{ws} (pid {broker.proc.pid}); "
                                      f"files and log in {broker.workdir}", "mosquitto")
 
 

@@ -24,12 +24,13 @@ def require(available: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-def mosquitto(users: dict[str, str], extra_config: tuple[str, ...] = ()):
+def mosquitto(users: dict[str, str], extra_config: tuple[str, ...] = (), ws_port: int | None = None):
     """Start a Mosquitto with the project's config and these users (plus the worker's account);
-    ``extra_config`` lines replace the config's own (e.g. "max_queued_messages 1000")."""
+    ``extra_config`` lines replace the config's own (e.g. "max_queued_messages 1000"); ``ws_port``: also an
+    MQTT-over-WebSocket listener (0: a free port, then ``broker.ws_port``), for the web client."""
     from scripts.mosquitto import find_mosquitto, start_mosquitto
     require(find_mosquitto() is not None, "mosquitto binary not installed")
-    return start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD}, extra_config=extra_config)
+    return start_mosquitto({**users, WORKER_USER: WORKER_PASSWORD}, extra_config=extra_config, ws_port=ws_port)
 
 
 # The brokers the worker is tested beside (tests parametrised over them: chat, offline, restart, ACL matrix).

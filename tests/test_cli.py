@@ -89,7 +89,7 @@ def test_free_port_helper_is_free():
 
 
 @pytest.mark.parametrize("args, text", [
-    ([], "error: choose a command: serve, worker, user, device, group, doctor, keygen"),
+    ([], "error: choose a command: serve, worker, web, user, device, group, doctor, keygen"),
     (["group"], "error: choose a group command: list, show, create, add, remove"),
     (["user"], "error: choose a user command: add, remove, list"),
     (["device"], "error: choose a device command: list, remove"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend import core
-from backend.store import Accepted, Message, Page, Store
+from backend.store import Accepted, Entry, Message, Page, Store
 from services import MYSQL_URL, POSTGRES_URL, fresh_database
 
 
@@ -29,6 +29,28 @@ def test_store_then_duplicate_gives_first_seq(store):
     a, b = store.apply([msg("alice", "bob", "1"), msg("alice", "bob", "1")])
     assert not a.duplicate and b.duplicate and b.seq == a.seq and b.to == "bob"
     assert Message.select().count() == 1
+
+
+def test_resends_among_many_stores_are_answered_in_their_place(store):
+    # More than one entry chunk (ENTRY_CHUNK): the pairs of a chunk are inserted together, a resend found there.
+    (early,) = store.apply([msg("alice", "bob", "early")])
+    ops = []
+    for i in range(150):
+        ops.append(msg("alice", "bob", str(i)))
+        if i % 3 == 2:
+            ops.append(msg("alice", "bob", str(i - 1)))  # a resend of a message earlier in the batch
+    ops.append(msg("alice", "bob", "early"))  # a resend of a message committed before
+    out = store.apply(ops)
+    assert len(out) == len(ops)
+    first: dict[str, int] = {}
+    for op, o in zip(ops, out):
+        assert isinstance(o, core.Stored) and o.op is op
+        if op.msg_id == "early" or op.msg_id in first:
+            assert o.duplicate and o.waiting and o.seq == first.get(op.msg_id, early.seq) and o.to == "bob"
+        else:
+            assert not o.duplicate and o.devices == (("bob", ""),)
+            first[op.msg_id] = o.seq
+    assert Message.select().count() == 151 and Entry.select().count() == 151 and Accepted.select().count() == 151
 
 
 def test_duplicate_is_recognised_after_delivery(store):

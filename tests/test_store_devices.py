@@ -192,3 +192,22 @@ def test_a_database_written_before_devices_upgrades_in_place(url, tmp_path, read
     assert [r.receipt for r in done.deleted] == [True, True]
     assert [m.msg_id for m in Message.select()] == ["3"]
     db.close()
+
+
+def test_a_batch_of_many_devices_entries_spans_several_statements(url):
+    # 120 messages to 4 devices with 2 sync copies each: 720 entries, past one entry chunk (ENTRY_CHUNK) and past
+    # one plain INSERT's rows on SQLite (ENTRY_ROWS): every message gets all 6, the receiver's devices first.
+    db = fresh_database(url)
+    try:
+        store = Store(db, max_devices=4)
+        store.apply([hello("bob", d) for d in ("p", "q", "r", "s")] + [hello("alice", d) for d in ("a", "b", "c")])
+        out = store.apply([msg("alice", "bob", str(i), "a") for i in range(120)])
+        for o in out:
+            assert not o.duplicate and len(o.devices) == 6
+            assert sorted(o.devices[:4]) == [("bob", d) for d in "pqrs"]
+            assert sorted(o.devices[4:]) == [("alice", "b"), ("alice", "c")]
+        assert Entry.select().count() == 720 and Message.select().count() == 120
+        (d,) = store.apply([core.DeleteAcked("alice", tuple(o.seq for o in out), "b")])
+        assert len(d.rows) == 120 and not any(r.receipt for r in d.rows), "a sync copy's ack owes no receipt"
+    finally:
+        db.close()

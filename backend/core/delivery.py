@@ -72,19 +72,23 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
     def plan(self, inbound: list[tuple], now_ms: int) -> Plan:
         """Turn a batch of (topic, payload) into store operations and replies that need no store (errors,
         the derived user status). The announcements that are due come first (``inbound`` may be empty:
-        see announcements_due). An item may carry a third element, True for a retained replay."""
+        see announcements_due). An item may carry a third element, True for a retained replay, and a fourth,
+        ``p.parse_topic(topic)`` (the transport parsed it already: not parsed twice per packet)."""
         plan = Plan()
         self._plan_due_announcements(plan, now_ms)
         for item in inbound:
-            self._plan_one(plan, item[0], item[1], now_ms, len(item) > 2 and bool(item[2]))
+            n = len(item)
+            self._plan_one(plan, item[0], item[1], now_ms, n > 2 and bool(item[2]), item[3] if n > 3 else False)
         return plan
 
-    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int, retained: bool = False) -> None:
+    def _plan_one(self, plan: Plan, topic: str, payload: bytes, now_ms: int, retained: bool = False,
+                  parsed: p.Topic | None | bool = False) -> None:
         if topic.startswith(WORKER_TOPIC_PREFIX):
             if payload.strip() == p.WORKER_GONE:
                 self.worker_gone(now_ms)
             return
-        parsed = p.parse_topic(topic)
+        if parsed is False:  # not given
+            parsed = p.parse_topic(topic)
         if parsed is None or parsed.kind in ("inbox", "reply"):
             return  # not ours to answer: no valid uid to reply to (logged by the transport)
         uid, dev = parsed.uid, parsed.device
@@ -136,10 +140,12 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
 
     def _push_targets(self, to: str, sender: str, sender_device: str) -> frozenset[Key]:
         """The receiver's online devices and the sender's other online devices (sync copies)."""
-        out = [(to, d) for d in self._devices.get(to, ())]
-        if sender != to:
-            out += [(sender, d) for d in self._devices.get(sender, ()) if d != sender_device]
-        return frozenset(out)
+        devices = self._devices
+        mine = devices.get(sender) if sender != to else None
+        if mine and (len(mine) > 1 or sender_device not in mine):
+            return frozenset([(to, d) for d in devices.get(to, ())] + [(sender, d) for d in mine if d != sender_device])
+        # The common case: no other device of the sender's online (v1 clients, one device each).
+        return frozenset([(to, d) for d in devices.get(to, ())])
 
     def _take_token(self, uid: str, now_ms: int) -> bool:
         if self.send_rate <= 0:

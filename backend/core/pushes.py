@@ -52,8 +52,10 @@ class PushesMixin:
         # The pushes go out before the `stored` receipt: the worker's packets reach the broker in order,
         # so a sender that has its receipt (and so never resends) knows the pushes reached the broker too.
         shared = None  # the receiver's devices share one push dict (never mutated): built and encoded once
-        for uid, dev in o.devices or ((op.to, ""),):
-            if (uid, dev) in op.push_to and self.is_online(uid, dev):
+        push_to, online = op.push_to, self._devices
+        for key in o.devices or ((op.to, ""),):
+            uid, dev = key
+            if key in push_to and dev in online.get(uid, ()):  # planned for it, and still online (is_online)
                 if uid == op.to:
                     if shared is None:
                         shared = push_payload(o.seq, op.msg_id, op.sender, op.to, op.type, op.content, op.sent_at, op.ts)

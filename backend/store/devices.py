@@ -53,11 +53,11 @@ class DeviceStore:
         """Make sure the device an operation comes from is registered (its first contact registers it) and
         note it was seen (at most once a DEVICE_SEEN_S per worker). Returns a refusal (too_many_devices) or
         None; appends DeviceReset when a removed device comes back."""
-        uid, device = op.origin
-        key = (uid, device)
+        key = op.origin
         mono = time.monotonic()
         if self._seen.get(key, 0.0) > mono:
             return None
+        uid, device = key
         now = now_ms()
         if Device.update(last_seen=now).where((Device.uid == uid) & (Device.device == device)).execute() or \
                 Device.select().where((Device.uid == uid) & (Device.device == device)).exists():

@@ -5,7 +5,6 @@ pages with cursors, sealed content). Devices, last statuses and housekeeping are
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 import time
@@ -31,9 +30,12 @@ log = logging.getLogger("backend.store")
 # seconds, as a message sent just before the removal would have been.
 KNOWN_CACHE_S = 10.0
 KNOWN_CACHE_MAX = 100_000
-# Messages whose entries one statement writes: each is a 3-term compound SELECT with 9 parameters, and SQLite
-# allows 500 terms and (before 3.32) 999 parameters: 100 stays below both.
+# Messages whose (sender, msg_id) pairs and entries are written together: SQLite allows (before 3.32) 999 parameters
+# and 500 compound terms; 100 messages take 500 parameters for their pairs (_accept), at most 200 uids for their
+# devices' look-up, and on PostgreSQL at most 100 terms and 700 parameters for the entries (_entries_returning).
 ENTRY_CHUNK = 100
+# Entry rows one plain INSERT writes (SQLite, _entries_one_writer): 3 parameters each, below the old limit of 999.
+ENTRY_ROWS = 300
 # Operations that check their device in the database, never in the worker's cache (sends and acks do, for speed):
 # a device removed elsewhere hears it at its next count, pull or push registration, not a minute later.
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
@@ -66,9 +68,15 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         self._typing_cache: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (until, members): groups.py
         self._returning = _returning_delete(db)
         self._mysql = isinstance(db, pw.MySQLDatabase)
+        self._one_writer = isinstance(db, pw.SqliteDatabase)
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
         self._seen: dict[tuple[str, str], float] = {}  # (uid, device) -> registered, last_seen fresh until
         self._deferred: list | None = None  # inside apply(): messages whose entries are not written yet
+        # A resend is found by its failed insert into `accepted` (the message row inserted just before is then
+        # deleted): one statement less per message than looking it up first, and inside apply() the pairs of the
+        # messages stored in a row are inserted together (_accept). With a quota or known accounts the look-up
+        # comes first and each pair is inserted at once, so a resend is answered `duplicate` rather than refused.
+        self._look_first = bool(self.quota or known_accounts)
 
     def apply(self, ops: Iterable[core.Operation]) -> list[core.Outcome]:
         """Run the operations in one transaction; the caller publishes only after this returns. Outcomes
@@ -78,9 +86,10 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         with self.db.atomic():
             self._lock_groups(ops)
             out: list[core.Outcome] = []
-            # Entries of the messages stored in a row are written together (_write_entries): one statement
-            # for up to ENTRY_CHUNK messages instead of one each. Written before any other operation, and
-            # before a device is registered, so every operation sees the entries of the messages before it.
+            # The (sender, msg_id) pairs and entries of the messages stored in a row are written together
+            # (_write_entries): one statement each for up to ENTRY_CHUNK messages instead of one each. Written
+            # before any other operation, and before a device is registered, so every operation sees the
+            # messages before it as they will be committed.
             self._deferred = [] if not self._mysql else None
             try:
                 for op in ops:
@@ -104,22 +113,95 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
     def _write_entries(self, out: list[core.Outcome]) -> None:
         """Write the deferred messages' entries (``self._deferred``: [index in out, op, seq]) and give each
         Stored outcome its devices: the receiver's devices registered now, or its default device, and the
-        sender's other devices (sync copies), receiver's first."""
+        sender's other devices (sync copies), receiver's first. The messages of one receiver, sender and sending
+        device share their targets: looked up once for them all (a look-up per message was two thirds of the
+        entries' time: bench profile)."""
         deferred, self._deferred = self._deferred, []
         for i in range(0, len(deferred), ENTRY_CHUNK):
-            chunk = deferred[i:i + ENTRY_CHUNK]
-            sql = self._sql["entries_many"]
-            text = "INSERT INTO entry (seq, uid, device) " + " UNION ALL ".join([sql] * len(chunk)) \
-                + " RETURNING seq, uid, device"
-            params = [x for _, op, seq in chunk
-                      for x in (seq, op.to, seq, op.to, op.to, seq, op.sender, op.sender_device, op.to)]
-            by_seq: dict[int, list[tuple[str, str]]] = {}
-            for seq, uid, device in self.db.execute_sql(text, params).fetchall():
-                by_seq.setdefault(seq, []).append((uid, device))
+            chunk = deferred[i:i + ENTRY_CHUNK] if self._look_first else self._accept(deferred[i:i + ENTRY_CHUNK], out)
+            if not chunk:
+                continue
+            groups: dict[tuple[str, str, str], list[int]] = {}
+            for _, op, seq in chunk:
+                key = (op.to, op.sender, op.sender_device)
+                seqs = groups.get(key)
+                if seqs is None:
+                    groups[key] = [seq]
+                else:
+                    seqs.append(seq)
+            by_seq = self._entries_one_writer(groups) if self._one_writer else self._entries_returning(groups)
             for index, op, seq in chunk:
-                devices = by_seq.get(seq, [])
-                devices.sort(key=lambda k: k[0] != op.to)
-                out[index] = dataclasses.replace(out[index], devices=tuple(devices))
+                out[index] = core.Stored(op, seq, devices=by_seq.get(seq, ()))
+
+    def _entries_returning(self, groups: dict[tuple[str, str, str], list[int]]) -> dict[int, tuple]:
+        """Entries of several workers' database (PostgreSQL): one statement, each group's targets joined with its
+        seqs, the devices read back from what it inserted (one snapshot: exactly the entries written)."""
+        q, targets = self.db.param, self._sql["targets_of"]
+        terms, params = [], []
+        for (to, sender, sender_device), seqs in groups.items():
+            terms.append(f"SELECT v.column1, t.uid, t.device FROM (VALUES {', '.join([f'({q})'] * len(seqs))}) "
+                         f"AS v, ({targets}) AS t")
+            params += seqs
+            params += (to, to, to, sender, sender_device, to)
+        text = "INSERT INTO entry (seq, uid, device) " + " UNION ALL ".join(terms) + " RETURNING seq, uid, device"
+        by_seq: dict[int, list[tuple[str, str]]] = {}
+        for seq, uid, device in self.db.execute_sql(text, params).fetchall():
+            devices = by_seq.get(seq)
+            if devices is None:
+                by_seq[seq] = [(uid, device)]
+            else:
+                devices.append((uid, device))
+        to_of = {seq: to for (to, _, _), seqs in groups.items() for seq in seqs}
+        for seq, devices in by_seq.items():
+            if len(devices) > 1:
+                devices.sort(key=lambda k: k[0] != to_of[seq])
+        return {seq: tuple(devices) for seq, devices in by_seq.items()}
+
+    def _entries_one_writer(self, groups: dict[tuple[str, str, str], list[int]]) -> dict[int, tuple]:
+        """Entries on SQLite: the devices of every uid of the chunk in one query, then plain rows. SQLite has one
+        writer and this transaction is it (it stored the messages), so nothing registers a device between the two
+        statements. Cheaper than reading back what an INSERT ... SELECT wrote (RETURNING: half its time)."""
+        q = self.db.param
+        uids = list({uid for to, sender, _ in groups for uid in (to, sender)})
+        registered: dict[str, list[str]] = {}
+        for uid, device in self.db.execute_sql(f"SELECT uid, device FROM device WHERE uid IN "
+                                               f"({', '.join([q] * len(uids))})", uids):
+            registered.setdefault(uid, []).append(device)
+        by_seq: dict[int, tuple] = {}
+        params: list = []
+        for (to, sender, sender_device), seqs in groups.items():
+            # The receiver's devices (its default device "" if it has none), then the sender's other ones.
+            targets = [(to, d) for d in registered.get(to, ("",))]
+            if sender != to:
+                targets += [(sender, d) for d in registered.get(sender, ()) if d != sender_device]
+            devices = tuple(targets)
+            for seq in seqs:
+                by_seq[seq] = devices
+                for uid, device in devices:
+                    params += (seq, uid, device)
+        row = f"({q}, {q}, {q})"
+        for i in range(0, len(params), 3 * ENTRY_ROWS):
+            part = params[i:i + 3 * ENTRY_ROWS]
+            self.db.execute_sql("INSERT INTO entry (seq, uid, device) VALUES " + ", ".join([row] * (len(part) // 3)),
+                                part)
+        return by_seq
+
+    def _accept(self, chunk: list[list], out: list[core.Outcome]) -> list[list]:
+        """Insert the (sender, msg_id) pairs of a chunk of deferred messages in one statement; a message whose
+        pair was there already (a resend, perhaps of a message earlier in the chunk, or one another worker stored
+        meanwhile) leaves the store again and is answered `duplicate` in its place. Returns the rest of the chunk."""
+        q = self.db.param
+        text = (self._sql["accept_many"] + ", ".join([f"({q}, {q}, {q}, {q}, {q})"] * len(chunk))
+                + " ON CONFLICT DO NOTHING RETURNING seq")
+        params = [x for _, op, seq in chunk for x in (op.sender, op.msg_id, op.to, seq, op.sent_at)]
+        accepted = {s for (s,) in self.db.execute_sql(text, params).fetchall()}
+        if len(accepted) == len(chunk):
+            return chunk
+        for index, op, seq in chunk:
+            if seq not in accepted:
+                self.db.execute_sql(self._sql["unstore"], (seq,))
+                out[index] = self._duplicate(op, self._first(op.sender, op.msg_id))
+        return [d for d in chunk if d[2] in accepted]
 
     def _run(self, op: core.Operation) -> core.Outcome:
         if isinstance(op, core.StoreMessage):
@@ -164,6 +246,11 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
                    f"UNION ALL SELECT {q}, {q}, ''{' FROM DUAL' if mysql else ''} "
                    f"WHERE NOT EXISTS (SELECT 1 FROM device WHERE uid = {q}) "
                    f"UNION ALL SELECT {q}, uid, device FROM device WHERE uid = {q} AND device <> {q} AND uid <> {q}")
+        # The same devices without the seq (_entries_returning joins them with several messages' seqs).
+        targets_of = (f"SELECT uid, device FROM device WHERE uid = {q} "
+                      f"UNION ALL SELECT {q}, ''{' FROM DUAL' if mysql else ''} "
+                      f"WHERE NOT EXISTS (SELECT 1 FROM device WHERE uid = {q}) "
+                      f"UNION ALL SELECT uid, device FROM device WHERE uid = {q} AND device <> {q} AND uid <> {q}")
         return {
             "first": f"SELECT seq, receiver_uid FROM accepted WHERE sender_uid = {q} AND msg_id = {q}",
             "insert": "INSERT INTO message (receiver_uid, sender_uid, msg_id, msg_type, msg_content, send_time, "
@@ -171,12 +258,16 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
                       + (" RETURNING seq" if pg else ""),
             "accept": f"{ignore} accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) "
                       f"VALUES ({q}, {q}, {q}, {q}, {q}){tail}",
+            # Several pairs (_accept; not MySQL/MariaDB, whose messages are never deferred): VALUES rows follow.
+            "accept_many": "INSERT INTO accepted (sender_uid, msg_id, receiver_uid, seq, accepted_at) VALUES ",
             "targets": targets,
             "entries": f"INSERT INTO entry (seq, uid, device) {targets}" + ("" if mysql else " RETURNING uid, device"),
-            "entries_many": targets,  # joined by UNION ALL for several messages (_write_entries)
+            "targets_of": targets_of,
             "entry": f"INSERT INTO entry (seq, uid, device) VALUES ({q}, {q}, {q})",
             "unstore": f"DELETE FROM message WHERE seq = {q}",
-            "waiting": f"SELECT 1 FROM entry WHERE seq = {q} LIMIT 1",  # (a kept message has none: history.py)
+            "waiting": f"SELECT 1 FROM message WHERE seq = {q}",
+            # With history a delivered message is kept (history.py): it waits while it has an entry.
+            "waiting_entry": f"SELECT 1 FROM entry WHERE seq = {q} LIMIT 1",
             # Pages: page_query's text, its parameters (receiver, device, [from,] limit) given per pull.
             **{f"page_{order}{'_from' if from_uid else ''}": page_query("", 1, "" if from_uid else None, order).sql()[0]
                for order in p.PULL_ORDERS for from_uid in (False, True)},
@@ -188,7 +279,12 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
     def _duplicate(self, op: core.StoreMessage, first: tuple[int, str]) -> core.Stored:
         """A `duplicate` outcome, saying whether the first message still waits (the core then makes
         sure its receiver, if online, hears of it)."""
-        waiting = self.db.execute_sql(self._sql["waiting"], (first[0],)).fetchone() is not None
+        seq = first[0]
+        if not self.history_ms:
+            waiting = self.db.execute_sql(self._sql["waiting"], (seq,)).fetchone() is not None
+        else:  # (a message earlier in this transaction has its entries written at its end)
+            waiting = any(d[2] == seq for d in self._deferred or ()) or \
+                self.db.execute_sql(self._sql["waiting_entry"], (seq,)).fetchone() is not None
         return core.Stored(op, first[0], duplicate=True, to=first[1], waiting=waiting)
 
     def _known(self, uid: str) -> bool:
@@ -204,10 +300,13 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         cache[uid] = now + KNOWN_CACHE_S
         return True
 
-    def store_message(self, op: core.StoreMessage) -> core.Outcome:
-        first = self._first(op.sender, op.msg_id)
-        if first is not None:
-            return self._duplicate(op, first)
+    def store_message(self, op: core.StoreMessage) -> core.Outcome | None:
+        """Store one message (``accepted`` decides duplicates: its (sender, msg_id) key). Inside apply() its
+        entries wait for _write_entries, and None holds its outcome's place in apply()'s list till then."""
+        if self._look_first:
+            first = self._first(op.sender, op.msg_id)
+            if first is not None:
+                return self._duplicate(op, first)
         if self.known_accounts and not self._known(op.to):
             return core.Refused(op, "unknown_receiver", f"no user '{op.to}'")
         if self.quota is not None:
@@ -222,14 +321,17 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         cur = self.db.execute_sql(sql["insert"], (op.to, op.sender, op.msg_id, op.type, content, op.sent_at, op.ts,
                                                   key_id, int(op.batch_receipts), op.sender_device))
         seq = cur.fetchone()[0] if isinstance(self.db, pw.PostgresqlDatabase) else cur.lastrowid
+        if self._deferred is not None and not self._look_first:
+            self._deferred.append([None, op, seq])  # apply() notes its index; _accept and _write_entries finish it
+            return None
         inserted = self.db.execute_sql(sql["accept"], (op.sender, op.msg_id, op.to, seq, op.sent_at)).rowcount
         if inserted != 1:
-            # Another worker stored the same (sender, msg_id) after our look-up: theirs wins.
+            # Stored before (a resend), or by another worker after our look-up: the first one wins.
             self.db.execute_sql(sql["unstore"], (seq,))
             return self._duplicate(op, self._first(op.sender, op.msg_id))
         if self._deferred is not None:
             self._deferred.append([None, op, seq])  # apply() notes its index and writes its entries
-            return core.Stored(op, seq)
+            return None
         params = (seq, op.to, seq, op.to, op.to, seq, op.sender, op.sender_device, op.to)
         if self._mysql:
             devices = [(u, d) for _, u, d in self.db.execute_sql(sql["targets"], params).fetchall()]

@@ -786,7 +786,8 @@ class Worker:
         went_offline: set[str] = set()
         came_online: set[str] = set()
         for m in msgs:
-            parsed = protocol.parse_topic(m.topic)
+            topic = m.topic  # paho decodes it at each read
+            parsed = protocol.parse_topic(topic)
             kind = parsed.kind if parsed else "invalid"
             kinds[kind] = kinds.get(kind, 0) + 1
             split = mangled_uid(m.topic) if parsed is None else None
@@ -815,9 +816,9 @@ class Worker:
                     # Maybe a departure; not a retained replay (after this worker's (re)connect): that would
                     # wake every sleeping phone again at each worker restart.
                     went_offline.add(parsed.uid)
-            inbound.append((m.topic, m.payload, m.retain))
+            inbound.append((topic, m.payload, m.retain, parsed))
         if log.isEnabledFor(logging.DEBUG):  # topics and sizes only: payloads hold message content
-            for topic, payload, _ in inbound:
+            for topic, payload, *_ in inbound:
                 log.debug("in  %s (%d bytes)", topic, len(payload))
         # A departure is a user online before this batch (or during it) whose last device left. An `offline` for
         # a user already offline is none: the worker's own derived status coming back, a repeated will.
