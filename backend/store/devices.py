@@ -59,8 +59,11 @@ class DeviceStore:
             return None
         uid, device = key
         now = now_ms()
-        if Device.update(last_seen=now).where((Device.uid == uid) & (Device.device == device)).execute() or \
-                Device.select().where((Device.uid == uid) & (Device.device == device)).exists():
+        if Device.select().where((Device.uid == uid) & (Device.device == device)).exists():
+            # Its last_seen is written at the transaction's end, in key order (_write_last_seen): written here, its
+            # row lock taken amid the acks' message locks deadlocked with another worker's batch taking them in
+            # the other order (PostgreSQL, three workers, every member of a group acking one message).
+            self._last_seen[key] = now
             self._note_seen(key, mono)
             return None
         if isinstance(op, core.CountBacklog) and not op.register:
@@ -83,6 +86,12 @@ class DeviceStore:
             Entry.update(device=device).where((Entry.uid == uid) & (Entry.device == "")).execute()
         self._note_seen(key, mono)
         return None
+
+    def _write_last_seen(self) -> None:
+        """The last_seen updates of this transaction's devices, in (uid, device) order (see _register)."""
+        seen, self._last_seen = self._last_seen, {}
+        for (uid, device), at in sorted(seen.items()):
+            Device.update(last_seen=at).where((Device.uid == uid) & (Device.device == device)).execute()
 
     def _note_seen(self, key: tuple[str, str], mono: float) -> None:
         if len(self._seen) > DEVICE_SEEN_MAX:

@@ -213,7 +213,9 @@ class GroupStore:
         now = now_ms()
         inserted = self.db.execute(Group.insert(gid=r.group, name=r.name, owner=uid, history=int(r.history), gseq=0,
                                                 members=len(members), created_at=now).on_conflict_ignore()).rowcount
-        if not inserted:  # another worker created it this instant
+        if not inserted:  # another worker created it this instant: the same request resent, or another user's
+            if Group.select(Group.owner).where(Group.gid == r.group).scalar() == uid:
+                return core.GroupAnswered(op, self._state(op, r.group))
             return core.Refused(op, "group_exists", f"group '{r.group}' exists; choose another id")
         gseq, _ = self._bump(r.group)
         self._insert_members(r.group, members, {uid: "owner"}, gseq, now)

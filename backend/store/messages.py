@@ -72,6 +72,7 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         self._known_cache: dict[str, float] = {}  # uid -> known until (monotonic s)
         self._seen: dict[tuple[str, str], float] = {}  # (uid, device) -> registered, last_seen fresh until
         self._deferred: list | None = None  # inside apply(): messages whose entries are not written yet
+        self._last_seen: dict[tuple[str, str], int] = {}  # inside apply(): devices seen, written at its end
         # A resend is found by its failed insert into `accepted` (the message row inserted just before is then
         # deleted): one statement less per message than looking it up first, and inside apply() the pairs of the
         # messages stored in a row are inserted together (_accept). With a quota or known accounts the look-up
@@ -106,8 +107,10 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
                         self._deferred[-1][0] = len(out) - 1
                 if self._deferred:
                     self._write_entries(out)
+                self._write_last_seen()
             finally:
                 self._deferred = None
+                self._last_seen = {}
             return out
 
     def _write_entries(self, out: list[core.Outcome]) -> None:
