@@ -290,3 +290,22 @@ def test_group_typing_reaches_online_member_devices_and_writes_nothing(srv):
     assert srv.batch([(p.req_topic("mallory"), json.dumps({"op": "typing", "group": "team"}).encode())]) == [], \
         "a non-member's notice goes nowhere"
     assert [m.select().count() for m in (Message, Entry, Member)] == counts
+
+
+def test_acks_of_many_devices_in_one_batch_count_each_member_once(srv):
+    """The acks of one transaction go in one statement set (Store.delete_many): the same outcomes as one by one."""
+    create(srv, members=("bob", "carol", "dave"))
+    for uid, dev in (("bob", "phone"), ("bob", "laptop"), ("carol", ""), ("dave", ""), ("alice", "")):
+        srv.online(uid, dev)
+    out = srv.send("alice", {"msg_id": "g1", "group": "team", "content": "to all", "receipts": "batch"})
+    seq = [x.payload for x in out if x.topic == p.inbox_topic("carol")][0]["seq"]
+    out = srv.send("alice", {"msg_id": "d1", "to": "bob", "content": "to bob's two devices"})
+    dseq = [x.payload for x in out if x.topic == p.inbox_topic("bob", "phone")][0]["seq"]
+    acks = [(p.ack_topic(u, d), json.dumps({"seqs": [seq] + ([dseq] if u == "bob" else [])}).encode())
+            for u, d in (("bob", "phone"), ("bob", "laptop"), ("carol", ""), ("dave", ""))]
+    pubs = srv.batch(acks)
+    receipts = [r for x in pubs if x.topic == p.reply_topic("alice") for r in x.payload.get("receipts", [x.payload])]
+    assert [(r["msg_id"], r["status"], r.get("delivered"), r.get("members")) for r in receipts
+            if r["status"] == "delivered"] == [("d1", "delivered", None, None), ("g1", "delivered", 3, 3)], receipts
+    assert not Entry.select().where(Entry.seq.in_([seq, dseq])).exists(), "every device acked (alice sent from hers)"
+    assert MemberReceipt.select().count() == 0 and not Message.select().where(Message.seq.in_([seq, dseq])).exists()

@@ -87,6 +87,10 @@ class DeviceStore:
         self._note_seen(key, mono)
         return None
 
+    def _seen_fresh(self, key: tuple[str, str]) -> bool:
+        """Was this device registered and its last_seen noted lately (its next operation needs no registration)?"""
+        return self._seen.get(key, 0.0) > time.monotonic()
+
     def _write_last_seen(self) -> None:
         """The last_seen updates of this transaction's devices, in (uid, device) order (see _register)."""
         seen, self._last_seen = self._last_seen, {}

@@ -35,6 +35,8 @@ EVENT_ENTRY_CHUNK = 300
 # query); a member added or removed meanwhile may miss, or see, a few seconds of "typing...".
 TYPING_MEMBERS_CACHE_S = 5.0
 TYPING_MEMBERS_CACHE_MAX = 10_000
+# Member acks one INSERT notes: 3 parameters each, under SQLite's old 999-parameter limit.
+MEMBER_ACK_CHUNK = 300
 # Uids per IN list when looking members' devices up (SQLite's old 999-parameter limit).
 UID_CHUNK = 500
 
@@ -151,9 +153,22 @@ class GroupStore:
         members = cached[1]
         return core.TypingMembers(op, tuple(sorted(members)) if op.uid in members else ())
 
-    def member_acked(self, seq: int, uid: str) -> bool:
-        """Note that a member acked a group message; True the first time (its first device)."""
-        return self.db.execute_sql(self._gsql["member_acked"], (seq, uid, now_ms())).rowcount == 1
+    def members_acked(self, pairs: list[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Note that members acked group messages ((seq, uid) pairs); returns those noted now for the first time
+        (the member's first device). One statement per MEMBER_ACK_CHUNK pairs where INSERT has RETURNING."""
+        now = now_ms()
+        if not self._returning:  # MariaDB/MySQL (and old SQLite): one INSERT IGNORE each, its row count tells
+            return {(seq, uid) for seq, uid in pairs
+                    if self.db.execute_sql(self._gsql["member_acked"], (seq, uid, now)).rowcount == 1}
+        q = self.db.param
+        out: set[tuple[int, str]] = set()
+        for i in range(0, len(pairs), MEMBER_ACK_CHUNK):
+            chunk = pairs[i:i + MEMBER_ACK_CHUNK]
+            values = ", ".join([f"({q}, {q}, {q})"] * len(chunk))
+            out.update((int(s), u) for s, u in self.db.execute_sql(
+                f"INSERT INTO member_receipt (seq, uid, at) VALUES {values} ON CONFLICT DO NOTHING RETURNING seq, uid",
+                [x for seq, uid in chunk for x in (seq, uid, now)]).fetchall())
+        return out
 
     # -- requests -------------------------------------------------------------
     def group_request(self, op: core.GroupOp) -> core.Outcome:
