@@ -349,6 +349,26 @@ def push_endpoint_problem(url: Any) -> str | None:
     return None
 
 
+def _conversation_target(obj: dict[str, Any], user_field: str, ids: dict[str, str | None]) -> tuple[str, bool]:
+    """The conversation a payload names: ``user_field`` (``to``, ``with``: a uid) or ``group`` (a group id), not
+    both. Returns (the uid or group id, whether it is a group)."""
+    group = obj.get("group")
+    if group is not None:
+        if user_field in obj:
+            raise ProtocolError("bad_field", f"give '{user_field}' (a user) or 'group', not both", **ids)
+        if not valid_group(group):
+            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
+        return group, True
+    if user_field not in obj:
+        raise ProtocolError("missing_field", f"'{user_field}' (or 'group') is required", **ids)
+    target = obj[user_field]
+    if not isinstance(target, str):
+        raise ProtocolError("bad_field", f"'{user_field}' must be a string", **ids)
+    if not valid_uid(target):
+        raise ProtocolError("bad_uid", f"'{user_field}' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    return target, False
+
+
 def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
     obj = decode_object(payload)
     raw_id = obj.get("msg_id")
@@ -362,21 +382,8 @@ def parse_send(payload: bytes, content_max: int = CONTENT_MAX) -> Send:
         raise ProtocolError("bad_field", "'msg_id' is not valid Unicode")
     if _utf8_len(raw_id) > MSG_ID_MAX:
         raise ProtocolError("too_long", f"'msg_id' must be at most {MSG_ID_MAX} bytes")
-    group = obj.get("group")
-    if group is not None:
-        if "to" in obj:
-            raise ProtocolError("bad_field", "give 'to' (a user) or 'group', not both", **ids)
-        if not valid_group(group):
-            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
-        to = group
-    elif "to" not in obj:
-        raise ProtocolError("missing_field", "'to' (or 'group') is required", **ids)
-    else:
-        to = obj["to"]
-        if not isinstance(to, str):
-            raise ProtocolError("bad_field", "'to' must be a string", **ids)
-        if not valid_uid(to):
-            raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    to, is_group = _conversation_target(obj, "to", ids)
+    group = to if is_group else None
     msg_type = _string(obj, "type", TYPE_MAX, required=False, default="text", **ids)
     if not msg_type:
         raise ProtocolError("bad_field", "'type' must not be empty", **ids)
@@ -521,25 +528,11 @@ def parse_typing(obj: dict[str, Any]) -> TypingRequest:
     raw = obj.get("req_id")
     req_id = raw if isinstance(raw, str) and 0 < _utf8_len(raw) <= REQ_ID_MAX else None
     ids = {"req_id": req_id}
-    group = obj.get("group")
-    if group is not None:
-        if "to" in obj:
-            raise ProtocolError("bad_field", "give 'to' (a user) or 'group', not both", **ids)
-        if not valid_group(group):
-            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
-        to = group
-    elif "to" not in obj:
-        raise ProtocolError("missing_field", "'to' (or 'group') is required", **ids)
-    else:
-        to = obj["to"]
-        if not isinstance(to, str):
-            raise ProtocolError("bad_field", "'to' must be a string", **ids)
-        if not valid_uid(to):
-            raise ProtocolError("bad_uid", "'to' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    to, is_group = _conversation_target(obj, "to", ids)
     state = obj.get("state") or "typing"  # null means absent
     if state not in TYPING_STATES:
         raise ProtocolError("bad_field", "'state' must be \"typing\" or \"stopped\"", **ids)
-    return TypingRequest(to=to, state=state, req_id=req_id, group=group is not None)
+    return TypingRequest(to=to, state=state, req_id=req_id, group=is_group)
 
 
 def parse_conversation(op: str, obj: dict[str, Any], req_id: str) -> ReadRequest | SettingsRequest:
@@ -550,21 +543,8 @@ def parse_conversation(op: str, obj: dict[str, Any], req_id: str) -> ReadRequest
         if value is not None and not isinstance(value, bool):
             raise ProtocolError("bad_field", "'read_receipts' must be true or false", **ids)
         return SettingsRequest(req_id=req_id, read_receipts=value)
-    kind = "u"
-    if obj.get("group") is not None:
-        if "with" in obj:
-            raise ProtocolError("bad_field", "give 'with' (a user) or 'group', not both", **ids)
-        peer, kind = obj["group"], "g"
-        if not valid_group(peer):
-            raise ProtocolError("bad_group", "'group' must be 1-32 characters of A-Z a-z 0-9 _ -", **ids)
-    elif "with" not in obj:
-        raise ProtocolError("missing_field", "'with' (or 'group') is required", **ids)
-    else:
-        peer = obj["with"]
-        if not isinstance(peer, str):
-            raise ProtocolError("bad_field", "'with' must be a string", **ids)
-        if not valid_uid(peer):
-            raise ProtocolError("bad_uid", "'with' must be 1-50 characters of A-Z a-z 0-9 _ . -", **ids)
+    peer, is_group = _conversation_target(obj, "with", ids)
+    kind = "g" if is_group else "u"
     if "seq" not in obj:
         raise ProtocolError("missing_field", "'seq' is required", **ids)
     seq = obj["seq"]
