@@ -350,6 +350,12 @@ class IMClient:
             return
         if self.receiver:
             self._online_info = client.publish(p.status_topic(self.uid, self.device), p.ONLINE, qos=1, retain=True)
+            if not self.device:
+                # The default device's `online` on im/status/{uid} does not register it when the user has
+                # device-aware devices (it may be the worker's own derived word: docs/PROTOCOL.md 12.4); a request
+                # does. Without it a client that only receives would get nothing stored for the user meanwhile.
+                client.publish(p.req_topic(self.uid), p.encode({"op": "count", "req_id": f"{self._prefix}-hello"}),
+                               qos=1)
             if self._ready.is_set() and self.auto_sync:
                 # paho reconnected by itself: whatever waited meanwhile (pushes to a dead connection
                 # included) is pulled now, without waiting for the announcement our `online` triggers.

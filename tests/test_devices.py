@@ -228,3 +228,16 @@ def test_a_device_removed_by_housekeeping_is_told_when_it_returns(kind, tmp_path
         assert _devices_of(s.db_url, "bob") == ["old"], "registered afresh"
     finally:
         s.close()
+
+
+def test_a_receive_only_v1_client_beside_a_device_aware_device_gets_its_messages(system, made):
+    """The new-user trial: bob used the web page (a device-aware device), then a plain client (the default device)
+    that only receives. Its `online` alone does not register it (it may be the worker's own derived word); the
+    reference client's count at connection does, so what is sent meanwhile reaches it."""
+    tab = system.client("erin", "web-tab")
+    tab.close()
+    plain = system.client("erin")
+    alice = system.client("alice", receiver=False)
+    made += [plain, alice]
+    assert alice.send("erin", "to the plain client").wait(10)["status"] == "stored"
+    assert plain.wait_for_messages(1, 10), "a plain client that only receives still gets what is sent to its user"
