@@ -536,6 +536,9 @@ def _group(args: argparse.Namespace) -> int:
     if bad:
         print(f"error: {bad[0]!r} is not a uid (1-50 characters of A-Z a-z 0-9 _ . -)", file=sys.stderr)
         return 2
+    if args.group_command == "create" and group is not None:
+        print(f"error: group {args.group!r} exists (owner {group.owner}); see `group show {args.group}`", file=sys.stderr)
+        return 1
     actor = args.owner if args.group_command == "create" else group.owner
     if args.group_command == "show":
         op = "group_members"
@@ -544,6 +547,13 @@ def _group(args: argparse.Namespace) -> int:
         op, fields = "group_create", {"members": tuple(args.members), "name": args.name or args.group}
     else:
         op, fields = f"group_{args.group_command}", {"members": tuple(dict.fromkeys(args.members))}
+    if group is not None and args.group_command in ("add", "remove"):
+        from .store import Member
+        have = {u for (u,) in Member.select(Member.uid).where(Member.gid == args.group).tuples()}
+        for uid in args.members:
+            if (uid in have) == (args.group_command == "add"):
+                print(f"note: {uid} {'is already' if uid in have else 'is not'} a member of {args.group}",
+                      file=sys.stderr)
     request = protocol.GroupRequest(req_id="cli", op=op, group=args.group, **fields)
     with db.atomic():
         (out,) = store.apply([core.GroupOp(actor, "cli", "", request)])
@@ -713,8 +723,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if _metrics_port_taken(args):
         return 2
+    # The web page's and the WebSocket's ports say which flag to change; the MQTT ports, that a broker may be there.
+    other = {p: f for p, f in ((args.ws_port, "--ws-port"), (args.web_port, "--web-port"), (args.tls_port, "--tls-port"))
+             if p is not None}
     for port in _listeners(args).ports() + ([args.web_port] if args.web_port is not None else []):
         if port_in_use(args.host, port):
+            if port in other and port != args.port:
+                print(f"error: port {port} ({other[port]}) is already in use; pick a free one with {other[port]}",
+                      file=sys.stderr)
+                return 2
             print(f"error: port {port} is already in use (another MQTT broker?). Pick a free one with "
                   f"--port, or run the worker beside that broker: {self_command()} worker "
                   f"--broker mqtt://127.0.0.1:{port} --database-url {args.database_url}", file=sys.stderr)

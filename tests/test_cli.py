@@ -54,6 +54,19 @@ def test_serve_on_a_taken_port_says_so_in_one_line(db_url):
     assert len(lines) == 1 and "already in use" in lines[0] and f"{sys.executable} -m backend worker --broker" in lines[0]
 
 
+@pytest.mark.parametrize("flag", ["--ws-port", "--web-port"])
+def test_a_taken_web_or_websocket_port_names_its_flag(db_url, flag):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        ports = {"--port": free_port(), "--ws-port": free_port(), "--web-port": free_port(), flag: taken}
+        r = run_cli("serve", "--host", "127.0.0.1", *[x for kv in ports.items() for x in (kv[0], str(kv[1]))],
+                    "--database-url", db_url)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: port {taken} ({flag}) is already in use; pick a free one with {flag}"
+
+
 def test_serve_stops_cleanly_on_ctrl_c(db_url, clients):
     add_users(db_url, "alice")
     srv = Server(db_url).start()
@@ -300,6 +313,8 @@ def test_group_create_show_add_remove_list(db_url):
     r = run_cli("group", "show", "nothere", "--database-url", db_url)
     assert r.returncode == 1 and r.stderr.strip() == "error: no group 'nothere'; see `group list`"
     r = run_cli("group", "create", "team", "zed", "--database-url", db_url)
-    assert r.returncode == 1 and r.stderr.strip() == "error: group 'team' exists; choose another id"
+    assert r.returncode == 1 and r.stderr.strip() == "error: group 'team' exists (owner alice); see `group show team`"
+    r = run_cli("group", "remove", "team", "zed", "--database-url", db_url)
+    assert r.returncode == 0 and r.stderr.strip() == "note: zed is not a member of team"
     r = run_cli("group", "create", "bad.id", "alice", "--database-url", db_url)
     assert r.returncode == 2 and "1-32 characters" in r.stderr and "Traceback" not in r.stderr

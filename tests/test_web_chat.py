@@ -104,6 +104,9 @@ def test_two_browsers_chat_online_and_offline(web, tabs, users):
     alice, bob, *_ = users
     a = tabs(web.url).login(alice, pw(alice))
     b = tabs(web.url).login(bob, pw(bob))
+    # no conversation open: no composer to type into (the new-user trial typed into one, and the text went to
+    # the next conversation opened)
+    assert not a.el("#composer").is_displayed()
     a.open_chat(bob)
     a.send("hello bob")
     # bob's tab (in the background) gets the push and acks it: alice sees delivered

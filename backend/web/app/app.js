@@ -55,6 +55,7 @@ async function login(uid, password, resume = false) {
   if (resume) enter(client);
   if (await first === "refused") {
     $("login-error").textContent = "Wrong user id or password.";
+    $("status").textContent = "";
     sessionStorage.removeItem(SESSION);
     if (resume) { await client.close(); location.reload(); }
     return;
@@ -208,7 +209,9 @@ function drawMessage(c, m) {
     state.dataset.state = m.state || "stored";
     li.dataset.state = m.state || "stored";
     const label = { sending: "sending…", stored: "sent", delivered: "delivered", read: "read", failed: "not sent" }[m.state || "stored"];
-    const group = m.state === "read" ? "" : (m.progress ? ` to ${m.progress[0]} of ${m.progress[1]}` : "") +
+    // In a group: "delivered to k of n", "read by k of n" (all read: "read by n of n").
+    const group = m.state === "read" ? (m.readBy ? ` by ${m.readBy[0]} of ${m.readBy[1]}` : "") :
+      (m.progress ? ` to ${m.progress[0]} of ${m.progress[1]}` : "") +
       (m.readBy ? `, read by ${m.readBy[0]} of ${m.readBy[1]}` : "");
     state.textContent = ` · ${label}${group}`;
     meta.append(state);
