@@ -10,7 +10,6 @@ from typing import Any
 
 from .. import protocol as p
 from .events import GROUP_EVENT_TYPE, DeletedRow, GroupAnswered, Key, Publish, Stored, push_payload
-from .receipts import RECEIPTS_PER_PAYLOAD_MAX
 
 # A sender's "delivered to k of n" for a group message is coalesced this long: a 1,000-member group acks within
 # a second or two, and one receipt a second per message is what a progress display needs (not one per member).
@@ -91,16 +90,6 @@ class GroupsMixin:
             self._progress[key] = (now_ms + GROUP_RECEIPT_DELAY_MS, {slot: receipt})
         else:
             held[1][slot] = receipt
-
-    def _flush_progress(self, now_ms: int | None) -> list[Publish]:
-        """The coalesced group receipts that are due (all with ``now_ms`` None), as `receipts` payloads."""
-        if not self._progress:
-            return []
-        out = []
-        for key in [k for k, (at, _) in self._progress.items() if now_ms is None or at <= now_ms]:
-            items, n = list(self._progress.pop(key)[1].values()), RECEIPTS_PER_PAYLOAD_MAX
-            out += [Publish(p.reply_topic(*key), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
-        return out
 
     def group_offline_members(self, o: Stored | GroupAnswered) -> set[str]:
         """The members a group message or membership change was stored for none of whose devices is online

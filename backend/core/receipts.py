@@ -19,20 +19,26 @@ RECEIPT_DELAY_MS = 10
 RECEIPTS_PER_PAYLOAD_MAX = 1000
 
 
+def _due_payloads(table: dict[Key, tuple[int, Any]], now_ms: int | None, items_of) -> list[Publish]:
+    """Pop the senders of ``table`` (sender device -> (due ms, what it holds)) that are due, and make their
+    ``receipts`` payloads (``items_of`` gives the receipts a sender holds), RECEIPTS_PER_PAYLOAD_MAX each."""
+    out = []
+    for key in [k for k, (at, _) in table.items() if now_ms is None or at <= now_ms]:
+        items, n = items_of(table.pop(key)[1]), RECEIPTS_PER_PAYLOAD_MAX
+        out += [Publish(p.reply_topic(*key), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
+    return out
+
+
 class ReceiptsMixin:
     """The receipt half of Delivery (``self._held``, ``self.receipt_delay_ms``...)."""
 
     def flush_receipts(self, now_ms: int | None = None) -> list[Publish]:
         """The held batched receipts that are due (all of them with ``now_ms`` None), one payload per sender;
-        then the coalesced group receipts that are due (core/groups.py)."""
-        if not self._held:
-            return self._flush_progress(now_ms)
-        due = [s for s, (at, _) in self._held.items() if now_ms is None or at <= now_ms]
-        out = []
-        for s in due:
-            items, n = self._held.pop(s)[1], RECEIPTS_PER_PAYLOAD_MAX
-            out += [Publish(p.reply_topic(*s), p.receipts(items[i:i + n])) for i in range(0, len(items), n)]
-        return out + self._flush_progress(now_ms)
+        then the coalesced group receipts that are due (``self._progress``, core/groups.py)."""
+        out = _due_payloads(self._held, now_ms, list) if self._held else []
+        if self._progress:
+            out += _due_payloads(self._progress, now_ms, lambda by_slot: list(by_slot.values()))
+        return out
 
     @staticmethod
     def _receipt(out: list[Publish], batched: dict[Key, list[dict[str, Any]]], sender: Key, batch: bool,

@@ -20,7 +20,8 @@ import peewee as pw
 from .. import core
 from ..core import reads
 from .groups import group_receiver
-from .models import Accepted, Device, Group, Member, Message, ReadMarker, UserSettings, now_ms
+from .queries import _chunks
+from .models import Accepted, Group, Member, Message, ReadMarker, UserSettings, now_ms
 
 # Conversations one count answer lists in `unread` at most, the most recent first: a user with thousands of
 # conversations with unread messages still gets a count well under 1 MiB (an entry is about 60 bytes).
@@ -75,15 +76,12 @@ class ConversationStore:
                 members = (Group.select(Group.members).where(Group.gid == gid).scalar() or 1) - 1
                 # (the gseq of those still stored; a receipt of one that left the store has none: its sender knows
                 # it from the stored receipt)
-                gseqs = dict(Message.select(Message.seq, Message.gseq).where(
-                    Message.seq.in_([s for _, _, s in read])).tuples())
+                gseqs = {s: g for chunk in _chunks([s for _, _, s in read])
+                         for s, g in Message.select(Message.seq, Message.gseq).where(Message.seq.in_(chunk)).tuples()}
                 for sender, msg_id, seq in reversed(read):
                     k = len(ordered) - bisect.bisect_left(ordered, seq) - (markers.get(sender, 0) >= seq)
                     rows.append((sender, msg_id, int(seq), gseqs.get(seq), k, members))
-                senders = sorted({r[0] for r in rows})
-                for u, d in Device.select(Device.uid, Device.device).where(Device.uid.in_(senders)).tuples():
-                    devices_of.setdefault(u, ())
-                    devices_of[u] += (d,)
+                devices_of = {u: tuple(ds) for u, ds in self.registered_devices({r[0] for r in rows}).items()}
         return core.Marked(op, upto, upto > old, unread, receipts=receipts, group_read=tuple(rows),
                            devices_of=devices_of)
 
@@ -159,8 +157,7 @@ class ConversationStore:
                         .order_by(Accepted.seq.desc()).limit(reads.READ_RECEIPTS_MAX).tuples())
                 read = tuple((m, int(s)) for m, s in reversed(list(rows)))
                 # The `read` receipts go to every device of the sender (at most --max-devices), or its default one.
-                devices = tuple(d for (d,) in Device.select(Device.device).where(Device.uid == op.peer)
-                                .order_by(Device.device).tuples()) or ("",)
+                devices = tuple(self.registered_devices([op.peer]).get(op.peer, ("",)))
         unread = Accepted.select().where(self._conversation(op.uid, op.peer) & (Accepted.seq > upto)).count()
         return core.Marked(op, upto, upto > old, unread, read, receipts, devices)
 

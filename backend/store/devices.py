@@ -16,7 +16,7 @@ from .. import core
 from .. import protocol as p
 from .maintenance import PURGE_CHUNK
 from .models import Device, Entry, Message, RemovedDevice, now_ms
-from .queries import PAGE_FIELDS, _for_update
+from .queries import PAGE_FIELDS, _chunks, _for_update
 
 # Devices per user (--max-devices): Signal links up to 5 devices beside the phone; 10 covers a phone, a
 # tablet, two computers and several browser tabs, and bounds the entries one message costs (one per device).
@@ -103,6 +103,18 @@ class DeviceStore:
         # A short expiry age (tests, demos) shortens the period, so last_seen never lags a tenth of it.
         period = DEVICE_SEEN_S if not self.expire_after_ms else min(DEVICE_SEEN_S, self.expire_after_ms / 10_000)
         self._seen[key] = mono + period
+
+    def registered_devices(self, uids) -> dict[str, list[str]]:
+        """The registered devices of each of ``uids`` that has any (uid -> device ids, by id); a uid with none is
+        left out (its default device "" is implied: it is where its entries go)."""
+        uids = list(uids)
+        q = self.db.param
+        out: dict[str, list[str]] = {}
+        for chunk in _chunks(uids):
+            for uid, device in self.db.execute_sql(f"SELECT uid, device FROM device WHERE uid IN "
+                                                   f"({', '.join([q] * len(chunk))}) ORDER BY uid, device", chunk):
+                out.setdefault(uid, []).append(device)
+        return out
 
     def devices(self, uid: str) -> list[dict]:
         """The user's devices: [{"device", "registered_at", "last_seen" (ms), "push" (has an endpoint)}]."""

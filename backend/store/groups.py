@@ -18,8 +18,8 @@ from typing import Any
 import peewee as pw
 
 from .. import core
-from .models import GROUP_PREFIX, Device, Entry, Group, Member, MemberReceipt, Message, ReadMarker, User, now_ms
-from .queries import _aad
+from .models import GROUP_PREFIX, Entry, Group, Member, MemberReceipt, Message, ReadMarker, User, now_ms
+from .queries import _aad, _chunks
 
 # Members per group (--max-group-members): OpenIM's default (Tinode's is 128). Raising it raises the entries one
 # message writes (one per member device) and the pushes one message makes.
@@ -37,8 +37,8 @@ TYPING_MEMBERS_CACHE_S = 5.0
 TYPING_MEMBERS_CACHE_MAX = 10_000
 # Member acks one INSERT notes: 3 parameters each, under SQLite's old 999-parameter limit.
 MEMBER_ACK_CHUNK = 300
-# Uids per IN list when looking members' devices up (SQLite's old 999-parameter limit).
-UID_CHUNK = 500
+# Member rows one INSERT writes: 5 parameters each, under SQLite's old 999-parameter limit.
+MEMBER_ROWS = 100
 
 ROLE_RANK = {"member": 0, "admin": 1, "owner": 2}
 
@@ -197,8 +197,9 @@ class GroupStore:
         if r.op == "group_rename":
             if r.name == group.name:
                 return core.GroupAnswered(op, self._state(op, r.group))
-            events = [self._event(r.group, op.receiver, {"event": "renamed", "name": r.name}, extra_set={"name": r.name})]
-            return core.GroupAnswered(op, self._state(op, r.group), tuple(events))
+            Group.update(name=r.name).where(Group.gid == r.group).execute()
+            event = self._event(r.group, op.receiver, {"event": "renamed", "name": r.name})
+            return core.GroupAnswered(op, self._state(op, r.group), (event,))
         return self._set_role(op)
 
     def _role(self, gid: str, uid: str) -> str | None:
@@ -210,8 +211,8 @@ class GroupStore:
             return []
         known: set[str] = set()
         uids = list(uids)
-        for i in range(0, len(uids), UID_CHUNK):
-            known.update(u for (u,) in User.select(User.uid).where(User.uid.in_(uids[i:i + UID_CHUNK])).tuples())
+        for chunk in _chunks(uids):
+            known.update(u for (u,) in User.select(User.uid).where(User.uid.in_(chunk)).tuples())
         return [u for u in uids if u not in known]
 
     def _create(self, op: core.GroupOp) -> core.Outcome:
@@ -251,8 +252,8 @@ class GroupStore:
     def _insert_members(self, gid: str, uids: list[str], roles: dict[str, str], gseq: int, now: int) -> None:
         rows = [{"gid": gid, "uid": u, "role": roles.get(u, "member"), "joined_gseq": gseq, "joined_at": now}
                 for u in uids]
-        for i in range(0, len(rows), UID_CHUNK // 5):
-            Member.insert_many(rows[i:i + UID_CHUNK // 5]).execute()
+        for i in range(0, len(rows), MEMBER_ROWS):
+            Member.insert_many(rows[i:i + MEMBER_ROWS]).execute()
 
     def _add(self, op: core.GroupOp, group: Group) -> core.Outcome:
         r = op.request
@@ -326,8 +327,8 @@ class GroupStore:
         for device, seq in rows:
             by_device.setdefault(device, []).append(seq)
         for device, seqs in by_device.items():
-            for i in range(0, len(seqs), UID_CHUNK):
-                self._release(uid, device, seqs[i:i + UID_CHUNK])
+            for chunk in _chunks(seqs):
+                self._release(uid, device, chunk)
 
     def _set_role(self, op: core.GroupOp) -> core.Outcome:
         r = op.request
@@ -343,26 +344,20 @@ class GroupStore:
         event = self._event(r.group, op.receiver, {"event": "role", "member": r.member, "role": r.role}, gseq=gseq)
         return core.GroupAnswered(op, self._state(op, r.group), (event,))
 
-    def _event(self, gid: str, by: str, event: dict[str, Any], *, gseq: int | None = None, also: list[str] = (),
-               extra_set: dict[str, Any] | None = None) -> core.GroupEvent:
+    def _event(self, gid: str, by: str, event: dict[str, Any], *, gseq: int | None = None,
+               also: list[str] = ()) -> core.GroupEvent:
         """Store a membership change as a group message (type group_event) for every member device (and those
         of ``also``: members just removed), taking the next gseq unless given one."""
         if gseq is None:
             gseq, _ = self._bump(gid)
-        if extra_set:
-            Group.update(**extra_set).where(Group.gid == gid).execute()
         event = {**event, "by": by}
-        uids = [u for (u,) in Member.select(Member.uid).where(Member.gid == gid).tuples()] + list(also)
+        uids = self.group_member_uids(gid) + list(also)
         sent_at = now_ms()
         seq = self._insert_group_message(group_receiver(gid), by, f"event-{gseq}", core.GROUP_EVENT_TYPE,
                                          json.dumps(event, separators=(",", ":")), sent_at, None, None, False, "",
                                          gseq, 0)
-        devices: list[tuple[str, str]] = []
-        for i in range(0, len(uids), UID_CHUNK):
-            chunk = uids[i:i + UID_CHUNK]
-            found = list(Device.select(Device.uid, Device.device).where(Device.uid.in_(chunk)).tuples())
-            have = {u for u, _ in found}
-            devices += found + [(u, "") for u in chunk if u not in have]
+        registered = self.registered_devices(uids)
+        devices = [(u, d) for u in uids for d in registered.get(u, ("",))]
         rows = [(seq, u, d) for u, d in devices]
         for i in range(0, len(rows), EVENT_ENTRY_CHUNK):
             Entry.insert_many(rows[i:i + EVENT_ENTRY_CHUNK], fields=[Entry.seq, Entry.uid, Entry.device]).execute()

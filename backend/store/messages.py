@@ -21,7 +21,7 @@ from .groups import MAX_GROUP_MEMBERS, GroupStore
 from .history import DAY_MS, HISTORY_DAYS, HistoryStore
 from .maintenance import EXPIRE_AFTER_MS, MaintenanceStore
 from .models import GROUP_PREFIX, Device, Entry, Expired, Message, Page, User, now_ms
-from .queries import PAGE_FIELDS, _aad, _returning_delete, count_query, page_query
+from .queries import PAGE_FIELDS, _aad, _chunks, _returning_delete, count_query, page_query
 from .statuses import StatusStore
 
 log = logging.getLogger("backend.store")
@@ -36,14 +36,6 @@ KNOWN_CACHE_MAX = 100_000
 ENTRY_CHUNK = 100
 # Entry rows one plain INSERT writes (SQLite, _entries_one_writer): 3 parameters each, below the old limit of 999.
 ENTRY_ROWS = 300
-# Seqs per IN list: below SQLite's old limit of 999 bound parameters with room for the others.
-IN_CHUNK = 500
-
-
-def _chunks(seqs: list[int], n: int = IN_CHUNK) -> list[list[int]]:
-    return [seqs[i:i + n] for i in range(0, len(seqs), n)] if len(seqs) > n else [seqs]
-
-
 # Operations that check their device in the database, never in the worker's cache (sends and acks do, for speed):
 # a device removed elsewhere hears it at its next count, pull or push registration, not a minute later.
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
@@ -190,11 +182,7 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
         writer and this transaction is it (it stored the messages), so nothing registers a device between the two
         statements. Cheaper than reading back what an INSERT ... SELECT wrote (RETURNING: half its time)."""
         q = self.db.param
-        uids = list({uid for to, sender, _ in groups for uid in (to, sender)})
-        registered: dict[str, list[str]] = {}
-        for uid, device in self.db.execute_sql(f"SELECT uid, device FROM device WHERE uid IN "
-                                               f"({', '.join([q] * len(uids))})", uids):
-            registered.setdefault(uid, []).append(device)
+        registered = self.registered_devices({uid for to, sender, _ in groups for uid in (to, sender)})
         by_seq: dict[int, tuple] = {}
         params: list = []
         for (to, sender, sender_device), seqs in groups.items():

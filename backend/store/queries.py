@@ -12,6 +12,15 @@ from ..crypto import KeyError_, KeyRing
 from .models import Entry, KeyCheck, Message
 
 
+# Values per IN list: below SQLite's old limit of 999 bound parameters with room for the others.
+IN_CHUNK = 500
+
+
+def _chunks(values: list, n: int = IN_CHUNK) -> list[list]:
+    """``values`` in lists of at most ``n`` (one IN list each)."""
+    return [values[i:i + n] for i in range(0, len(values), n)] if len(values) > n else [values]
+
+
 def _aad(sender: str, receiver: str, msg_id: str) -> bytes:
     """Binds sealed content to its row: moved to another row, it no longer decrypts."""
     return f"{sender}\x00{receiver}\x00{msg_id}".encode("utf-8")
