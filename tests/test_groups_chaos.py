@@ -186,13 +186,20 @@ def test_every_member_device_gets_its_window_once_through_kills_and_a_broker_res
         # The observer holds every message and event of every group: the group order and the windows.
         eye = devs[(OBSERVER, "eye")]
         all_ids = {o.msg_id for _, _, o in sent}
+
+        def eye_complete() -> bool:
+            # Every message, and every membership event: each group's creation and each change (all answered
+            # above; the last change may come after the last message in its group's order, and its push may have
+            # died with a worker: then it waits for the observer's pull like any message).
+            events = {(m["group"], m["gseq"]) for m in eye.messages if m.get("type") == "group_event"}
+            return all_ids <= {m["msg_id"] for m in eye.messages} and len(events) >= len(GROUPS) + CHANGES
         end = time.monotonic() + 20
-        while not all_ids <= {m["msg_id"] for m in eye.messages} and time.monotonic() < end:
+        while not eye_complete() and time.monotonic() < end:
             try:
                 eye.client.drain(limit=200)
             except (TimeoutError, RuntimeError):
                 pass
-            eye.client.wait_for(lambda: all_ids <= {m["msg_id"] for m in eye.messages}, 1.0)
+            eye.client.wait_for(eye_complete, 1.0)
         gseq = {m["msg_id"]: (m["group"], m["gseq"]) for m in eye.messages if m.get("type") != "group_event"}
         assert all_ids <= set(gseq), f"the observer misses {len(all_ids - set(gseq))} group messages"
         windows = {g: _windows([m for m in eye.messages if m.get("type") == "group_event" and m["group"] == g])
