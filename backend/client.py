@@ -482,7 +482,7 @@ class IMClient:
                     self._note_conversation(obj)
                 elif kind == "count" and isinstance(obj.get("read_by"), dict):
                     for peer, seq in obj["read_by"].items():  # what `read` receipts said while we were away
-                        self._peer_read({"to": peer, "seq": seq})
+                        self._peer_read({"to": peer, "seq": seq}, catch_up=True)
                     for peer, n in (obj.get("unread") or {}).items():
                         if isinstance(n, int):
                             self.unread[peer] = n
@@ -511,14 +511,17 @@ class IMClient:
                     self._sync_wanted = True
             self._lock.notify_all()
 
-    def _peer_read(self, obj: dict[str, Any]) -> None:
+    def _peer_read(self, obj: dict[str, Any], catch_up: bool = False) -> None:
         """A `read` receipt: the peer read this message, and (the marker only moves forward) every earlier one we
-        sent it. Lock held."""
+        sent it. ``catch_up`` (a count's ``read_by``): mark the outgoing messages even if the marker did not move
+        (an app's outbox restored after the receipts came in). Lock held."""
         peer, seq = obj.get("to"), obj.get("seq")
         if not isinstance(peer, str) or not isinstance(seq, int):
             return
         if seq <= self.peer_read.get(peer, 0):
-            return
+            if not catch_up:
+                return
+            seq = self.peer_read[peer]
         self.peer_read[peer] = seq
         for out in self._by_msg_id.values():
             r = out.receipt

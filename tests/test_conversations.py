@@ -183,3 +183,18 @@ def test_typing_dropped_by_the_rate_limit_is_counted_in_the_metrics(db_url, made
     assert eventually(lambda: metric("im_typing_dropped_total") >= core.TYPING_BURST, 10)
     relayed = metric("im_typing_relayed_total")
     assert 1 <= relayed <= core.TYPING_BURST + 2 and relayed + metric("im_typing_dropped_total") == 3 * core.TYPING_BURST
+
+
+def test_a_count_marks_read_what_the_outbox_holds_even_after_the_receipts_came():
+    """The CI race of the test above: the `read` receipt reached the returning device before the app restored its
+    outbox; the count's read_by must still mark the restored message read (the marker did not move again)."""
+    from backend.client import Outgoing
+    c = IMClient("ivan", "pw", device="phone")  # not connected: replies fed in by hand
+    c._on_reply({"kind": "receipts", "receipts": [{"kind": "receipt", "msg_id": "x", "to": "hank", "seq": 9,
+                                                   "status": "read"}]})
+    out = Outgoing("m1", "hank", b"")
+    out.receipt = {"kind": "receipt", "msg_id": "m1", "to": "hank", "seq": 9, "status": "stored"}
+    c._by_msg_id["m1"] = out  # the app's outbox, restored now
+    c._requests["r"] = []
+    c._on_reply({"kind": "count", "req_id": "r", "total": 0, "by_sender": {}, "read_by": {"hank": 9}})
+    assert out.read.is_set() and c.peer_read["hank"] == 9
