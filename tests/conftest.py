@@ -194,7 +194,8 @@ def clients(request):
 
 @pytest.fixture
 def alice_bob_cluster():
-    """services.nats_cluster("alice", "bob"): (3 NATS nodes, {"alice": uid, "bob": uid}); opt-in, IM_CLUSTER_TESTS=1."""
+    """services.nats_cluster("alice", "bob"): (3 NATS nodes, {"alice": uid, "bob": uid}), nodes[0] (the node the
+    test kills) a follower of JetStream's meta group; opt-in, IM_CLUSTER_TESTS=1."""
     from services import nats_cluster
     with nats_cluster("alice", "bob") as got:
         yield got
