@@ -416,10 +416,16 @@ def _start_metrics(args: argparse.Namespace, worker) -> None:
 
 
 def _ask_password(uid: str) -> str | None:
-    """The password from the terminal, typed twice when interactive; None (after one line) if the user
-    gave up (Ctrl-C, Ctrl-D) or the two differ."""
+    """The password from the terminal, typed twice when interactive, or the first line of standard input when
+    it is piped (`echo pw | im-backend user add bob`: getpass would read the terminal instead, or warn that it
+    cannot hide the echo); None (after one line) if the user gave up (Ctrl-C, Ctrl-D) or the two differ."""
     import getpass
     try:
+        if not sys.stdin.isatty():
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\r\n")
         password = getpass.getpass(f"password for {uid}: ")
         if sys.stdin.isatty() and password:
             if getpass.getpass(f"password for {uid} again: ") != password:

@@ -6,12 +6,13 @@ import os
 import pty
 import select
 import socket
+import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import Server, add_users, free_port, run_cli
+from conftest import REPO, Server, add_users, backend_cmd, free_port, run_cli
 
 
 @pytest.mark.parametrize("args", [[], ["serve"], ["worker"], ["user"], ["user", "add"], ["user", "remove"],
@@ -251,6 +252,27 @@ def test_the_password_is_asked_twice_and_must_match(db_url):
     code, out = _run_in_pty(["user", "add", "zoe", "--database-url", db_url], [b"pw-one\n", b"pw-one\n"])
     assert code == 0 and "password for zoe again:" in out and "user zoe saved" in out
     assert run_cli("user", "list", "--database-url", db_url).stdout.split() == ["zoe"]
+
+
+@pytest.mark.parametrize("piped", ["piped-pw\n", "piped-pw", ""], ids=["line", "no-newline", "nothing"])
+def test_a_piped_password_is_the_first_line_of_standard_input(db_url, piped):
+    """`echo pw | user add zoe`, with no terminal (a new session: getpass would warn that it cannot hide the
+    echo, or read the terminal instead of the pipe)."""
+    r = subprocess.run(backend_cmd("user", "add", "zoe", "--database-url", db_url), cwd=REPO, input=piped,
+                       capture_output=True, text=True, timeout=30, start_new_session=True)
+    assert "Warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if not piped:
+        assert r.returncode != 0 and "user add cancelled: zoe not changed" in r.stderr
+        assert run_cli("user", "list", "--database-url", db_url).stdout.split() == []
+        return
+    assert r.returncode == 0, r.stderr
+    from backend.accounts import authenticate
+    from backend.store import open_database
+    db = open_database(db_url, create=False)
+    try:
+        assert authenticate("zoe", "piped-pw") and not authenticate("zoe", "piped-pw\n")
+    finally:
+        db.close()
 
 
 def test_serve_on_an_address_not_of_this_machine_says_so_in_one_line(db_url):
