@@ -118,3 +118,106 @@ def test_group_read_markers_and_typing_between_real_clients(system, made):
 def core_decode(payload):
     from backend import protocol
     return protocol.decode_object(payload)
+
+
+def _raw_member(system, uid: str, device: str, *topics: str):
+    """A plain paho member device: says `online` on its device's status topic and waits for the worker to have
+    taken that in (its count request's answer, on the same connection, comes after it); subscribed to ``topics``
+    only (its reply topic always)."""
+    import threading
+    from backend import protocol as p
+    c, got = system.raw(uid, p.reply_topic(uid, device), *topics)
+    answered = threading.Event()
+    c.message_callback_add(p.reply_topic(uid, device), lambda cl, u, m: (
+        got.append(m), answered.set() if b'"req_id":"ready"' in m.payload else None))
+    c.publish(p.status_topic(uid, device), p.ONLINE, qos=1, retain=True).wait_for_publish(5)
+    c.publish(p.req_topic(uid, device), b'{"op":"count","req_id":"ready"}', qos=1).wait_for_publish(5)
+    assert answered.wait(10), "the worker answered the count"
+    return c, got
+
+
+def test_a_group_push_goes_at_qos_0_and_one_the_broker_dropped_comes_again(system, made):
+    """A group's pushes go at MQTT QoS 0 (docs/PROTOCOL.md, section 14): the broker keeps no copy, acks no
+    packet, redelivers nothing. A push the broker dropped (here: the device said `online` before it subscribed
+    to its inbox, so no subscription took the push) is the worker's to send again: the member gets it by the
+    retransmission (3 s after the push), at QoS 0, and its ack takes it out of the store."""
+    from backend import protocol as p
+    alice = system.client("alice", "qos0")
+    made.append(alice)
+    ivan, got = _raw_member(system, "ivan", "lossy")
+    try:
+        alice.create_group("lossy", ["ivan"])
+        seq = alice.send_group("lossy", "dropped once").wait(10)["seq"]
+        # Both pushes (the `created` event, the message) reached a broker with no subscription for them: gone.
+        ivan.subscribe(p.inbox_topic("ivan", "lossy"), 1)
+
+        def pushed():
+            return [(m.qos, p.decode_object(m.payload)) for m in list(got) if m.topic == p.inbox_topic("ivan", "lossy")]
+        assert eventually(lambda: any(obj["seq"] == seq for _, obj in pushed()), 15), pushed()
+        msg = next(obj for _, obj in pushed() if obj["seq"] == seq)
+        assert (msg["content"], msg["group"]) == ("dropped once", "lossy")
+        # Mosquitto delivers at the lower of the publish's and the subscription's QoS (MQTT 3.1.1, 3.8.4); amqtt
+        # 0.12 (the embedded broker) at the subscription's.
+        assert {qos for qos, _ in pushed()} == ({0} if system.kind == "mosquitto" else {1}), "group pushes at QoS 0"
+        ivan.publish(p.ack_topic("ivan", "lossy"), p.encode({"seqs": [obj["seq"] for _, obj in pushed()]}),
+                     qos=1).wait_for_publish(5)
+
+        def waiting():
+            db = open_database(system.db_url)
+            try:
+                return Entry.select().where((Entry.uid == "ivan") & (Entry.device == "lossy")).count()
+            finally:
+                db.close()
+        assert eventually(lambda: waiting() == 0, 10), "acked: nothing waits for the device"
+    finally:
+        ivan.publish(p.status_topic("ivan", "lossy"), b"", qos=1, retain=True).wait_for_publish(5)
+        stop_raw(ivan)
+
+
+def test_a_group_push_to_a_persistent_session_that_just_dropped_comes_after_its_reconnection(system, made):
+    """Where QoS 0 differs for the device: Mosquitto queues no QoS 0 message for a persistent session that is
+    offline (``queue_qos0_messages`` is off), where it would have kept a QoS 1 push. The device's connection ended
+    without its `offline` (a clean DISCONNECT discards the will), so the worker still counts it online and pushes;
+    the broker drops the push. After the device's reconnection the worker's retransmission brings it."""
+    import threading
+    import paho.mqtt.client as mqtt
+    from backend import protocol as p
+    if system.kind != "mosquitto":
+        pytest.skip("Mosquitto's queue for an offline persistent session")
+    alice = system.client("alice", "qos0b")
+    made.append(alice)
+    got, ready = [], threading.Event()
+    inbox = p.inbox_topic("hank", "sticky")
+
+    def member():
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="hank:sticky", clean_session=False)
+        c.username_pw_set("hank", "hank-pw")
+        c.on_message = lambda cl, u, m: (got.append(m), ready.set() if b'"req_id":"ready"' in m.payload else None)
+        c.connect("127.0.0.1", system.port)
+        c.loop_start()
+        return c
+    hank = member()
+    try:
+        hank.subscribe([(inbox, 1), (p.reply_topic("hank", "sticky"), 1)])
+        hank.publish(p.status_topic("hank", "sticky"), p.ONLINE, qos=1, retain=True).wait_for_publish(5)
+        hank.publish(p.req_topic("hank", "sticky"), b'{"op":"count","req_id":"ready"}', qos=1).wait_for_publish(5)
+        assert ready.wait(10), "the worker answered the count"
+        alice.create_group("sticky", ["hank"])
+        assert eventually(lambda: any(m.topic == inbox for m in list(got)), 10), "the created event reached hank"
+        hank.disconnect()
+        hank.loop_stop()
+        seq = alice.send_group("sticky", "while the link was down").wait(10)["seq"]
+        got.clear()
+        hank = member()  # the same persistent session: its subscriptions kept, no message queued for it
+
+        def pushes():
+            return [p.decode_object(m.payload) for m in list(got) if m.topic == inbox]
+        assert eventually(lambda: any(obj["seq"] == seq for obj in pushes()), 15), pushes()
+        assert next(obj for obj in pushes() if obj["seq"] == seq)["content"] == "while the link was down"
+        # the worker's retransmission, at QoS 0 (a QoS 1 push would have come from the broker's queue, at QoS 1)
+        assert {m.qos for m in list(got) if m.topic == inbox} == {0}
+        hank.publish(p.ack_topic("hank", "sticky"), p.encode({"seqs": [seq]}), qos=1).wait_for_publish(5)
+    finally:
+        hank.publish(p.status_topic("hank", "sticky"), b"", qos=1, retain=True).wait_for_publish(5)
+        hank.disconnect()
+        hank.loop_stop()

@@ -309,3 +309,23 @@ def test_acks_of_many_devices_in_one_batch_count_each_member_once(srv):
             if r["status"] == "delivered"] == [("d1", "delivered", None, None), ("g1", "delivered", 3, 3)], receipts
     assert not Entry.select().where(Entry.seq.in_([seq, dseq])).exists(), "every device acked (alice sent from hers)"
     assert MemberReceipt.select().count() == 0 and not Message.select().where(Message.seq.in_([seq, dseq])).exists()
+
+
+def test_group_pushes_and_their_retransmissions_go_at_qos_0_and_a_1to1_push_at_qos_1(srv):
+    """docs/PROTOCOL.md, section 14: a group's pushes (its membership events, its messages, their sync copies) and
+    their retransmissions are published at MQTT QoS 0, answers and receipts at QoS 1; a 1:1 push stays at QoS 1."""
+    srv.online("bob")
+    srv.online("alice", "tab")
+    pubs = srv.batch([(p.req_topic("alice"), json.dumps({"op": "group_create", "req_id": "c", "group": "team",
+                                                        "members": ["bob"]}).encode())])
+    assert {(x.topic, x.qos) for x in pubs} == {(p.inbox_topic("bob"), 0), (p.inbox_topic("alice", "tab"), 0),
+                                                (p.reply_topic("alice"), 1)}
+    pubs = srv.send("alice", {"msg_id": "g1", "group": "team", "content": "hi"})
+    assert {(x.topic, x.qos) for x in pubs} == {(p.inbox_topic("bob"), 0), (p.inbox_topic("alice", "tab"), 0),
+                                                (p.reply_topic("alice"), 1)}
+    seq = inbox(pubs, "bob")[0]["seq"]
+    again = srv.core.resend(srv.core.due(srv.now + 10 * core.PUSH_ACK_TIMEOUT_MS), None, srv.now)
+    assert {(x.topic, x.qos) for x in again if x.payload["seq"] == seq} == {(p.inbox_topic("bob"), 0),
+                                                                           (p.inbox_topic("alice", "tab"), 0)}
+    pubs = srv.send("alice", {"msg_id": "d1", "to": "bob", "content": "just us"})
+    assert [(x.qos, x.payload["content"]) for x in pubs if x.topic == p.inbox_topic("bob")] == [(1, "just us")]

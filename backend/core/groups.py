@@ -14,6 +14,12 @@ from .events import GROUP_EVENT_TYPE, DeletedRow, GroupAnswered, Key, Publish, S
 # A sender's "delivered to k of n" for a group message is coalesced this long: a 1,000-member group acks within
 # a second or two, and one receipt a second per message is what a progress display needs (not one per member).
 GROUP_RECEIPT_DELAY_MS = 1000
+# A group's pushes (its messages, their sync copies, its membership events) and their retransmissions go at MQTT
+# QoS 0: each is tracked and retransmitted by the worker until the member device acks it (core/pushes.py), then
+# announced, and a device counts at each connection, so MQTT's own PUBACK round (one per member device, on the
+# worker's, the broker's and the device's side) bought nothing the app-level ack does not; the bench measured it
+# (docs/BENCHMARKS.md, Groups). A 1:1 push stays at QoS 1.
+GROUP_PUSH_QOS = 0
 
 
 def group_receipt(msg_id: str, group: str, seq: int, gseq: int | None, status: str, **counts: int) -> dict[str, Any]:
@@ -52,8 +58,8 @@ class GroupsMixin:
                     copy = push_payload(o.seq, op.msg_id, op.sender, op.group, op.type, op.content, op.sent_at,
                                         op.ts, op.sender_device, o.gseq)
                 push = copy
-            out.append(Publish(p.inbox_topic(uid, dev), push))
-            self._track(uid, dev, o.seq, push, now_ms)
+            out.append(Publish(p.inbox_topic(uid, dev), push, GROUP_PUSH_QOS))
+            self._track(uid, dev, o.seq, push, now_ms, GROUP_PUSH_QOS)
         self._receipt(out, batched, op.origin, op.batch_receipts,
                       group_receipt(op.msg_id, op.group, o.seq, o.gseq, "stored"))
 
@@ -65,8 +71,8 @@ class GroupsMixin:
                                 json.dumps(ev.event, separators=(",", ":")), ev.sent_at, None, None, ev.gseq)
             for uid, dev in ev.devices:
                 if self.is_online(uid, dev):
-                    out.append(Publish(p.inbox_topic(uid, dev), push))
-                    self._track(uid, dev, ev.seq, push, now_ms)
+                    out.append(Publish(p.inbox_topic(uid, dev), push, GROUP_PUSH_QOS))
+                    self._track(uid, dev, ev.seq, push, now_ms, GROUP_PUSH_QOS)
         out.append(Publish(p.reply_topic(*o.op.origin), o.payload))
 
     def _group_delivered(self, r: DeletedRow, now_ms: int) -> None:

@@ -31,6 +31,7 @@ class _Pending:
     payload: dict[str, Any]
     attempts: int
     deadline: int
+    qos: int = 1  # a group's pushes go at QoS 0 (core/groups.py: GROUP_PUSH_QOS), retransmissions too
 
 
 
@@ -68,12 +69,12 @@ class PushesMixin:
         self._receipt(out, batched, op.origin, op.batch_receipts, p.receipt(op.msg_id, op.to, o.seq, "stored"))
 
     # -- retransmission (per device) ----------------------------------------------
-    def _track(self, receiver: str, device: str, seq: int, push: dict[str, Any], now_ms: int) -> None:
+    def _track(self, receiver: str, device: str, seq: int, push: dict[str, Any], now_ms: int, qos: int = 1) -> None:
         if len(self._pending) >= PENDING_PUSH_MAX:
             self.announce(receiver, now_ms, device)  # not tracked, so never retransmitted: tell the device instead
             return
         deadline = now_ms + self.ack_timeout_ms
-        self._pending[(receiver, device, seq)] = _Pending(receiver, device, seq, push, 1, deadline)
+        self._pending[(receiver, device, seq)] = _Pending(receiver, device, seq, push, 1, deadline, qos)
         heapq.heappush(self._timers, (deadline, receiver, device, seq))
 
     def next_deadline(self, receipts_only: bool = False) -> int | None:
@@ -132,7 +133,7 @@ class PushesMixin:
             entry.attempts += 1
             entry.deadline = now_ms + wait
             heapq.heappush(self._timers, (entry.deadline, *key))
-            out.append(Publish(p.inbox_topic(entry.receiver, entry.device), entry.payload))
+            out.append(Publish(p.inbox_topic(entry.receiver, entry.device), entry.payload, entry.qos))
         return out
 
     def tick(self, now_ms: int) -> list[Publish]:

@@ -5,10 +5,12 @@ coalesced writes (the worker drives its socket itself: backend/transport/worker.
 from __future__ import annotations
 
 import socket
+import threading
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt._packet import decode_publish
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -101,6 +103,62 @@ def set_nodelay(client: mqtt.Client) -> None:
             pass
 
 
+class _Info(mqtt.MQTTMessageInfo):
+    """paho's MQTTMessageInfo, whose ``threading.Condition`` is made only when someone waits on it.
+
+    paho builds a Condition (and its RLock) for every message in and out; nothing in the worker ever
+    waits on one, and they were 7-12% of the worker's network thread in the group fan-out profile
+    (docs/BENCHMARKS.md, Groups). Same interface: ``is_published``, ``wait_for_publish`` (from any
+    thread: the waiter makes the Condition, then checks ``_published`` under it; the writer sets
+    ``_published`` first, then notifies the Condition if there is one).
+    """
+
+    __slots__ = ()
+    _make_lock = threading.Lock()  # one Condition per info even when two threads start waiting at once
+
+    def __init__(self, mid: int):  # noqa: D107 - no super().__init__: that is the Condition we skip
+        self.mid = mid
+        self._published = False
+        self._condition = None
+        self.rc = mqtt.MQTT_ERR_SUCCESS
+        self._iterpos = 0
+
+    def _cond(self) -> threading.Condition:
+        with self._make_lock:
+            if self._condition is None:
+                self._condition = threading.Condition()
+            return self._condition
+
+    def _set_as_published(self) -> None:
+        self._published = True
+        cond = self._condition
+        if cond is not None:
+            with cond:
+                cond.notify_all()
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        self._cond()
+        super().wait_for_publish(timeout)
+
+    def is_published(self) -> bool:
+        if self.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise ValueError("Message is not queued due to ERR_QUEUE_SIZE")
+        if self.rc > 0 and self.rc != mqtt.MQTT_ERR_AGAIN:
+            raise RuntimeError(f"Message publish failed: {mqtt.error_string(self.rc)}")
+        return self._published
+
+
+def _message(mid: int, topic: bytes, payload: bytes, qos: int, retain: bool, dup: bool) -> mqtt.MQTTMessage:
+    """An inbound MQTTMessage as paho's own, with an :class:`_Info` (no Condition)."""
+    m = mqtt.MQTTMessage.__new__(mqtt.MQTTMessage)
+    m.timestamp = 0.0
+    m.state = mqtt.mqtt_ms_invalid
+    m.dup, m.mid, m._topic, m.payload, m.qos, m.retain = dup, mid, topic, payload, qos, retain
+    m.info = _Info(mid)
+    m.properties = None
+    return m
+
+
 class _Client(mqtt.Client):
     """paho's client, with a lighter PUBACK path for MQTT 3.1.1 and coalesced writes.
 
@@ -139,6 +197,38 @@ class _Client(mqtt.Client):
         self._rbuf, self._rpos = b"", 0  # nothing of the old connection is read on the new one
         return super().reconnect()
 
+    # A QoS 0 publish on 3.1.1 (a group's pushes: core/groups.py) is queued here as paho's own packet,
+    # without paho's per-message objects; any other publish takes paho's path.
+    def publish(self, topic, payload=None, qos=0, retain=False, properties=None):  # type: ignore[override]
+        if qos != 0 or properties is not None or self._protocol != mqtt.MQTTv311 or self._sock is None \
+                or not isinstance(payload, bytes) or not isinstance(topic, str) or not topic:
+            return super().publish(topic, payload, qos, retain, properties)
+        t = topic.encode()
+        if b"+" in t or b"#" in t or len(t) > 65535 or len(payload) > 268435455:
+            return super().publish(topic, payload, qos, retain, properties)  # paho's own errors
+        packet = bytearray((mqtt.PUBLISH | bool(retain),))
+        self._pack_remaining_length(packet, 2 + len(t) + len(payload))
+        packet += len(t).to_bytes(2, "big")
+        packet += t
+        packet += payload
+        info = _Info(self._mid_generate())  # paho numbers QoS 0 publishes too (on_publish names them)
+        info.rc = self._packet_queue(mqtt.PUBLISH, packet, info.mid, 0, info)
+        return info
+
+    # An inbound PUBLISH at QoS 0 or 1 on 3.1.1, without logging on: paho's message, with an _Info.
+    def _handle_publish(self):  # type: ignore[override]
+        command = self._in_packet["command"]
+        qos = (command & 0x06) >> 1
+        if qos == 2 or self._protocol != mqtt.MQTTv311 or self._logger is not None or self.on_log is not None:
+            return super()._handle_publish()
+        r = decode_publish(command, self._in_packet["packet"], self._protocol)
+        message = _message(r.mid, r.topic, r.payload, r.qos, r.retain, r.dup)
+        message.timestamp = mqtt.time_func()
+        self._handle_on_message(message)
+        if qos == 1 and not self._manual_ack:
+            return self._send_puback(message.mid)
+        return mqtt.MQTT_ERR_SUCCESS
+
     def _handle_pubackcomp(self, cmd):  # type: ignore[override]
         packet = self._in_packet["packet"]
         if cmd != "PUBACK" or self._protocol != mqtt.MQTTv311 or len(packet) != 2:
@@ -152,12 +242,13 @@ class _Client(mqtt.Client):
     # paho sends each queued packet with its own send(): a batch's pushes, receipts and PUBACKs
     # were one system call each (11% of the worker's time in the bench profile). The worker queues
     # them all (see Worker.__init__: paho's external-loop hook keeps publish() from writing at once),
-    # then this writes the whole queue with one send(). Packets paho must see finish one by one (a
-    # QoS 0 PUBLISH, whose on_publish fires when written; a DISCONNECT) take paho's own path.
+    # then this writes the whole queue with one send(). A QoS 0 PUBLISH is published once written (its
+    # info says so, as paho's path does); with an on_publish callback set, or a DISCONNECT queued, paho's
+    # own path writes them one by one.
     def _packet_write(self):  # type: ignore[override]
         out = self._out_packet
-        if len(out) < 2 or any((p["command"] & 0xF0) == mqtt.DISCONNECT
-                               or ((p["command"] & 0xF0) == mqtt.PUBLISH and p["qos"] == 0) for p in out):
+        if len(out) < 2 or self.on_publish is not None \
+                or any((p["command"] & 0xF0) == mqtt.DISCONNECT for p in out):
             return super()._packet_write()
         data = b"".join(p["packet"][p["pos"]:] if p["pos"] else p["packet"] for p in out)
         try:
@@ -176,6 +267,8 @@ class _Client(mqtt.Client):
             sent -= take
             if p["to_process"] == 0:
                 out.popleft()
+                if p["qos"] == 0 and p["info"] is not None and (p["command"] & 0xF0) == mqtt.PUBLISH:
+                    p["info"]._set_as_published()
         with self._msgtime_mutex:
             self._last_msg_out = mqtt.time_func()  # paho's own clock for its keepalive
         return mqtt.MQTT_ERR_AGAIN if out else mqtt.MQTT_ERR_SUCCESS
