@@ -59,6 +59,7 @@ export class DeviceStore {
     this.convs = saved?.convs || {};  // key ("u:bob", "g:team") -> conversation
     this.seen = new Set(saved?.seen || []);
     this.filled = !!saved?.filled;  // it has fetched what its user had before it (section 12.7)
+    this.settings = saved?.settings || null;  // the user's settings as the server last said ({read_receipts})
   }
 
   conv(key, init = {}) {
@@ -81,7 +82,7 @@ export class DeviceStore {
         if (old > 0) c.messages.splice(0, c.messages.findIndex((m, i) => i >= old || m.state === "sending") );
       }
       try {
-        localStorage.setItem(this.key, JSON.stringify({ convs: this.convs, seen, filled: this.filled }));
+        localStorage.setItem(this.key, JSON.stringify({ convs: this.convs, seen, filled: this.filled, settings: this.settings }));
         return;
       } catch (e) {
         if (kept === MESSAGES_KEPT_WHEN_FULL) throw e;
