@@ -615,6 +615,7 @@ export class IMClient extends EventTarget {
     const c = this.store.convs[key];
     const h = this.history[key] || (this.history[key] = { before: 0, more: null, loading: false });
     if (!c || !this.features.history || h.loading || (earlier && !h.more)) return 0;
+    if (earlier) this.store.paged.add(key);  // what the user pages back to stays shown (not cut to MESSAGES_KEPT)
     h.loading = true;
     this._changed();
     try {
