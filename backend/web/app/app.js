@@ -214,12 +214,12 @@ function drawConversation() {
   show($("leave-group-button"), !!g && !c.left);
   show($("group-members"), !!g?.members);
   if (g?.members) $("group-members").textContent = `Members: ${g.members.map((m) => m.uid).join(", ")}`;
+  drawHistory(c);  // first: the control's height changes the box's
   const box = $("messages");
   const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
   box.replaceChildren(...c.messages.map((m) => drawMessage(c, m)));
   if (atBottom) box.scrollTop = box.scrollHeight;
   $("composer").disabled = !!c.left;
-  drawHistory(c);
   drawTyping();
   if (document.visibilityState === "visible") im.markRead(openKey);
 }
