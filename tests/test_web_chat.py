@@ -333,3 +333,20 @@ def test_a_background_tab_keeps_its_connection(web, tabs, users, paho, driver):
         w.loop_stop()
         w.disconnect()
 
+
+
+def test_a_server_without_history_hides_the_control(web, tabs, users, paho):
+    """This module's server keeps no history (--history-days 0): opening a conversation asks once, hears
+    history_off, shows no "load earlier" control and no error; an empty conversation says why it is empty."""
+    alice, bob, carol, _ = users
+    paho(bob, device="desk").send(alice, "hi").wait(5)
+    a = tabs(web.url).login(alice, pw(alice))
+    a.open(f"u:{bob}")
+    a.wait(has_text("hi"))
+    a.wait("im.features.history === false", what="history_off heard")
+    assert a.js("return document.getElementById('load-earlier').hidden")
+    assert a.js("return document.getElementById('history-note').hidden")  # messages shown: nothing to explain
+    a.open_chat(carol)
+    assert "keeps no history" in a.wait("!document.getElementById('history-note').hidden && "
+                                        "document.getElementById('history-note').textContent")
+    assert a.js("return [...im._requests.values()].every(r => r.body.op !== 'history') && im.errors.length === 0")

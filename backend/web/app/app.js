@@ -1,4 +1,5 @@
-// The page: login, the conversation list, a conversation, the composer, groups and devices. It draws what the
+// The page: login, the conversation list, a conversation (with its history), the composer, groups, devices and
+// settings. It draws what the
 // chat client (im.js) holds and turns clicks and keys into its calls. window.im is the client, for debugging
 // (and the browser tests). URL parameters, for trying things: ?ws=ws://host:port/path (another broker),
 // ?keepalive=S (the MQTT keepalive, default 30 s), ?ticker=page (keepalive on the page's own, throttled timer).
@@ -10,7 +11,7 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const SESSION = "im.v1.session";  // this tab's login (uid and password), so a reload logs in again; gone with the tab
 const OPEN = "im.v1.open";  // this tab's open conversation
-let im = null, openKey = null, typingSentAt = 0, typingTo = null;
+let im = null, openKey = null, typingSentAt = 0, typingTo = null, savingSettings = false;
 
 async function wsUrl() {
   if (params.get("ws")) return params.get("ws");
@@ -70,13 +71,16 @@ function enter(client) {
   im.addEventListener("change", draw);
   im.addEventListener("typing", drawTyping);
   im.addEventListener("state", drawState);
+  im.addEventListener("removed", () => notice("This tab was removed from your devices (from another device, or "
+    + "after a long silence) and is registered again as a new one: what waited for it is gone; it has fetched your "
+    + "conversations again."));
   $("me").textContent = `${im.uid} · device ${im.device}`;
   show($("login-view"), false);
   show($("chat-view"), true);
   drawState();
   draw();
   const last = sessionStorage.getItem(OPEN);  // a reload reopens the conversation that was open
-  if (last && im.store.convs[last]) openConversation(last);
+  if (last && /^[ug]:/.test(last)) { im.store.conv(last); openConversation(last); }  // storage cleared: anew
   else $("new-chat-uid").focus();
 }
 
@@ -125,6 +129,7 @@ function draw() {
   }));
   if (focused) list.querySelector(`button[data-key="${CSS.escape(focused)}"]`)?.focus();  // a redraw keeps focus
   drawConversation();
+  if ($("settings-dialog").open && !savingSettings) drawSettings();  // another device changed it meanwhile
 }
 
 function recent(c) { const m = lastMessage(c); return m ? m.sent_at || m.ts || 0 : 0; }
@@ -159,9 +164,36 @@ function openConversation(key) {
   show($("conversation-pane"), true);
   const c = im.store.convs[key];
   if (c.kind === "group") im.groupMembers(c.id).then(draw).catch(() => {});
+  firstHistory();
   draw();
   $("composer").focus();
 }
+
+// -- history (servers with --history-days): the recent past when a conversation opens, then page by page -------
+function firstHistory() {
+  // Once per conversation and page (a new tab, a reload, storage cleared): the newest page, beside what the tab
+  // holds. Not connected yet (a reload opens the last conversation at once): when the tab is online (drawState).
+  if (!im || !openKey || !im.features.history || im.history[openKey] || im.state !== "online") return;
+  im.loadHistory(openKey).catch(() => {});  // history_off: the control hides (drawHistory); nothing else to say
+}
+
+function drawHistory(c) {
+  const h = im.history[c.key] || {};
+  show($("load-earlier"), im.features.history && !!h.more);
+  $("load-earlier").disabled = !!h.loading;
+  $("load-earlier").textContent = h.loading ? "Loading…" : "Load earlier messages";
+  // A server without history: say it once, where the control would be, when there is nothing to show.
+  const off = !im.features.history && !c.messages.length;
+  show($("history-note"), off);
+  $("history-note").textContent = off ? "This server keeps no history: only what arrives from now on shows here." : "";
+}
+
+$("load-earlier").addEventListener("click", async () => {
+  const key = openKey, box = $("messages"), fromBottom = box.scrollHeight - box.scrollTop;
+  try { await im.loadHistory(key, true); } catch (e) { return; }
+  if (key === openKey) box.scrollTop = box.scrollHeight - fromBottom;  // the same message stays in view
+  if (!$("load-earlier").hidden) $("load-earlier").focus();
+});
 
 $("back-button").addEventListener("click", () => {
   $("chat-view").classList.remove("in-conversation");
@@ -182,6 +214,7 @@ function drawConversation() {
   show($("leave-group-button"), !!g && !c.left);
   show($("group-members"), !!g?.members);
   if (g?.members) $("group-members").textContent = `Members: ${g.members.map((m) => m.uid).join(", ")}`;
+  drawHistory(c);  // first: the control's height changes the box's
   const box = $("messages");
   const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
   box.replaceChildren(...c.messages.map((m) => drawMessage(c, m)));
@@ -237,10 +270,20 @@ function drawState() {
   $("status").dataset.state = s;
   $("status").textContent = { online: "", connecting: "Connecting…", offline: "Offline, reconnecting…",
     refused: "Login refused", closed: "" }[s] ?? s;
+  if (s === "online") firstHistory();
 }
 
+function notice(message) {
+  $("notice-text").textContent = message;
+  show($("notice"), true);
+  $("notice-close").focus();
+}
+$("notice-close").addEventListener("click", () => show($("notice"), false));
+
 document.addEventListener("visibilitychange", () => {
-  if (im && openKey && document.visibilityState === "visible") im.markRead(openKey);
+  if (!im || document.visibilityState !== "visible") return;
+  im.touch();  // back in front: a contact, so a tab removed meanwhile is told now (section 12.8)
+  if (openKey) im.markRead(openKey);
 });
 
 // -- the composer -----------------------------------------------------------------------------------------------
@@ -330,21 +373,80 @@ $("leave-group-button").addEventListener("click", async () => {
 });
 
 // -- devices ----------------------------------------------------------------------------------------------------
-$("devices-button").addEventListener("click", async () => {
+async function drawDevices() {
   const list = $("devices-list");
-  list.replaceChildren(text("li", "", "Loading…"));
-  $("devices-dialog").showModal();
   try {
     const answer = await im.listDevices();
-    list.replaceChildren(...answer.devices.map((d) => text("li", "",
-      `${d.device || "(default device)"}${d.device === im.device ? " (this tab)" : ""}: ${d.online ? "online" : "offline"}` +
-      (d.last_seen ? `, last seen ${new Date(d.last_seen).toLocaleString()}` : ""))));
+    list.replaceChildren(...answer.devices.map((d) => {
+      const li = document.createElement("li");
+      li.dataset.device = d.device;
+      const name = d.device || "(default device)";
+      li.append(text("span", "", `${name}${d.device === im.device ? " (this tab)" : ""}: ${d.online ? "online" : "offline"}` +
+        (!d.online && d.last_seen ? `, last seen ${new Date(d.last_seen).toLocaleString()}` : "")));
+      if (d.device !== im.device) {  // this tab does not remove itself (Log out ends it; another device removes it)
+        const b = text("button", "remove-device", "Remove");
+        b.type = "button";
+        b.setAttribute("aria-label", `Remove device ${name}`);
+        b.addEventListener("click", () => removeDevice(d.device, name));
+        li.append(b);
+      }
+      return li;
+    }));
   } catch (e) {
     list.replaceChildren(text("li", "error", `Could not list devices: ${e.message}`));
   }
+}
+
+async function removeDevice(device, name) {
+  if (!confirm(`Remove device ${name}? What waits for it is dropped; if it connects again it starts as a new device.`)) return;
+  $("devices-error").textContent = "";
+  try {
+    await im.removeDevice(device);
+  } catch (e) {
+    $("devices-error").textContent = `Not removed: ${e.code || ""} ${e.message}`;
+  }
+  await drawDevices();
+  $("devices-close").focus();
+}
+
+$("devices-button").addEventListener("click", async () => {
+  $("devices-list").replaceChildren(text("li", "", "Loading…"));
+  $("devices-error").textContent = "";
+  $("devices-dialog").showModal();
+  await drawDevices();
   $("devices-close").focus();
 });
 $("devices-close").addEventListener("click", () => $("devices-dialog").close());
+
+// -- settings: read receipts (section 15.3) ---------------------------------------------------------------------
+function drawSettings() {
+  const s = im.store.settings, box = $("read-receipts");
+  box.checked = s ? s.read_receipts : true;  // the default for every user until the server says
+  box.disabled = !im.features.settings;
+  if (!im.features.settings) $("settings-state").textContent = "This server has no settings.";
+}
+
+$("settings-button").addEventListener("click", () => {
+  $("settings-state").textContent = "";
+  drawSettings();
+  $("settings-dialog").showModal();
+  $("read-receipts").focus();
+  im.loadSettings().then(drawSettings).catch(() => {});  // the stored value (another device may have changed it)
+});
+$("read-receipts").addEventListener("change", async () => {
+  const on = $("read-receipts").checked;
+  $("settings-state").textContent = "Saving…";
+  savingSettings = true;
+  try {
+    await im.setReadReceipts(on);
+    $("settings-state").textContent = on ? "Read receipts on." : "Read receipts off.";
+  } catch (e) {
+    $("settings-state").textContent = `Not saved: ${e.code === "offline" ? "offline" : e.message}`;
+  }
+  savingSettings = false;
+  drawSettings();
+});
+$("settings-close").addEventListener("click", () => $("settings-dialog").close());
 
 // -- start: log in again after a reload ---------------------------------------------------------------------------
 const saved = JSON.parse(sessionStorage.getItem(SESSION) || "null");

@@ -2,7 +2,9 @@
 // what the reference client (backend/client.py) does: retained `online` after subscribing, `offline` as its will;
 // resend each message with the same msg_id until a receipt; drop repeated seqs and ack every seq (repeats too);
 // pull what waits on arrival, after every reconnect and on every announcement; reconnect with backoff for ever.
-// It emits "change" (something to redraw), "typing" and "state" events; the page (app.js) draws.
+// Beside that: the read-receipt setting (15.3), the user's devices and their removal (12.6, 12.8) and a
+// conversation's history (14.9). It emits "change" (something to redraw), "typing", "state" and "removed"
+// (the server said this device had been removed) events; the page (app.js) draws.
 
 import { MqttConnection } from "./mqtt.js";
 import { DeviceStore } from "./store.js";
@@ -23,6 +25,8 @@ const PULL_LIMIT = 100;
 export const TYPING_RENEW_MS = 3000;
 // Never show "typing" longer than this without a renewal, whatever a notice says (the reference client's bound).
 const TYPING_MAX_MS = 30000;
+// A page of history (section 14.9): the protocol's default; about a screenful and a half of a conversation.
+export const HISTORY_LIMIT = 50;
 
 export class IMClient extends EventTarget {
   /** url: the broker's ws:// or wss:// URL; uid, password: the account; device: this tab's device id. */
@@ -39,7 +43,10 @@ export class IMClient extends EventTarget {
     this.typingFrom = {};  // conversation key -> {uid: until ms}
     this.groups = {};  // group id -> {group, name, role, members}
     this.devices = null;  // the last `devices` answer
-    this.features = { read: true, typing: true };  // turned off when the server answers unknown_op
+    // turned off when the server answers unknown_op (history: history_off, a server keeping none)
+    this.features = { read: true, typing: true, settings: true, history: true };
+    this.removed = false;  // the server said this device had been removed (section 12.8): set, never cleared
+    this.history = {};  // conversation key -> {before, more, loading}: this page's paging back (not saved)
     this.errors = [];
     this._ids = 0;
     this._prefix = Math.random().toString(36).slice(2, 8);
@@ -132,6 +139,7 @@ export class IMClient extends EventTarget {
       this._resendAll();
       this.sync();  // whatever waited meanwhile, without waiting for the announcement our `online` brings
       this.refreshGroups().catch(() => {});
+      this.loadSettings().catch(() => {});
       this._catchUp().catch(() => {});
       const reason = await closed;
       this.conn = null;
@@ -192,11 +200,14 @@ export class IMClient extends EventTarget {
       this.dispatchEvent(new CustomEvent("typing", { detail: { key } }));
     } else if (obj.kind === "read") {  // another device of ours moved a marker
       this._marker(obj.group ? `g:${obj.group}` : `u:${obj.with}`, obj.seq);
+    } else if (obj.kind === "settings") {  // another device of ours changed the setting
+      this._settings(obj);
     }
   }
 
-  /** Record a message unless its seq was seen; saved before any ack leaves (_flushSoon). */
-  _accept(m) {
+  /** Record a message unless its seq was seen; saved before any ack leaves (_flushSoon). ``past``: a history
+   * entry (section 14.9), which says nothing of the group as it is now nor of who types. */
+  _accept(m, past = false) {
     if (this.store.seen.has(m.seq)) { this.duplicatesDropped++; return false; }
     this.store.seen.add(m.seq);
     const mine = m.from === this.uid && !(m.to === this.uid && !m.copy);
@@ -210,6 +221,7 @@ export class IMClient extends EventTarget {
     if (same) Object.assign(same, { seq: m.seq, gseq: m.gseq });
     else c.messages.push(rec);
     c.messages.sort(order);
+    if (past) return true;
     if (m.group && m.type === "group_event" && m.event) this._groupEvent(m.group, m.event);
     if (!mine && this.typingFrom[key]) delete this.typingFrom[key][m.from];
     this._changedSoon = true;
@@ -249,7 +261,7 @@ export class IMClient extends EventTarget {
       if (obj.code === "unknown_op" && typeof obj.req_id === "string" && obj.req_id.startsWith("t-")) {
         this.features.typing = false;  // a server without typing notices (section 15)
       }
-      if (obj.code === "device_removed") this.sync();
+      if (obj.code === "device_removed") this._removed();
       const out = this._outgoing.get(obj.msg_id);
       if (out && obj.code !== "rate_limited") {  // rate_limited: the resend timer tries again later
         this._outgoing.delete(obj.msg_id);
@@ -546,6 +558,83 @@ export class IMClient extends EventTarget {
     this.devices = await this.request({ op: "devices" });
     this._changed();
     return this.devices;
+  }
+
+  /** Remove another device of the user (its waiting messages are released; it is told when it comes back). */
+  async removeDevice(device) {
+    if (device === this.device) throw Object.assign(new Error("this tab cannot remove itself"), { code: "bad_field" });
+    return this.request({ op: "remove_device", device });
+  }
+
+  /** The server registered this device afresh after its removal (section 12.8): what waited for it is gone. It
+   * must not believe it is complete: fetch the user's conversations again (12.7) and sync; the page says so. */
+  _removed() {
+    this.removed = true;
+    this.store.filled = false;
+    this.history = {};
+    this._save();
+    this.dispatchEvent(new Event("removed"));
+    this.sync();
+    if (this.conn?.connected) this._catchUp().catch(() => {});
+  }
+
+  /** Contact the server now (a pull): the page calls it when the tab comes to the front, so a tab removed
+   * meanwhile from another device hears it at once rather than at its next message. */
+  touch() { if (this.conn?.connected) this.sync(); }
+
+  // -- the read-receipt setting (section 15.3) ------------------------------------------------------------------
+  /** Ask the server for the user's settings (the stored value; a reload shows the saved one meanwhile). */
+  async loadSettings() { return this._settingsRequest({ op: "settings" }); }
+
+  /** Send `read` receipts (the default) or not; resolves with the setting as stored. */
+  async setReadReceipts(on) { return this._settingsRequest({ op: "settings", read_receipts: !!on }); }
+
+  async _settingsRequest(body) {
+    if (!this.features.settings) throw Object.assign(new Error("this server has no settings"), { code: "unknown_op" });
+    try {
+      return this._settings(await this.request(body));
+    } catch (e) {
+      if (e.code === "unknown_op") { this.features.settings = false; this._changed(); }
+      throw e;
+    }
+  }
+
+  _settings(obj) {
+    if (typeof obj.read_receipts !== "boolean") return this.store.settings;
+    this.store.settings = { read_receipts: obj.read_receipts };
+    this._save();
+    return this.store.settings;
+  }
+
+  // -- history (section 14.9) -----------------------------------------------------------------------------------
+  /** Fetch a page of a conversation's past (servers with --history-days): the newest page (``earlier`` false),
+   * or the page before the last one fetched. Shown beside what the tab holds, each seq once. Resolves with the
+   * number of messages new to the tab; a server without history answers history_off once, and is not asked
+   * again. */
+  async loadHistory(key, earlier = false) {
+    const c = this.store.convs[key];
+    const h = this.history[key] || (this.history[key] = { before: 0, more: null, loading: false });
+    if (!c || !this.features.history || h.loading || (earlier && !h.more)) return 0;
+    if (earlier) this.store.paged.add(key);  // what the user pages back to stays shown (not cut to MESSAGES_KEPT)
+    h.loading = true;
+    this._changed();
+    try {
+      const a = await this.request({ op: "history", [c.kind === "group" ? "group" : "with"]: c.id, limit: HISTORY_LIMIT,
+        ...(earlier ? { before: h.before } : {}) });
+      let added = 0;
+      for (const m of a.messages || []) if (Number.isInteger(m.seq) && this._accept(m, true)) added++;
+      // The first page fetched sets where "earlier" starts; a later newest page (a reload) does not move it back.
+      if (earlier || h.more == null) Object.assign(h, { before: a.before, more: !!a.more && a.before != null });
+      this._changedSoon = false;
+      this._save();
+      return added;
+    } catch (e) {
+      if (e.code === "history_off" || e.code === "unknown_op") this.features.history = false;
+      throw e;
+    } finally {
+      h.loading = false;
+      this._changed();
+    }
   }
 }
 

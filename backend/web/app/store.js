@@ -59,6 +59,8 @@ export class DeviceStore {
     this.convs = saved?.convs || {};  // key ("u:bob", "g:team") -> conversation
     this.seen = new Set(saved?.seen || []);
     this.filled = !!saved?.filled;  // it has fetched what its user had before it (section 12.7)
+    this.settings = saved?.settings || null;  // the user's settings as the server last said ({read_receipts})
+    this.paged = new Set();  // conversations whose earlier pages were loaded on this page: not cut in memory
   }
 
   conv(key, init = {}) {
@@ -76,12 +78,16 @@ export class DeviceStore {
     let seen = [...this.seen];
     if (seen.length > SEEN_KEPT) { seen = seen.sort((a, b) => a - b).slice(-SEEN_KEPT); this.seen = new Set(seen); }
     for (const kept of [MESSAGES_KEPT, MESSAGES_KEPT_WHEN_FULL]) {
+      const convs = {};
       for (const c of Object.values(this.convs)) {
         const old = c.messages.length - kept;
-        if (old > 0) c.messages.splice(0, c.messages.findIndex((m, i) => i >= old || m.state === "sending") );
+        const cut = old > 0 ? c.messages.findIndex((m, i) => i >= old || m.state === "sending") : 0;
+        // A conversation paged back through (history) keeps what was loaded on the page; the storage, the newest.
+        if (this.paged.has(c.key)) convs[c.key] = cut > 0 ? { ...c, messages: c.messages.slice(cut) } : c;
+        else { if (cut > 0) c.messages.splice(0, cut); convs[c.key] = c; }
       }
       try {
-        localStorage.setItem(this.key, JSON.stringify({ convs: this.convs, seen, filled: this.filled }));
+        localStorage.setItem(this.key, JSON.stringify({ convs, seen, filled: this.filled, settings: this.settings }));
         return;
       } catch (e) {
         if (kept === MESSAGES_KEPT_WHEN_FULL) throw e;
