@@ -49,15 +49,19 @@ def authenticate(uid: str, password: str) -> bool:
     return verify_password(password, user.password_hash)
 
 
-def add_user(uid: str, password: str) -> None:
+def add_user(uid: str, password: str) -> bool:
+    """Add the account ``uid``, or set its password if it exists. True: a new account; False: a password changed.
+    Raises ValueError for an invalid uid or an empty password."""
     if not protocol.valid_uid(uid):
         raise ValueError("a uid is 1-50 characters of A-Z a-z 0-9 _ . -")
     if not password:
         raise ValueError("the password must not be empty")
     hashed = hash_password(password)
     with User._meta.database.atomic():
-        if not User.update(password_hash=hashed).where(User.uid == uid).execute():
-            User.create(uid=uid, password_hash=hashed, created_at=now_ms())
+        if User.update(password_hash=hashed).where(User.uid == uid).execute():
+            return False
+        User.create(uid=uid, password_hash=hashed, created_at=now_ms())
+        return True
 
 
 def remove_user(uid: str) -> bool:

@@ -444,8 +444,9 @@ def _require_existing(url: str) -> None:
     if url.startswith("sqlite") and ":///" in url:
         path = url.split(":///", 1)[1].split("?", 1)[0]
         if path and path != ":memory:" and not os.path.exists(path):
-            raise DatabaseOpenError(f"no database at {path!r} (relative to {os.getcwd()}): `serve` and `user add` "
-                                    f"create it; check --database-url and the directory you run this from")
+            where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+            raise DatabaseOpenError(f"no database at {path!r}{where}: `serve` and `user add` create it; check "
+                                    f"--database-url and the directory you run this from")
 
 
 def _user(args: argparse.Namespace) -> int:
@@ -466,11 +467,14 @@ def _user(args: argparse.Namespace) -> int:
     open_database(args.database_url)
     if args.user_command == "add":
         try:
-            accounts.add_user(args.uid, password)
+            new = accounts.add_user(args.uid, password)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"user {args.uid} saved in {redact_url(args.database_url)}")  # which database: serve must use it too
+        # Which database: serve must use it too. An existing user's password is replaced: say so (a typo'd uid
+        # that matched someone else's account would otherwise pass unnoticed).
+        print(f"user {args.uid} saved in {redact_url(args.database_url)}"
+              + ("" if new else f" ({args.uid} existed: its password is changed)"))
     elif args.user_command == "remove":
         if not accounts.remove_user(args.uid):
             print(f"error: no user {args.uid}", file=sys.stderr)
@@ -545,6 +549,18 @@ def _group(args: argparse.Namespace) -> int:
     if args.group_command == "create" and group is not None:
         print(f"error: group {args.group!r} exists (owner {group.owner}); see `group show {args.group}`", file=sys.stderr)
         return 1
+    if args.group_command in ("create", "add"):
+        # With serve's accounts in this database, a uid without one is a typo (beside an external broker the
+        # accounts are the broker's and this table is empty: nothing to check against).
+        from .store import User
+        named = list(dict.fromkeys(args.members + ([args.owner] if args.group_command == "create" else [])))
+        if User.select().exists():
+            known = {u for (u,) in User.select(User.uid).where(User.uid.in_(named)).tuples()}
+            missing = [u for u in named if u not in known]
+            if missing:
+                print(f"error: no account {missing[0]!r} in this database (`user list` shows them; `user add` "
+                      f"makes one); nothing changed", file=sys.stderr)
+                return 1
     actor = args.owner if args.group_command == "create" else group.owner
     if args.group_command == "show":
         op = "group_members"
@@ -738,9 +754,12 @@ def _serve(args: argparse.Namespace) -> int:
                 print(f"error: port {port} ({other[port]}) is already in use; pick a free one with {other[port]}",
                       file=sys.stderr)
                 return 2
+            # If it is an MQTT broker, the worker can run beside it, with an account of its own there (the
+            # accounts of `user add` are serve's: README, "Beside an existing broker").
             print(f"error: port {port} is already in use (another MQTT broker?). Pick a free one with "
-                  f"--port, or run the worker beside that broker: {self_command()} worker "
-                  f"--broker mqtt://127.0.0.1:{port} --database-url {args.database_url}", file=sys.stderr)
+                  f"--port, or, if it is an MQTT broker, run the worker beside it with an account of its own there: "
+                  f"{self_command()} worker --broker mqtt://im-worker@127.0.0.1:{port} "
+                  f"--database-url {args.database_url}", file=sys.stderr)
             return 2
     return asyncio.run(_serve_async(args))
 

@@ -67,7 +67,7 @@ REPLY_ACCEPT_MAX = 4 * 1024 * 1024
 # connected but never answers); at most once a minute, so an outage is not a flood of lines.
 NO_RECEIPT_WARN_INTERVAL_S = 60.0
 # A SUBSCRIBE the broker refuses (SUBACK 0x80) is tried again after 1 s, doubling up to 16 s, as the worker does
-# (RESUBSCRIBE_MIN_S/MAX_S in backend/transport/worker.py): NATS refuses while JetStream recovers after a node dies.
+# (RESUBSCRIBE_MIN_S/MAX_S in backend/transport/subscriptions.py): NATS refuses while JetStream recovers after a node dies.
 RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S = 1.0, 16.0
 # paho's reconnect backoff: 1 s after a loss, doubling up to 16 s while attempts fail; with several addresses
 # each attempt goes to the next one, so a dead node costs one attempt.

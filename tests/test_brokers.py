@@ -151,7 +151,7 @@ def test_worker_with_a_dotted_client_id_is_heard_gone_on_nats(tmp_path):
 
 
 def test_split_uid_is_recognised_only_for_five_level_client_topics():
-    from backend.transport.worker import mangled_uid, probe_topic
+    from backend.transport.subscriptions import mangled_uid, probe_topic
     assert mangled_uid("im/u/bob/x/send") == "bob.x"
     assert mangled_uid("im/u/a/b/c/req") == "a.b.c"
     assert mangled_uid("im/u/bob/send") is None  # a v1 topic

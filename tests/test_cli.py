@@ -340,3 +340,34 @@ def test_group_create_show_add_remove_list(db_url):
     assert r.returncode == 0 and r.stderr.strip() == "note: zed is not a member of team"
     r = run_cli("group", "create", "bad.id", "alice", "--database-url", db_url)
     assert r.returncode == 2 and "1-32 characters" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_group_members_need_an_account_when_the_database_has_accounts(db_url):
+    """serve's accounts live in its database: a member without one is a typo, refused with nothing changed. With
+    no accounts there (a worker beside an external broker, whose accounts are the broker's) any uid goes."""
+    assert run_cli("group", "create", "free", "alice", "ghost", "--database-url", db_url).returncode == 0
+    for uid in ("alice", "bob"):
+        assert run_cli("user", "add", uid, "--password", "pw", "--database-url", db_url).returncode == 0
+    r = run_cli("group", "create", "team", "alice", "bob", "ghost", "--database-url", db_url)
+    assert r.returncode == 1 and r.stderr.strip() == ("error: no account 'ghost' in this database (`user list` shows "
+                                                      "them; `user add` makes one); nothing changed"), r.stderr
+    r = run_cli("group", "create", "team", "nobodyhere", "bob", "--database-url", db_url)
+    assert r.returncode == 1 and "no account 'nobodyhere'" in r.stderr
+    assert run_cli("group", "list", "--database-url", db_url).stdout.splitlines() == ["free\tfree\t2 members\towner alice"]
+    assert run_cli("group", "create", "team", "alice", "bob", "--database-url", db_url).returncode == 0
+    r = run_cli("group", "add", "team", "bobb", "--database-url", db_url)
+    assert r.returncode == 1 and "no account 'bobb'" in r.stderr
+    assert "bobb" not in run_cli("group", "show", "team", "--database-url", db_url).stdout
+
+
+def test_user_add_says_when_it_changed_an_existing_password(db_url):
+    r = run_cli("user", "add", "zoe", "--password", "pw1", "--database-url", db_url)
+    assert r.returncode == 0 and r.stdout.strip() == f"user zoe saved in {db_url}"
+    r = run_cli("user", "add", "zoe", "--password", "pw2", "--database-url", db_url)
+    assert r.returncode == 0 and r.stdout.strip() == f"user zoe saved in {db_url} (zoe existed: its password is changed)"
+
+
+def test_a_missing_database_at_an_absolute_path_is_not_called_relative(tmp_path):
+    path = tmp_path / "nowhere" / "im.db"
+    r = run_cli("user", "list", "--database-url", f"sqlite:///{path}")
+    assert r.returncode == 2 and f"no database at '{path}':" in r.stderr and "relative to" not in r.stderr, r.stderr
