@@ -702,6 +702,15 @@ class IMClient:
             body["limit"] = limit
         return self.request(body)
 
+    def conversations(self, before: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The conversations with kept messages, the most recent first (servers run with --history-days): the
+        answer's ``before`` is the next call's. {"kind": "conversations", "conversations": [{"with": uid, or
+        "group": gid and "name", "last_gseq"; "last_seq", "last_sent_at", "last_from"}], "before": seq, "more": bool}"""
+        body: dict[str, Any] = {"op": "conversations", "before": before}
+        if limit is not None:
+            body["limit"] = limit
+        return self.request(body)
+
     def drain(self, limit: int = 100, from_uid: str | None = None) -> list[dict[str, Any]]:
         """Pull pages until the empty one; each request acks the page before. Returns the new messages.
         Raises TimeoutError when a page gets no answer, RuntimeError on an error answer. One drain runs

@@ -70,9 +70,13 @@ CLIENT_TOPICS = ("send", "ack", "req")
 # Conversations (docs/PROTOCOL.md section 15): typing notices, read markers, the read-receipt setting.
 CONVERSATION_OPS = ("typing", "read", "settings")
 TYPING_STATES = ("typing", "stopped")
-REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "push_unregister", "history")
+REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "push_unregister", "history",
+               "conversations")
 # A history page (op history, --history-days): as many messages as a pull's default page, at most a pull's most.
 HISTORY_LIMIT_DEFAULT = 50
+# A page of the conversation list (op conversations, --history-days): as history's page (an entry is ~60 bytes,
+# so the most, 500, is ~30 KB: well under REPLY_PAYLOAD_MAX).
+CONVERSATIONS_LIMIT_DEFAULT = 50
 # Group requests (docs/PROTOCOL.md section 14), answered with a `group` or `groups` payload.
 GROUP_OPS = ("group_create", "group_add", "group_remove", "group_leave", "group_rename", "group_role", "groups",
              "group_members", "group_receipts")
@@ -459,6 +463,8 @@ def parse_request(payload: bytes) -> (CountRequest | PullRequest | DevicesReques
         return RemoveDeviceRequest(req_id=req_id, device=device)
     if op == "history":
         return parse_history(obj, req_id)
+    if op == "conversations":
+        return parse_conversations(obj, req_id)
     if op == "push_unregister":
         return PushRequest(req_id=req_id, endpoint=None)
     if op == "push_register":
@@ -645,6 +651,27 @@ def parse_history(obj: dict[str, Any], req_id: str) -> HistoryRequest:
     if not _int(limit) or not 1 <= limit <= PULL_LIMIT_MAX:
         raise ProtocolError("bad_limit", f"'limit' must be an integer from 1 to {PULL_LIMIT_MAX}", **ids)
     return HistoryRequest(req_id=req_id, with_uid=with_uid, group=group, before=before, limit=limit)
+
+
+@dataclass(frozen=True)
+class ConversationsRequest:
+    """The caller's conversations with kept messages, the most recent first: those whose newest message has a
+    seq below ``before`` (0: from the most recent)."""
+
+    req_id: str
+    before: int
+    limit: int
+
+
+def parse_conversations(obj: dict[str, Any], req_id: str) -> ConversationsRequest:
+    ids = {"req_id": req_id}
+    before = obj.get("before") or 0
+    if not (_int(before) and 0 <= before < 2**63):
+        raise ProtocolError("bad_field", "'before' must be a seq (a non-negative integer)", **ids)
+    limit = obj.get("limit", CONVERSATIONS_LIMIT_DEFAULT)
+    if not _int(limit) or not 1 <= limit <= PULL_LIMIT_MAX:
+        raise ProtocolError("bad_limit", f"'limit' must be an integer from 1 to {PULL_LIMIT_MAX}", **ids)
+    return ConversationsRequest(req_id=req_id, before=before, limit=limit)
 
 
 def parse_status(payload: bytes) -> str | None:

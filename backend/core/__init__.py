@@ -48,10 +48,11 @@ tests) in the module that defines it.
 from .announcements import (ANNOUNCE_MIN_GAP_MS, ANNOUNCE_REPEAT_MAX_MS, ANNOUNCE_REPEAT_MS, ANNOUNCE_WATCH_MAX,
                             WORKER_GONE_SPREAD_MS, _Watch)
 from .delivery import BUCKETS_MAX, SEND_BURST, SEND_RATE_PER_S, WORKER_TOPIC_PREFIX, Delivery
-from .events import (GROUP_EVENT_TYPE, CountBacklog, Counted, DeleteAcked, Deleted, DeletedRow, DeviceRemoved,
+from .events import (GROUP_EVENT_TYPE, ConversationList, CountBacklog, Counted, DeleteAcked, Deleted, DeletedRow, DeviceRemoved,
                      DeviceReset, GroupAnswered, GroupEvent, GroupOp, HistoryPage, Key, Listed, ListDevices, Operation,
                      Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet, ReadHistory, Refused, RelayTyping, RemoveDevice,
-                     SetPushEndpoint, TypingMembers, Stored, StoreMessage, device_removed_payload, push_payload)
+                     SetPushEndpoint, TypingMembers, Stored, StoreMessage, ListConversations, device_removed_payload,
+                     push_payload)
 from .groups import GROUP_RECEIPT_DELAY_MS, group_receipt
 from .pushes import PENDING_PUSH_MAX, PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, _Pending
 from .reads import (CONVERSATION_OPS, CONVERSATION_OUTCOMES, READ_RECEIPTS_MAX, Marked, MarkRead, SetSettings,
@@ -64,7 +65,7 @@ __all__ = [
     "PENDING_PUSH_MAX", "PUSH_ACK_TIMEOUT_MS", "PUSH_BACKOFF", "PUSH_MAX_RETRIES", "RECEIPT_DELAY_MS",
     "RECEIPTS_PER_PAYLOAD_MAX", "GROUP_EVENT_TYPE", "GROUP_RECEIPT_DELAY_MS", "SEND_BURST", "SEND_RATE_PER_S", "WORKER_GONE_SPREAD_MS", "WORKER_TOPIC_PREFIX",
     "CountBacklog", "Counted", "DeleteAcked", "Deleted", "DeletedRow", "Delivery", "DeviceRemoved", "DeviceReset",
-    "GroupAnswered", "GroupEvent", "GroupOp", "HistoryPage", "ReadHistory", "RelayTyping", "TypingMembers", "Key", "Listed", "ListDevices", "Operation", "Outcome", "Paged", "Plan", "Publish", "PullPage",
+    "ConversationList", "GroupAnswered", "GroupEvent", "GroupOp", "HistoryPage", "ListConversations", "ReadHistory", "RelayTyping", "TypingMembers", "Key", "Listed", "ListDevices", "Operation", "Outcome", "Paged", "Plan", "Publish", "PullPage",
     "PushEndpointSet", "Refused", "RemoveDevice", "SetPushEndpoint", "Stored", "StoreMessage",
     "device_removed_payload", "group_receipt", "push_payload", "_Pending", "_Watch",
     "CONVERSATION_OPS", "CONVERSATION_OUTCOMES", "READ_RECEIPTS_MAX", "MarkRead", "Marked", "SetSettings", "SettingsSet",

@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 from .. import protocol as p
 from .announcements import ANNOUNCE_MIN_GAP_MS, ANNOUNCE_REPEAT_MAX_MS, ANNOUNCE_REPEAT_MS, AnnouncementsMixin, _Watch
-from .events import (CountBacklog, Counted, DeleteAcked, Deleted, DeviceRemoved, DeviceReset, GroupAnswered, GroupOp,
-                     HistoryPage, Key, Listed, ListDevices, Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet,
+from .events import (ConversationList, CountBacklog, Counted, DeleteAcked, Deleted, DeviceRemoved, DeviceReset, GroupAnswered, GroupOp,
+                     HistoryPage, Key, ListConversations, Listed, ListDevices, Outcome, Paged, Plan, Publish, PullPage, PushEndpointSet,
                      ReadHistory, Refused, RemoveDevice, SetPushEndpoint, Stored, StoreMessage, TypingMembers,
                      device_removed_payload)
 from .groups import GroupsMixin
@@ -131,6 +131,8 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                     plan.ops.append(GroupOp(receiver=uid, req_id=r.req_id, device=dev, request=r))
                 elif isinstance(r, p.HistoryRequest):
                     plan.ops.append(ReadHistory(receiver=uid, req_id=r.req_id, device=dev, request=r))
+                elif isinstance(r, p.ConversationsRequest):
+                    plan.ops.append(ListConversations(receiver=uid, req_id=r.req_id, device=dev, request=r))
                 elif isinstance(r, p.RemoveDeviceRequest):
                     plan.ops.append(RemoveDevice(receiver=uid, req_id=r.req_id, device=dev, target=r.device))
                 else:
@@ -182,6 +184,11 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
                 out.append(Publish(p.reply_topic(*o.op.origin), {"kind": "history", "req_id": o.op.req_id, **conv,
                                                                   "messages": list(o.messages), "before": last,
                                                                   "more": o.more}))
+            elif isinstance(o, ConversationList):
+                last = o.conversations[-1]["last_seq"] if o.conversations else None
+                out.append(Publish(p.reply_topic(*o.op.origin), {
+                    "kind": "conversations", "req_id": o.op.req_id, "conversations": list(o.conversations),
+                    "before": last, "more": o.more}))
             elif isinstance(o, Deleted):
                 self._delivered(out, batched, o.rows, now_ms)
             elif isinstance(o, Counted):

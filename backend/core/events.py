@@ -145,6 +145,20 @@ class ReadHistory:
 
 
 @dataclass(frozen=True)
+class ListConversations:
+    """The caller's conversations with kept messages (--history-days), the most recent first: read-only."""
+
+    receiver: str
+    req_id: str
+    device: str
+    request: p.ConversationsRequest
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self.receiver, self.device
+
+
+@dataclass(frozen=True)
 class RelayTyping:
     """A typing notice to a group: the store names its members (a read: never a write, never a registration);
     the core relays the notice to their online devices (core/signals.py)."""
@@ -166,7 +180,7 @@ class TypingMembers:
 
 
 Operation = (RelayTyping | StoreMessage | DeleteAcked | CountBacklog | PullPage | ListDevices | RemoveDevice | SetPushEndpoint
-             | GroupOp | ReadHistory)
+             | GroupOp | ReadHistory | ListConversations)
 
 
 # --- what the store reports back --------------------------------------------
@@ -299,8 +313,15 @@ class HistoryPage:
     more: bool
 
 
+@dataclass(frozen=True)
+class ConversationList:
+    op: ListConversations
+    conversations: tuple[dict[str, Any], ...]  # the most recent first; no content
+    more: bool
+
+
 Outcome = (TypingMembers | Stored | Deleted | Counted | Paged | Refused | Listed | DeviceRemoved | PushEndpointSet | DeviceReset
-           | GroupAnswered | HistoryPage)
+           | GroupAnswered | HistoryPage | ConversationList)
 
 
 # --- actions for the transport ----------------------------------------------

@@ -9,9 +9,11 @@ are skipped, and housekeeping (:meth:`HistoryStore.expire_history`) deletes the 
 
 from __future__ import annotations
 
+import peewee as pw
+
 from .. import core
-from .models import Group, Member, Message, now_ms
-from .queries import PAGE_FIELDS
+from .models import GROUP_PREFIX, Accepted, Entry, Group, Member, Message, now_ms
+from .queries import PAGE_FIELDS, _chunks
 from .groups import group_receiver
 
 # History is off by default: the store keeps what waits and nothing after the last ack (the design this
@@ -53,6 +55,71 @@ class HistoryStore:
             rows = sorted(set(rows), key=lambda row: row[0], reverse=True)[:r.limit + 1]
         more = len(rows) > r.limit
         return core.HistoryPage(op, tuple(self._push_dict(row, uid) for row in rows[:r.limit]), more)
+
+    def conversations(self, op: core.ListConversations) -> core.Outcome:
+        """The caller's conversations whose newest message is kept (sent within the history window, or still
+        waiting for one of its devices), the most recent first, below ``before`` (a last_seq). No content.
+
+        All index range scans, none of ``message`` as a whole: the messages the caller received, by the
+        (receiver_uid, sender_uid, seq) index (covering: the newest per sender); those it sent, by ``accepted``'s
+        key (sender_uid, msg_id) (kept past their message: purge releases a pair only once the message is gone,
+        then keeps it ACCEPTED_RETENTION_MS more); its groups, by ``group_member``'s uid index, and each group's
+        newest message by the (receiver_uid, seq) index. Then the candidates' rows by seq. The cost grows with the
+        caller's own messages of the window (and of the retention, sent ones), not with the table."""
+        r, uid = op.request, op.receiver
+        if not self.history_ms:
+            return core.Refused(op, "history_off", "this server keeps no history (it runs with --history-days 0): "
+                                                   "a count lists the conversations with messages waiting")
+        newest = pw.fn.MAX(Message.seq)
+        # key -> candidate seqs (both directions of a 1:1 conversation: the newest of each)
+        candidates: dict[tuple[str, str], list[int]] = {}
+        for sender, seq in (Message.select(Message.sender_uid, newest).where(Message.receiver_uid == uid)
+                            .group_by(Message.sender_uid).tuples()):
+            candidates.setdefault(("with", sender), []).append(int(seq))
+        for receiver, seq in (Accepted.select(Accepted.receiver_uid, pw.fn.MAX(Accepted.seq))
+                              .where(Accepted.sender_uid == uid).group_by(Accepted.receiver_uid).tuples()):
+            if not receiver.startswith(GROUP_PREFIX):  # the groups it wrote to: by its membership below
+                candidates.setdefault(("with", receiver), []).append(int(seq))
+        groups = {group_receiver(gid): (gid, name, int(joined), bool(history)) for gid, name, joined, history in
+                  Member.select(Member.gid, Group.name, Member.joined_gseq, Group.history)
+                  .join(Group, on=(Group.gid == Member.gid)).where(Member.uid == uid).tuples()}
+        for chunk in _chunks(list(groups)):
+            if chunk:
+                for receiver, seq in (Message.select(Message.receiver_uid, newest)
+                                      .where(Message.receiver_uid.in_(chunk)).group_by(Message.receiver_uid).tuples()):
+                    candidates[("group", groups[receiver][0])] = [int(seq)]
+        seqs = sorted({s for ss in candidates.values() for s in ss})
+        rows = {}  # seq -> (sender, send_time, gseq), of those still stored
+        for chunk in _chunks(seqs):
+            if chunk:
+                rows.update((s, (snd, t, g)) for s, snd, t, g in Message.select(
+                    Message.seq, Message.sender_uid, Message.send_time, Message.gseq)
+                    .where(Message.seq.in_(chunk)).tuples())
+        cutoff = now_ms() - self.history_ms
+        old = [s for s, (_, t, _) in rows.items() if t < cutoff]
+        waiting = set()  # old ones still waiting for a device of the caller (its pages show them)
+        for chunk in _chunks(old):
+            if chunk:
+                waiting.update(s for (s,) in Entry.select(Entry.seq).where((Entry.uid == uid) & Entry.seq.in_(chunk))
+                               .tuples())
+        out = []
+        for (kind, peer), seqs_of in candidates.items():
+            kept = [s for s in seqs_of if s in rows and (rows[s][1] >= cutoff or s in waiting)]
+            if not kept:
+                continue
+            seq = max(kept)
+            sender, sent_at, gseq = rows[seq]
+            if r.before and seq >= r.before:
+                continue
+            entry = {kind: peer, "last_seq": seq, "last_sent_at": int(sent_at), "last_from": sender}
+            if kind == "group":
+                _, name, joined, history = groups[group_receiver(peer)]
+                if not history and (gseq is None or gseq < joined):
+                    continue  # its newest message is from before the caller's join: not the caller's to read
+                entry.update(name=name, last_gseq=int(gseq))
+            out.append(entry)
+        out.sort(key=lambda e: e["last_seq"], reverse=True)
+        return core.ConversationList(op, tuple(out[:r.limit]), len(out) > r.limit)
 
     def expire_history(self, now: int | None = None) -> int:
         """Delete kept messages (no entry left) older than the history age, in short transactions; the

@@ -244,6 +244,8 @@ class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore
             return self.typing_members(op)
         if isinstance(op, core.ReadHistory):
             return self.history(op)
+        if isinstance(op, core.ListConversations):
+            return self.conversations(op)
         return self.set_push_endpoint(op)
 
     # -- operations -----------------------------------------------------------
