@@ -132,7 +132,8 @@ function draw() {
   if ($("settings-dialog").open && !savingSettings) drawSettings();  // another device changed it meanwhile
 }
 
-function recent(c) { const m = lastMessage(c); return m ? m.sent_at || m.ts || 0 : 0; }
+// (a conversation listed by the server and not opened yet holds no message: the server's time of its newest)
+function recent(c) { const m = lastMessage(c); return Math.max(m ? m.sent_at || m.ts || 0 : 0, c.lastSentAt || 0); }
 
 function summary(m) {
   if (m.type === "group_event" && m.event) return eventText(m);
@@ -380,8 +381,11 @@ async function drawDevices() {
     list.replaceChildren(...answer.devices.map((d) => {
       const li = document.createElement("li");
       li.dataset.device = d.device;
-      const name = d.device || "(default device)";
-      li.append(text("span", "", `${name}${d.device === im.device ? " (this tab)" : ""}: ${d.online ? "online" : "offline"}` +
+      const name = d.device || "default device";
+      // The default device ("": v1 clients) has no status of its own: the server shows it online whenever any
+      // device of the user is (docs/PROTOCOL.md 12.4, the mixed case); say so rather than a plain "online".
+      const label = d.device ? name : "default device (v1 clients; follows the user's status)";
+      li.append(text("span", "", `${label}${d.device === im.device ? " (this tab)" : ""}: ${d.online ? "online" : "offline"}` +
         (!d.online && d.last_seen ? `, last seen ${new Date(d.last_seen).toLocaleString()}` : "")));
       if (d.device !== im.device) {  // this tab does not remove itself (Log out ends it; another device removes it)
         const b = text("button", "remove-device", "Remove");

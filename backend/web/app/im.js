@@ -27,6 +27,9 @@ export const TYPING_RENEW_MS = 3000;
 const TYPING_MAX_MS = 30000;
 // A page of history (section 14.9): the protocol's default; about a screenful and a half of a conversation.
 export const HISTORY_LIMIT = 50;
+// The conversation list asked for at login (section 14.9, op conversations): one page of the protocol's most
+// (500, about 30 KB); older conversations show when a message comes, or by the user opening them.
+const CONVERSATIONS_LIMIT = 500;
 
 export class IMClient extends EventTarget {
   /** url: the broker's ws:// or wss:// URL; uid, password: the account; device: this tab's device id. */
@@ -141,6 +144,7 @@ export class IMClient extends EventTarget {
       this.refreshGroups().catch(() => {});
       this.loadSettings().catch(() => {});
       this._catchUp().catch(() => {});
+      this.loadConversations().catch(() => {});
       const reason = await closed;
       this.conn = null;
       if (this.state === "closed") return;
@@ -607,6 +611,31 @@ export class IMClient extends EventTarget {
   }
 
   // -- history (section 14.9) -----------------------------------------------------------------------------------
+  /** The user's recent conversations as the server keeps them (servers with --history-days), merged with those
+   * the tab holds: a new tab lists its 1:1 conversations too, not only its groups; opening one loads its
+   * history. Each gets ``lastSentAt`` (the server's time of its newest message) for the list's order. A server
+   * without history answers history_off once, and is not asked again. Resolves with the number listed. */
+  async loadConversations() {
+    if (!this.features.history) return 0;
+    let a;
+    try {
+      a = await this.request({ op: "conversations", limit: CONVERSATIONS_LIMIT });
+    } catch (e) {
+      if (e.code === "history_off" || e.code === "unknown_op") { this.features.history = false; this._changed(); }
+      throw e;
+    }
+    let n = 0;
+    for (const e of a.conversations || []) {
+      const group = typeof e.group === "string", id = group ? e.group : e.with;
+      if (typeof id !== "string" || !id) continue;
+      const c = this.store.conv(`${group ? "g" : "u"}:${id}`, group && e.name ? { name: e.name } : {});
+      if (Number.isInteger(e.last_sent_at)) c.lastSentAt = Math.max(c.lastSentAt || 0, e.last_sent_at);
+      n++;
+    }
+    this._save();
+    return n;
+  }
+
   /** Fetch a page of a conversation's past (servers with --history-days): the newest page (``earlier`` false),
    * or the page before the last one fetched. Shown beside what the tab holds, each seq once. Resolves with the
    * number of messages new to the tab; a server without history answers history_off once, and is not asked
