@@ -2,7 +2,9 @@
 `serve --ws-port --web-port --history-days 1`: read receipts turned off and on (the other side sees no `read`
 while off; a new tab shows the stored setting; the other tab follows), a tab removing another of its user's
 devices (the removed tab says so), and a conversation's past shown in a new tab and after the storage is
-cleared, page by page, each message once. (A server without history: tests/test_web_chat.py.)
+cleared, page by page, each message once; a new tab listing the 1:1 conversations its user had on other
+devices, and the devices panel saying what the default device's status is. (A server without history:
+tests/test_web_chat.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from browser import Tab, start_browser
 from conftest import IMClient, Server, add_users, free_port
 
 USERS = ("alice", "bob", "carol")
-NAMES = {name: [f"{u}{i}" for u in USERS] for i, name in enumerate(("settings", "devices", "history"))}
+NAMES = {name: [f"{u}{i}" for u in USERS] for i, name in enumerate(("settings", "devices", "history", "convs"))}
 
 
 class HistoryServer(Server):
@@ -211,4 +213,28 @@ def test_history_in_a_new_tab_and_page_by_page(web, tabs, paho):
     t.wait("window.im && im.state === 'online' && document.querySelectorAll('#messages li').length === 50",
            what="the newest page after the storage was cleared")
     assert [m["text"] for m in t.shown()] == expected[-50:]
+    assert t.js("return im.errors.length") == 0
+
+
+def test_a_new_tab_lists_the_recent_conversations_and_labels_the_default_device(web, tabs, paho):
+    alice, bob, carol = NAMES["convs"]
+    v1 = paho(alice)  # alice's v1 client: the default device ""
+    b = paho(bob, device="desk")
+    assert b.send(alice, "from bob").wait(5)["status"] == "stored"
+    assert v1.wait_for_messages(1, 15)
+    v1.flush_acks()
+    assert v1.send(carol, "to carol").wait(5)["status"] == "stored"  # waits for carol: never alice's to pull
+
+    t = tabs(web.url).login(alice, pw(alice))
+    listed = "[...document.querySelectorAll('#conversations button')].map(b => b.dataset.key)"
+    t.wait(f"{listed}.includes('u:{carol}') && {listed}.includes('u:{bob}')", what="both 1:1 conversations listed")
+    assert t.js(f"return {listed}")[:2] == [f"u:{carol}", f"u:{bob}"], "the most recent first"
+    t.open(f"u:{carol}")  # opening it loads its history, as before
+    t.wait(shows("to carol"), what="the conversation's past")
+
+    t.el("#devices-button").click()
+    row = "document.querySelector('#devices-list li[data-device=\"\"]')"
+    t.wait(f"{row} && {row}.textContent.includes('online')", what="the default device listed")
+    assert "default device (v1 clients; follows the user's status)" in t.js(f"return {row}.textContent")
+    t.el("#devices-close").click()
     assert t.js("return im.errors.length") == 0
