@@ -74,8 +74,8 @@ REQUEST_OPS = ("count", "pull", "devices", "remove_device", "push_register", "pu
                "conversations")
 # A history page (op history, --history-days): as many messages as a pull's default page, at most a pull's most.
 HISTORY_LIMIT_DEFAULT = 50
-# A page of the conversation list (op conversations, --history-days): as history's page (an entry is ~60 bytes,
-# so the most, 500, is ~30 KB: well under REPLY_PAYLOAD_MAX).
+# A page of the conversation list (op conversations, --history-days): as history's page. An entry is about 100
+# bytes, under 1 KB at worst (a 100-character group name, escaped), so the most, 500, stays under REPLY_PAYLOAD_MAX.
 CONVERSATIONS_LIMIT_DEFAULT = 50
 # Group requests (docs/PROTOCOL.md section 14), answered with a `group` or `groups` payload.
 GROUP_OPS = ("group_create", "group_add", "group_remove", "group_leave", "group_rename", "group_role", "groups",
