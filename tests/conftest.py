@@ -287,3 +287,49 @@ def pytest_sessionfinish(session, exitstatus):
             db.close()
         except Exception as e:  # noqa: BLE001 - a clean-up; the run's verdict is already made
             print(f"\ncould not drop the test tables at {url}: {type(e).__name__}")
+
+
+# --- the web client's browser tests (tests/test_web_chat.py, tests/test_web_features.py): each module starts its
+# own `web` server (a module fixture of that name); these drive it.
+@pytest.fixture(scope="module")
+def driver(web):
+    """A headless Chromium (tests/browser.py) for the module, quit at its end."""
+    from browser import start_browser
+    d = start_browser()
+    yield d
+    d.quit()
+
+
+@pytest.fixture
+def tabs(driver):
+    """tabs(url) -> a new browser.Tab; closed at the end of the test (its device goes offline by its will)."""
+    from browser import Tab
+    made: list = []
+    anchor = driver.window_handles[0]
+
+    def make(url: str):
+        t = Tab(driver, url)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        if t.handle in driver.window_handles:
+            driver.switch_to.window(t.handle)
+            driver.close()
+    driver.switch_to.window(anchor)
+
+
+@pytest.fixture
+def paho(web):
+    """paho(uid, **kw) -> an IMClient of uid (password '<uid>-pw') connected to the module's `web` server."""
+    made: list[IMClient] = []
+
+    def make(uid: str, **kw) -> IMClient:
+        c = IMClient(uid, f"{uid}-pw", port=web.port, **kw).connect()
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.kill()

@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from browser import Tab, start_browser
-from conftest import IMClient, Server, add_users, free_port
+from conftest import Server, add_users, free_port
 
 # Each test its own four users (their devices and groups stay in the module's database); the first two tests'
 # screenshots show plain names.
@@ -50,50 +49,10 @@ def web(tmp_path_factory):
     srv.kill()
 
 
-@pytest.fixture(scope="module")
-def driver(web):
-    d = start_browser()
-    yield d
-    d.quit()
-
-
 @pytest.fixture
 def users():
     """Four fresh uids for a test, in the roles of alice, bob, carol and dave."""
     return NAMES[next(_next)]
-
-
-@pytest.fixture
-def tabs(driver):
-    """tabs(url) -> a new Tab; closed at the end of the test (its device goes offline by its will)."""
-    made: list[Tab] = []
-    anchor = driver.window_handles[0]
-
-    def make(url: str) -> Tab:
-        t = Tab(driver, url)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        if t.handle in driver.window_handles:
-            driver.switch_to.window(t.handle)
-            driver.close()
-    driver.switch_to.window(anchor)
-
-
-@pytest.fixture
-def paho(web):
-    made: list[IMClient] = []
-
-    def make(uid: str, **kw) -> IMClient:
-        c = IMClient(uid, f"{uid}-pw", port=web.port, **kw).connect()
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.kill()
 
 
 def pw(uid: str) -> str:

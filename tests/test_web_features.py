@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from browser import Tab, start_browser
-from conftest import IMClient, Server, add_users, free_port
+from browser import Tab
+from conftest import Server, add_users, free_port
 
 USERS = ("alice", "bob", "carol")
 NAMES = {name: [f"{u}{i}" for u in USERS] for i, name in enumerate(("settings", "devices", "history", "convs"))}
@@ -44,45 +44,6 @@ def web(tmp_path_factory):
     assert srv.wait_log("backend.worker: subscribed", 10), "".join(srv.lines)
     yield srv
     srv.kill()
-
-
-@pytest.fixture(scope="module")
-def driver(web):
-    d = start_browser()
-    yield d
-    d.quit()
-
-
-@pytest.fixture
-def tabs(driver):
-    made: list[Tab] = []
-    anchor = driver.window_handles[0]
-
-    def make(url: str) -> Tab:
-        t = Tab(driver, url)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        if t.handle in driver.window_handles:
-            driver.switch_to.window(t.handle)
-            driver.close()
-    driver.switch_to.window(anchor)
-
-
-@pytest.fixture
-def paho(web):
-    made: list[IMClient] = []
-
-    def make(uid: str, **kw) -> IMClient:
-        c = IMClient(uid, f"{uid}-pw", port=web.port, **kw).connect()
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.kill()
 
 
 def pw(uid: str) -> str:
