@@ -152,6 +152,7 @@ class Runner:
         self.workdir, self.ready, self.verbose = workdir, ready, verbose
         self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         self.env.pop("IM_DATABASE_URL", None)  # the documents' defaults, as a new user has them
+        self.env.pop("IM_PORT", None)  # the examples' port: 1883 unless exported (README), made free here
         self.ports = {doc: str(free_port()) for doc in DOC_PORTS}
         self.cursors: dict[str, str] = {}  # cursor printed in a document -> the one this run got
         self.subs: dict[str, Process] = {}
@@ -227,7 +228,9 @@ class Runner:
                 argv = argv[:-1]
             if argv[:3] == ["python3", "-m", "venv"] or "pip" in Path(argv[0]).name or "pytest" in argv:
                 continue  # set-up and tests: done, this runs inside them
-            argv = [self._ports_in(a) for a in argv]
+            # ${IM_PORT:-1883} (README: the examples follow an exported IM_PORT) is its default here, the
+            # documented port made free by _ports_in: there is no shell to expand it.
+            argv = [re.sub(r"\$\{IM_PORT:-([0-9]+)\}", r"\1", self._ports_in(a)) for a in argv]
             argv = [self._cursors_in(a) for a in argv]
             if Path(argv[0]).name in ("python", "python3"):
                 argv = [sys.executable, *argv[1:]]
