@@ -143,13 +143,19 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
     report.phases["store_empty"] = time.monotonic() - t0
     db.close()
     report.duplicates_dropped = sum(c.duplicates_dropped for u in users.values() for c in u.instances)
-    for u in users.values():
-        for c in u.instances:
+    kill_all(users.values())
+    return report
+
+
+def kill_all(devices) -> None:
+    """End every client instance of these chaos devices (or users: anything with ``instances``), whatever state
+    each is in: a test's clean-up must reach all of them."""
+    for d in devices:
+        for c in d.instances:
             try:
                 c.kill()
             except Exception:  # noqa: BLE001
                 pass
-    return report
 
 
 class Device:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -104,15 +105,31 @@ class BackendProcess:
 
 
 class Server(BackendProcess):
-    """`python -m backend serve` (embedded broker + worker) on a free port."""
+    """`python -m backend serve` (embedded broker + worker) on a free port; ``extra``: more serve flags."""
 
-    def __init__(self, db_url: str, port: int | None = None):
+    def __init__(self, db_url: str, port: int | None = None, extra: Sequence[str] = ()):
         super().__init__()
         self.db_url = db_url
         self.port = port or free_port()
+        self.extra = list(extra)
 
     def args(self) -> list[str]:
-        return ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--database-url", self.db_url]
+        return ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--database-url", self.db_url, *self.extra]
+
+
+class WebServer(Server):
+    """`serve` with its WebSocket listener and the web client's page on free ports (tests/test_web_*.py)."""
+
+    ready = "backend: serving MQTT"
+
+    def __init__(self, db_url: str, extra: Sequence[str] = ()):
+        self.ws_port, self.web_port = free_port(), free_port()
+        super().__init__(db_url, extra=["--ws-port", str(self.ws_port), "--web-port", str(self.web_port), *extra])
+
+    @property
+    def url(self) -> str:
+        """The web client's page."""
+        return f"http://127.0.0.1:{self.web_port}/"
 
 
 def raw_client(port: int, username: str | None, password: str | None, client_id: str, will=None):

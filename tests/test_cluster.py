@@ -388,11 +388,7 @@ def test_chaos_on_a_cluster_nothing_lost_nothing_twice_every_device_told(cluster
     finally:
         for d in devs.values():
             d.settle()
-            for c in d.instances:
-                try:
-                    c.kill()
-                except Exception:  # noqa: BLE001
-                    pass
+        chaos.kill_all(devs.values())
         for w in workers:
             w.kill()
         if restarter is not None:

@@ -9,15 +9,10 @@ import pytest
 from conftest import PASSWORDS, Server, add_users
 
 
-class HistoryServer(Server):
-    def args(self) -> list[str]:
-        return [*super().args(), "--history-days", "1"]
-
-
 @pytest.fixture
 def hist_server(db_url):
     add_users(db_url, *PASSWORDS)
-    srv = HistoryServer(db_url).start()
+    srv = Server(db_url, extra=["--history-days", "1"]).start()
     yield srv
     srv.kill()
 

@@ -99,11 +99,6 @@ def test_every_device_gets_everything_once_through_kills_and_a_broker_restart(ki
         assert received == 3 * n + 2 * n, "each message to 3 devices, its copies to 2"
         assert left == 0
     finally:
-        for d in devs.values():
-            for c in d.instances:
-                try:
-                    c.kill()
-                except Exception:  # noqa: BLE001
-                    pass
+        chaos.kill_all(devs.values())
         system.close() if kind == "mosquitto" else system.server.kill()
         schema.close()

@@ -279,11 +279,6 @@ def test_every_member_device_gets_its_window_once_through_kills_and_a_broker_res
         assert not_released == [], not_released[:10]
         assert left == (0, 0), left_rows[:20]
     finally:
-        for d in devs.values():
-            for c in d.instances:
-                try:
-                    c.kill()
-                except Exception:  # noqa: BLE001
-                    pass
+        chaos.kill_all(devs.values())
         system.close() if kind == "mosquitto" else system.server.kill()
         schema.close()

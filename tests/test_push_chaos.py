@@ -279,12 +279,7 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
         assert missed == 0
         assert while_online == [], while_online[:5]
     finally:
-        for d in devs.values():
-            for c in d.instances:
-                try:
-                    c.kill()
-                except Exception:  # noqa: BLE001
-                    pass
+        chaos.kill_all(devs.values())
         gw.close()
         system.close() if kind == "mosquitto" else system.server.kill()
         schema.close()

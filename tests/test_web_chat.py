@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import Server, add_users, free_port
+from conftest import WebServer, add_users
 
 # Each test its own four users (their devices and groups stay in the module's database); the first two tests'
 # screenshots show plain names.
@@ -22,21 +22,6 @@ NAMES = [("alice", "bob", "carol", "dave"), ("ann", "ben", "cleo", "dan"),
          *[tuple(f"{n}{i}" for n in ("alice", "bob", "carol", "dave")) for i in range(2, 10)]]
 USERS = [u for names in NAMES for u in names]
 _next = itertools.count()
-
-
-class WebServer(Server):
-    ready = "backend: serving MQTT"
-
-    def __init__(self, db_url: str):
-        super().__init__(db_url)
-        self.ws_port, self.web_port = free_port(), free_port()
-
-    def args(self) -> list[str]:
-        return [*super().args(), "--ws-port", str(self.ws_port), "--web-port", str(self.web_port)]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}/"
 
 
 @pytest.fixture(scope="module")

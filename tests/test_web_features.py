@@ -14,33 +14,17 @@ import json
 import pytest
 
 from browser import Tab
-from conftest import Server, add_users, free_port
+from conftest import WebServer, add_users
 
 USERS = ("alice", "bob", "carol")
 NAMES = {name: [f"{u}{i}" for u in USERS] for i, name in enumerate(("settings", "devices", "history", "convs"))}
-
-
-class HistoryServer(Server):
-    ready = "backend: serving MQTT"
-
-    def __init__(self, db_url: str):
-        super().__init__(db_url)
-        self.ws_port, self.web_port = free_port(), free_port()
-
-    def args(self) -> list[str]:
-        return [*super().args(), "--ws-port", str(self.ws_port), "--web-port", str(self.web_port),
-                "--history-days", "1"]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}/"
 
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('webf')}/im.db"
     add_users(url, *(u for names in NAMES.values() for u in names))
-    srv = HistoryServer(url).start()
+    srv = WebServer(url, extra=["--history-days", "1"]).start()
     assert srv.wait_log("backend.worker: subscribed", 10), "".join(srv.lines)
     yield srv
     srv.kill()
