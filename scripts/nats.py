@@ -254,15 +254,31 @@ def start_nats(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port: in
     raise AssertionError("unreachable")
 
 
+# A cluster is started again, on new ports, once if it did not come up: its ports are chosen free (free_port)
+# and bound only when the servers start, so another process may take one meanwhile (a CI run saw a node's route
+# port answered by another test's HTTP server: "Router parser ERROR ... HTTP/1.1 400", the node never ready).
+CLUSTER_START_ATTEMPTS = 2
+
+
 def start_nats_cluster(users: Mapping[str, str], *, nodes: int = 3, host: str = "127.0.0.1",
                        worker_user: str = WORKER_USER, timeout: float = START_TIMEOUT_S) -> list[Nats]:
     """``nodes`` servers routed into one cluster (JetStream replicates the MQTT streams over them), each with
     its own ports and directory; returns once every one is healthy and takes an MQTT CONNECT (~3 s here).
-    ``kill()`` / ``start()`` one to lose and bring back a node; ``close()`` each at the end."""
+    ``kill()`` / ``start()`` one to lose and bring back a node; ``close()`` each at the end. Raises the last
+    attempt's TimeoutError or RuntimeError (with a server's log tail) if no attempt came up."""
     binary = find_nats()
     if binary is None:
         raise FileNotFoundError("nats-server not found (Debian: apt-get install nats-server)")
-    users = dict(users)
+    for _ in range(CLUSTER_START_ATTEMPTS - 1):
+        try:
+            return _start_cluster_once(binary, dict(users), nodes, host, worker_user, timeout)
+        except (TimeoutError, RuntimeError):
+            pass  # every server of that attempt is closed: again, on new ports
+    return _start_cluster_once(binary, dict(users), nodes, host, worker_user, timeout)
+
+
+def _start_cluster_once(binary: str, users: dict, nodes: int, host: str, worker_user: str,
+                        timeout: float) -> list[Nats]:
     text = users_config(users, worker_user)
     base = BASE_CONFIG.read_text(encoding="utf-8")
     routes = [free_port(host) for _ in range(nodes)]
