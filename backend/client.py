@@ -215,6 +215,7 @@ class IMClient:
         self._resubscribe_at: float | None = None  # when to subscribe again after a refused SUBACK
         self._resubscribe_wait = RESUBSCRIBE_MIN_S
         self.subscribe_refusals = 0  # SUBACKs that refused a subscription (each retried)
+        self.status_restated = 0  # `online` said again after a late will of an earlier connection
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or (f"{uid}:{device}" if device else uid),
                                   clean_session=clean_session, protocol=mqtt.MQTTv311, transport=transport)
         if tls or ca_file:  # verifies the broker's certificate and host name (ca_file, else the system's CAs)
@@ -332,10 +333,30 @@ class IMClient:
     def _subscribe(self) -> None:
         topics = [(p.inbox_topic(self.uid, self.device), 1), (p.reply_topic(self.uid, self.device), 1)] if self.receiver else \
             [(p.reply_topic(self.uid, self.device), 1)]
+        if self.receiver and self.device:
+            # Our own status at QoS 0 (no JetStream consumer on NATS; a lost delivery means a lost connection,
+            # and the reconnection says `online` anyway): a stale will there is answered (_on_own_status).
+            topics.append((p.status_topic(self.uid, self.device), 0))
         self.client.subscribe(topics)
 
+    def _on_own_status(self, msg) -> None:
+        """A live `offline` on our own device status while connected is the last will of an earlier connection,
+        delivered after this connection's `online`: a broker cluster does that when a node dies (NATS: 1.5 s
+        later, seen in tests/test_cluster.py). The worker then counts the device offline and only stores what
+        comes for it, while we wait for pushes: we say `online` again, and its announcement tells us what waits
+        (docs/PROTOCOL.md, section 3). The retained word a subscription brings (``msg.retain``) is our past, not
+        news; our own `offline` on close() is not answered (``_closing``)."""
+        if msg.payload.strip() != p.OFFLINE.encode() or msg.retain or self._closing.is_set():
+            return
+        with self._lock:
+            self.status_restated += 1
+        log.info("%s: a late `offline` (an earlier connection's will) on %s while connected: `online` again",
+                 self.uid, msg.topic)
+        self.client.publish(msg.topic, p.ONLINE, qos=1, retain=True)
+
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        if any(rc.is_failure for rc in reason_codes):
+        essential = reason_codes[:2 if self.receiver else 1]  # inbox and reply; our own status is a help only
+        if any(rc.is_failure for rc in essential):
             # Not subscribed: no `online` yet (the worker would push to an inbox we do not hear). The helper
             # thread subscribes again after the backoff (NATS refuses while JetStream recovers).
             with self._lock:
@@ -390,6 +411,9 @@ class IMClient:
 
     # -- inbound ------------------------------------------------------------------
     def _on_msg(self, client, userdata, msg):
+        if self.device and msg.topic == p.status_topic(self.uid, self.device):
+            self._on_own_status(msg)
+            return
         try:
             obj = p.decode_object(msg.payload, REPLY_ACCEPT_MAX)
         except p.ProtocolError:

@@ -233,7 +233,7 @@ class ClusterWorker(WorkerProcess):
 
     def args(self) -> list[str]:
         return ["worker", "--broker", self.urls, "--database-url", self.db_url, "--client-id", self.client_id,
-                *self.extra]
+                *self.extra, *(["--log-level", "DEBUG"] if os.environ.get("IM_CLUSTER_DEBUG") else [])]  # in/out per packet
 
 
 def rejoin(kind: str, node) -> None:
@@ -250,6 +250,10 @@ KILL_NODE_AT, KILL_WORKER_AT, RESTART_NODE_AT, TRAFFIC_S = 1.5, 3.0, 4.5, 6.0
 # (up to 16 s) or its failed pulls' backoff (1 s doubling: after a 20 s stall the next try can be 10 s later); a
 # phone was 45 messages short after 15 s once, and a desk 8 after 25 s in a CI run beside a browser trial, all
 # of them waiting for it in the store. NATS gets what the test's 60 s leave (TOLD_BY_S from the test's start).
+# Two of those shortfalls were faults, not slowness, found with IM_CLUSTER_DEBUG=1 beside two busy cores (2 of 5
+# runs failed): a device's earlier connection's will reached the worker after its new `online` (the client now
+# answers it: docs/PROTOCOL.md section 3, "A late will"), and a non-owner worker heard a phone's `online` 3 s after
+# the owner had counted, storing for it unpushed meanwhile (it now announces: section 10.2). Then 8 of 8 passed.
 TOLD_S = {"nats": 40.0, "rabbitmq": 25.0}
 # The told phase ends by this many seconds after the test's start: the store's check (up to 10 s) and the clean-up
 # must still fit in the test's 60 s (the traffic ends ~13 s after the start; the told phase then has up to ~35 s).
@@ -355,7 +359,12 @@ def test_chaos_on_a_cluster_nothing_lost_nothing_twice_every_device_told(cluster
             want = want_for(*key)
             if not dev.client.wait_for(lambda: want <= {m["msg_id"] for m in dev.messages},
                                        max(0.1, deadline - time.monotonic())):
-                untold.append((key, len(want - {m["msg_id"] for m in dev.messages})))
+                c = dev.client
+                untold.append((key, len(want - {m["msg_id"] for m in dev.messages}),
+                               dict(connected=c.client.is_connected(), broker=f"{c.host}:{c.port}", syncs=c.syncs,
+                                    sync_failures=c.sync_failures, refusals=c.subscribe_refusals,
+                                    moves=c.failovers, restated=c.status_restated, ups=len(dev.instances),
+                                    phases=dict(phases))))
         phase("told")
         lost, twice, received = chaos.collect_device_deliveries(devs, want_for)
         for dev in devs.values():
@@ -371,15 +380,20 @@ def test_chaos_on_a_cluster_nothing_lost_nothing_twice_every_device_told(cluster
         if restarter is not None:
             restarter.join(30)
         dropped = sum(c.duplicates_dropped for d in devs.values() for c in d.instances)
+        restated = sum(c.status_restated for d in devs.values() for c in d.instances)
         moves = sum(c.failovers for d in devs.values() for c in d.instances)
         with capsys.disabled():
             print(f"\nchaos on the {kind} cluster: sent={n} confirmed={confirmed} device deliveries={received} "
                   f"lost={len(lost)} twice={len(twice)} untold={len(untold)} client moves={moves} "
-                  f"repeats_dropped_by_clients={dropped} accepted={stored_once} left_in_store={left} "
+                  f"repeats_dropped_by_clients={dropped} late_wills_answered={restated} accepted={stored_once} left_in_store={left} "
                   f"phases(s)={ {k: round(v, 1) for k, v in phases.items()} }")
         assert confirmed == n, (f"{n - confirmed} sends never confirmed", *("".join(w.lines[-15:]) for w in workers))
         assert lost == [], lost[:10]
         assert twice == [], twice[:10]
+        if untold:
+            with capsys.disabled():
+                # The devices' state, and the workers' last lines (IM_CLUSTER_DEBUG=1: every packet, by ids).
+                print("UNTOLD", *untold, *("".join(w.lines[-60:]) for w in workers), sep="\n")
         assert untold == [], untold
         assert received == 3 * n, "each message to the receiver's 2 devices, its copy to the sender's phone"
         assert stored_once == n

@@ -4,11 +4,14 @@ copies, a new device is not empty, management, the cap, housekeeping, and a v1 c
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 
 from backend import protocol as p
 from backend.store import Entry, Message, open_database
-from conftest import eventually
+from conftest import eventually, raw_client
 from systems import System, system_fixture
 
 system = system_fixture("devices")
@@ -16,6 +19,12 @@ system = system_fixture("devices")
 
 def words(got, topic):
     return [m.payload.decode() for m in got if m.topic == topic]
+
+
+def vanish(c) -> None:
+    """End a plain paho client's connection without DISCONNECT (the broker publishes its will)."""
+    c._sock.shutdown(socket.SHUT_RDWR)
+    c.loop_stop()
 
 
 def stored_rows(db_url):
@@ -241,3 +250,32 @@ def test_a_receive_only_v1_client_beside_a_device_aware_device_gets_its_messages
     made += [plain, alice]
     assert alice.send("erin", "to the plain client").wait(10)["status"] == "stored"
     assert plain.wait_for_messages(1, 10), "a plain client that only receives still gets what is sent to its user"
+
+
+def test_a_late_will_of_an_earlier_connection_is_answered_with_online(system, made):
+    """A broker cluster can deliver an earlier connection's will after the device's new `online` (NATS, when a
+    node dies: tests/test_cluster.py's chaos saw a desk counted offline that way, its messages stored and never
+    announced while it waited for pushes). Here the earlier connection is a plain client with the device's will,
+    vanishing after the new one is up: the device hears the live `offline` on its own status, says `online`
+    again, and the worker pushes to it. The retained word its subscription brings is not answered."""
+    topic = p.status_topic("erin", "phone")
+    old, rc, _ = raw_client(system.port, "erin", "erin-pw", f"erin:old-{os.urandom(3).hex()}", will=(topic, "offline"))
+    made.append(old)
+    assert rc is not None and not rc.is_failure
+    old.publish(topic, "offline", qos=1, retain=True).wait_for_publish(5)  # retained before the device comes
+    watcher, seen = system.raw("carol", topic)
+    phone = system.client("erin", "phone", auto_sync=False)
+    alice = system.client("alice", "desk", receiver=False)
+    made += [watcher, phone, alice]
+    assert phone.count(10)["kind"] == "count"  # a round trip: the retained `offline` has reached the phone by now
+    assert phone.status_restated == 0, "the retained word at subscribe time is the past, not news"
+    assert eventually(lambda: words(seen, topic)[-1:] == ["online"], 10)
+    vanish(old)  # its will now says `offline` about a device that is connected
+    assert eventually(lambda: phone.status_restated == 1, 10), words(seen, topic)
+    assert eventually(lambda: words(seen, topic)[-2:] == ["offline", "online"], 10), words(seen, topic)
+    out = alice.send("erin", "after the late will")
+    assert out.wait(10)["status"] == "stored"
+    assert phone.wait_for_messages(1, 10), "pushed: the worker counts the phone online again"
+    phone.close()  # its own `offline` on leaving is not answered
+    assert eventually(lambda: words(seen, topic)[-1:] == ["offline"], 10)
+    assert phone.status_restated == 1

@@ -119,6 +119,61 @@ def test_core_announces_only_the_users_it_owns():
     assert [(type(o), o.receiver) for o in plan.ops] == [(core.CountBacklog, "bob")]
 
 
+def _counts_for(plan, uid, dev=""):
+    return [o for o in plan.ops if isinstance(o, core.CountBacklog) and (o.receiver, o.device) == (uid, dev)]
+
+
+def test_a_late_online_is_announced_by_the_worker_that_stored_meanwhile():
+    """bob's phone came online: its owner heard it and counted (0 waiting, say), but alice's worker heard it
+    seconds later (a NATS cluster re-delivers a dead node's statuses late) and meanwhile stored a message for
+    the phone, unpushed. That worker announces the phone when its late `online` comes; a worker that stored
+    nothing for it does not, nor one whose entry is older than the window."""
+    other = core.Delivery(owns=lambda u: u != "bob")
+    other.plan([_status("bob", "online", "laptop")], T0)  # the user is known online; the phone is not
+    send = (p.send_topic("alice", "desk"), p.encode({"msg_id": "m1", "to": "bob", "content": "hi"}))
+    op = other.plan([send], T0).ops[0]
+    out = other.after_commit([core.Stored(op, 7, devices=(("bob", "laptop"), ("bob", "phone")))], T0)
+    assert [a.topic for a in out][:1] == [p.inbox_topic("bob", "laptop")]  # the phone: stored, not pushed
+    plan = other.plan([_status("bob", "online", "phone")], T0 + 3_000)
+    assert len(_counts_for(plan, "bob", "phone")) == 1, plan.ops
+    # Nothing stored meanwhile: no count from a non-owner (its owner's job).
+    quiet = core.Delivery(owns=lambda u: u != "bob")
+    assert _counts_for(quiet.plan([_status("bob", "online", "phone")], T0), "bob", "phone") == []
+    # An entry older than the window: the owner's count at the `online` covered it.
+    old = core.Delivery(owns=lambda u: u != "bob")
+    op = old.plan([send], T0).ops[0]
+    old.after_commit([core.Stored(op, 8, devices=(("bob", "phone"),))], T0)
+    late = T0 + core.UNPUSHED_WINDOW_MS + 1
+    assert _counts_for(old.plan([_status("bob", "online", "phone")], late), "bob", "phone") == []
+    # The owner announces every live `online` itself and remembers nothing.
+    owner = core.Delivery(owns=lambda u: u == "bob")
+    op = owner.plan([send], T0).ops[0]
+    owner.after_commit([core.Stored(op, 9, devices=(("bob", "phone"),))], T0)
+    assert owner._unpushed == {}
+
+
+def test_a_non_owner_announces_a_device_that_came_online_while_its_message_was_stored():
+    """The phone's `online` reached alice's worker in the same batch as her send, after it: the send was
+    planned without a push to the phone, and the phone's owner may have counted before this commit."""
+    other = core.Delivery(owns=lambda u: u != "bob")
+    send = (p.send_topic("alice", "desk"), p.encode({"msg_id": "m2", "to": "bob", "content": "hi"}))
+    plan = other.plan([send, _status("bob", "online", "phone")], T0)
+    store = [o for o in plan.ops if isinstance(o, core.StoreMessage)][0]
+    assert ("bob", "phone") not in store.push_to
+    other.after_commit([core.Stored(store, 10, devices=(("bob", "phone"),))], T0)
+    assert len(_counts_for(other.plan([], T0 + 1), "bob", "phone")) == 1
+
+
+def test_a_non_owner_remembers_group_members_it_stored_for_unpushed():
+    other = core.Delivery(owns=lambda u: u != "bob")
+    send = (p.send_topic("alice", "desk"), p.encode({"msg_id": "g1", "group": "team", "content": "hi"}))
+    op = other.plan([send], T0).ops[0]
+    assert op.group == "team"
+    other.after_commit([core.Stored(op, 11, devices=(("bob", "phone"), ("carol", "desk")), gseq=1, members=2)], T0)
+    assert set(other._unpushed) == {("bob", "phone")}  # carol is this worker's: her owner announces her
+    assert len(_counts_for(other.plan([_status("bob", "online", "phone")], T0 + 5_000), "bob", "phone")) == 1
+
+
 # --- real processes beside each broker -------------------------------------------------
 def balanced_uids(per_partition: int) -> list[list[str]]:
     """``per_partition`` uids owned by each of 2 partitions, unique to this test (no '.': every broker)."""

@@ -10,14 +10,18 @@ tests/test_web_chat.py.)
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
 
+from backend import protocol as p
 from browser import Tab
-from conftest import WebServer, add_users
+from conftest import WebServer, add_users, eventually, raw_client
 
 USERS = ("alice", "bob", "carol")
-NAMES = {name: [f"{u}{i}" for u in USERS] for i, name in enumerate(("settings", "devices", "history", "convs"))}
+NAMES = {name: [f"{u}{i}" for u in USERS]
+         for i, name in enumerate(("settings", "devices", "history", "convs", "late"))}
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +187,28 @@ def test_a_new_tab_lists_the_recent_conversations_and_labels_the_default_device(
     assert "default device (v1 clients; follows the user's status)" in t.js(f"return {row}.textContent")
     t.el("#devices-close").click()
     assert t.js("return im.errors.length") == 0
+
+
+def test_a_late_will_is_answered_with_online(web, tabs):
+    """A broker cluster can deliver an earlier connection's will after the tab's `online` (docs/PROTOCOL.md,
+    section 3, "A late will"): the tab hears the live `offline` on its own status and says `online` again, so
+    the worker does not count it offline while it waits for pushes. The retained word at login is not answered."""
+    alice = NAMES["late"][0]
+    a = tabs(web.url).login(alice, pw(alice))
+    topic = p.status_topic(alice, a.js("return im.device"))
+    watcher, rc, seen = raw_client(web.port, alice, pw(alice), f"{alice}:watch-{os.urandom(3).hex()}")
+    old, rc2, _ = raw_client(web.port, alice, pw(alice), f"{alice}:old-{os.urandom(3).hex()}", will=(topic, "offline"))
+    try:
+        assert rc is not None and not rc.is_failure and rc2 is not None and not rc2.is_failure
+        watcher.subscribe(topic, 1)
+        words = lambda: [m.payload.decode() for m in seen if m.topic == topic]  # noqa: E731
+        assert eventually(lambda: words() == ["online"], 10), words()  # the retained word: the tab is online
+        assert a.js("return im.statusRestated || 0") == 0
+        old._sock.shutdown(socket.SHUT_RDWR)  # the earlier connection vanishes: its will says `offline`
+        old.loop_stop()
+        assert eventually(lambda: words() == ["online", "offline", "online"], 10), words()
+        assert a.js("return im.statusRestated") == 1
+    finally:
+        for c in (watcher, old):
+            c.disconnect()
+            c.loop_stop()

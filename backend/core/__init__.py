@@ -25,6 +25,9 @@ stays online is left unaware of a stored message (docs/PROTOCOL.md, section 1):
   receiver is online queues an announcement; so does a ``duplicate`` for a
   message still stored for an online receiver that this worker is not pushing
   (another worker stored it, and may have died before pushing);
+* partitioned workers: a live ``online`` is announced by the user's owner, and also by
+  a worker that stored an entry for that device, unpushed, while it counted the device
+  offline (a cluster may hand it the ``online`` after the owner's count; presence.py);
 * an announcement can itself be dropped (a broker drops QoS 1 messages past its
   queue limit): while a receiver stays online with a non-empty backlog and does
   not pull, it is announced again, ANNOUNCE_REPEAT_MS doubling up to
@@ -54,6 +57,7 @@ from .events import (GROUP_EVENT_TYPE, ConversationList, CountBacklog, Counted, 
                      SetPushEndpoint, TypingMembers, Stored, StoreMessage, ListConversations, device_removed_payload,
                      push_payload)
 from .groups import GROUP_RECEIPT_DELAY_MS, group_receipt
+from .presence import UNPUSHED_MAX, UNPUSHED_WINDOW_MS
 from .pushes import PENDING_PUSH_MAX, PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, _Pending
 from .reads import (CONVERSATION_OPS, CONVERSATION_OUTCOMES, READ_RECEIPTS_MAX, Marked, MarkRead, SetSettings,
                     SettingsSet)
@@ -69,5 +73,5 @@ __all__ = [
     "PushEndpointSet", "Refused", "RemoveDevice", "SetPushEndpoint", "Stored", "StoreMessage",
     "device_removed_payload", "group_receipt", "push_payload", "_Pending", "_Watch",
     "CONVERSATION_OPS", "CONVERSATION_OUTCOMES", "READ_RECEIPTS_MAX", "MarkRead", "Marked", "SetSettings", "SettingsSet",
-    "TYPING_BURST", "TYPING_EXPIRES_MS", "TYPING_RATE_PER_S",
+    "TYPING_BURST", "TYPING_EXPIRES_MS", "TYPING_RATE_PER_S", "UNPUSHED_MAX", "UNPUSHED_WINDOW_MS",
 ]

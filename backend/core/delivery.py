@@ -57,6 +57,7 @@ class Delivery(PresenceMixin, AnnouncementsMixin, PushesMixin, ReceiptsMixin, Gr
         self._devices: dict[str, set[str]] = {}
         self._aware: set[str] = set()  # users seen with device-aware devices: their user status is derived
         self._published: dict[str, str] = {}  # the derived status last published per user (since connect)
+        self._unpushed: dict[Key, int] = {}  # partitions: another partition's devices stored for, unpushed (ms)
         self._pending: dict[tuple[str, str, int], _Pending] = {}
         self._timers: list[tuple[int, str, str, int]] = []  # (deadline, receiver, device, seq), lazily invalidated
         self.receipt_delay_ms = receipt_delay_ms

@@ -45,8 +45,11 @@ class GroupsMixin:
                           group_receipt(op.msg_id, first, o.seq, 0, "duplicate"))
             return
         shared = copy = None  # built once: every member device gets the same dict (never mutated)
+        partitioned = self.owns is not None
         for uid, dev in o.devices:
             if not self.is_online(uid, dev):
+                if partitioned:  # another partition's member hears of it at a late `online` too (presence.py)
+                    self._not_pushed(uid, dev, now_ms)
                 continue  # counted and pulled (the store holds its entry), or announced when it comes online
             if uid != op.sender:
                 if shared is None:
@@ -73,6 +76,8 @@ class GroupsMixin:
                 if self.is_online(uid, dev):
                     out.append(Publish(p.inbox_topic(uid, dev), push, GROUP_PUSH_QOS))
                     self._track(uid, dev, ev.seq, push, now_ms, GROUP_PUSH_QOS)
+                elif self.owns is not None:
+                    self._not_pushed(uid, dev, now_ms)
         out.append(Publish(p.reply_topic(*o.op.origin), o.payload))
 
     def _group_delivered(self, r: DeletedRow, now_ms: int) -> None:

@@ -7,6 +7,17 @@ from __future__ import annotations
 from .. import protocol as p
 from .events import GroupAnswered, Key, Outcome, Plan, Publish, Stored
 
+# Partitioned workers: a worker that stores an entry for another partition's device it counts offline remembers
+# the device, and if that device's live `online` reaches it within this long, it announces the device itself.
+# The owner's announcement came when the owner heard that `online`, perhaps before this entry was stored: a
+# cluster can hand the same status to two workers seconds apart (NATS re-delivered a dead node's statuses 3-6 s
+# late, tests/test_cluster.py). Two minutes is over twice the longest JetStream stall measured here (20-40 s,
+# tests/services.py JETSTREAM_RECOVERY_S); older entries were counted by the owner's announcement anyway.
+UNPUSHED_WINDOW_MS = 120_000
+# Bound on the devices remembered so (memory); past it the oldest is forgotten (the owner's count covers it
+# unless its `online` is late, the case above).
+UNPUSHED_MAX = 100_000
+
 
 class PresenceMixin:
     """The presence half of Delivery (``self._devices``, ``self.online``, ``self._aware``...)."""
@@ -30,6 +41,7 @@ class PresenceMixin:
             # Partitions: the owner alone announces a live `online`; a retained replay (this worker's own
             # (re)connection) is announced by the worker that hears it, which may have stored messages for the
             # user, unpushed, before it knew the user online (the owner never heard of those).
+            late = self._unpushed.pop((uid, dev), None) if self._unpushed else None
             if retained or self.mine(uid):
                 self._watch_fresh((uid, dev))
                 # A v1 `online` registers the default device unless it may be our own derived word (the user has
@@ -37,6 +49,10 @@ class PresenceMixin:
                 # registered by its first send, ack or request instead.
                 register = bool(dev) or not (retained or uid in self._aware)
                 self._plan_announcement(plan, uid, dev, now_ms, register)
+            elif late is not None and now_ms - late <= UNPUSHED_WINDOW_MS:
+                # Another partition's device, told by its owner, maybe before what we stored for it meanwhile.
+                self._watch_fresh((uid, dev))
+                self._plan_announcement(plan, uid, dev, now_ms)
         else:
             self.set_offline(uid, dev)
         if uid in self._aware:
@@ -69,6 +85,24 @@ class PresenceMixin:
         self._watch.pop((uid, device), None)
         for key in [k for k in self._pending if k[0] == uid and k[1] == device]:
             del self._pending[key]
+
+    def _not_pushed(self, uid: str, dev: str, now_ms: int) -> None:
+        """An entry was stored for (uid, dev) and not pushed (the device is offline as far as this worker knows).
+        The owner of ``uid`` announces the device at its next `online`; another partition's worker remembers
+        it, so that a late `online` (heard after the owner's count, which may predate this entry) is announced
+        here too (UNPUSHED_WINDOW_MS). A device that is online by now heard its `online` within this batch, after
+        the message was planned: announced at once."""
+        if self.owns is None or self.owns(uid):
+            return
+        key = (uid, dev)
+        if self.is_online(uid, dev):
+            self.announce(uid, now_ms, dev)
+            return
+        unpushed = self._unpushed
+        unpushed.pop(key, None)  # re-inserted last: the oldest go first past the bound
+        unpushed[key] = now_ms
+        if len(unpushed) > UNPUSHED_MAX:
+            del unpushed[next(iter(unpushed))]
 
     def mine(self, uid: str) -> bool:
         """Is ``uid`` this worker's (always, unless partitioned: see ``owns``)?"""

@@ -53,7 +53,7 @@ class PushesMixin:
         # The pushes go out before the `stored` receipt: the worker's packets reach the broker in order,
         # so a sender that has its receipt (and so never resends) knows the pushes reached the broker too.
         shared = None  # the receiver's devices share one push dict (never mutated): built and encoded once
-        push_to, online = op.push_to, self._devices
+        push_to, online, partitioned = op.push_to, self._devices, self.owns is not None
         for key in o.devices or ((op.to, ""),):
             uid, dev = key
             if key in push_to and dev in online.get(uid, ()):  # planned for it, and still online (is_online)
@@ -66,6 +66,8 @@ class PushesMixin:
                                         op.sender_device)
                 out.append(Publish(p.inbox_topic(uid, dev), push))
                 self._track(uid, dev, o.seq, push, now_ms)
+            elif partitioned:
+                self._not_pushed(uid, dev, now_ms)
         self._receipt(out, batched, op.origin, op.batch_receipts, p.receipt(op.msg_id, op.to, o.seq, "stored"))
 
     # -- retransmission (per device) ----------------------------------------------

@@ -117,7 +117,7 @@ export class IMClient extends EventTarget {
         clientId: `${this.uid}:${this.device}`, username: this.uid, password: this.password,
         keepalive: this.keepalive, will: { topic: this.statusTopic, payload: "offline", qos: 1, retain: true },
       });
-      conn.onmessage = (topic, payload) => this._onPublish(topic, payload);
+      conn.onmessage = (topic, payload, flags) => this._onPublish(topic, payload, flags);
       const closed = new Promise((resolve) => { conn.onclose = resolve; });
       try {
         await conn.connect();
@@ -156,7 +156,9 @@ export class IMClient extends EventTarget {
   async _subscribe(conn) {
     let wait = BACKOFF_MIN_MS;
     for (;;) {
-      const codes = await conn.subscribe([[this.t("inbox"), 1], [this.t("reply"), 1], ["im/status/+", 1]]);
+      // The device's own status at QoS 0: a stale will there is answered by `online` again (_onPublish).
+      const codes = await conn.subscribe([[this.t("inbox"), 1], [this.t("reply"), 1], ["im/status/+", 1],
+                                          [this.statusTopic, 0]]);
       if (codes[0] < 128 && codes[1] < 128) return;  // presence may be refused (serve --presence self)
       await this._sleep(wait);  // refused (NATS while JetStream recovers): again, with backoff
       wait = Math.min(wait * 2, BACKOFF_MAX_MS);
@@ -176,7 +178,19 @@ export class IMClient extends EventTarget {
   }
 
   // -- inbound --------------------------------------------------------------------------------------------------
-  _onPublish(topic, payload) {
+  _onPublish(topic, payload, flags = {}) {
+    if (topic === this.statusTopic) {
+      // A live `offline` on our own status while connected is the will of an earlier connection that a broker
+      // cluster delivered after this one's `online` (NATS, when a node dies): the worker now counts this device
+      // offline and would only store what comes for it. Say `online` again (docs/PROTOCOL.md, section 3). The
+      // retained word a subscription brings (flags.retain) is our own past, not news.
+      const word = new TextDecoder().decode(payload).trim();
+      if (word === "offline" && !flags.retain && this.state !== "closed" && this.conn?.connected) {
+        this.statusRestated = (this.statusRestated || 0) + 1;
+        this.conn.publish(this.statusTopic, "online", { qos: 1, retain: true }).catch(() => {});
+      }
+      return;
+    }
     if (topic.startsWith("im/status/")) {
       const who = topic.slice(10);
       if (!who.includes("/")) {
