@@ -322,9 +322,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` chose: `serve`'s for `serve --prot`, `user add`'s for `user add`."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, subs[0].dest, None) if subs else None
+        if chosen is None or chosen not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[chosen]
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """One line naming the command and the closest option, not argparse's top-level usage block (a flag typo
+    is not a wrong command): `python -m backend serve: error: unrecognized arguments: --prot 1884 (did you
+    mean --port?); python -m backend serve --help lists them`. Exits 2, as argparse does."""
+    import difflib
+    own = _innermost(parser, args)
+    options = [o for a in own._actions for o in a.option_strings if o.startswith("--")]
+    hint = ""
+    for word in extra:
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.6)
+            if close:
+                hint = f" (did you mean {close[0]}?)"
+            break
+    print(f"{own.prog}: error: unrecognized arguments: {' '.join(extra)}{hint}; {own.prog} --help lists them",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _refuse_unknown(parser, args, extra)
     if args.command is None:
         parser.error(f"choose a command: {', '.join(COMMANDS)} (--help says what each does)")
     if args.command == "device" and args.device_command is None:
@@ -515,8 +546,9 @@ def _device(args: argparse.Namespace) -> int:
 
 def _group(args: argparse.Namespace) -> int:
     """Groups from the command line, on the database directly (as the group's owner). A change is stored as
-    the group's next membership event like any other; members online now are told at their next count (an
-    announcement, a reconnect, a pull), not pushed to at once: this command has no broker connection."""
+    the group's next membership event like any other, and its users are written to the store's outbox in the
+    same transaction: the running workers read it within OUTBOX_POLL_S (2 s) and announce those users' online
+    devices, whose sync fetches the event (this command has no broker connection to push it)."""
     from . import core, protocol
     from .store import Group, Store, open_database
     if args.group_command != "create":
@@ -579,6 +611,9 @@ def _group(args: argparse.Namespace) -> int:
     request = protocol.GroupRequest(req_id="cli", op=op, group=args.group, **fields)
     with db.atomic():
         (out,) = store.apply([core.GroupOp(actor, "cli", "", request)])
+        if isinstance(out, core.GroupAnswered) and out.events:
+            # The workers announce these users' online devices (their sync fetches the event): the outbox.
+            store.note_outbox(uid for ev in out.events for uid, _ in ev.devices)
     if isinstance(out, core.Refused):
         print(f"error: {out.message}", file=sys.stderr)
         return 1

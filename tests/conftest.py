@@ -274,6 +274,8 @@ def pytest_collection_modifyitems(config, items):
         group = xdist_group_of(item)
         if group and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
+        if group == "shared-db":
+            _SHARED_DB_TESTS.add(item.nodeid)
     result = yield
     # xdist 3.8.0's own hook tags each grouped test's node id with "@group" through `item._nodeid`, which pytest 9
     # no longer reads (node ids are `item._id`): its groups are silently ignored. Tag them as it means to.
@@ -287,11 +289,26 @@ def pytest_collection_modifyitems(config, items):
     return result
 
 
+# The node ids of this process's "shared-db" tests (xdist_group_of), and whether one of them ran in this session
+# (seen in the controller's reports: under xdist with --dist loadgroup their ids end in "@shared-db").
+_SHARED_DB_TESTS: set[str] = set()
+_SHARED_DB_USED: list[bool] = []
+
+
+def pytest_runtest_logreport(report):
+    tagged = "@" in report.nodeid and "shared-db" in report.nodeid.rsplit("@", 1)[1]
+    if tagged or report.nodeid in _SHARED_DB_TESTS:  # its set-up may have made tables, whatever came after
+        _SHARED_DB_USED[:] = [True]
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Tests leave nothing behind on the machine's shared databases: the project's tables that the tests made in
     the test databases ($IM_TEST_POSTGRES_URL, $IM_TEST_MYSQL_URL) are dropped when the run ends (under xdist:
-    once, in the controlling process, after every worker process ended)."""
+    once, in the controlling process, after every worker process ended). Only by a run that used them: a run of
+    other tests beside it (a developer's, during a CI run) must not drop the tables under its feet."""
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller drops them when all are done
+        return
+    if not _SHARED_DB_USED:
         return
     from services import MYSQL_URL, POSTGRES_URL, reachable
     from backend.store import drop_schema, open_database

@@ -371,3 +371,16 @@ def test_a_missing_database_at_an_absolute_path_is_not_called_relative(tmp_path)
     path = tmp_path / "nowhere" / "im.db"
     r = run_cli("user", "list", "--database-url", f"sqlite:///{path}")
     assert r.returncode == 2 and f"no database at '{path}':" in r.stderr and "relative to" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, text", [
+    (["serve", "--prot", "1884"], "python -m backend serve: error: unrecognized arguments: --prot 1884 (did you mean "
+                                  "--port?); python -m backend serve --help lists them"),
+    (["worker", "--brokr=mqtt://x"], "worker: error: unrecognized arguments: --brokr=mqtt://x (did you mean --broker?)"),
+    (["user", "add", "bob", "--pasword", "x"], "user add: error: unrecognized arguments: --pasword x (did you mean "
+                                                "--password?)"),
+    (["serve", "--zzz"], "serve: error: unrecognized arguments: --zzz; python -m backend serve --help lists them"),
+])
+def test_a_mistyped_flag_is_one_line_naming_the_command_and_the_closest_flag(args, text):
+    r = run_cli(*args)
+    assert text in _one_line_error(r), r.stderr

@@ -5,11 +5,13 @@ non-member is refused, and the store is empty once everyone acked."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from backend import core
 from backend.store import Entry, Message, open_database
-from conftest import eventually, stop_raw
+from conftest import eventually, run_cli, stop_raw
 from systems import system_fixture
 
 system = system_fixture("groups")
@@ -221,3 +223,26 @@ def test_a_group_push_to_a_persistent_session_that_just_dropped_comes_after_its_
         hank.publish(p.status_topic("hank", "sticky"), b"", qos=1, retain=True).wait_for_publish(5)
         hank.disconnect()
         hank.loop_stop()
+
+
+def test_a_group_changed_from_the_command_line_reaches_its_online_members(system, made):
+    """`python -m backend group create/add/remove` writes the database directly, with no broker connection: its
+    users go to the store's outbox in the change's transaction, and the running worker announces their online
+    devices within OUTBOX_POLL_S (2 s); their syncs fetch the membership event. Before, they learned of it only
+    at their next count (a reconnection, a pull of their own)."""
+    hank, ivan = system.client("hank", "phone"), system.client("ivan", "desk")
+    made += [hank, ivan]
+
+    def events(client, group):
+        return [json.loads(m["content"])["event"] for m in sorted(client.messages, key=lambda m: m["gseq"])
+                if m.get("group") == group and m["type"] == core.GROUP_EVENT_TYPE]
+
+    r = run_cli("group", "create", "clique", "gina", "hank", "--database-url", system.db_url)
+    assert r.returncode == 0, r.stderr
+    assert hank.wait_for(lambda: events(hank, "clique") == ["created"], 10), hank.messages
+    assert run_cli("group", "add", "clique", "ivan", "--database-url", system.db_url).returncode == 0
+    assert ivan.wait_for(lambda: events(ivan, "clique") == ["added"], 10), ivan.messages
+    assert hank.wait_for(lambda: events(hank, "clique") == ["created", "added"], 10), hank.messages
+    assert run_cli("group", "remove", "clique", "hank", "--database-url", system.db_url).returncode == 0
+    assert hank.wait_for(lambda: events(hank, "clique") == ["created", "added", "removed"], 10), hank.messages
+    assert hank.announcements, "told by announcements, not by a request of its own"

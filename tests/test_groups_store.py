@@ -329,3 +329,22 @@ def test_group_pushes_and_their_retransmissions_go_at_qos_0_and_a_1to1_push_at_q
                                                                            (p.inbox_topic("alice", "tab"), 0)}
     pubs = srv.send("alice", {"msg_id": "d1", "to": "bob", "content": "just us"})
     assert [(x.qos, x.payload["content"]) for x in pubs if x.topic == p.inbox_topic("bob")] == [(1, "just us")]
+
+
+def test_the_outbox_reads_on_from_the_last_row_and_forgets_old_rows(url):
+    """What the CLI's group changes leave for the workers (store/outbox.py): rows in the change's transaction,
+    read in order past the last row read, one per distinct uid, deleted once older than OUTBOX_KEEP_MS."""
+    from backend.store import OUTBOX_KEEP_MS
+    s = Server(url)
+    assert s.store.outbox_head() == 0 and s.store.outbox_since(0) == []
+    with s.db.atomic():
+        s.store.note_outbox(["bob", "carol", "bob"], now=1_000)
+    head = s.store.outbox_head()
+    rows = s.store.outbox_since(0)
+    assert [u for _, u in rows] == ["bob", "carol"] and rows[-1][0] == head
+    s.store.note_outbox([f"u{i}" for i in range(1_200)], now=2_000)  # past one INSERT's 400 rows
+    later = s.store.outbox_since(head)
+    assert len(later) == 1_200 and [u for _, u in later[:2]] == ["u0", "u1"]
+    assert s.store.outbox_since(head, limit=10) == later[:10]
+    assert s.store.purge_outbox(now=1_000 + OUTBOX_KEEP_MS + 1) == 2  # bob's and carol's: older than kept
+    assert len(s.store.outbox_since(0)) == 1_200

@@ -134,17 +134,24 @@ def test_a_late_online_is_announced_by_the_worker_that_stored_meanwhile():
     op = other.plan([send], T0).ops[0]
     out = other.after_commit([core.Stored(op, 7, devices=(("bob", "laptop"), ("bob", "phone")))], T0)
     assert [a.topic for a in out][:1] == [p.inbox_topic("bob", "laptop")]  # the phone: stored, not pushed
-    plan = other.plan([_status("bob", "online", "phone")], T0 + 3_000)
+    heard, delay = T0 + 3_000, core.UNPUSHED_ANNOUNCE_DELAY_MS
+    assert _counts_for(other.plan([_status("bob", "online", "phone")], heard), "bob", "phone") == []
+    # After the owner's announcement and the phone's sync: this count finds nothing if they covered the entry
+    # (one announcement per device), and announces it if the entry came after the owner's count.
+    assert not other.announcements_due(heard + delay - 1) and other.announcements_due(heard + delay)
+    plan = other.plan([], heard + delay)
     assert len(_counts_for(plan, "bob", "phone")) == 1, plan.ops
     # Nothing stored meanwhile: no count from a non-owner (its owner's job).
     quiet = core.Delivery(owns=lambda u: u != "bob")
-    assert _counts_for(quiet.plan([_status("bob", "online", "phone")], T0), "bob", "phone") == []
+    quiet.plan([_status("bob", "online", "phone")], T0)
+    assert not quiet.announcements_due(T0 + delay + 60_000)
     # An entry older than the window: the owner's count at the `online` covered it.
     old = core.Delivery(owns=lambda u: u != "bob")
     op = old.plan([send], T0).ops[0]
     old.after_commit([core.Stored(op, 8, devices=(("bob", "phone"),))], T0)
     late = T0 + core.UNPUSHED_WINDOW_MS + 1
-    assert _counts_for(old.plan([_status("bob", "online", "phone")], late), "bob", "phone") == []
+    old.plan([_status("bob", "online", "phone")], late)
+    assert not old.announcements_due(late + delay + 60_000)
     # The owner announces every live `online` itself and remembers nothing.
     owner = core.Delivery(owns=lambda u: u == "bob")
     op = owner.plan([send], T0).ops[0]
@@ -161,7 +168,7 @@ def test_a_non_owner_announces_a_device_that_came_online_while_its_message_was_s
     store = [o for o in plan.ops if isinstance(o, core.StoreMessage)][0]
     assert ("bob", "phone") not in store.push_to
     other.after_commit([core.Stored(store, 10, devices=(("bob", "phone"),))], T0)
-    assert len(_counts_for(other.plan([], T0 + 1), "bob", "phone")) == 1
+    assert len(_counts_for(other.plan([], T0 + core.UNPUSHED_ANNOUNCE_DELAY_MS), "bob", "phone")) == 1
 
 
 def test_a_non_owner_remembers_group_members_it_stored_for_unpushed():
@@ -171,7 +178,22 @@ def test_a_non_owner_remembers_group_members_it_stored_for_unpushed():
     assert op.group == "team"
     other.after_commit([core.Stored(op, 11, devices=(("bob", "phone"), ("carol", "desk")), gseq=1, members=2)], T0)
     assert set(other._unpushed) == {("bob", "phone")}  # carol is this worker's: her owner announces her
-    assert len(_counts_for(other.plan([_status("bob", "online", "phone")], T0 + 5_000), "bob", "phone")) == 1
+    other.plan([_status("bob", "online", "phone")], T0 + 5_000)
+    assert len(_counts_for(other.plan([], T0 + 5_000 + core.UNPUSHED_ANNOUNCE_DELAY_MS), "bob", "phone")) == 1
+
+
+def test_a_change_made_elsewhere_is_announced_to_online_devices_by_their_owner():
+    """The CLI's group changes reach the workers through the store's outbox: each online device of the users
+    named is announced, by the owner alone with partitions; an offline user gets nothing (its next connection
+    counts)."""
+    for owns, counts in ((None, 2), (lambda u: u == "bob", 2), (lambda u: u != "bob", 0)):
+        d = core.Delivery(owns=owns)
+        d.plan([_status("bob", "online", "phone"), _status("bob", "online", "laptop")], T0)
+        d.plan([], T0 + 1)  # the `online` announcements are out of the way
+        d.changed_elsewhere(["bob", "carol"], T0 + 5_000)
+        plan = d.plan([], T0 + 5_000)
+        got = sorted((o.receiver, o.device) for o in plan.ops if isinstance(o, core.CountBacklog))
+        assert len(got) == counts and all(r == "bob" for r, _ in got), got
 
 
 # --- real processes beside each broker -------------------------------------------------

@@ -57,7 +57,7 @@ from .events import (GROUP_EVENT_TYPE, ConversationList, CountBacklog, Counted, 
                      SetPushEndpoint, TypingMembers, Stored, StoreMessage, ListConversations, device_removed_payload,
                      push_payload)
 from .groups import GROUP_RECEIPT_DELAY_MS, group_receipt
-from .presence import UNPUSHED_MAX, UNPUSHED_WINDOW_MS
+from .presence import UNPUSHED_ANNOUNCE_DELAY_MS, UNPUSHED_MAX, UNPUSHED_WINDOW_MS
 from .pushes import PENDING_PUSH_MAX, PUSH_ACK_TIMEOUT_MS, PUSH_BACKOFF, PUSH_MAX_RETRIES, _Pending
 from .reads import (CONVERSATION_OPS, CONVERSATION_OUTCOMES, READ_RECEIPTS_MAX, Marked, MarkRead, SetSettings,
                     SettingsSet)
@@ -73,5 +73,5 @@ __all__ = [
     "PushEndpointSet", "Refused", "RemoveDevice", "SetPushEndpoint", "Stored", "StoreMessage",
     "device_removed_payload", "group_receipt", "push_payload", "_Pending", "_Watch",
     "CONVERSATION_OPS", "CONVERSATION_OUTCOMES", "READ_RECEIPTS_MAX", "MarkRead", "Marked", "SetSettings", "SettingsSet",
-    "TYPING_BURST", "TYPING_EXPIRES_MS", "TYPING_RATE_PER_S", "UNPUSHED_MAX", "UNPUSHED_WINDOW_MS",
+    "TYPING_BURST", "TYPING_EXPIRES_MS", "TYPING_RATE_PER_S", "UNPUSHED_ANNOUNCE_DELAY_MS", "UNPUSHED_MAX", "UNPUSHED_WINDOW_MS",
 ]

@@ -81,6 +81,13 @@ class AnnouncementsMixin:
             if w.due is None or earliest < w.due:
                 self._set_due(w, (uid, dev), earliest)
 
+    def changed_elsewhere(self, uids, now_ms: int) -> None:
+        """Another process stored something for these users (the CLI's group changes, read from the store's
+        outbox): each online device of theirs is announced (partitions: by the owner), and its sync fetches it."""
+        for uid in uids:
+            if self.mine(uid):
+                self.announce(uid, now_ms)
+
     def worker_gone(self, now_ms: int) -> None:
         """Another worker ended: pushes it was retransmitting and acks in flight to it died with it (worker
         sessions are clean), so every receiver online gets an announcement, spread over WORKER_GONE_SPREAD_MS

@@ -17,6 +17,11 @@ UNPUSHED_WINDOW_MS = 120_000
 # Bound on the devices remembered so (memory); past it the oldest is forgotten (the owner's count covers it
 # unless its `online` is late, the case above).
 UNPUSHED_MAX = 100_000
+# Such a worker counts this long after hearing the `online`: the owner's announcement and the device's sync (a
+# pull and its ack: milliseconds, about a second under load) come first, and a count that then finds nothing
+# sends nothing. So the device hears one announcement, its owner's, unless this worker's entry came after the
+# owner's count (the case above): one announcement per device, not one per worker (docs/PROTOCOL.md 10.2).
+UNPUSHED_ANNOUNCE_DELAY_MS = 3000
 
 
 class PresenceMixin:
@@ -51,8 +56,7 @@ class PresenceMixin:
                 self._plan_announcement(plan, uid, dev, now_ms, register)
             elif late is not None and now_ms - late <= UNPUSHED_WINDOW_MS:
                 # Another partition's device, told by its owner, maybe before what we stored for it meanwhile.
-                self._watch_fresh((uid, dev))
-                self._plan_announcement(plan, uid, dev, now_ms)
+                self._announce_later(uid, dev, now_ms)
         else:
             self.set_offline(uid, dev)
         if uid in self._aware:
@@ -90,19 +94,26 @@ class PresenceMixin:
         """An entry was stored for (uid, dev) and not pushed (the device is offline as far as this worker knows).
         The owner of ``uid`` announces the device at its next `online`; another partition's worker remembers
         it, so that a late `online` (heard after the owner's count, which may predate this entry) is announced
-        here too (UNPUSHED_WINDOW_MS). A device that is online by now heard its `online` within this batch, after
-        the message was planned: announced at once."""
+        here too (UNPUSHED_WINDOW_MS), after the owner's (UNPUSHED_ANNOUNCE_DELAY_MS). A device that is online by
+        now heard its `online` within this batch, after the message was planned: announced so at once."""
         if self.owns is None or self.owns(uid):
             return
         key = (uid, dev)
         if self.is_online(uid, dev):
-            self.announce(uid, now_ms, dev)
+            self._announce_later(uid, dev, now_ms)
             return
         unpushed = self._unpushed
         unpushed.pop(key, None)  # re-inserted last: the oldest go first past the bound
         unpushed[key] = now_ms
         if len(unpushed) > UNPUSHED_MAX:
             del unpushed[next(iter(unpushed))]
+
+    def _announce_later(self, uid: str, dev: str, now_ms: int) -> None:
+        """A non-owner's count for the device, UNPUSHED_ANNOUNCE_DELAY_MS from now (after the owner's)."""
+        w = self._watch_fresh((uid, dev))
+        due = now_ms + UNPUSHED_ANNOUNCE_DELAY_MS
+        if w is not None and (w.due is None or due < w.due):
+            self._set_due(w, (uid, dev), due)
 
     def mine(self, uid: str) -> bool:
         """Is ``uid`` this worker's (always, unless partitioned: see ``owns``)?"""

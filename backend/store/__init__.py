@@ -12,8 +12,8 @@ The package, by concern:
 * ``messages.py``: :class:`Store` and its message operations (store, delete, count, pull), composed of
 * ``devices.py`` (registration, removal, push endpoints, user-scope pages), ``groups.py`` (groups,
   members, group messages and membership changes), ``statuses.py`` (last
-  status per topic), ``maintenance.py`` (expiry, purge) and ``conversations.py`` (read markers, unread
-  counts, the read-receipt setting).
+  status per topic), ``maintenance.py`` (expiry, purge), ``conversations.py`` (read markers, unread
+  counts, the read-receipt setting) and ``outbox.py`` (users to announce after another process's change).
 
 Every name is importable from ``backend.store``; a module-level limit is read (and so is patched in
 tests) in the module that defines it.
@@ -30,8 +30,9 @@ from .maintenance import (ACCEPTED_RETENTION_MS, EXPIRE_AFTER_MS, PAGE_TTL_MS, P
                           MaintenanceStore)
 from .messages import KNOWN_CACHE_MAX, KNOWN_CACHE_S, Store, log
 from .models import (GROUP_PREFIX, MODELS, Accepted, Group, Member, MemberReceipt, BaseModel, ContentField, Device, Entry, Expired, KeyCheck, LastStatus, Message,
-                     Page, ReadMarker, RemovedDevice, SeqField, User, UserSettings, database_proxy, now_ms)
+                     Outbox, Page, ReadMarker, RemovedDevice, SeqField, User, UserSettings, database_proxy, now_ms)
 from .queries import PAGE_FIELDS, _aad, _for_update, _returning_delete, check_keys, count_query, page_query
+from .outbox import OUTBOX_KEEP_MS, OUTBOX_READ_MAX, OutboxStore
 from .statuses import StatusStore
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "check_database_url", "check_keys", "count_query", "create_schema", "database_proxy", "drop_schema", "log",
     "now_ms", "open_database", "page_query", "redact_url",
     "ConversationStore", "ReadMarker", "UNREAD_CONVERSATIONS_MAX", "UserSettings",
+    "OUTBOX_KEEP_MS", "OUTBOX_READ_MAX", "Outbox", "OutboxStore",
 ]

@@ -21,6 +21,7 @@ from .groups import MAX_GROUP_MEMBERS, GroupStore
 from .history import DAY_MS, HISTORY_DAYS, HistoryStore
 from .maintenance import EXPIRE_AFTER_MS, MaintenanceStore
 from .models import GROUP_PREFIX, Device, Entry, Expired, Message, Page, User, now_ms
+from .outbox import OutboxStore
 from .queries import PAGE_FIELDS, _aad, _chunks, _returning_delete, count_query, page_query
 from .statuses import StatusStore
 
@@ -41,7 +42,7 @@ ENTRY_ROWS = 300
 _FRESH_DEVICE_OPS = (core.CountBacklog, core.PullPage, core.SetPushEndpoint)
 
 
-class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore, ConversationStore):
+class Store(DeviceStore, GroupStore, HistoryStore, StatusStore, MaintenanceStore, ConversationStore, OutboxStore):
     """Runs plans against the database. One instance per worker thread. Device registration, removal, push
     endpoints and the user-scope pages are DeviceStore's (devices.py); groups GroupStore's (groups.py); last
     statuses StatusStore's (statuses.py), housekeeping MaintenanceStore's (maintenance.py), read markers and

@@ -262,5 +262,15 @@ class MemberReceipt(BaseModel):
         primary_key = pw.CompositeKey("seq", "uid")
 
 
+class Outbox(BaseModel):
+    """A user whose online devices must be told of something a process without a broker connection stored for
+    them (the CLI's group changes), written in that change's transaction. Every worker reads the rows past the
+    last one it read and announces the user's online devices (store/outbox.py); housekeeping deletes old rows."""
+
+    id = pw.BigAutoField()
+    uid = pw.CharField(max_length=50)
+    created_at = pw.BigIntegerField()
+
+
 MODELS = (User, Message, Accepted, Page, Expired, KeyCheck, Device, Entry, RemovedDevice, LastStatus, Group, Member,
-          MemberReceipt, ReadMarker, UserSettings)
+          MemberReceipt, ReadMarker, UserSettings, Outbox)

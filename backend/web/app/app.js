@@ -119,7 +119,7 @@ function draw() {
     if (presence) { const dot = text("span", "dot"); dot.dataset.presence = presence; name.append(dot); }
     name.append(c.kind === "group" ? `# ${c.name}` : c.name);
     const badge = text("span", "badge", unread ? String(unread) : "");
-    const preview = text("span", "conv-preview", last ? `${last.mine ? "You: " : ""}${summary(last)}` : "");
+    const preview = text("span", "conv-preview", last ? `${last.mine && last.type !== "group_event" ? "You: " : ""}${summary(last)}` : "");
     b.append(name, badge, preview);
     b.setAttribute("aria-label", [c.kind === "group" ? `group ${c.name}` : c.name, presence, unread ? `${unread} unread` : "",
       last ? `last: ${summary(last)}` : ""].filter(Boolean).join(", "));
@@ -141,10 +141,13 @@ function summary(m) {
 }
 
 function eventText(m) {
-  const e = m.event, who = (e.members || []).join(", ");
-  return { created: `${e.by} created the group`, added: `${e.by} added ${who}`, removed: `${e.by} removed ${who}`,
-    left: `${who} left`, renamed: `${e.by} renamed the group to ${e.name}`, role: `${e.member} is now ${e.role}` }[e.event]
-    || e.event;
+  // This tab's own user is "You" / "you" (a preview read "You: alice added ghost" for alice's own change).
+  const me = im && im.uid, name = (u, start) => (u === me ? (start ? "You" : "you") : u);
+  const e = m.event, by = name(e.by, true), who = (e.members || []).map((u, i) => name(u, i === 0)).join(", ");
+  return { created: `${by} created the group`, added: `${by} added ${who.replace(/^You\b/, "you")}`,
+    removed: `${by} removed ${who.replace(/^You\b/, "you")}`, left: `${who} left`,
+    renamed: `${by} renamed the group to ${e.name}`,
+    role: `${name(e.member, true)} ${e.member === me ? "are" : "is"} now ${e.role}` }[e.event] || e.event;
 }
 
 $("new-chat-form").addEventListener("submit", (ev) => {
