@@ -186,12 +186,28 @@ def default_worker_id() -> str:
     return f"{socket.gethostname() or 'worker'}-{secrets.token_hex(3)}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: the command, what was wrong, the closest choice, where the usage
+    is. (argparse's own put a usage block of up to 22 lines above the error, where a trial found it buried.)
+    Subcommands' parsers are of this class too (add_subparsers makes them of their parent's class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        import difflib
+        import re
+        wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if wrong:
+            close = difflib.get_close_matches(wrong.group(1), re.findall(r"'([^']*)'", wrong.group(2)), n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        self.exit(2, f"{self.prog}: error: {message}; {self.prog} --help shows the usage\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program_name(),
+    parser = _Parser(prog=program_name(),
                                      description="MQTT instant-messaging backend: no message lost, none shown twice.")
     _log_args(parser, defaults=True)
     # Each command also takes --log-level/--log-format after its name (`serve --log-level DEBUG`).
-    logs = argparse.ArgumentParser(add_help=False)
+    logs = _Parser(add_help=False)
     _log_args(logs, defaults=False)
     # Not required=True: argparse would then say "required: command", naming our internal dest (main() says it).
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
@@ -333,22 +349,20 @@ def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 
 def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
-    """One line naming the command and the closest option, not argparse's top-level usage block (a flag typo
-    is not a wrong command): `python -m backend serve: error: unrecognized arguments: --prot 1884 (did you
-    mean --port?); python -m backend serve --help lists them`. Exits 2, as argparse does."""
+    """One line from the command's own parser (a flag typo is not a wrong command), naming the closest option:
+    `python -m backend serve: error: unrecognized arguments: --prot 1884 (did you mean --port?); python -m
+    backend serve --help shows the usage`. Exits 2, as argparse does."""
     import difflib
     own = _innermost(parser, args)
     options = [o for a in own._actions for o in a.option_strings if o.startswith("--")]
     hint = ""
     for word in extra:
         if word.startswith("--"):
-            close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.75)
             if close:
                 hint = f" (did you mean {close[0]}?)"
             break
-    print(f"{own.prog}: error: unrecognized arguments: {' '.join(extra)}{hint}; {own.prog} --help lists them",
-          file=sys.stderr)
-    sys.exit(2)
+    own.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,13 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         _refuse_unknown(parser, args, extra)
     if args.command is None:
-        parser.error(f"choose a command: {', '.join(COMMANDS)} (--help says what each does)")
+        parser.error(f"choose a command: {', '.join(COMMANDS)}")
     if args.command == "device" and args.device_command is None:
-        parser.error("choose a device command: list, remove (--help says what each does)")
+        _innermost(parser, args).error("choose a device command: list, remove")
     if args.command == "group" and args.group_command is None:
-        parser.error("choose a group command: list, show, create, add, remove (--help says what each does)")
+        _innermost(parser, args).error("choose a group command: list, show, create, add, remove")
     if args.command == "user" and args.user_command is None:
-        parser.user_parser.error(f"choose a user command: {', '.join(USER_COMMANDS)} (--help says what each does)")
+        parser.user_parser.error(f"choose a user command: {', '.join(USER_COMMANDS)}")
     if args.log_format == "json":
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
@@ -480,6 +494,17 @@ def _require_existing(url: str) -> None:
                                     f"--database-url and the directory you run this from")
 
 
+def _new_sqlite_file(url: str) -> str | None:
+    """The absolute path of the SQLite file ``url`` names if it does not exist yet (the command creates it),
+    else None: a `user add` run from another directory makes a second, empty database, which a trial took for
+    the server's (its login then refused)."""
+    if url.startswith("sqlite") and ":///" in url:
+        path = url.split(":///", 1)[1].split("?", 1)[0]
+        if path and path != ":memory:" and not os.path.exists(path):
+            return os.path.abspath(path)
+    return None
+
+
 def _user(args: argparse.Namespace) -> int:
     from . import accounts, protocol
     from .store import open_database, redact_url
@@ -495,6 +520,8 @@ def _user(args: argparse.Namespace) -> int:
                 return 1
     else:
         _require_existing(args.database_url)
+    fresh = _new_sqlite_file(args.database_url)
+    fresh_rel = args.database_url.split(":///", 1)[-1]
     open_database(args.database_url)
     if args.user_command == "add":
         try:
@@ -505,7 +532,10 @@ def _user(args: argparse.Namespace) -> int:
         # Which database: serve must use it too. An existing user's password is replaced: say so (a typo'd uid
         # that matched someone else's account would otherwise pass unnoticed).
         print(f"user {args.uid} saved in {redact_url(args.database_url)}"
-              + ("" if new else f" ({args.uid} existed: its password is changed)"))
+              + ("" if new else f" ({args.uid} existed: its password is changed)")
+              + (f" (a new database: {fresh}" + ("" if os.path.isabs(fresh_rel) else
+                                                    f"; `serve` run from {os.getcwd()} uses it") + ")"
+                 if fresh else ""))
     elif args.user_command == "remove":
         if not accounts.remove_user(args.uid):
             print(f"error: no user {args.uid}", file=sys.stderr)
@@ -746,9 +776,20 @@ def _start_web(host: str, port: int, ws: dict, certfile: str | None, keyfile: st
     return server
 
 
-def _web(args: argparse.Namespace) -> int:
+def _tls_files_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with --tls-cert/--tls-key, in one line naming the flag, or None (the TLS library's own
+    message for a missing file names its parameter: "'certfile' does not exist : /x.pem", a trial found)."""
     if bool(args.tls_cert) != bool(args.tls_key):
-        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return "--tls-cert and --tls-key go together"
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path and not os.path.isfile(path):
+            return f"{flag} {path}: no such file (give the PEM file's path)"
+    return None
+
+
+def _web(args: argparse.Namespace) -> int:
+    if (why := _tls_files_error(args)) is not None:
+        print(f"error: {why}", file=sys.stderr)
         return 2
     if args.ws_url is not None and not args.ws_url.startswith(("ws://", "wss://")):
         print(f"error: --ws-url {args.ws_url!r}: give a ws:// or wss:// URL", file=sys.stderr)
@@ -768,8 +809,8 @@ def _web(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if bool(args.tls_cert) != bool(args.tls_key):
-        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+    if (why := _tls_files_error(args)) is not None:
+        print(f"error: {why}", file=sys.stderr)
         return 2
     if args.web_port is not None and args.ws_port is None:
         print("error: --web-port needs --ws-port (the page connects to the broker there), e.g. --ws-port 9001",

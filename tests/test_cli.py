@@ -362,7 +362,7 @@ def test_group_members_need_an_account_when_the_database_has_accounts(db_url):
 
 def test_user_add_says_when_it_changed_an_existing_password(db_url):
     r = run_cli("user", "add", "zoe", "--password", "pw1", "--database-url", db_url)
-    assert r.returncode == 0 and r.stdout.strip() == f"user zoe saved in {db_url}"
+    assert r.returncode == 0 and r.stdout.strip() == f"user zoe saved in {db_url} (a new database: {db_url[10:]})"
     r = run_cli("user", "add", "zoe", "--password", "pw2", "--database-url", db_url)
     assert r.returncode == 0 and r.stdout.strip() == f"user zoe saved in {db_url} (zoe existed: its password is changed)"
 
@@ -375,12 +375,40 @@ def test_a_missing_database_at_an_absolute_path_is_not_called_relative(tmp_path)
 
 @pytest.mark.parametrize("args, text", [
     (["serve", "--prot", "1884"], "python -m backend serve: error: unrecognized arguments: --prot 1884 (did you mean "
-                                  "--port?); python -m backend serve --help lists them"),
+                                  "--port?); python -m backend serve --help shows the usage"),
     (["worker", "--brokr=mqtt://x"], "worker: error: unrecognized arguments: --brokr=mqtt://x (did you mean --broker?)"),
     (["user", "add", "bob", "--pasword", "x"], "user add: error: unrecognized arguments: --pasword x (did you mean "
                                                 "--password?)"),
-    (["serve", "--zzz"], "serve: error: unrecognized arguments: --zzz; python -m backend serve --help lists them"),
+    (["serve", "--zzz"], "serve: error: unrecognized arguments: --zzz; python -m backend serve --help shows the usage"),
+    (["serv"], "python -m backend: error: argument {serve,worker,web,user,device,group,doctor,keygen}: invalid choice: "
+               "'serv' (choose from"),
+    (["serve", "--port", "99999"], "python -m backend serve: error: argument --port: 99999 is not a port"),
+    (["user", "ad", "bob"], "(did you mean add?); python -m backend user --help shows the usage"),
 ])
 def test_a_mistyped_flag_is_one_line_naming_the_command_and_the_closest_flag(args, text):
     r = run_cli(*args)
     assert text in _one_line_error(r), r.stderr
+
+
+def test_user_add_says_when_it_made_a_new_database(tmp_path):
+    """A `user add` run from another directory than `serve`'s makes a second, empty database: a trial took it
+    for the server's, and its login was then refused. The line says a new file was made, where, and for whom."""
+    env = {**{k: v for k, v in os.environ.items() if k != "IM_DATABASE_URL"}, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(backend_cmd("user", "add", "zoe", "--password", "pw1"), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=30, env=env)
+    new = tmp_path / "data" / "im.db"
+    assert r.returncode == 0 and r.stdout.strip() == (f"user zoe saved in sqlite:///data/im.db (a new database: "
+                                                      f"{new}; `serve` run from {tmp_path} uses it)"), r.stderr
+    r = subprocess.run(backend_cmd("user", "add", "amy", "--password", "pw1"), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=30, env=env)
+    assert r.stdout.strip() == "user amy saved in sqlite:///data/im.db"
+
+
+@pytest.mark.parametrize("command", ["serve", "web"])
+def test_a_missing_tls_file_is_one_line_naming_the_flag(command, tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked before the key")
+    db = ["--database-url", f"sqlite:///{tmp_path}/im.db"] if command == "serve" else []
+    r = run_cli(command, "--port", str(free_port()), "--tls-cert", str(cert), "--tls-key", str(tmp_path / "no.key"), *db)
+    assert f"error: --tls-key {tmp_path / 'no.key'}: no such file" in _one_line_error(r)
+    assert not (tmp_path / "im.db").exists()

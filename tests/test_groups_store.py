@@ -348,3 +348,12 @@ def test_the_outbox_reads_on_from_the_last_row_and_forgets_old_rows(url):
     assert s.store.outbox_since(head, limit=10) == later[:10]
     assert s.store.purge_outbox(now=1_000 + OUTBOX_KEEP_MS + 1) == 2  # bob's and carol's: older than kept
     assert len(s.store.outbox_since(0)) == 1_200
+
+
+def test_adding_members_already_there_changes_nothing_and_says_the_current_gseq(srv):
+    """A trial found `group add` of a member already there answering gseq + 1 (read before the undone bump)."""
+    gseq = create(srv, "alice", ("bob",))["gseq"]
+    again = srv.req("alice", {"op": "group_add", "req_id": "a", "group": "team", "members": ["bob"]})
+    assert again["kind"] == "group" and again["gseq"] == gseq, again
+    shown = srv.req("alice", {"op": "group_members", "req_id": "m", "group": "team"})
+    assert shown["gseq"] == gseq and [m["uid"] for m in shown["members"]] == ["alice", "bob"]

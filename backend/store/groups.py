@@ -260,12 +260,11 @@ class GroupStore:
         gseq, members = self._bump(r.group)  # the lock first: the member count below is then exact
         have = {u for (u,) in Member.select(Member.uid).where(Member.gid == r.group).tuples()}
         new = [u for u in r.members if u not in have]
-        refused = None if new else core.GroupAnswered(op, self._state(op, r.group))
-        if new:
-            refused = self._check_new_members(op, new, members, members + len(new))
-        if refused is not None:
+        refused = self._check_new_members(op, new, members, members + len(new)) if new else None
+        if refused is not None or not new:
             self.db.execute_sql(self._gsql["unbump"], (r.group,))
-            return refused
+            # Nothing to add: the state as it stands, read after the unbump (it said gseq + 1 before).
+            return refused or core.GroupAnswered(op, self._state(op, r.group))
         self._insert_members(r.group, new, {}, gseq, now_ms())
         Group.update(members=Group.members + len(new)).where(Group.gid == r.group).execute()
         event = self._event(r.group, op.receiver, {"event": "added", "members": new}, gseq=gseq)

@@ -11,6 +11,9 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const SESSION = "im.v1.session";  // this tab's login (uid and password), so a reload logs in again; gone with the tab
 const OPEN = "im.v1.open";  // this tab's open conversation
+// One click on "Load earlier messages" fetches up to this many pages while they hold nothing new to the tab: 10
+// pages of 50 are 500 messages the tab already shows, as many as it keeps per conversation (MESSAGES_KEPT).
+const EARLIER_PAGES_MAX = 10;
 let im = null, openKey = null, typingSentAt = 0, typingTo = null, savingSettings = false;
 
 async function wsUrl() {
@@ -194,7 +197,13 @@ function drawHistory(c) {
 
 $("load-earlier").addEventListener("click", async () => {
   const key = openKey, box = $("messages"), fromBottom = box.scrollHeight - box.scrollTop;
-  try { await im.loadHistory(key, true); } catch (e) { return; }
+  // A page the tab holds already (a new device's first sync brought the recent past) adds nothing: go on to the
+  // page before it, so that a click shows something or hides the button (a trial saw clicks change nothing).
+  try {
+    for (let pages = 0; pages < EARLIER_PAGES_MAX; pages++) {
+      if (await im.loadHistory(key, true) > 0 || !im.history[key]?.more) break;
+    }
+  } catch (e) { return; }
   if (key === openKey) box.scrollTop = box.scrollHeight - fromBottom;  // the same message stays in view
   if (!$("load-earlier").hidden) $("load-earlier").focus();
 });
