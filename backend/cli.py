@@ -723,7 +723,8 @@ def _worker(args: argparse.Namespace) -> int:
                     "to retire it, clear its session (broker_config/README.md)", client_id, share_group)
     _start_metrics(args, worker)
     worker.start()
-    log.info("worker running beside %s; Ctrl-C stops", ", ".join(f"{a.host}:{a.port}" for a in addresses))
+    # "connecting", not "running": the broker may still refuse its login (then one error line, and exit 2).
+    log.info("worker connecting to %s; Ctrl-C stops", ", ".join(f"{a.host}:{a.port}" for a in addresses))
     from .doctor import check_at_start
 
     def check() -> None:  # on the node the worker got connected to (the first address may be down)

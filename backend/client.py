@@ -69,6 +69,13 @@ NO_RECEIPT_WARN_INTERVAL_S = 60.0
 # A SUBSCRIBE the broker refuses (SUBACK 0x80) is tried again after 1 s, doubling up to 16 s, as the worker does
 # (RESUBSCRIBE_MIN_S/MAX_S in backend/transport/subscriptions.py): NATS refuses while JetStream recovers after a node dies.
 RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S = 1.0, 16.0
+# Beside a cluster (several broker addresses), a device-aware client says `online` again this many seconds after
+# each connection's first `online`: while a node's death settles, the cluster can hand a worker a device's
+# statuses late, out of order or not at all (a NATS chaos run: a worker's resumed session replayed a phone's old
+# `online` and its earlier connection's will, and never its new `online`, so the phone was counted offline while
+# connected). The newest word then wins; 10 s and 30 s cover the 3-6 s re-deliveries and the 20-40 s JetStream
+# stalls measured here, at one publish and one count each per connection.
+CLUSTER_ONLINE_RESTATE_S = (10.0, 30.0)
 # paho's reconnect backoff: 1 s after a loss, doubling up to 16 s while attempts fail; with several addresses
 # each attempt goes to the next one, so a dead node costs one attempt.
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 16
@@ -215,7 +222,8 @@ class IMClient:
         self._resubscribe_at: float | None = None  # when to subscribe again after a refused SUBACK
         self._resubscribe_wait = RESUBSCRIBE_MIN_S
         self.subscribe_refusals = 0  # SUBACKs that refused a subscription (each retried)
-        self.status_restated = 0  # `online` said again after a late will of an earlier connection
+        self.status_restated = 0  # `online` said again: after a late will, or beside a cluster (CLUSTER_ONLINE_RESTATE_S)
+        self._restate_at: list[float] = []  # when to say `online` again on this connection (monotonic)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or (f"{uid}:{device}" if device else uid),
                                   clean_session=clean_session, protocol=mqtt.MQTTv311, transport=transport)
         if tls or ca_file:  # verifies the broker's certificate and host name (ca_file, else the system's CAs)
@@ -319,7 +327,9 @@ class IMClient:
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self.connect_result = reason_code
         if reason_code.is_failure:
-            log.warning("%s: connect refused: %s", self.uid, reason_code)
+            # A first connect's refusal is connect()'s exception (LoginRefused): a log line too would say it twice.
+            # A reconnect's (the password changed meanwhile) has no caller to tell: logged.
+            (log.warning if self._ready.is_set() else log.debug)("%s: connect refused: %s", self.uid, reason_code)
             self._refused.set()
             if not self._ready.is_set():
                 client.disconnect()  # stop paho's retries; connect() reports the failure
@@ -371,6 +381,11 @@ class IMClient:
             return
         if self.receiver:
             self._online_info = client.publish(p.status_topic(self.uid, self.device), p.ONLINE, qos=1, retain=True)
+            if self.device and len(self.brokers) > 1:
+                with self._lock:
+                    now = time.monotonic()
+                    self._restate_at = [now + s for s in CLUSTER_ONLINE_RESTATE_S]
+                    self._lock.notify_all()
             if not self.device:
                 # The default device's `online` on im/status/{uid} does not register it when the user has
                 # device-aware devices (it may be the worker's own derived word: docs/PROTOCOL.md 12.4); a request
@@ -391,6 +406,7 @@ class IMClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         with self._lock:
             self._resubscribe_at = None
+            self._restate_at = []  # the next connection plans its own
         if not self._closing.is_set() and not (self._refused.is_set() and not self._ready.is_set()):
             # (a login refused by the first connect ends connect() with that address's refusal: no move)
             log.info("%s: disconnected from %s:%s (%s)", self.uid, self.host, self.port, reason_code)
@@ -825,8 +841,12 @@ class IMClient:
                     waits.append(self._ack_due)
                 if self._resubscribe_at is not None:
                     waits.append(self._resubscribe_at)
+                waits += self._restate_at[:1]
                 self._lock.wait(max(0.0, min(waits, default=now + 0.5) - now))
                 now = time.monotonic()
+                restate = bool(self._restate_at) and self._restate_at[0] <= now
+                if restate:
+                    self._restate_at.pop(0)
                 resubscribe = self._resubscribe_at is not None and self._resubscribe_at <= now
                 if resubscribe:
                     self._resubscribe_at = None
@@ -850,6 +870,10 @@ class IMClient:
                 flush = self._ack_due is not None and (self._ack_due <= now or len(self._pending_acks) >= ACK_BATCH)
             if resubscribe and self.client.is_connected():
                 self._subscribe()  # its SUBACK plans the next retry if refused again
+            if restate and self.client.is_connected() and not self._closing.is_set():
+                with self._lock:
+                    self.status_restated += 1
+                self.client.publish(p.status_topic(self.uid, self.device), p.ONLINE, qos=1, retain=True)
             for o in resend:
                 self.client.publish(p.send_topic(self.uid, self.device), o.payload, qos=1)
             if flush:

@@ -143,3 +143,30 @@ def test_client_moves_to_a_live_nats_node_when_its_node_dies(tmp_path, alice_bob
     assert alice.port != nodes[0].port and bob.port != nodes[0].port
     assert bob.wait_for(lambda: len(bob.messages) >= 2, 30), (bob.messages, worker.lines[-20:])
     assert [m["content"] for m in bob.messages] == ["before", "after"]
+
+
+def test_a_device_beside_a_cluster_says_online_again_after_each_connection(shared_server, monkeypatch):
+    """Beside a cluster (several addresses) a device-aware client restates its `online` after each connection
+    (CLUSTER_ONLINE_RESTATE_S, here shortened): a cluster can hand a worker its statuses late, reordered or not
+    at all while a node's death settles, and the newest word wins. A client given one address does not."""
+    import backend.client as client_module
+    from backend import protocol as p
+    from conftest import raw_client, stop_raw
+    monkeypatch.setattr(client_module, "CLUSTER_ONLINE_RESTATE_S", (0.3, 0.6))
+    watcher, rc, seen = raw_client(shared_server.port, "carol", PASSWORDS["carol"], "carol:watch-restate")
+    assert rc is not None and not rc.is_failure
+    watcher.subscribe(p.status_topic("dave", "tablet"), 1)
+    words = lambda: [m.payload.decode() for m in seen]  # noqa: E731
+    dave = make([free_port(), shared_server.port], "dave", device="tablet")
+    single = IMClient("erin", PASSWORDS["erin"], port=shared_server.port, device="tablet")
+    try:
+        dave.connect(WAIT_S)
+        single.connect(WAIT_S)
+        assert eventually(lambda: dave.status_restated == 2, WAIT_S), dave.status_restated
+        assert eventually(lambda: words()[-3:] == ["online", "online", "online"], WAIT_S), words()
+        assert dave.count(WAIT_S)["total"] >= 0  # still served: each restatement was answered by a count at most
+        assert single.status_restated == 0
+    finally:
+        dave.kill()
+        single.kill()
+        stop_raw(watcher)
