@@ -392,8 +392,10 @@ def _check_keepalive(address: BrokerAddress, topic: str) -> Verdict:
         watcher.subscribe(topic)
         silent = _connect(address, address.username, address.password, keepalive=KEEPALIVE_PROBE_S,
                           will=(topic, will))
-        if silent is None:
-            return Verdict("keepalive", "WARN", "not checked: the login was refused")
+        if silent is None:  # the watcher's login was taken: it is the will the broker refused
+            return Verdict("keepalive", "WARN", f"not checked: the broker refused a connection with a last will on "
+                                                f"{topic} (`serve` takes a user's will on its own status topic only: "
+                                                f"check with the worker's account)")
         silent.go_silent()
         ok = watcher.got(will, KEEPALIVE_WAIT_S)
     finally:
