@@ -1,9 +1,11 @@
 """What the broker launchers (scripts/mosquitto.py, nats.py, rabbitmq.py) share: a broker process writing its
 log in a work directory of its own, started in the background, stopped politely and then killed, and closed
-together with its directory. Each launcher adds how it starts and when its broker is ready."""
+together with its directory. Each launcher adds how it starts and when its broker is ready. Also their
+``--user USER:PASSWORD`` argument's parser."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import signal
 import subprocess
@@ -84,3 +86,11 @@ class BrokerProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def parse_user(text: str) -> tuple[str, str]:
+    """A launcher's ``--user USER:PASSWORD`` argument (argparse ``type=``): (user, password)."""
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError(f"expected USER:PASSWORD, got {text!r}")
+    return user, password

@@ -39,10 +39,10 @@ from typing import Iterable, Mapping
 
 try:
     from scripts._foreground import run_until_stopped
-    from scripts._launcher import BrokerProcess
+    from scripts._launcher import BrokerProcess, parse_user
 except ImportError:  # run as a file: python scripts/X.py
     from _foreground import run_until_stopped  # type: ignore[no-redef]
-    from _launcher import BrokerProcess  # type: ignore[no-redef]
+    from _launcher import BrokerProcess, parse_user  # type: ignore[no-redef]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "broker_config" / "mosquitto.conf"
@@ -282,19 +282,12 @@ def start_mosquitto(users: Mapping[str, str] | Iterable[tuple[str, str]], *, por
     raise AssertionError("unreachable")
 
 
-def _parse_user(text: str) -> tuple[str, str]:
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise argparse.ArgumentTypeError(f"expected USER:PASSWORD, got {text!r}")
-    return user, password
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run Mosquitto with broker_config/ on a given or free port "
                                                  "until Ctrl-C; the temporary directory is removed on exit.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    parser.add_argument("--user", action="append", type=_parse_user, default=[], metavar="USER:PASSWORD",
+    parser.add_argument("--user", action="append", type=parse_user, default=[], metavar="USER:PASSWORD",
                         help="an account; repeat for each, e.g. --user alice:pw --user im-worker:secret")
     parser.add_argument("--config", default=str(BASE_CONFIG), help=f"base config (default: {BASE_CONFIG})")
     parser.add_argument("--acl", default=str(BASE_ACL), help=f"ACL file (default: {BASE_ACL})")

@@ -38,10 +38,10 @@ from scripts.mosquitto import free_port
 
 try:
     from scripts._foreground import run_until_stopped
-    from scripts._launcher import BrokerProcess
+    from scripts._launcher import BrokerProcess, parse_user
 except ImportError:  # run as a file: python scripts/X.py
     from _foreground import run_until_stopped  # type: ignore[no-redef]
-    from _launcher import BrokerProcess  # type: ignore[no-redef]
+    from _launcher import BrokerProcess, parse_user  # type: ignore[no-redef]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "broker_config" / "nats" / "nats.conf"
@@ -338,21 +338,14 @@ def leader_where(servers: list[Nats], index: int) -> list[Nats]:
     return rest
 
 
-def _parse_user(text: str) -> tuple[str, str]:
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise argparse.ArgumentTypeError(f"expected USER:PASSWORD, got {text!r}")
-    return user, password
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run nats-server with broker_config/nats/ (MQTT + JetStream) on "
                                      "free ports and a temporary directory, until Ctrl-C")
-    parser.add_argument("--user", action="append", type=_parse_user, default=[], metavar="USER:PASSWORD",
+    parser.add_argument("--user", action="append", type=parse_user, default=[], metavar="USER:PASSWORD",
                         help="an account (repeat); include the worker's, im-worker:SECRET")
     parser.add_argument("--port", type=int, help="the MQTT port (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--print-users", nargs="+", type=_parse_user, metavar="USER:PASSWORD",
+    parser.add_argument("--print-users", nargs="+", type=parse_user, metavar="USER:PASSWORD",
                         help="print a users.conf for these accounts and exit")
     args = parser.parse_args(argv)
     try:

@@ -48,10 +48,10 @@ from scripts.nats import mqtt_connects
 
 try:
     from scripts._foreground import run_until_stopped
-    from scripts._launcher import BrokerProcess
+    from scripts._launcher import BrokerProcess, parse_user
 except ImportError:  # run as a file: python scripts/X.py
     from _foreground import run_until_stopped  # type: ignore[no-redef]
-    from _launcher import BrokerProcess  # type: ignore[no-redef]
+    from _launcher import BrokerProcess, parse_user  # type: ignore[no-redef]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "broker_config" / "rabbitmq"
@@ -475,17 +475,10 @@ def start_rabbitmq_cluster(users: Mapping[str, str] | Iterable[tuple[str, str]],
         raise
 
 
-def _parse_user(text: str) -> tuple[str, str]:
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise argparse.ArgumentTypeError(f"expected USER:PASSWORD, got {text!r}")
-    return user, password
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a private RabbitMQ node with rabbitmq_mqtt and "
                                      "broker_config/rabbitmq/ on free ports, until Ctrl-C")
-    parser.add_argument("--user", action="append", type=_parse_user, default=[], metavar="USER:PASSWORD",
+    parser.add_argument("--user", action="append", type=parse_user, default=[], metavar="USER:PASSWORD",
                         help="an account (repeat); include the worker's, im-worker:SECRET")
     parser.add_argument("--port", type=int, help="the MQTT port (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -133,15 +133,8 @@ def run(system, uids: list[str], passwords: dict[str, str], *, messages: int, wo
         report.received_twice += [k for k, n in counts.items() if n > 1]
         report.received += len(u.messages)
     report.phases["receive"] = time.monotonic() - t0
-    for u in users.values():
-        u.receiver.flush_acks()
-    db = open_database(system.db_url)
-    end = time.monotonic() + 15
-    while Message.select().count() and time.monotonic() < end:
-        time.sleep(0.1)  # acks in flight; polling the database is the only way to see them land
-    report.left_in_store = Message.select().count()
+    report.left_in_store = store_left_after_acks([u.receiver for u in users.values()], system.db_url, 15)
     report.phases["store_empty"] = time.monotonic() - t0
-    db.close()
     report.duplicates_dropped = sum(c.duplicates_dropped for u in users.values() for c in u.instances)
     kill_all(users.values())
     return report
@@ -195,6 +188,21 @@ class Device:
         if c is not None:
             self.went_down()
             c.kill() if abrupt else c.close()
+
+
+def store_left_after_acks(clients, db_url: str, timeout: float = 20) -> int:
+    """After a chaos run: the clients' batched acks sent, the messages still stored once they landed (or
+    ``timeout`` s passed): 0 when every receiver acked everything."""
+    for c in clients:
+        c.flush_acks()
+    db = open_database(db_url)
+    try:
+        end = time.monotonic() + timeout
+        while Message.select().count() and time.monotonic() < end:
+            time.sleep(0.1)  # acks in flight; polling the database is the only way to see them land
+        return Message.select().count()
+    finally:
+        db.close()
 
 
 def collect_device_deliveries(devs: dict, want_for) -> tuple[list, list, int]:

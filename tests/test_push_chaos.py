@@ -22,7 +22,7 @@ import pytest
 
 import chaos
 from backend.client import IMClient
-from backend.store import Device, Message, open_database
+from backend.store import Device, open_database
 from conftest import add_users
 from services import MosquittoWorkers, PrivateSchema
 from test_faults import EmbeddedSystem
@@ -207,14 +207,7 @@ def test_devices_and_push_notifications_through_kills_and_a_broker_restart(kind,
         lost, twice, received = chaos.collect_device_deliveries(devs, lambda uid, device: (
             {o.msg_id for _, _, o in sent if o.to == uid}
             | {o.msg_id for s, d, o in sent if s == uid and d != device}))  # and sync copies
-        for dev in devs.values():
-            dev.client.flush_acks()
-        db = open_database(schema.url)
-        end = time.monotonic() + 20
-        while Message.select().count() and time.monotonic() < end:
-            time.sleep(0.1)  # acks in flight; polling the database is the only way to see them land
-        left = Message.select().count()
-        db.close()
+        left = chaos.store_left_after_acks([d.client for d in devs.values()], schema.url)
         took = time.monotonic() - t0
         dropped = sum(c.duplicates_dropped for d in devs.values() for c in d.instances)
 
