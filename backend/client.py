@@ -358,11 +358,15 @@ class IMClient:
         news; our own `offline` on close() is not answered (``_closing``)."""
         if msg.payload.strip() != p.OFFLINE.encode() or msg.retain or self._closing.is_set():
             return
-        with self._lock:
-            self.status_restated += 1
         log.info("%s: a late `offline` (an earlier connection's will) on %s while connected: `online` again",
                  self.uid, msg.topic)
-        self.client.publish(msg.topic, p.ONLINE, qos=1, retain=True)
+        self._restate_online()
+
+    def _restate_online(self) -> None:
+        """Say `online` again on our device status (a late will, or beside a cluster: CLUSTER_ONLINE_RESTATE_S)."""
+        with self._lock:
+            self.status_restated += 1
+        self.client.publish(p.status_topic(self.uid, self.device), p.ONLINE, qos=1, retain=True)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         essential = reason_codes[:2 if self.receiver else 1]  # inbox and reply; our own status is a help only
@@ -871,9 +875,7 @@ class IMClient:
             if resubscribe and self.client.is_connected():
                 self._subscribe()  # its SUBACK plans the next retry if refused again
             if restate and self.client.is_connected() and not self._closing.is_set():
-                with self._lock:
-                    self.status_restated += 1
-                self.client.publish(p.status_topic(self.uid, self.device), p.ONLINE, qos=1, retain=True)
+                self._restate_online()
             for o in resend:
                 self.client.publish(p.send_topic(self.uid, self.device), o.payload, qos=1)
             if flush:

@@ -36,6 +36,26 @@ def _connect(path: str) -> sqlite3.Connection:
     return c
 
 
+def _timed(c: sqlite3.Connection, members: list[str], n: int, ack_batch: int, store, ack) -> tuple[float, float]:
+    """The CPU seconds of ``n`` group messages from ``members[0]``, each stored in one transaction
+    (``store(i) -> key``), then acked by the other members, ``ack_batch`` per transaction (``ack(key, uids)``)."""
+    sender, receivers = members[0], members[1:]
+    send = acked = 0.0
+    for i in range(n):
+        t = time.process_time()
+        c.execute("begin")
+        key = store(i, sender)
+        c.execute("commit")
+        send += time.process_time() - t
+        t = time.process_time()
+        for k in range(0, len(receivers), ack_batch):
+            c.execute("begin")
+            ack(key, receivers[k:k + ack_batch])
+            c.execute("commit")
+        acked += time.process_time() - t
+    return send, acked
+
+
 def _entries(c: sqlite3.Connection, members: list[str], n: int, ack_batch: int) -> tuple[float, float]:
     c.executescript("""
         create table message(seq integer primary key autoincrement, gid text, gseq int, sender text, content blob);
@@ -43,27 +63,19 @@ def _entries(c: sqlite3.Connection, members: list[str], n: int, ack_batch: int) 
         create index entry_seq on entry(seq);
         create table member(gid text, uid text, primary key(gid, uid)) without rowid;""")
     c.executemany("insert into member values('g', ?)", [(u,) for u in members])
-    sender, receivers = members[0], members[1:]
-    send = ack = 0.0
-    for i in range(n):
-        t = time.process_time()
-        c.execute("begin")
+
+    def store(i: int, sender: str) -> int:
         seq = c.execute("insert into message(gid, gseq, sender, content) values('g', ?, ?, ?)",
                         (i + 1, sender, b"x" * 100)).lastrowid
         c.execute("insert into entry select uid, '', ? from member where gid = 'g' and uid != ?", (seq, sender))
-        c.execute("commit")
-        send += time.process_time() - t
-        t = time.process_time()
-        for k in range(0, len(receivers), ack_batch):
-            batch = receivers[k:k + ack_batch]
-            c.execute("begin")
-            c.execute(f"delete from entry where device = '' and seq = ? and uid in ({','.join('?' * len(batch))})"
-                      " returning uid", (seq, *batch)).fetchall()
-            c.execute("delete from message where seq = ? and not exists (select 1 from entry where seq = ?)",
-                      (seq, seq))
-            c.execute("commit")
-        ack += time.process_time() - t
-    return send, ack
+        return seq
+
+    def ack(seq: int, batch: list[str]) -> None:
+        c.execute(f"delete from entry where device = '' and seq = ? and uid in ({','.join('?' * len(batch))})"
+                  " returning uid", (seq, *batch)).fetchall()
+        c.execute("delete from message where seq = ? and not exists (select 1 from entry where seq = ?)", (seq, seq))
+
+    return _timed(c, members, n, ack_batch, store, ack)
 
 
 def _cursors(c: sqlite3.Connection, members: list[str], n: int, ack_batch: int) -> tuple[float, float]:
@@ -74,26 +86,19 @@ def _cursors(c: sqlite3.Connection, members: list[str], n: int, ack_batch: int) 
         create table cursor(gid text, uid text, device text, acked int, primary key(gid, uid, device)) without rowid;""")
     c.execute("insert into chat_group values('g', 0)")
     c.executemany("insert into cursor values('g', ?, '', 0)", [(u,) for u in members])
-    sender, receivers = members[0], members[1:]
-    send = ack = 0.0
-    for _ in range(n):
-        t = time.process_time()
-        c.execute("begin")
+
+    def store(i: int, sender: str) -> int:
         gseq = c.execute("update chat_group set max_gseq = max_gseq + 1 where gid = 'g' returning max_gseq").fetchone()[0]
         c.execute("insert into message(gid, gseq, sender, content) values('g', ?, ?, ?)", (gseq, sender, b"x" * 100))
         c.execute("update cursor set acked = ? where gid = 'g' and uid = ? and device = ''", (gseq, sender))
-        c.execute("commit")
-        send += time.process_time() - t
-        t = time.process_time()
-        for k in range(0, len(receivers), ack_batch):
-            batch = receivers[k:k + ack_batch]
-            c.execute("begin")
-            c.execute(f"update cursor set acked = ? where gid = 'g' and device = '' and acked < ?"
-                      f" and uid in ({','.join('?' * len(batch))}) returning uid", (gseq, gseq, *batch)).fetchall()
-            c.execute("delete from message where gid = 'g' and gseq <= (select min(acked) from cursor where gid = 'g')")
-            c.execute("commit")
-        ack += time.process_time() - t
-    return send, ack
+        return gseq
+
+    def ack(gseq: int, batch: list[str]) -> None:
+        c.execute(f"update cursor set acked = ? where gid = 'g' and device = '' and acked < ?"
+                  f" and uid in ({','.join('?' * len(batch))}) returning uid", (gseq, gseq, *batch)).fetchall()
+        c.execute("delete from message where gid = 'g' and gseq <= (select min(acked) from cursor where gid = 'g')")
+
+    return _timed(c, members, n, ack_batch, store, ack)
 
 
 def measure(shape: str, n: int, members: int, ack_batch: int) -> dict:
