@@ -152,6 +152,9 @@ class RabbitMQ(BrokerProcess):
         self.epmd_port, self.dist_port = epmd_port or free_port(), free_port()
         self.home = home or workdir / "home"
         self.cluster = cluster
+        # A single node whose MQTT port was chosen free (not given): launched again on new ports if it exits over
+        # a taken one (a CI run lost that race: "listen_error ... eaddrinuse", the shared node's tests errored).
+        self.port_movable = False
         self.log_path = workdir / "node.log"
         self.proc: subprocess.Popen | None = None
         self.closed = False
@@ -228,15 +231,16 @@ class RabbitMQ(BrokerProcess):
             if "port" in retried or not self.port_taken():
                 raise
             retried.add("port")
-            self.relaunch_elsewhere(mqtt_port=self.cluster is not None and not self.cluster.handed_out)
+            self.relaunch_elsewhere(mqtt_port=self.port_movable if self.cluster is None else not self.cluster.handed_out)
             return False
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "RabbitMQ":
         """Until the MQTT listener takes a CONNECT. A cluster member that stalls (:meth:`stalled`) is SIGKILLed
-        and launched again, once; one that exits over a taken distribution port likewise, on another."""
+        and launched again, once; one that exits over a taken port likewise, on another (a single node too when
+        its MQTT port was chosen free: ``port_movable``)."""
         end = time.monotonic() + timeout
         retried = self.cluster is None
-        relaunched: set = set() if self.cluster is not None else {"port"}
+        relaunched: set = set() if self.cluster is not None or self.port_movable else {"port"}
         while not self._ready_or_relaunched(relaunched):
             if time.monotonic() > end:
                 self.kill()
@@ -352,6 +356,7 @@ def start_rabbitmq(users: Mapping[str, str] | Iterable[tuple[str, str]], *, port
         chosen = port or free_port(host)
         _layout(workdir, defs, host=host, port=chosen)
         broker = RabbitMQ(host, chosen, workdir, bindir, next(iter(users.items()), None))
+        broker.port_movable = port is None
         try:
             return broker.start(timeout)
         except BaseException:
